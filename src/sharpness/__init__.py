@@ -1,0 +1,26 @@
+"""sharpness: sharpness-aware training, sharpness measures and fair comparisons for PyTorch."""
+
+from . import policies, rules
+from .batchnorm import frozen_running_stats
+from .optim import AESAM, ASAM, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer
+from .registry import OptimizerInfo, create, get_optimizer_info, list_optimizers, register_optimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AELookSAM",
+    "AESAM",
+    "ASAM",
+    "LookSAM",
+    "OptimizerInfo",
+    "SAM",
+    "SSSAM",
+    "SharpnessAwareOptimizer",
+    "create",
+    "frozen_running_stats",
+    "get_optimizer_info",
+    "list_optimizers",
+    "policies",
+    "register_optimizer",
+    "rules",
+]

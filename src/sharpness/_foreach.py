@@ -1,0 +1,57 @@
+"""Grouped ``torch._foreach_*`` helpers: tensors are bucketed by (device, dtype) so each call is one fused op."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__: list[str] = []
+
+
+def group_by_device_dtype(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
+    """Split parallel lists of tensors into buckets sharing the first list's (device, dtype)."""
+    buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = defaultdict(
+        lambda: tuple([] for _ in tensor_lists)
+    )
+    for items in zip(*tensor_lists, strict=True):
+        bucket = buckets[(items[0].device, items[0].dtype)]
+        for dst, item in zip(bucket, items, strict=True):
+            dst.append(item)
+    return list(buckets.values())
+
+
+def squared_norm(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """Sum of squared L2 norms of ``tensors`` as a float32/float64 0-d tensor (no host sync).
+
+    The result lives on ``device`` (default: the first tensor's device). An empty list gives 0.
+    """
+    if not tensors:
+        return torch.zeros((), device=device or "cpu")
+    device = device or tensors[0].device
+    parts = []
+    for (bucket,) in group_by_device_dtype(tensors):
+        norms = torch._foreach_norm(bucket)
+        # Accumulate in at least float32 so bf16/fp16 gradients do not overflow.
+        stacked = torch.stack(norms).to(device=device, dtype=torch.promote_types(bucket[0].dtype, torch.float32))
+        parts.append(stacked.square().sum())
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part.to(total.dtype)
+    return total
+
+
+def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """Sum over tensor pairs of the elementwise inner product ``<x, y>`` (no host sync)."""
+    if not xs:
+        return torch.zeros((), device=device or "cpu")
+    device = device or xs[0].device
+    total = None
+    for x_bucket, y_bucket in group_by_device_dtype(xs, ys):
+        products = torch._foreach_mul(x_bucket, y_bucket)
+        part = torch.stack([p.sum(dtype=torch.promote_types(p.dtype, torch.float32)) for p in products])
+        part = part.sum().to(device)
+        total = part if total is None else total + part.to(total.dtype)
+    return total

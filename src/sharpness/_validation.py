@@ -1,0 +1,65 @@
+"""Argument checks shared by every optimizer: one message format, name + value + valid range."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__: list[str] = []
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_real(name: str, value: object) -> float:
+    if not _is_real(value):
+        raise TypeError(f"Invalid {name} type: {type(value).__name__} (expected a real number)")
+    value = float(value)  # type: ignore[arg-type]
+    if math.isnan(value):
+        raise ValueError(f"Invalid {name} value: nan (expected a finite number)")
+    return value
+
+
+def check_non_negative(name: str, value: object) -> float:
+    value = check_real(name, value)
+    if not (0.0 <= value < math.inf):
+        raise ValueError(f"Invalid {name} value: {value} (expected {name} >= 0 and finite)")
+    return value
+
+
+def check_finite(name: str, value: object) -> float:
+    value = check_real(name, value)
+    if not math.isfinite(value):
+        raise ValueError(f"Invalid {name} value: {value} (expected a finite number)")
+    return value
+
+
+def check_positive(name: str, value: object) -> float:
+    value = check_real(name, value)
+    if not (0.0 < value < math.inf):
+        raise ValueError(f"Invalid {name} value: {value} (expected {name} > 0 and finite)")
+    return value
+
+
+def check_open_unit(name: str, value: object) -> float:
+    value = check_real(name, value)
+    if not (0.0 < value < 1.0):
+        raise ValueError(f"Invalid {name} value: {value} (expected 0 < {name} < 1)")
+    return value
+
+
+def check_probability(name: str, value: object) -> float:
+    value = check_real(name, value)
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"Invalid {name} value: {value} (expected 0 <= {name} <= 1)")
+    return value
+
+
+def check_int_at_least(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"Invalid {name} type: {type(value).__name__} (expected an integer >= {minimum})")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"Invalid {name} value: {value} (expected an integer {name} >= {minimum})")
+    return value

@@ -1,0 +1,41 @@
+"""``torch.amp.GradScaler`` support for optimizers that take several gradient passes per step.
+
+``GradScaler.unscale_`` may run only once per optimizer per step, and ``GradScaler.step`` does not accept a
+closure, so multi-pass optimizers unscale each pass themselves and then record the combined inf/NaN flag
+where ``GradScaler.update()`` reads it. The recording touches ``GradScaler._per_optimizer_states`` (stable
+since torch 1.6, unchanged through 2.x).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._foreach import group_by_device_dtype
+
+__all__: list[str] = []
+
+
+@torch.no_grad()
+def unscale_(scaler: torch.amp.GradScaler, grads: list[Tensor], found_inf: Tensor) -> None:
+    """Divide ``grads`` by the current scale in place and OR a non-finite flag into ``found_inf`` (no sync)."""
+    scale = getattr(scaler, "_scale", None)
+    if scale is None:
+        raise RuntimeError(
+            "GradScaler has no scale yet: call scaler.scale(loss).backward() in the closure before step()"
+        )
+    inv_scale = scale.double().reciprocal().float()
+    for (bucket,) in group_by_device_dtype(grads):
+        device = bucket[0].device
+        flag = torch.zeros(1, dtype=torch.float32, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(bucket, flag, inv_scale.to(device))
+        found_inf.add_(flag.to(found_inf.device))
+
+
+def record_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+    """Tell ``scaler.update()`` whether this optimizer's step saw an inf/NaN, as ``scaler.step`` would."""
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states[id(optimizer)]
+    state["stage"] = OptState.STEPPED
+    state["found_inf_per_device"] = {found_inf.device: found_inf.clamp(max=1.0)}

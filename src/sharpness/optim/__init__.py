@@ -1,0 +1,11 @@
+"""Sharpness-aware optimizers: the shared engine and one method per module."""
+
+from .aelooksam import AELookSAM
+from .aesam import AESAM
+from .asam import ASAM
+from .engine import SharpnessAwareOptimizer
+from .looksam import LookSAM
+from .sam import SAM
+from .sssam import SSSAM
+
+__all__ = ["AELookSAM", "AESAM", "ASAM", "LookSAM", "SAM", "SSSAM", "SharpnessAwareOptimizer"]

@@ -1,0 +1,79 @@
+"""A registry of optimizers by name, with their capability flags (timm style: variants are data, not code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .optim import AESAM, ASAM, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer
+
+__all__ = ["OptimizerInfo", "create", "get_optimizer_info", "list_optimizers", "register_optimizer"]
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """One registered optimizer: its name, class, one-line description and capability flags."""
+
+    name: str
+    cls: type[SharpnessAwareOptimizer]
+    description: str
+    min_grad_evals_per_step: int
+    max_grad_evals_per_step: int
+    needs_closure: bool
+    needs_graph: bool
+    #: keyword arguments without defaults that ``create`` must receive (e.g. ``total_steps``)
+    required: tuple[str, ...] = ()
+
+
+_REGISTRY: dict[str, OptimizerInfo] = {}
+
+
+def register_optimizer(name: str, cls: type[SharpnessAwareOptimizer], *, required: tuple[str, ...] = ()) -> None:
+    """Register ``cls`` under ``name`` (lower case); flags and description are read from the class."""
+    key = name.lower()
+    if key in _REGISTRY:
+        raise ValueError(f"Optimizer name already registered: {key!r}")
+    _REGISTRY[key] = OptimizerInfo(
+        name=key,
+        cls=cls,
+        description=cls.description,
+        min_grad_evals_per_step=cls.min_grad_evals_per_step,
+        max_grad_evals_per_step=cls.max_grad_evals_per_step,
+        needs_closure=cls.needs_closure,
+        needs_graph=cls.needs_graph,
+        required=required,
+    )
+
+
+def list_optimizers() -> list[OptimizerInfo]:
+    """All registered optimizers, sorted by name (``info.name``, ``info.description``, flags)."""
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def get_optimizer_info(name: str) -> OptimizerInfo:
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        raise ValueError(f"Unknown optimizer name: {name!r} (expected one of {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[key]
+
+
+def create(name: str, base: torch.optim.Optimizer, **kwargs: Any) -> SharpnessAwareOptimizer:
+    """Build the optimizer registered as ``name`` around the base optimizer instance ``base``.
+
+    Example: ``sharpness.create("aesam", torch.optim.SGD(model.parameters(), lr=0.1), total_steps=1000)``.
+    """
+    info = get_optimizer_info(name)
+    missing = [key for key in info.required if key not in kwargs]
+    if missing:
+        raise TypeError(f"Optimizer {info.name!r} requires the keyword argument(s) {missing}")
+    return info.cls(base, **kwargs)
+
+
+register_optimizer("sam", SAM)
+register_optimizer("asam", ASAM)
+register_optimizer("looksam", LookSAM)
+register_optimizer("sssam", SSSAM)
+register_optimizer("aesam", AESAM, required=("total_steps",))
+register_optimizer("aelooksam", AELookSAM, required=("total_steps",))

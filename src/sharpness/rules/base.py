@@ -1,0 +1,42 @@
+"""The perturbation-rule interface: how far and in which direction to climb before the second pass."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["ParamGroupView", "PerturbationRule"]
+
+
+@dataclass(frozen=True)
+class ParamGroupView:
+    """The parameters of one param group that have a gradient, with their gradients and the group's options."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    grads: list[Tensor]
+
+
+class PerturbationRule(ABC):
+    """Computes the ascent perturbation ``e(w)`` from the gradients at ``w`` and applies ``w <- w + e(w)``.
+
+    A rule reads each group's ``rho`` (the radius) from the param group, so LR-scheduler-style per-group
+    values and rho schedules work. ``perturb_`` runs under ``torch.no_grad()``; it may overwrite the
+    gradients (the engine has already copied what it needs), which saves one parameter-sized buffer.
+    """
+
+    #: Short name used in ``repr`` and the registry.
+    name: str = "rule"
+
+    @abstractmethod
+    def perturb_(self, views: list[ParamGroupView]) -> None:
+        """Add the perturbation to ``view.params`` in place for every view."""
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
