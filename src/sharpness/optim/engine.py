@@ -376,18 +376,26 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         record_step(self.grad_scaler, self, self._found_inf)
 
     def _store_reuse_direction(self, params: list[Tensor]) -> None:
-        r"""LookSAM: ``g_v = g_s - (<g, g_s> / ||g||^2) g``, the part of the SAM gradient orthogonal to ``g``."""
+        r"""LookSAM: ``g_v = g_s - (<g, g_s> / ||g||^2) g``, the part of the SAM gradient orthogonal to ``g``.
+
+        A ``g_v`` at rounding level (``||g_v|| <= 32 eps ||g_s||``, e.g. ``rho = 0`` where ``g_s = g``) is
+        stored as exactly zero: normalizing rounding noise to ``alpha ||g||`` would inject a random direction.
+        """
         params = [p for p in params if p.grad is not None]
-        clean = [self.state[p][_CLEAN_GRAD] for p in params]
-        sam_grads = [p.grad for p in params]
         if not params:
             return
+        clean = [self.state[p][_CLEAN_GRAD] for p in params]
+        sam_grads = [p.grad for p in params]
         coef = dot(clean, sam_grads) / squared_norm(clean).clamp_min(torch.finfo(torch.float32).tiny)
         direction = self._scratch(params, _REUSE)
         for dst, g_s, g in group_by_device_dtype(direction, sam_grads, clean):
             torch._foreach_copy_(dst, g_s)
             c = coef.to(device=dst[0].device, dtype=dst[0].dtype)
             torch._foreach_add_(dst, torch._foreach_mul(g, -c))
+        eps = max(torch.finfo(p.dtype).eps for p in params)
+        keep = (squared_norm(direction) > (32 * eps) ** 2 * squared_norm(sam_grads)).to(coef.dtype)
+        for (bucket,) in group_by_device_dtype(direction):
+            torch._foreach_mul_(bucket, keep.to(device=bucket[0].device, dtype=bucket[0].dtype))
 
     def _apply_reuse_direction(self) -> None:
         r"""LookSAM reuse step: ``g <- g + alpha * ||g|| / ||g_v|| * g_v`` (no-op before the first SAM step)."""

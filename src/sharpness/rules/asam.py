@@ -33,7 +33,7 @@ class ASAMPerturbation(PerturbationRule):
         self.eps = check_non_negative("eps", eps)
 
     def _scales(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        scales = torch._foreach_abs(params)
+        scales = list(torch._foreach_abs(params))
         if self.eta:
             torch._foreach_add_(scales, self.eta)
         if not self.adaptive_1d:

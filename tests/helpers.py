@@ -1,0 +1,59 @@
+"""Shared test fixtures: tiny models, data, closures and the registry-driven construction of optimizers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import sharpness
+
+#: keyword arguments each registered optimizer needs beyond the base optimizer (required ones only)
+REQUIRED_DEFAULTS: dict[str, Any] = {"total_steps": 100}
+
+
+def registered_names() -> list[str]:
+    return [info.name for info in sharpness.list_optimizers()]
+
+
+def make_optimizer(name: str, base: torch.optim.Optimizer, **kwargs: Any) -> sharpness.SharpnessAwareOptimizer:
+    info = sharpness.get_optimizer_info(name)
+    for key in REQUIRED_DEFAULTS:
+        if key in info.required:
+            kwargs.setdefault(key, REQUIRED_DEFAULTS[key])
+        else:
+            kwargs.pop(key, None)
+    return sharpness.create(name, base, **kwargs)
+
+
+def mlp(seed: int = 0, dtype: torch.dtype = torch.float64, width: int = 8) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 3)).to(dtype)
+
+
+def classification_data(seed: int = 0, n: int = 64, dtype: torch.dtype = torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g, dtype=dtype)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return x, y
+
+
+def make_closure(opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 counter: list[int] | None = None) -> Callable[[], torch.Tensor]:
+    def closure() -> torch.Tensor:
+        if counter is not None:
+            counter[0] += 1
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def params_equal(a: nn.Module | list, b: nn.Module | list) -> bool:
+    pa = list(a.parameters()) if isinstance(a, nn.Module) else list(a)
+    pb = list(b.parameters()) if isinstance(b, nn.Module) else list(b)
+    return len(pa) == len(pb) and all(torch.equal(x, y) for x, y in zip(pa, pb))

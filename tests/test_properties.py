@@ -1,0 +1,233 @@
+"""The property suite every registered optimizer passes (driven by the registry, never by class names)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import sharpness
+from helpers import classification_data, make_closure, make_optimizer, mlp, params_equal, registered_names
+
+NAMES = registered_names()
+
+
+def _train(opt, model, x, y, steps):
+    losses = []
+    for _ in range(steps):
+        losses.append(opt.step(make_closure(opt, model, x, y)).item())
+    return losses
+
+
+def test_registry_lists_the_sam_family_with_descriptions_and_flags():
+    infos = {info.name: info for info in sharpness.list_optimizers()}
+    assert {"sam", "asam", "looksam", "sssam", "aesam", "aelooksam"} <= set(infos)
+    for info in infos.values():
+        assert info.description and len(info.description.splitlines()) == 1
+        assert 1 <= info.min_grad_evals_per_step <= info.max_grad_evals_per_step
+        assert info.needs_closure is True
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_decreases(name):
+    model = mlp(0)
+    x, y = classification_data(0)
+    opt = make_optimizer(name, torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), total_steps=60)
+    losses = _train(opt, model, x, y, 60)
+    assert losses[-1] < 0.6 * losses[0]
+    info = sharpness.get_optimizer_info(name)
+    assert info.min_grad_evals_per_step * opt.steps <= opt.grad_evals <= info.max_grad_evals_per_step * opt.steps
+    assert opt.grad_evals == opt.steps + opt.sam_steps
+    assert opt.sam_fraction == pytest.approx(opt.sam_steps / opt.steps)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_group_with_zero_lr_does_not_move(name):
+    model = mlp(0)
+    x, y = classification_data(0)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    base = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 0.0}, {"params": model[2].parameters()}], lr=0.1, momentum=0.9
+    )
+    opt = make_optimizer(name, base, rho=0.5)
+    _train(opt, model, x, y, 10)
+    assert params_equal(list(model[0].parameters()), frozen)
+    assert not params_equal(list(model[2].parameters()), [p.detach() for p in mlp(0)[2].parameters()])
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("base_name", ["sgd", "adam"])
+def test_rho_zero_equals_base_optimizer_exactly(name, base_name):
+    make_base = {
+        "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
+        "adam": lambda params: torch.optim.Adam(params, lr=1e-2),
+    }[base_name]
+    m_ours, m_base = mlp(0), mlp(0)
+    x, y = classification_data(0)
+    ours = make_optimizer(name, make_base(m_ours.parameters()), rho=0.0)
+    base = make_base(m_base.parameters())
+    for _ in range(15):
+        ours.step(make_closure(ours, m_ours, x, y))
+        base.zero_grad()
+        nn.functional.cross_entropy(m_base(x), y).backward()
+        base.step()
+    assert params_equal(m_ours, m_base)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_schedulers_drive_the_shared_param_groups(name):
+    model = mlp(0)
+    x, y = classification_data(0)
+    opt = make_optimizer(name, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=20)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+    for t in range(10):
+        opt.step(make_closure(opt, model, x, y))
+        sched.step()
+    expected = 0.1 * (1 + math.cos(math.pi * 10 / 20)) / 2
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    assert sched.get_last_lr()[0] == pytest.approx(expected)
+    step_sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(4):
+        opt.step(make_closure(opt, model, x, y))
+        step_sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(expected * 0.25)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_lockstep(name):
+    """Save mid-run, load into fresh objects through torch.save(weights_only=True): bit-identical continuation."""
+    x, y = classification_data(3)
+    model = mlp(0)
+    opt = make_optimizer(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), total_steps=30)
+    _train(opt, model, x[:32], y[:32], 7)
+
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2 = mlp(5)  # different init: everything must come from the checkpoint
+    model2.load_state_dict(saved["model"])
+    opt2 = make_optimizer(name, torch.optim.SGD(model2.parameters(), lr=0.5), total_steps=30)
+    opt2.load_state_dict(saved["opt"])
+
+    for t in range(12):
+        xb, yb = x[(t % 2) * 32:(t % 2) * 32 + 32], y[(t % 2) * 32:(t % 2) * 32 + 32]
+        opt.step(make_closure(opt, model, xb, yb))
+        opt2.step(make_closure(opt2, model2, xb, yb))
+    assert params_equal(model, model2)
+    for key in ("steps", "sam_steps", "grad_evals"):
+        assert getattr(opt, key) == getattr(opt2, key)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    assert s1["sharpness"]["counters"] == s2["sharpness"]["counters"]
+    _assert_nested_equal(s1["state"], s2["state"])
+    _assert_nested_equal(s1["sharpness"]["param_state"], s2["sharpness"]["param_state"])
+    _assert_nested_equal(s1["sharpness"]["policy"], s2["sharpness"]["policy"])
+
+
+def _assert_nested_equal(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_nested_equal(a[key], b[key])
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deepcopy_and_repr(name):
+    model = mlp(0)
+    x, y = classification_data(0)
+    opt = make_optimizer(name, torch.optim.SGD(model.parameters(), lr=0.1))
+    _train(opt, model, x, y, 3)
+    clone = copy.deepcopy(opt)
+    assert clone.steps == opt.steps and clone.grad_evals == opt.grad_evals
+    assert clone.param_groups is clone.base_optimizer.param_groups
+    assert clone.param_groups[0]["params"][0] is not opt.param_groups[0]["params"][0]
+    text = repr(opt)
+    assert type(opt).__name__ in text and "rho=" in text and "SGD" in text
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_add_param_group_reaches_base_and_gets_rho(name):
+    model = mlp(0)
+    opt = make_optimizer(name, torch.optim.SGD(model[0].parameters(), lr=0.1), rho=0.07)
+    opt.add_param_group({"params": model[2].parameters(), "lr": 0.01})
+    assert len(opt.base_optimizer.param_groups) == 2
+    assert opt.param_groups[1]["rho"] == 0.07 and opt.param_groups[1]["momentum"] == 0
+
+
+def test_per_group_rho_is_used():
+    """A group with rho=0 is not perturbed: its SAM update equals the plain gradient step."""
+    torch.manual_seed(0)
+    a = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    b = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = sharpness.SAM(torch.optim.SGD([{"params": [a], "rho": 0.0}, {"params": [b]}], lr=0.1), rho=0.3)
+
+    def loss_fn():
+        return (a * b).sum() ** 2 + a.pow(4).sum()
+
+    # Reference: e only on b, with the norm taken over both parameters' gradients.
+    ga, gb = torch.autograd.grad(loss_fn(), [a, b])
+    norm = torch.cat([ga, gb]).norm()
+    eb = 0.3 * gb / norm
+    b_pert = (b + eb).detach().requires_grad_()
+    ga_s, gb_s = torch.autograd.grad((a * b_pert).sum() ** 2 + a.pow(4).sum(), [a, b_pert])
+    expected_a, expected_b = a.detach() - 0.1 * ga_s, b.detach() - 0.1 * gb_s
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    torch.testing.assert_close(a.detach(), expected_a, rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.detach(), expected_b, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rho=st.floats(min_value=1e-3, max_value=10.0),
+    eta=st.floats(min_value=0.0, max_value=1.0),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_perturbation_lies_on_the_sphere(rho, eta, seed):
+    """SAM: ||e|| = rho; ASAM: ||T^-1 e|| = rho (the constraint of each paper's inner maximization)."""
+    g = torch.Generator().manual_seed(seed)
+    w = [torch.randn(5, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)]
+    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in w]
+    view = sharpness.rules.ParamGroupView({"rho": rho}, [t.clone() for t in w], [t.clone() for t in grads])
+    sharpness.rules.SAMPerturbation().perturb_([view])
+    e = torch.cat([(p - q).reshape(-1) for p, q in zip(view.params, w)])
+    assert e.norm().item() == pytest.approx(rho, rel=1e-9)
+
+    view = sharpness.rules.ParamGroupView({"rho": rho}, [t.clone() for t in w], [t.clone() for t in grads])
+    sharpness.rules.ASAMPerturbation(eta=eta).perturb_([view])
+    scaled = torch.cat([((p - q) / (q.abs() + eta)).reshape(-1) for p, q in zip(view.params, w)])
+    assert scaled.norm().item() == pytest.approx(rho, rel=1e-7)
+
+
+def test_composition_any_policy_with_any_rule():
+    """The generic engine composes ASAM's rule with AE-SAM's policy and LookSAM's reuse."""
+    model = mlp(0)
+    x, y = classification_data(0)
+    opt = sharpness.SharpnessAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9),
+        rule=sharpness.rules.ASAMPerturbation(),
+        policy=sharpness.policies.Adaptive(total_steps=40),
+        rho=0.5,
+        reuse_alpha=0.5,
+    )
+    losses = _train(opt, model, x, y, 40)
+    assert losses[-1] < 0.6 * losses[0]
+    assert 0 < opt.sam_steps < opt.steps
