@@ -1,0 +1,272 @@
+"""DistributedDataParallel: two gloo processes on CPU.
+
+One spawn (two ranks) runs every scenario; the tests below check its results:
+
+* per-worker perturbation (the default with ``model=DDP(model)``): every registered optimizer, each rank with
+  its own data, ends with bit-identical parameters and counters on both ranks and no hang;
+  (also with ``gradient_as_bucket_view=True``);
+* ``sync_perturbation=True``: two ranks with half a global batch each equal one process on the global batch;
+* a GradScaler overflow on one rank only skips the step on every rank.
+
+A hang fails the test (hard join timeout, collective timeout) instead of blocking the run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import sharpness
+
+WORLD = 2
+STEPS_LOCAL = 20  # per-worker perturbation scenario
+STEPS_SYNC = 10  # sync_perturbation scenario
+GLOBAL_BATCH = 32
+JOIN_TIMEOUT_S = 120
+COLLECTIVE_TIMEOUT_S = 60
+
+# AE-SAM / AE-LookSAM thresholds chosen so a 20-step run on noisy mini-batches takes both branches.
+OPTIMIZER_KWARGS = {
+    "aesam": {"lambda1": 0.0, "lambda2": 0.0},
+    "aelooksam": {"lambda1": 0.0, "lambda2": 0.0},
+    "looksam": {"k": 3},
+    "sssam": {"p": 0.5, "seed": 3},
+}
+
+OPTIMIZER_NAMES = [info.name for info in sharpness.list_optimizers()]
+
+
+def optimizer_kwargs(name: str, total_steps: int) -> dict:
+    kwargs = dict(OPTIMIZER_KWARGS.get(name, {}))
+    if "total_steps" in sharpness.get_optimizer_info(name).required:
+        kwargs["total_steps"] = total_steps
+    return kwargs
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+def batch(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def counters(opt: sharpness.SharpnessAwareOptimizer) -> dict[str, int]:
+    return {"steps": opt.steps, "sam_steps": opt.sam_steps, "grad_evals": opt.grad_evals,
+            "skipped_steps": opt.skipped_steps}
+
+
+def train(name: str, net: nn.Module, batches, total_steps: int, **engine_kwargs):
+    """SGD + momentum under the named optimizer; the closure is the torch.optim convention."""
+    base = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    opt = sharpness.create(name, base, rho=0.1, **optimizer_kwargs(name, total_steps), **engine_kwargs)
+    for x, y in batches:
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return opt
+
+
+def local_batches(rank: int, steps: int):
+    # Different data on every rank and at every step (noisy gradient norms for the adaptive policy).
+    return [batch(1000 * (rank + 1) + t, GLOBAL_BATCH // WORLD) for t in range(steps)]
+
+
+def global_batches(steps: int):
+    return [batch(7 + t, GLOBAL_BATCH) for t in range(steps)]
+
+
+def split(batches, rank: int):
+    half = GLOBAL_BATCH // WORLD
+    return [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]) for x, y in batches]
+
+
+def train_scaled_with_one_rank_overflow(name: str, net: nn.Module, rank: int, batches, overflow_step: int):
+    """GradScaler run in which only rank 1 overflows, in the first (unsynchronized) pass of one step."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    base = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    opt = sharpness.create(name, base, rho=0.1, **optimizer_kwargs(name, len(batches)), model=net,
+                           grad_scaler=scaler)
+    for t, (x, y) in enumerate(batches):
+        calls = [0]
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            scaled = scaler.scale(loss)
+            if rank == 1 and t == overflow_step and calls[0] == 0:
+                scaled = scaled * float("inf")
+            calls[0] += 1
+            scaled.backward()
+            return loss
+
+        opt.step(closure)
+        scaler.update()
+    return opt, scaler.get_scale()
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Runs in a spawned process; writes its results (or its traceback) to ``out_dir/rank{rank}.pt``."""
+    torch.set_num_threads(1)
+    result: dict = {}
+    scenario = "init_process_group"
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        # (a) per-worker perturbation, every registered optimizer, different data on each rank.
+        for name in OPTIMIZER_NAMES:
+            scenario = f"local/{name}"
+            model = nn.parallel.DistributedDataParallel(make_model())
+            opt = train(name, model, local_batches(rank, STEPS_LOCAL), STEPS_LOCAL, model=model)
+            result[("local", name)] = {"params": flat_params(model), **counters(opt)}
+        # (a') the same with gradients as bucket views (p.grad aliases DDP's buffers).
+        for name in OPTIMIZER_NAMES:
+            scenario = f"bucket-view/{name}"
+            model = nn.parallel.DistributedDataParallel(make_model(), gradient_as_bucket_view=True)
+            opt = train(name, model, local_batches(rank, STEPS_SYNC), STEPS_SYNC, model=model)
+            result[("bucket-view", name)] = {"params": flat_params(model), **counters(opt)}
+        # (b) global perturbation: each rank takes its half of the global batch.
+        for name in OPTIMIZER_NAMES:
+            scenario = f"sync/{name}"
+            model = nn.parallel.DistributedDataParallel(make_model())
+            opt = train(name, model, split(global_batches(STEPS_SYNC), rank), STEPS_SYNC, model=model,
+                        sync_perturbation=True)
+            result[("sync", name)] = {"params": flat_params(model), **counters(opt)}
+        # Same split data as (b) but per-worker perturbation: must differ from (b) (the test is sensitive).
+        scenario = "split-local/sam"
+        model = nn.parallel.DistributedDataParallel(make_model())
+        train("sam", model, split(global_batches(STEPS_SYNC), rank), STEPS_SYNC, model=model)
+        result[("split-local", "sam")] = {"params": flat_params(model)}
+        # (c) GradScaler: an overflow on one rank only must skip the step on every rank.
+        for name in ("sam", "aesam", "aelooksam"):
+            scenario = f"amp/{name}"
+            model = nn.parallel.DistributedDataParallel(make_model())
+            opt, scale = train_scaled_with_one_rank_overflow(name, model, rank, local_batches(rank, 4), 1)
+            result[("amp", name)] = {"params": flat_params(model), "scale": scale, **counters(opt)}
+        scenario = "barrier"
+        dist.barrier()
+    except BaseException:  # noqa: BLE001 - reported to the parent process
+        result = {"error": f"in scenario {scenario}:\n{traceback.format_exc()}"}
+    finally:
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    init_file = str(tmp / "init")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(rank, init_file, str(tmp)), daemon=True)
+             for rank in range(WORLD)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    hung = []
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            hung.append(p)
+    for p in hung:
+        p.terminate()
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    if hung:
+        pytest.fail(f"DDP workers did not finish within {JOIN_TIMEOUT_S}s (hang)")
+    results = []
+    for rank, p in enumerate(procs):
+        path = tmp / f"rank{rank}.pt"
+        assert path.exists(), f"rank {rank} exited with code {p.exitcode} and wrote no result"
+        res = torch.load(path, weights_only=False)
+        if "error" in res:
+            pytest.fail(f"rank {rank} failed:\n{res['error']}")
+        assert p.exitcode == 0, f"rank {rank} exit code {p.exitcode}"
+        results.append(res)
+    return results
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_per_worker_perturbation_ranks_stay_identical(ddp_results, name):
+    r0, r1 = (res[("local", name)] for res in ddp_results)
+    assert torch.equal(r0["params"], r1["params"]), (
+        f"{name}: parameters diverged across ranks, max diff {(r0['params'] - r1['params']).abs().max():.3e}"
+    )
+    for key in ("steps", "sam_steps", "grad_evals", "skipped_steps"):
+        assert r0[key] == r1[key], f"{name}: {key} differs across ranks ({r0[key]} vs {r1[key]})"
+    assert r0["steps"] == STEPS_LOCAL
+    assert r0["skipped_steps"] == 0
+    assert r0["grad_evals"] == r0["steps"] + r0["sam_steps"]
+    # The model actually trained.
+    assert not torch.equal(r0["params"], flat_params(make_model()))
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_gradient_as_bucket_view_ranks_stay_identical(ddp_results, name):
+    r0, r1 = (res[("bucket-view", name)] for res in ddp_results)
+    assert torch.equal(r0["params"], r1["params"])
+    for key in ("steps", "sam_steps", "grad_evals"):
+        assert r0[key] == r1[key]
+    assert r0["steps"] == STEPS_SYNC
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_per_worker_perturbation_exercises_both_branches(ddp_results, name):
+    res = ddp_results[0][("local", name)]
+    info = sharpness.get_optimizer_info(name)
+    if info.min_grad_evals_per_step == 2:
+        assert res["sam_steps"] == STEPS_LOCAL
+    else:
+        assert 0 < res["sam_steps"] < STEPS_LOCAL, f"{name}: one branch only ({res['sam_steps']} SAM steps)"
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_sync_perturbation_equals_single_process_global_batch(ddp_results, name):
+    model = make_model()
+    opt = train(name, model, global_batches(STEPS_SYNC), STEPS_SYNC, model=model)
+    expected = flat_params(model)
+    for rank, res in enumerate(ddp_results):
+        got = res[("sync", name)]
+        torch.testing.assert_close(got["params"], expected, rtol=0, atol=1e-6,
+                                   msg=lambda m: f"{name} rank {rank}: {m}")
+        assert got["sam_steps"] == opt.sam_steps and got["grad_evals"] == opt.grad_evals
+    assert torch.equal(ddp_results[0][("sync", name)]["params"], ddp_results[1][("sync", name)]["params"])
+
+
+def test_per_worker_perturbation_differs_from_global(ddp_results):
+    """Sensitivity: on the same split data, the default (local e(w)) is not the global-perturbation run."""
+    local = ddp_results[0][("split-local", "sam")]["params"]
+    synced = ddp_results[0][("sync", "sam")]["params"]
+    assert (local - synced).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("name", ["sam", "aesam", "aelooksam"])
+def test_overflow_on_one_rank_skips_the_step_on_every_rank(ddp_results, name):
+    r0, r1 = (res[("amp", name)] for res in ddp_results)
+    assert torch.equal(r0["params"], r1["params"])
+    for res in (r0, r1):
+        assert (res["steps"], res["skipped_steps"]) == (3, 1)
+        assert res["scale"] == 2.0**9  # one backoff, no growth
+    assert r0["sam_steps"] == r1["sam_steps"] and r0["grad_evals"] == r1["grad_evals"]
