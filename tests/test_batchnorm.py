@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import sharpness
+from helpers import make_closure as closure_for
 
 OPTIMIZER_NAMES = [info.name for info in sharpness.list_optimizers()]
 # Settings under which a short run takes both SAM and ERM steps.
@@ -56,15 +57,6 @@ def assert_stats_equal(actual, expected):
     for a, e in zip(actual, expected, strict=True):
         assert a.dtype == e.dtype and torch.equal(a, e), f"{a} != {e}"
 
-
-def closure_for(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def reference_stats(model, x):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import sharpness
+from helpers import make_closure as closure_for
 
 OPTIMIZER_NAMES = [info.name for info in sharpness.list_optimizers()]
 # Settings under which a short run takes both SAM and ERM (and, for LookSAM, reuse) steps.
@@ -49,15 +50,6 @@ def batches(steps=STEPS, n=32):
         out.append((x, y))
     return out
 
-
-def closure_for(opt, net, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def global_norm(tensors):

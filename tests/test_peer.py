@@ -5,25 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from pytorch_optimizer import SAM as PeerSAM
-from torch import nn
 
 import sharpness
-from helpers import classification_data, mlp
+from helpers import classification_data, make_closure, mlp
 
 BASES = {
     "sgd_momentum": (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}),
     "adam": (torch.optim.Adam, {"lr": 1e-3, "weight_decay": 1e-4}),
 }
-
-
-def _closure(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
@@ -42,8 +31,8 @@ def test_trajectory_matches_pytorch_optimizer(adaptive, base, dtype):
     steps = 200
     for t in range(steps):
         xb, yb = x[(t * 16) % 128:(t * 16) % 128 + 32], y[(t * 16) % 128:(t * 16) % 128 + 32]
-        ours_loss = ours.step(_closure(ours, ours_model, xb, yb))
-        peer_closure = _closure(peer, peer_model, xb, yb)
+        ours_loss = ours.step(make_closure(ours, ours_model, xb, yb))
+        peer_closure = make_closure(peer, peer_model, xb, yb)
         peer_loss = peer_closure()
         peer.step(peer_closure)
         assert ours_loss.item() == pytest.approx(peer_loss.item(), abs=1e-6)
@@ -61,8 +50,8 @@ def test_davda54_construction_form_matches_instance_form():
     o1 = sharpness.SAM(torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9), rho=0.05)
     o2 = sharpness.SAM(m2.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     for _ in range(10):
-        o1.step(_closure(o1, m1, x, y))
-        o2.step(_closure(o2, m2, x, y))
+        o1.step(make_closure(o1, m1, x, y))
+        o2.step(make_closure(o2, m2, x, y))
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
     assert isinstance(o2.base_optimizer, torch.optim.SGD)
