@@ -1,0 +1,670 @@
+"""Step time and memory of the sharpness-aware optimizers, against plain SGD and pytorch-optimizer's SAM.
+
+For an MLP (784-512-512-10, batch 128) and a small CNN (two conv layers + linear on 1x28x28, batch 64) it
+times one full training step (closure: zero_grad, forward, backward; plus the update) of
+
+* plain SGD (momentum 0.9), the reference;
+* our SAM and pytorch-optimizer's SAM (both wrapping the same SGD);
+* our ASAM, LookSAM (k=5), SSSAM (p=0.5), AESAM and AELookSAM.
+
+Methods are interleaved: every repeat runs one block of ``--steps-per-repeat`` steps of each method (the order
+rotates between repeats), so slow drifts of the machine hit all methods alike. Warm-up blocks are not timed.
+Two clocks are read around each block: wall time (``perf_counter``, with ``torch.cuda.synchronize`` on CUDA)
+and, on CPU, process CPU time (``process_time``), which does not count the time the process waits while other
+jobs hold the cores. Reported per method and clock:
+
+* median and interquartile range over the repeats of the time per step;
+* gradient passes per step (the optimizer's ``grad_evals / steps`` counter where it has one; 1 for SGD, 2 for
+  pytorch-optimizer's SAM) and the normalized cost ``time per step / (passes per step x SGD step)``
+  (1.0 = no cost beyond the passes themselves);
+* the median time of the update alone (``first_step(); second_step()`` or ``step()`` on fixed gradients,
+  timed the same way with fresh copies), which isolates the optimizer's own bookkeeping;
+* the optimizer state beyond the base SGD's (tensor bytes, between steps and the peak seen during a step)
+  and, on CUDA, ``torch.cuda.max_memory_allocated`` over a short training run.
+
+Headline ratios: our SAM / (2 x SGD) (target <= 1.03) and our SAM / pytorch-optimizer SAM (target <= 0.95),
+with the quartiles of the per-repeat paired ratios.
+
+Usage::
+
+    python benchmarks/bench_step.py                              # CPU, 1 thread, defaults (about 4 minutes)
+    python benchmarks/bench_step.py --device cuda --json benchmarks/results/cuda.json
+    python benchmarks/bench_step.py --repeats 30 --steps-per-repeat 20 --threads 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import importlib.metadata
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import sharpness
+
+try:
+    import pytorch_optimizer
+except ImportError:  # the comparison row is skipped without it
+    pytorch_optimizer = None
+
+SGD_OPTIONS = {"lr": 0.01, "momentum": 0.9}
+SAM_TARGET = 1.03  # our SAM / (2 x SGD)
+VS_PYTORCH_OPTIMIZER_TARGET = 0.95  # our SAM / pytorch-optimizer SAM
+REFERENCE = "SGD"
+OURS = "SAM"
+THEIRS = "SAM (pytorch-optimizer)"
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed blocks per method (default: 15)")
+    parser.add_argument("--steps-per-repeat", type=int, default=10,
+                        help="optimizer steps per timed block (default: 10, a multiple of LookSAM's k=5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed blocks per method first (default: 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads; 0 keeps torch's default "
+                             "(default: 1, the steadiest timings on a shared machine)")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS),
+                        help="models to run (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    args = parser.parse_args(argv)
+    for name in ("repeats", "steps_per_repeat"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0 or args.threads < 0:
+        parser.error("--warmup and --threads must be >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- workloads
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    batch_size: int
+    num_classes: int = 10
+
+
+def build_mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+
+
+def build_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 7 * 7, 10),
+    )
+
+
+MODELS = {
+    "mlp": ModelSpec("MLP 784-512-512-10", build_mlp, (784,), batch_size=128),
+    "cnn": ModelSpec("CNN 2xconv+linear, 1x28x28", build_cnn, (1, 28, 28), batch_size=64),
+}
+
+
+def make_batches(spec: ModelSpec, device: torch.device, count: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """A small pool of random batches, on the device up front (no data loading in the timed region).
+
+    Cycling through several batches keeps ||g||^2 varying from step to step, as the adaptive policies expect.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        x = torch.randn(spec.batch_size, *spec.input_shape, generator=generator)
+        y = torch.randint(spec.num_classes, (spec.batch_size,), generator=generator)
+        batches.append((x.to(device), y.to(device)))
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------- methods
+Closure = Callable[[], Tensor]
+
+
+def plain_step(optimizer: torch.optim.Optimizer, closure: Closure) -> None:
+    closure()
+    optimizer.step()
+
+
+def closure_step(optimizer: torch.optim.Optimizer, closure: Closure) -> None:
+    optimizer.step(closure)  # ours: calls the closure once or twice
+
+
+def pytorch_optimizer_step(optimizer: torch.optim.Optimizer, closure: Closure) -> None:
+    closure()  # its protocol: first pass by the caller, the perturbed pass inside step()
+    optimizer.step(closure)
+
+
+def plain_update(optimizer: torch.optim.Optimizer) -> None:
+    optimizer.step()
+
+
+def two_phase_update(optimizer: Any) -> None:
+    """The optimizer's own work without the passes (both libraries have first_step/second_step)."""
+    optimizer.first_step()
+    optimizer.second_step()
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    build: Callable[[Any, int], torch.optim.Optimizer]  # (params, total_steps) -> optimizer
+    step: Callable[[torch.optim.Optimizer, Closure], None] = closure_step
+    update: Callable[[Any], None] = two_phase_update
+    passes: float | None = None  # fixed passes per step, for optimizers without a grad_evals counter
+
+
+def _sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, **SGD_OPTIONS)
+
+
+def method_specs() -> list[MethodSpec]:
+    specs = [
+        MethodSpec(REFERENCE, lambda p, t: _sgd(p), plain_step, plain_update, passes=1.0),
+        MethodSpec(OURS, lambda p, t: sharpness.SAM(_sgd(p), rho=0.05)),
+    ]
+    if pytorch_optimizer is not None:
+        specs.append(MethodSpec(
+            THEIRS, lambda p, t: pytorch_optimizer.SAM(p, torch.optim.SGD, rho=0.05, **SGD_OPTIONS),
+            pytorch_optimizer_step, passes=2.0,
+        ))
+    specs += [
+        MethodSpec("ASAM", lambda p, t: sharpness.ASAM(_sgd(p), rho=0.5)),
+        MethodSpec("LookSAM k=5", lambda p, t: sharpness.LookSAM(_sgd(p), k=5)),
+        MethodSpec("SSSAM p=0.5", lambda p, t: sharpness.SSSAM(_sgd(p), p=0.5)),
+        MethodSpec("AESAM", lambda p, t: sharpness.AESAM(_sgd(p), total_steps=t)),
+        MethodSpec("AELookSAM", lambda p, t: sharpness.AELookSAM(_sgd(p), total_steps=t)),
+    ]
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------- one runner
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def grad_eval_counters(optimizer: torch.optim.Optimizer) -> tuple[int, int] | None:
+    """``(grad_evals, steps)`` of our optimizers; None for the others."""
+    if isinstance(optimizer, sharpness.SharpnessAwareOptimizer):
+        return optimizer.grad_evals, optimizer.steps
+    return None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One timed block: wall and process-CPU seconds per step, gradient passes per step."""
+
+    wall: float
+    cpu: float
+    passes: float
+
+
+@dataclass
+class Runner:
+    """One method training its own copy of the model on a cycle of batches."""
+
+    spec: MethodSpec
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    batches: Iterator[tuple[Tensor, Tensor]]
+    on_closure: Callable[[], None] | None = None  # memory probe hook (never set while timing)
+
+    def make_closure(self, x: Tensor, y: Tensor) -> Closure:
+        def closure() -> Tensor:
+            if self.on_closure is not None:
+                self.on_closure()
+            self.optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(self.model(x), y)
+            loss.backward()
+            return loss
+
+        return closure
+
+    def step(self) -> None:
+        """One full training step: the passes and the update."""
+        x, y = next(self.batches)
+        self.spec.step(self.optimizer, self.make_closure(x, y))
+
+    def update(self) -> None:
+        """The update alone, on the gradients already there (see :meth:`prime`)."""
+        self.spec.update(self.optimizer)
+
+    def prime(self) -> None:
+        """Fill the gradients once, for update-only timing."""
+        self.make_closure(*next(self.batches))()
+
+    def run_block(self, action: Callable[[], None], steps: int, device: torch.device) -> Sample:
+        before = grad_eval_counters(self.optimizer)
+        synchronize(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            action()
+        synchronize(device)
+        wall, cpu = (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+        after = grad_eval_counters(self.optimizer)
+        if before is None or after is None or after[1] == before[1]:
+            return Sample(wall, cpu, float(self.spec.passes or 0.0))
+        return Sample(wall, cpu, (after[0] - before[0]) / (after[1] - before[1]))
+
+
+def make_runner(spec: MethodSpec, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
+                total_steps: int) -> Runner:
+    model = copy.deepcopy(model)
+    return Runner(spec, model, spec.build(model.parameters(), total_steps), itertools.cycle(batches))
+
+
+def all_finite(runner: Runner) -> bool:
+    params = list(runner.model.parameters())
+    tensors = params + [p.grad for p in params if p.grad is not None]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def run_interleaved(runners: list[Runner], action: str, args: argparse.Namespace,
+                    device: torch.device) -> dict[str, list[Sample]]:
+    """Round-robin blocks of ``runner.<action>``, one per method per repeat; the order rotates per repeat."""
+    samples: dict[str, list[Sample]] = {runner.spec.name: [] for runner in runners}
+    for runner in runners:
+        for _ in range(args.warmup):
+            runner.run_block(getattr(runner, action), args.steps_per_repeat, device)
+    gc.collect()
+    gc.disable()  # no collector pauses inside timed blocks (as timeit does)
+    try:
+        for repeat in range(args.repeats):
+            shift = repeat % len(runners)
+            for runner in runners[shift:] + runners[:shift]:
+                sample = runner.run_block(getattr(runner, action), args.steps_per_repeat, device)
+                samples[runner.spec.name].append(sample)
+    finally:
+        gc.enable()
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def base_state_keys() -> frozenset[str]:
+    """State keys plain SGD keeps (``momentum_buffer``): the base optimizer's own, not counted as extra."""
+    param = nn.Parameter(torch.zeros(1))
+    sgd = _sgd([param])
+    param.grad = torch.ones(1)
+    sgd.step()
+    return frozenset(sgd.state[param])
+
+
+def extra_state_bytes(optimizer: torch.optim.Optimizer, base_keys: frozenset[str]) -> int:
+    """Bytes of optimizer-state tensors beyond the base SGD's own, deduplicated by storage.
+
+    Looks at the wrapper's ``state`` and at ``base_optimizer.state`` (pytorch-optimizer shares one dict
+    between them; ours keeps two), so it works for both.
+    """
+    states = [optimizer.state, getattr(optimizer, "base_optimizer", optimizer).state]
+    storages = {}
+    for state in states:
+        for per_param in state.values():
+            for key, value in per_param.items():
+                if key not in base_keys and isinstance(value, Tensor):
+                    storage = value.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def measure_memory(spec: MethodSpec, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
+                   device: torch.device, steps: int = 10) -> dict[str, Any]:
+    """Extra state at rest and its peak (probed at every closure call) over a short run; CUDA peak if any."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    runner = make_runner(spec, model, batches, total_steps=steps)
+    base_keys = base_state_keys()
+    peak = 0
+
+    def probe() -> None:
+        nonlocal peak
+        peak = max(peak, extra_state_bytes(runner.optimizer, base_keys))
+
+    runner.on_closure = probe
+    for _ in range(steps):
+        runner.step()
+        probe()
+    synchronize(device)
+    at_rest = extra_state_bytes(runner.optimizer, base_keys)
+    result = {"extra_state_bytes_at_rest": at_rest, "extra_state_bytes_peak": peak}
+    if device.type == "cuda":
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+CLOCKS = ("wall", "cpu")  # time.perf_counter; time.process_time (excludes time spent descheduled)
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def clock_summary(samples: list[Sample], reference: list[Sample], clock: str) -> dict[str, Any]:
+    """Median/IQR of the step time on one clock, and the cost normalized by (passes x SGD step).
+
+    ``normalized`` is the median over blocks of ``t_block / (passes_block x median SGD step)``: each block is
+    divided by its own pass count, which matters for the methods whose pass count varies from block to block
+    (for the others it is the plain ratio of medians). ``normalized_q1/q3`` are the quartiles of the paired
+    per-repeat ratios ``t_block / (passes_block x SGD block of the same repeat)``, where slow drifts cancel.
+    """
+    values = [getattr(s, clock) for s in samples]
+    ref = [getattr(s, clock) for s in reference]
+    q1, median, q3 = quartiles(values)
+    ref_median = statistics.median(ref)
+    paired = [v / (s.passes * r) for v, s, r in zip(values, samples, ref, strict=True)]
+    paired_q1, _, paired_q3 = quartiles(paired)
+    return {
+        "median_s": median, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1,
+        "normalized": statistics.median(v / (s.passes * ref_median) for v, s in zip(values, samples)),
+        "normalized_q1": paired_q1, "normalized_q3": paired_q3,
+        "per_block_s": values,
+    }
+
+
+def summarize(steps: dict[str, list[Sample]], updates: dict[str, list[Sample]]) -> dict[str, dict[str, Any]]:
+    """Per method: passes per step, step-time statistics per clock, median update-only time per clock."""
+    summary = {}
+    for name, samples in steps.items():
+        entry: dict[str, Any] = {
+            "passes_per_step": statistics.fmean(s.passes for s in samples),
+            "passes_per_block": [s.passes for s in samples],
+        }
+        for clock in CLOCKS:
+            entry[clock] = clock_summary(samples, steps[REFERENCE], clock)
+            entry[clock]["update_only_median_s"] = statistics.median(getattr(s, clock) for s in updates[name])
+        summary[name] = entry
+    return summary
+
+
+def paired_ratio(steps: dict[str, list[Sample]], numerator: str, denominator: str, clock: str,
+                 scale: float = 1.0) -> dict[str, float]:
+    """``median(num) / (scale * median(den))`` and the quartiles of the per-repeat paired ratios."""
+    num = [getattr(s, clock) for s in steps[numerator]]
+    den = [getattr(s, clock) for s in steps[denominator]]
+    q1, _, q3 = quartiles([n / (scale * d) for n, d in zip(num, den, strict=True)])
+    return {"value": statistics.median(num) / (scale * statistics.median(den)), "q1": q1, "q3": q3}
+
+
+def predicted_ratios(summary: dict[str, dict[str, Any]], clock: str) -> dict[str, float]:
+    """The two headline ratios rebuilt from the steadier update-only medians.
+
+    A pass costs ``SGD step - SGD update``; our SAM step is two passes plus its update, and so is
+    pytorch-optimizer's. Assumes the passes cost the same for every method (they run the same closure).
+    """
+    sgd = summary[REFERENCE][clock]
+    two_passes = 2 * (sgd["median_s"] - sgd["update_only_median_s"])
+    ours = two_passes + summary[OURS][clock]["update_only_median_s"]
+    predicted = {"sam_over_2x_sgd": ours / (2 * sgd["median_s"])}
+    if THEIRS in summary:
+        predicted["sam_over_pytorch_optimizer_sam"] = ours / (
+            two_passes + summary[THEIRS][clock]["update_only_median_s"])
+    return predicted
+
+
+def headline_ratios(steps: dict[str, list[Sample]], summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The two targets on both clocks: measured (and paired quartiles), and predicted from update-only."""
+    ratios: dict[str, Any] = {"targets": {"sam_over_2x_sgd": SAM_TARGET,
+                                          "sam_over_pytorch_optimizer_sam": VS_PYTORCH_OPTIMIZER_TARGET}}
+    for clock in CLOCKS:
+        entry: dict[str, Any] = {"sam_over_2x_sgd": paired_ratio(steps, OURS, REFERENCE, clock, scale=2.0)}
+        if THEIRS in steps:
+            entry["sam_over_pytorch_optimizer_sam"] = paired_ratio(steps, OURS, THEIRS, clock)
+        entry["predicted_from_update_only"] = predicted_ratios(summary, clock)
+        sgd = summary[REFERENCE][clock]
+        entry["sam_update_minus_sgd_update_s"] = (
+            summary[OURS][clock]["update_only_median_s"] - sgd["update_only_median_s"])
+        entry["sgd_update_share_of_step"] = sgd["update_only_median_s"] / sgd["median_s"]
+        ratios[clock] = entry
+    return ratios
+
+
+# ---------------------------------------------------------------------------------------------- one model
+def time_methods(methods: list[MethodSpec], model: nn.Module, batches: list[tuple[Tensor, Tensor]],
+                 args: argparse.Namespace, device: torch.device) -> tuple[dict, dict, dict[str, float]]:
+    """Full steps, then update-only (fresh runners); returns both sample sets and the final SAM fractions."""
+    total_steps = (args.warmup + args.repeats) * args.steps_per_repeat
+    runners = [make_runner(m, model, batches, total_steps) for m in methods]
+    steps = run_interleaved(runners, "step", args, device)
+    fractions = {r.spec.name: r.optimizer.sam_fraction for r in runners
+                 if isinstance(r.optimizer, sharpness.SharpnessAwareOptimizer)}
+    runners = [make_runner(m, model, batches, total_steps) for m in methods]
+    for runner in runners:
+        runner.prime()
+    updates = run_interleaved(runners, "update", args, device)
+    for runner in runners:
+        if not all_finite(runner):
+            print(f"warning: {runner.spec.name}: non-finite weights/gradients after the update-only timing",
+                  file=sys.stderr)
+    return steps, updates, fractions
+
+
+def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    model = spec.build().to(device)
+    batches = make_batches(spec, device, count=8, seed=args.seed)
+    methods = method_specs()
+    memory = {m.name: measure_memory(m, model, batches, device) for m in methods}
+    steps, updates, fractions = time_methods(methods, model, batches, args, device)
+    summary = summarize(steps, updates)
+    for name, entry in summary.items():
+        entry.update(memory[name])
+        if name in fractions:
+            entry["sam_fraction"] = fractions[name]
+    return {
+        "model": spec.name, "batch_size": spec.batch_size, "input_shape": list(spec.input_shape),
+        "parameters": sum(p.numel() for p in model.parameters()), "param_bytes": param_bytes(model),
+        "methods": summary, "ratios": headline_ratios(steps, summary),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- environment
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_info() -> dict[str, Any]:
+    """HEAD and whether the work tree has uncommitted changes (None outside a git checkout)."""
+    head = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if head else None
+    return {"commit": head or None, "dirty": None if status is None else bool(status)}
+
+
+def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pytorch_optimizer": package_version("pytorch_optimizer"),
+        "sharpness": sharpness.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "git": git_info(),
+        "options": {"repeats": args.repeats, "steps_per_repeat": args.steps_per_repeat,
+                    "warmup_blocks": args.warmup, "seed": args.seed, "sgd": SGD_OPTIONS},
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- output
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def shown_clocks(device: str) -> tuple[str, ...]:
+    """Process CPU time says nothing about asynchronous GPU work: wall time only on CUDA."""
+    return ("wall",) if device.startswith("cuda") else CLOCKS
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def table_row(name: str, m: dict[str, Any], clocks: tuple[str, ...], cuda: bool) -> list[str]:
+    row = [name, f"{m['passes_per_step']:.2f}"]
+    for clock in clocks:
+        c = m[clock]
+        row += [_ms(c["median_s"]), _ms(c["iqr_s"]), f"{c['normalized']:.3f}", _ms(c["update_only_median_s"])]
+    row.append(f"{_mib(m['extra_state_bytes_at_rest'])} / {_mib(m['extra_state_bytes_peak'])}")
+    if cuda:
+        row.append(_mib(m["cuda_peak_bytes"]))
+    return row
+
+
+def format_model_table(result: dict[str, Any], device: str) -> str:
+    """A Markdown table (pastes into docs/benchmarks.md as is)."""
+    clocks, cuda = shown_clocks(device), device.startswith("cuda")
+    header = ["method", "passes/step"]
+    for clock in clocks:
+        header += [f"{clock} ms/step", f"{clock} IQR", f"{clock} t/(passes*SGD)", f"{clock} update-only ms"]
+    header.append("extra state MiB rest / peak")
+    if cuda:
+        header.append("CUDA peak MiB")
+    rows = [header] + [table_row(name, m, clocks, cuda) for name, m in result["methods"].items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(rows[0]), rule] + [line(row) for row in rows[1:]])
+
+
+def _verdict(value: float, target: float) -> str:
+    return "meets target" if value <= target else f"ABOVE target by {100 * (value / target - 1):.1f}%"
+
+
+def format_ratios(ratios: dict[str, Any], device: str) -> str:
+    targets = ratios["targets"]
+    labels = {"sam_over_2x_sgd": "our SAM / (2 x SGD)",
+              "sam_over_pytorch_optimizer_sam": "our SAM / pytorch-opt. SAM"}
+    lines = []
+    for clock in shown_clocks(device):
+        entry = ratios[clock]
+        predicted = entry["predicted_from_update_only"]
+        for key, label in labels.items():
+            if key in entry:
+                r = entry[key]
+                lines.append(f"{clock:>4}: {label:<27} = {r['value']:.3f}  "
+                             f"[paired q1 {r['q1']:.3f}, q3 {r['q3']:.3f}]  "
+                             f"target <= {targets[key]}: {_verdict(r['value'], targets[key])}")
+                lines.append(f"{'':>4}  {'  predicted (update-only)':<27} = {predicted[key]:.3f}  "
+                             f"{' ' * 32}{_verdict(predicted[key], targets[key])}")
+        extra = _ms(entry["sam_update_minus_sgd_update_s"])
+        lines.append(f"{clock:>4}: SAM update - SGD update = {extra} ms/step; "
+                     f"SGD's update is {100 * entry['sgd_update_share_of_step']:.1f}% of its step")
+    return "\n".join(lines)
+
+
+def print_report(env: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    print(f"torch {env['torch']}, python {env['python']}, {env['cpu']}, {env['torch_threads']} threads, "
+          f"device {env['device']}{', ' + env['gpu'] if 'gpu' in env else ''}, {env['date']}, "
+          f"commit {env['git']['commit']}{' (dirty)' if env['git']['dirty'] else ''}")
+    opts = env["options"]
+    print(f"{opts['repeats']} repeats x {opts['steps_per_repeat']} steps per method (interleaved), "
+          f"{opts['warmup_blocks']} warm-up blocks; medians over repeats")
+    for result in results:
+        print(f"\n## {result['model']} (batch {result['batch_size']}, {result['parameters']:,} parameters, "
+              f"{_mib(result['param_bytes'])} MiB)\n")
+        print(format_model_table(result, env["device"]))
+        print()
+        print(format_ratios(result["ratios"], env["device"]))
+
+
+def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".bench_step.", suffix=".json.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    env = environment(args, device)
+    results = [bench_model(MODELS[key], args, device) for key in args.models]
+    print_report(env, results)
+    if args.json:
+        write_json_atomically(args.json, {"environment": env, "results": results})
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The one Hessian-vector product every measure (and GNR) uses.
+
+``HessianOperator`` maps a parameter-shaped vector ``v`` to ``H v``, where ``H`` is the Hessian of the
+size-weighted mean loss over the given batches at the current weights. Three methods:
+
+* ``"double_backward"`` (default): ``H v = d/dw <grad L(w), v>``, one extra backward through the gradient's
+  graph. With a single batch the gradient graph is built once and reused for every product.
+* ``"func"``: forward-over-reverse with ``torch.func.jvp`` of ``torch.func.grad`` (no retained graph).
+* ``"finite_difference"``: ``H v ~ (grad L(w + h v) - grad L(w - h v)) / (2h)`` with ``h = fd_eps / ||v||``
+  (two gradient passes, no second-order autograd: works where double backward is unsupported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .._validation import check_positive
+from ._common import (Batch, LossFn, Vector, as_batches, batch_loss, gradient, measurement_mode, norm,
+                      shifted_parameters, trainable_parameters)
+
+__all__ = ["HVP_METHODS", "HessianOperator", "hvp"]
+
+HVP_METHODS = ("double_backward", "func", "finite_difference")
+
+
+class HessianOperator:
+    """``v -> H v`` at the current weights of ``model`` (which must not change while the operator is used).
+
+    Use it inside :func:`~sharpness.measures._common.measurement_mode` (the measures do); ``matvecs`` counts
+    the products computed, ``dim`` is the number of trainable scalars.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, method: str = "double_backward",
+                 fd_eps: float = 1e-4) -> None:
+        if method not in HVP_METHODS:
+            raise ValueError(f"Invalid method value: {method!r} (expected one of {', '.join(HVP_METHODS)})")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.method = method
+        self.fd_eps = check_positive("fd_eps", fd_eps)
+        self.params = trainable_parameters(model)
+        self.batches = as_batches(data)
+        self.total = sum(n for _, _, n in self.batches)
+        self.dim = sum(p.numel() for p in self.params)
+        self.matvecs = 0
+        self._cached_grads: tuple[Tensor, ...] | None = None
+
+    def __call__(self, vector: Sequence[Tensor]) -> Vector:
+        return self.matvec(vector)
+
+    def matvec(self, vector: Sequence[Tensor]) -> Vector:
+        vector = list(vector)
+        if len(vector) != len(self.params) or any(v.shape != p.shape for v, p in zip(vector, self.params)):
+            raise ValueError("Invalid vector: expected one tensor per trainable parameter, with the same shapes")
+        self.matvecs += 1
+        if self.method == "double_backward":
+            return self._double_backward(vector)
+        if self.method == "func":
+            return self._func(vector)
+        return self._finite_difference(vector)
+
+    # -------------------------------------------------------------------------------------------- methods
+    def _accumulate(self, parts_per_batch) -> Vector:
+        out = [torch.zeros_like(p) for p in self.params]
+        for (_, _, n), parts in zip(self.batches, parts_per_batch):
+            for acc, part in zip(out, parts):
+                if part is not None:
+                    acc.add_(part, alpha=n / self.total)
+        return out
+
+    def _double_backward(self, vector: Vector) -> Vector:
+        if len(self.batches) == 1:
+            if self._cached_grads is None:
+                x, y, _ = self.batches[0]
+                with torch.enable_grad():
+                    loss = batch_loss(self.model, self.loss_fn, x, y)
+                    self._cached_grads = torch.autograd.grad(loss, self.params, create_graph=True)
+            with torch.enable_grad():
+                parts = torch.autograd.grad(self._cached_grads, self.params, grad_outputs=vector,
+                                            retain_graph=True, allow_unused=True)
+            return [p.detach() if p is not None else torch.zeros_like(q) for p, q in zip(parts, self.params)]
+
+        def per_batch():
+            for x, y, _ in self.batches:
+                with torch.enable_grad():
+                    loss = batch_loss(self.model, self.loss_fn, x, y)
+                    grads = torch.autograd.grad(loss, self.params, create_graph=True)
+                    yield [p.detach() if p is not None else None for p in
+                           torch.autograd.grad(grads, self.params, grad_outputs=vector, allow_unused=True)]
+
+        return self._accumulate(per_batch())
+
+    def _func(self, vector: Vector) -> Vector:
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        names = [name for name, _ in named]
+        primals = tuple(p.detach() for _, p in named)
+
+        def per_batch():
+            for x, y, _ in self.batches:
+                def loss_of(params: tuple[Tensor, ...]) -> Tensor:
+                    inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+                    outputs = functional_call(self.model, dict(zip(names, params)), inputs)
+                    return self.loss_fn(outputs, y)
+
+                _, tangent_out = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vector),))
+                yield list(tangent_out)
+
+        return self._accumulate(per_batch())
+
+    def _finite_difference(self, vector: Vector) -> Vector:
+        v_norm = float(norm(vector))
+        if v_norm == 0.0:
+            return [torch.zeros_like(p) for p in self.params]
+        h = self.fd_eps / v_norm
+        with shifted_parameters(self.params, vector, h):
+            _, g_plus = gradient(self.model, self.loss_fn, self.batches, self.params)
+        with shifted_parameters(self.params, vector, -h):
+            _, g_minus = gradient(self.model, self.loss_fn, self.batches, self.params)
+        return [(a - b) / (2 * h) for a, b in zip(g_plus, g_minus)]
+
+
+def hvp(model: nn.Module, loss_fn: LossFn, data: Batch | Any, vector: Sequence[Tensor], *,
+        method: str = "double_backward", mode: str = "eval", fd_eps: float = 1e-4) -> Vector:
+    """One Hessian-vector product ``H v`` of the loss over ``data`` (see :class:`HessianOperator`).
+
+    ``vector`` is a list of tensors shaped like the model's trainable parameters. The model's training flags
+    and BatchNorm buffers are restored afterwards (``mode="eval"`` by default).
+    """
+    with measurement_mode(model, mode):
+        return HessianOperator(model, loss_fn, data, method=method, fd_eps=fd_eps).matvec(vector)
