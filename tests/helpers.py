@@ -57,3 +57,9 @@ def params_equal(a: nn.Module | list, b: nn.Module | list) -> bool:
     pa = list(a.parameters()) if isinstance(a, nn.Module) else list(a)
     pb = list(b.parameters()) if isinstance(b, nn.Module) else list(b)
     return len(pa) == len(pb) and all(torch.equal(x, y) for x, y in zip(pa, pb))
+
+
+def has_both_branches(name: str) -> bool:
+    """Whether the optimizer can take both SAM (two-pass) and ERM (one-pass) steps."""
+    info = sharpness.get_optimizer_info(name)
+    return info.min_grad_evals_per_step == 1 and info.max_grad_evals_per_step == 2

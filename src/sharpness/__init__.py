@@ -2,7 +2,7 @@
 
 from . import policies, rules
 from .batchnorm import frozen_running_stats
-from .optim import AESAM, ASAM, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer
+from .optim import AESAM, ASAM, ERM, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer
 from .registry import OptimizerInfo, create, get_optimizer_info, list_optimizers, register_optimizer
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ __all__ = [
     "AELookSAM",
     "AESAM",
     "ASAM",
+    "ERM",
     "LookSAM",
     "OptimizerInfo",
     "SAM",

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .optim import AESAM, ASAM, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer
+from .optim import AESAM, ASAM, ERM, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer
 
 __all__ = ["OptimizerInfo", "create", "get_optimizer_info", "list_optimizers", "register_optimizer"]
 
@@ -71,6 +71,7 @@ def create(name: str, base: torch.optim.Optimizer, **kwargs: Any) -> SharpnessAw
     return info.cls(base, **kwargs)
 
 
+register_optimizer("erm", ERM)
 register_optimizer("sam", SAM)
 register_optimizer("asam", ASAM)
 register_optimizer("looksam", LookSAM)

@@ -4,8 +4,9 @@ from .aelooksam import AELookSAM
 from .aesam import AESAM
 from .asam import ASAM
 from .engine import SharpnessAwareOptimizer
+from .erm import ERM
 from .looksam import LookSAM
 from .sam import SAM
 from .sssam import SSSAM
 
-__all__ = ["AELookSAM", "AESAM", "ASAM", "LookSAM", "SAM", "SSSAM", "SharpnessAwareOptimizer"]
+__all__ = ["AELookSAM", "AESAM", "ASAM", "ERM", "LookSAM", "SAM", "SSSAM", "SharpnessAwareOptimizer"]

@@ -4,6 +4,7 @@ from .adaptive import Adaptive
 from .always import Always
 from .base import Policy
 from .bernoulli import Bernoulli
+from .never import Never
 from .periodic import Periodic
 
-__all__ = ["Adaptive", "Always", "Bernoulli", "Periodic", "Policy"]
+__all__ = ["Adaptive", "Always", "Bernoulli", "Never", "Periodic", "Policy"]

@@ -1,0 +1,125 @@
+"""Tiny Shakespeare (Karpathy's char-rnn corpus, about 1.1M characters) for next-character prediction.
+
+The text is read from a file (``root`` may be the file itself or a folder holding ``tinyshakespeare.txt``);
+``download=True`` fetches it into that folder. The first 90% of the characters train, the last 10% test
+(nanoGPT's split); an optional validation split is the end of the training part. The vocabulary is the
+sorted set of characters of the whole text; token ``i`` is character ``classes[i]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from urllib.request import urlopen
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .._validation import check_int_at_least, check_real
+from .paths import missing_data_error
+from .record import SourceSplits
+
+__all__ = ["CharWindows", "FILENAME", "TRAIN_FRACTION", "URL", "encode_text"]
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+FILENAME = "tinyshakespeare.txt"
+TRAIN_FRACTION = 0.9
+
+
+class CharWindows(Dataset):
+    """Every window of ``block_size`` consecutive tokens: item ``i`` is ``(tokens[i:i+T], tokens[i+1:i+T+1])``.
+
+    The target is the input shifted by one character, so a model's logits at position ``t`` predict
+    character ``t + 1``. There are ``len(tokens) - block_size`` (overlapping) windows.
+    """
+
+    def __init__(self, tokens: Tensor, block_size: int) -> None:
+        if len(tokens) <= block_size:
+            raise ValueError(f"Invalid block_size value: {block_size} (expected block_size < {len(tokens)}, "
+                             "the number of characters in the split)")
+        self.tokens = tokens
+        self.block_size = block_size
+
+    def __len__(self) -> int:
+        return len(self.tokens) - self.block_size
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"window index {index} out of range for {len(self)} windows")
+        index %= len(self)
+        window = self.tokens[index:index + self.block_size + 1]
+        return window[:-1], window[1:]
+
+
+def encode_text(text: str) -> tuple[Tensor, tuple[str, ...]]:
+    """``(tokens, vocabulary)``: the sorted distinct characters and each character's index among them."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    vocabulary = np.unique(codes)
+    tokens = torch.as_tensor(np.searchsorted(vocabulary, codes).astype(np.int64))
+    return tokens, tuple(chr(code) for code in vocabulary)
+
+
+def _download(destination: Path) -> None:
+    """Fetch ``URL`` to ``destination`` (written to a temporary file first, so no partial file is left)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with urlopen(URL, timeout=60) as response:
+        payload = response.read()
+    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=".download-")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(payload)
+        os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def text_path(root: Path, download: bool) -> Path:
+    """The text file: ``root`` itself if it is a file, else ``root / FILENAME`` (fetched if ``download``)."""
+    if root.is_file():
+        return root
+    path = root / FILENAME
+    if not path.is_file():
+        if not download:
+            raise missing_data_error("Tiny Shakespeare", path, detail=f"or pass the text file itself as root; "
+                                                                     f"source: {URL}")
+        _download(path)
+    return path
+
+
+def load(*, root: Path, download: bool, block_size: int = 128, validation: float = 0.0) -> SourceSplits:
+    """Registry loader: windows of ``block_size`` characters; ``validation`` is a fraction of the training text.
+
+    Args:
+        block_size: characters per example (the model's context length), >= 1.
+        validation: fraction ``0 <= validation < 1`` of the training characters, taken from its end, held
+            out as a contiguous validation text (windows never straddle two splits).
+    """
+    block_size = check_int_at_least("block_size", block_size, 1)
+    validation = check_real("validation", validation)
+    if not (0.0 <= validation < 1.0):
+        raise ValueError(f"Invalid validation value: {validation} (expected 0 <= validation < 1)")
+    path = text_path(root, download)
+    raw = path.read_bytes()
+    tokens, vocabulary = encode_text(raw.decode("utf-8"))
+    train_end = int(TRAIN_FRACTION * len(tokens))
+    validation_start = train_end - int(validation * train_end)
+    train = CharWindows(tokens[:validation_start], block_size)
+    held_out = CharWindows(tokens[validation_start:train_end], block_size) if validation_start < train_end else None
+    settings = {
+        "path": str(path.resolve()),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "block_size": block_size,
+        "vocab_size": len(vocabulary),
+        "train_fraction": TRAIN_FRACTION,
+        "train_characters": validation_start,
+        "validation_characters": train_end - validation_start,
+        "test_characters": len(tokens) - train_end,
+    }
+    return SourceSplits(train=train, train_eval=train, test=CharWindows(tokens[train_end:], block_size),
+                        num_classes=len(vocabulary), input_shape=(block_size,), classes=vocabulary,
+                        settings=settings, validation=held_out)
