@@ -1,5 +1,9 @@
 """The harness: training on an equal compute budget, the experiments store, sweeps and reports."""
 
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
 from .store import RunRecord, Store, run_key
+from .train import TrainResult, environment, lr_factor, train
 
-__all__ = ["RunRecord", "Store", "run_key"]
+__all__ = ["RunRecord", "Store", "TrainConfig", "TrainResult", "environment", "load_checkpoint", "lr_factor",
+           "run_key", "save_checkpoint", "train"]

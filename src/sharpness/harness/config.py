@@ -1,0 +1,94 @@
+"""The typed run configuration (one frozen dataclass; validated on construction, JSON round-trippable)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BASE_OPTIMIZERS", "SCHEDULES", "TrainConfig"]
+
+BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run (its hash is the run's key in the store).
+
+    Budgets: exactly one of ``epochs``, ``budget_steps`` or ``budget_grad_evals`` is set. With
+    ``budget_grad_evals=N`` training stops when the optimizer's gradient-evaluation counter reaches ``N``
+    (so SAM gets half the steps of ERM), and the learning-rate schedule follows the fraction of the budget
+    spent, so every method sees the same schedule over the same compute.
+    """
+
+    dataset: str = "mnist1d"
+    model: str = "cnn1d"
+    optimizer: str = "erm"
+    base: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer_options: dict[str, Any] = field(default_factory=dict)  # rho, k, alpha, lambda1, ...
+    model_options: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 128
+    epochs: int | None = 20
+    budget_steps: int | None = None
+    budget_grad_evals: int | None = None
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    max_grad_norm: float | None = None
+    bf16: bool = False
+    label_noise: float = 0.0
+    subset: float = 1.0
+    validation: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        budgets = [name for name in ("epochs", "budget_steps", "budget_grad_evals") if getattr(self, name) is not None]
+        if len(budgets) != 1:
+            raise ValueError(f"Invalid budget: {budgets or 'none'} set (expected exactly one of epochs, budget_steps, "
+                             "budget_grad_evals)")
+        for name in budgets + ["batch_size"]:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name} value: {value!r} (expected an integer >= 1)")
+        if self.base not in BASE_OPTIMIZERS:
+            raise ValueError(f"Invalid base value: {self.base!r} (expected one of {', '.join(BASE_OPTIMIZERS)})")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Invalid schedule value: {self.schedule!r} (expected one of {', '.join(SCHEDULES)})")
+        _check_range("lr", self.lr, 0.0, math.inf, low_open=True)
+        _check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        _check_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        _check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        _check_range("label_noise", self.label_noise, 0.0, 1.0)
+        _check_range("subset", self.subset, 0.0, 1.0, low_open=True)
+        _check_range("validation", self.validation, 0.0, 1.0, high_open=True)
+        if self.max_grad_norm is not None:
+            _check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"Invalid seed value: {self.seed!r} (expected an integer >= 0)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown config keys: {unknown} (expected some of {', '.join(sorted(known))})")
+        return cls(**data)
+
+
+def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Invalid {name} type: {type(value).__name__} (expected a number)")
+    ok_low = value > low if low_open else value >= low
+    ok_high = value < high if high_open else value <= high
+    if not (ok_low and ok_high and not math.isnan(value)):
+        lo = "<" if low_open else "<="
+        hi = "<" if high_open else "<="
+        raise ValueError(f"Invalid {name} value: {value} (expected {low} {lo} {name} {hi} {high})")

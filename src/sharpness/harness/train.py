@@ -1,0 +1,280 @@
+"""One training loop for every registered optimizer, on a budget of epochs, steps or gradient evaluations.
+
+The loop branches on capability flags only (every optimizer is a ``SharpnessAwareOptimizer`` with counters;
+the baseline is ``"erm"``). Records are per epoch; a checkpoint after every epoch lets a killed run resume
+bit-identically (model, optimizer, RNG, data order, records, config).
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from .. import __version__
+from ..registry import create, get_optimizer_info
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+
+__all__ = ["TrainResult", "environment", "lr_factor", "train"]
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A finished run: its config, the final summary and the per-epoch records."""
+
+    config: TrainConfig
+    summary: dict[str, Any]
+    epochs: list[dict[str, Any]]
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """The learning-rate multiplier at ``progress`` in [0, 1] of the budget.
+
+    ``constant``: 1; ``step``: 1, then 0.1 from 50% and 0.01 from 75%; ``cosine``: ``(1 + cos(pi p)) / 2``.
+    """
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return 1.0 if progress < 0.5 else 0.1 if progress < 0.75 else 0.01
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"Invalid schedule value: {schedule!r} (expected constant, step or cosine)")
+
+
+def environment() -> dict[str, Any]:
+    """What produced a result: package and torch versions, Python, platform, device, git commit."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"sharpness": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "device": "cpu", "git_commit": commit}
+
+
+# -------------------------------------------------------------------------------------------- building blocks
+def build_base_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.base == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.base == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def planned_steps(config: TrainConfig, steps_per_epoch: int) -> int:
+    """The number of optimizer steps the run is expected to take (AE-SAM's ``T``).
+
+    For a gradient-evaluation budget it is the budget divided by the optimizer's mean of its minimum and
+    maximum passes per step (e.g. 1.5 for AE-SAM), an estimate stated in the run's summary.
+    """
+    if config.epochs is not None:
+        return config.epochs * steps_per_epoch
+    if config.budget_steps is not None:
+        return config.budget_steps
+    info = get_optimizer_info(config.optimizer)
+    passes = (info.min_grad_evals_per_step + info.max_grad_evals_per_step) / 2
+    return max(1, int(config.budget_grad_evals / passes))
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module, total_steps: int):
+    info = get_optimizer_info(config.optimizer)
+    options = dict(config.optimizer_options)
+    if "total_steps" in info.required:
+        options.setdefault("total_steps", total_steps)
+    return create(config.optimizer, build_base_optimizer(config, model), model=model,
+                  max_grad_norm=config.max_grad_norm, **options)
+
+
+def make_loss(config: TrainConfig) -> Callable[[Tensor, Tensor], Tensor]:
+    """Cross-entropy (with label smoothing); sequence outputs ``(B, T, V)`` are flattened over positions."""
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+
+    def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
+        if outputs.dim() == 3:
+            return criterion(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
+        return criterion(outputs, targets)
+
+    return loss_fn
+
+
+def batches(dataset: Dataset, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Mini-batches in a seeded order (``generator=None``: in order). In-memory tensors are indexed directly."""
+    if isinstance(dataset, TensorDataset):
+        n = len(dataset)
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        for index in order.split(batch_size):
+            yield dataset.tensors[0][index], dataset.tensors[1][index]
+        return
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator)
+    yield from loader
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable, batch_size: int = 1024,
+             bf16: bool = False) -> tuple[float, float]:
+    """``(mean loss, accuracy)`` over ``dataset`` in eval mode (training flags restored)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = correct = count = 0.0
+    for x, y in batches(dataset, batch_size, None):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        out = out.float()
+        loss_sum += float(loss_fn(out, y)) * y.numel()
+        correct += float((out.argmax(-1) == y).sum())
+        count += y.numel()
+    model.train(was_training)
+    return loss_sum / count, correct / count
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+class _Run:
+    """The mutable state of one run (kept small so a checkpoint is easy to read)."""
+
+    def __init__(self, config: TrainConfig, data: Any, model: nn.Module) -> None:
+        self.config = config
+        self.data = data
+        self.model = model
+        self.loss_fn = make_loss(config)
+        self.steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+        self.total_steps = planned_steps(config, self.steps_per_epoch)
+        self.optimizer = build_optimizer(config, model, self.total_steps)
+        self.order = torch.Generator().manual_seed(config.seed)
+        self.epoch = 0
+        self.records: list[dict[str, Any]] = []
+        self.elapsed = 0.0
+
+    def progress(self) -> float:
+        c, opt = self.config, self.optimizer
+        if c.budget_grad_evals is not None:
+            return opt.grad_evals / c.budget_grad_evals
+        if c.budget_steps is not None:
+            return opt.steps / c.budget_steps
+        return opt.steps / (c.epochs * self.steps_per_epoch)
+
+    def done(self) -> bool:
+        c, opt = self.config, self.optimizer
+        if c.budget_grad_evals is not None:
+            # Stop before a step that could exceed the budget (a SAM step costs two evaluations).
+            return opt.grad_evals + opt.max_grad_evals_per_step > c.budget_grad_evals
+        if c.budget_steps is not None:
+            return opt.steps >= c.budget_steps
+        return self.epoch >= c.epochs
+
+    def set_lr(self) -> None:
+        factor = lr_factor(self.config.schedule, self.progress())
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+
+    def step(self, x: Tensor, y: Tensor) -> float:
+        model, opt, loss_fn, bf16 = self.model, self.optimizer, self.loss_fn, self.config.bf16
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(model(x).float(), y)
+            loss.backward()
+            return loss
+
+        self.set_lr()
+        loss = float(opt.step(closure).detach())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"Training diverged: loss {loss} at step {opt.steps} (lower --lr or rho)")
+        return loss
+
+    def train_epoch(self) -> None:
+        start = time.perf_counter()
+        loss_sum = count = 0.0
+        for x, y in batches(self.data.train, self.config.batch_size, self.order):
+            if self.done():
+                break
+            loss_sum += self.step(x, y) * y.shape[0]
+            count += y.shape[0]
+        self.epoch += 1
+        self.elapsed += time.perf_counter() - start
+        self.records.append(self.record(loss_sum / max(count, 1)))
+
+    def record(self, train_loss: float) -> dict[str, Any]:
+        opt = self.optimizer
+        test_loss, test_acc = evaluate(self.model, self.data.test, self.loss_fn, bf16=self.config.bf16)
+        record = {
+            "epoch": self.epoch, "train_loss": train_loss, "test_loss": test_loss, "test_acc": test_acc,
+            "lr": self.optimizer.param_groups[0]["lr"], "steps": opt.steps, "sam_steps": opt.sam_steps,
+            "sam_fraction": opt.sam_fraction, "grad_evals": opt.grad_evals, "wall_time": self.elapsed,
+        }
+        if self.data.validation is not None:
+            record["val_loss"], record["val_acc"] = evaluate(self.model, self.data.validation, self.loss_fn)
+        return record
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(), "epoch": self.epoch, "elapsed": self.elapsed,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(), "order_rng": self.order.get_state(), "records": self.records,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        if state["config"] != self.config.to_dict():
+            raise ValueError("Checkpoint belongs to a different config; delete it or choose another --checkpoint-dir")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.order.set_state(state["order_rng"])
+        self.epoch, self.elapsed, self.records = int(state["epoch"]), float(state["elapsed"]), list(state["records"])
+
+
+def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | None = None,
+          log: Log | None = print, stop_after_epochs: int | None = None) -> TrainResult:
+    """Train ``config`` to the end of its budget and return the records.
+
+    Args:
+        data: a loaded :class:`~sharpness.data.DatasetSplits` (default: load ``config.dataset``).
+        checkpoint: a file path; written after every epoch and, if it exists, resumed from.
+        log: called with one line per epoch (``None``: quiet).
+        stop_after_epochs: stop after this many epochs of this call (for tests of resuming).
+    """
+    from ..data import load_dataset
+    from ..models import create_model
+
+    if data is None:
+        data = load_dataset(config.dataset, seed=config.seed, label_noise=config.label_noise,
+                            subset=config.subset, validation=config.validation)
+    torch.manual_seed(config.seed)
+    model = create_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                         **config.model_options)
+    run = _Run(config, data, model)
+    if checkpoint is not None and Path(checkpoint).exists():
+        run.load(load_checkpoint(checkpoint))
+    epochs_this_call = 0
+    while not run.done():
+        run.train_epoch()
+        epochs_this_call += 1
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, run.state())
+        if log is not None:
+            r = run.records[-1]
+            log(f"epoch {r['epoch']:3d}  train loss {r['train_loss']:.4f}  test acc {r['test_acc']:.4f}  "
+                f"%SAM {100 * r['sam_fraction']:5.1f}  grad evals {r['grad_evals']}  {r['wall_time']:.1f}s")
+        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not run.done():
+            return TrainResult(config, {"finished": False}, run.records)
+    last = run.records[-1] if run.records else {}
+    summary = {key: last.get(key) for key in ("test_acc", "test_loss", "train_loss", "steps", "sam_steps",
+                                              "sam_fraction", "grad_evals", "wall_time")}
+    summary.update(finished=True, epochs=run.epoch, planned_steps=run.total_steps)
+    return TrainResult(config, summary, run.records)

@@ -1,0 +1,125 @@
+"""The harness training loop: budgets, schedules, resume, checkpoints and config validation."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from sharpness.harness import TrainConfig, load_checkpoint, lr_factor, save_checkpoint, train
+
+
+def _config(**overrides):
+    base = dict(dataset="digits", model="mlp", model_options={"depth": 3}, optimizer="erm", lr=0.1, batch_size=64,
+                epochs=2, seed=0)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sharpness.data import load_dataset
+
+    return load_dataset("digits", seed=0)
+
+
+def test_lr_factor_schedules():
+    assert lr_factor("constant", 0.7) == 1.0
+    assert [lr_factor("step", p) for p in (0.0, 0.49, 0.5, 0.8)] == [1.0, 1.0, 0.1, 0.01]
+    assert lr_factor("cosine", 0.0) == 1.0 and lr_factor("cosine", 1.0) == pytest.approx(0.0)
+    assert lr_factor("cosine", 0.5) == pytest.approx(0.5)
+
+
+def test_equal_grad_eval_budget_gives_sam_half_the_steps(digits):
+    budget = 60
+    erm = train(_config(epochs=None, budget_grad_evals=budget), data=digits, log=None)
+    sam = train(_config(optimizer="sam", epochs=None, budget_grad_evals=budget), data=digits, log=None)
+    assert erm.summary["grad_evals"] == budget and erm.summary["steps"] == budget
+    assert sam.summary["grad_evals"] == budget and sam.summary["steps"] == budget // 2
+    aesam = train(_config(optimizer="aesam", epochs=None, budget_grad_evals=budget), data=digits, log=None)
+    assert budget - 1 <= aesam.summary["grad_evals"] <= budget
+    assert aesam.summary["steps"] + aesam.summary["sam_steps"] == aesam.summary["grad_evals"]
+
+
+def test_step_budget_and_records(digits):
+    result = train(_config(optimizer="sam", epochs=None, budget_steps=30), data=digits, log=None)
+    assert result.summary["steps"] == 30 and result.summary["grad_evals"] == 60
+    last = result.epochs[-1]
+    assert {"epoch", "train_loss", "test_loss", "test_acc", "lr", "sam_fraction", "grad_evals", "wall_time"} <= set(last)
+    assert last["lr"] < 0.1  # cosine reached the end of the budget
+
+
+def test_training_learns(digits):
+    result = train(_config(optimizer="aesam", epochs=4), data=digits, log=None)
+    assert result.summary["test_acc"] > 0.85
+    assert 0.0 < result.summary["sam_fraction"] < 1.0
+
+
+def _strip_times(records):
+    return [{k: v for k, v in r.items() if k != "wall_time"} for r in records]
+
+
+@pytest.mark.parametrize("optimizer", ["sam", "aelooksam"])
+def test_resume_equals_uninterrupted(digits, tmp_path, optimizer):
+    config = _config(optimizer=optimizer, epochs=3)
+    full = train(config, data=digits, log=None)
+    path = tmp_path / "run.pt"
+    partial = train(config, data=digits, checkpoint=path, log=None, stop_after_epochs=1)
+    assert partial.summary == {"finished": False} and len(partial.epochs) == 1
+    resumed = train(config, data=digits, checkpoint=path, log=None)
+    assert _strip_times(resumed.epochs) == _strip_times(full.epochs)
+    state = load_checkpoint(path)
+    assert state["epoch"] == 3 and state["config"] == config.to_dict()
+
+
+def test_checkpoint_from_another_config_is_refused(digits, tmp_path):
+    path = tmp_path / "run.pt"
+    train(_config(epochs=1), data=digits, checkpoint=path, log=None)
+    with pytest.raises(ValueError, match="different config"):
+        train(_config(epochs=1, seed=1), data=digits, checkpoint=path, log=None)
+
+
+def test_bad_checkpoints(tmp_path):
+    save_checkpoint(tmp_path / "ok.pt", {"x": torch.ones(2)})
+    assert torch.equal(load_checkpoint(tmp_path / "ok.pt")["x"], torch.ones(2))
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        load_checkpoint(tmp_path / "truncated.pt")
+    torch.save({"x": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="Not a sharpness checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    (tmp_path / "unsafe.pt").write_bytes(pickle.dumps({"format": "sharpness-checkpoint-v1", "x": Payload()}))
+    with pytest.raises(ValueError, match="not a safe torch checkpoint"):
+        load_checkpoint(tmp_path / "unsafe.pt")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"epochs": None}, "exactly one of"),
+    ({"budget_steps": 10}, "exactly one of"),
+    ({"epochs": 0}, "epochs"),
+    ({"lr": -1.0}, "lr"),
+    ({"base": "lbfgs"}, "sgd, adam, adamw"),
+    ({"schedule": "linear"}, "constant, step, cosine"),
+    ({"label_noise": 1.5}, "label_noise"),
+    ({"subset": 0.0}, "subset"),
+    ({"seed": -1}, "seed"),
+])
+def test_config_validation(overrides, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        _config(**overrides)
+
+
+def test_config_round_trip_and_unknown_keys():
+    config = _config(optimizer_options={"rho": 0.1})
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="Unknown config keys: \\['rhoo'\\]"):
+        TrainConfig.from_dict({**config.to_dict(), "rhoo": 1})
