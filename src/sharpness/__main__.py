@@ -1,8 +1,6 @@
-"""``python -m sharpness``: run the embedded default job (see :mod:`sharpness.demo`)."""
+"""``python -m sharpness``: the command line (see :mod:`sharpness.cli`)."""
 
-import sys
-
-from .demo import main
+from .cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -66,7 +66,8 @@ class DatasetSplits:
         num_classes: number of classes (the vocabulary size for ``next_token`` sets).
         input_shape: shape of one input ``x`` (without the batch dimension).
         classes: a name per class (for text: the character of each token id).
-        task: ``"classification"`` (``y`` is a class index) or ``"next_token"`` (``y`` is ``x`` shifted by one).
+        task: ``"classification"`` (``y`` is a class index) or ``"next_token"`` (``y`` is ``x`` shifted
+            by one).
         settings: everything needed to rebuild the same splits (seed, rates, sizes, file checksums...),
             read-only; ``json.dumps(dict(splits.settings))`` stores it.
     """

@@ -23,7 +23,7 @@ from .._validation import check_int_at_least, check_real
 from .paths import missing_data_error
 from .record import SourceSplits
 
-__all__ = ["CharWindows", "FILENAME", "TRAIN_FRACTION", "URL", "encode_text"]
+__all__ = ["FILENAME", "TRAIN_FRACTION", "URL", "CharWindows", "encode_text"]
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 FILENAME = "tinyshakespeare.txt"
@@ -31,7 +31,7 @@ TRAIN_FRACTION = 0.9
 
 
 class CharWindows(Dataset):
-    """Every window of ``block_size`` consecutive tokens: item ``i`` is ``(tokens[i:i+T], tokens[i+1:i+T+1])``.
+    """Every window of ``T = block_size`` tokens: item ``i`` is ``(tokens[i:i+T], tokens[i+1:i+T+1])``.
 
     The target is the input shifted by one character, so a model's logits at position ``t`` predict
     character ``t + 1``. There are ``len(tokens) - block_size`` (overlapping) windows.
@@ -85,14 +85,14 @@ def text_path(root: Path, download: bool) -> Path:
     path = root / FILENAME
     if not path.is_file():
         if not download:
-            raise missing_data_error("Tiny Shakespeare", path, detail=f"or pass the text file itself as root; "
-                                                                     f"source: {URL}")
+            raise missing_data_error("Tiny Shakespeare", path,
+                                     detail=f"or pass the text file itself as root; source: {URL}")
         _download(path)
     return path
 
 
 def load(*, root: Path, download: bool, block_size: int = 128, validation: float = 0.0) -> SourceSplits:
-    """Registry loader: windows of ``block_size`` characters; ``validation`` is a fraction of the training text.
+    """Registry loader: windows of ``block_size`` characters; ``validation``: a fraction of the training text.
 
     Args:
         block_size: characters per example (the model's context length), >= 1.
@@ -109,7 +109,9 @@ def load(*, root: Path, download: bool, block_size: int = 128, validation: float
     train_end = int(TRAIN_FRACTION * len(tokens))
     validation_start = train_end - int(validation * train_end)
     train = CharWindows(tokens[:validation_start], block_size)
-    held_out = CharWindows(tokens[validation_start:train_end], block_size) if validation_start < train_end else None
+    held_out = None
+    if validation_start < train_end:
+        held_out = CharWindows(tokens[validation_start:train_end], block_size)
     settings = {
         "path": str(path.resolve()),
         "sha256": hashlib.sha256(raw).hexdigest(),

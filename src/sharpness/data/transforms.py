@@ -18,7 +18,8 @@ __all__ = ["first_fraction", "stratified_subset", "symmetric_label_noise", "vali
 
 def _check_labels(labels: Tensor) -> Tensor:
     labels = torch.as_tensor(labels)
-    if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+    dtype = labels.dtype
+    if labels.ndim != 1 or dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
         raise TypeError(f"Invalid labels: dtype {labels.dtype}, shape {tuple(labels.shape)} "
                         "(expected a 1-D integer tensor)")
     return labels.long()
@@ -67,7 +68,7 @@ def symmetric_label_noise(labels: Tensor, rate: float, num_classes: int, *,
 
 
 def stratified_subset(labels: Tensor, fraction: float, *, generator: torch.Generator | None = None) -> Tensor:
-    """Sorted indices of a random ``fraction`` of each class: ``max(1, round(fraction * n_c))`` of class ``c``.
+    """Sorted indices of a random ``fraction`` per class: ``max(1, round(fraction * n_c))`` of class ``c``.
 
     Keeps the class balance of the full set (a "-S" limited-data training set); every class present keeps
     at least one example.
@@ -94,8 +95,8 @@ def first_fraction(num_examples: int, fraction: float) -> Tensor:
 
 def validation_split(labels: Tensor, fraction: float, *,
                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Split example indices into ``(train, validation)``, stratified: ``round(fraction * n_c)`` of class ``c``
-    go to validation. Both index tensors are sorted; together they are a partition of ``range(n)``.
+    """Split example indices into ``(train, validation)``, stratified: ``round(fraction * n_c)`` of class
+    ``c`` go to validation. Both index tensors are sorted; together they are a partition of ``range(n)``.
     """
     labels = _check_labels(labels)
     fraction = check_real("validation", fraction)

@@ -40,15 +40,16 @@ class VisionSet:
 
 
 VISION_SETS = {
-    "cifar10": VisionSet("CIFAR-10", "CIFAR10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                         True, True, "cifar-10-batches-py/", "train"),
+    "cifar10": VisionSet("CIFAR-10", "CIFAR10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465),
+                         (0.2470, 0.2435, 0.2616), True, True, "cifar-10-batches-py/", "train"),
     "cifar100": VisionSet("CIFAR-100", "CIFAR100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409),
                           (0.2673, 0.2564, 0.2762), True, True, "cifar-100-python/", "train"),
     "svhn": VisionSet("SVHN", "SVHN", 10, (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
                       True, False, "train_32x32.mat and test_32x32.mat", "split"),
-    "mnist": VisionSet("MNIST", "MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,), False, False, "MNIST/raw/", "train"),
-    "fashion_mnist": VisionSet("Fashion-MNIST", "FashionMNIST", 10, (1, 28, 28), (0.2860,), (0.3530,), False, False,
-                               "FashionMNIST/raw/", "train"),
+    "mnist": VisionSet("MNIST", "MNIST", 10, (1, 28, 28), (0.1307,), (0.3081,), False, False, "MNIST/raw/",
+                       "train"),
+    "fashion_mnist": VisionSet("Fashion-MNIST", "FashionMNIST", 10, (1, 28, 28), (0.2860,), (0.3530,), False,
+                               False, "FashionMNIST/raw/", "train"),
 }
 
 
@@ -57,13 +58,13 @@ def import_torchvision(purpose: str) -> ModuleType:
     try:
         import torchvision
     except ImportError as err:
-        raise ImportError(f"{purpose} needs torchvision, which is not installed: pip install \"sharpness[vision]\" "
-                          "(or the torchvision build that matches your torch)") from err
+        raise ImportError(f"{purpose} needs torchvision, which is not installed: pip install "
+                          "\"sharpness[vision]\" (or the torchvision build matching your torch)") from err
     return torchvision
 
 
 def _open(spec: VisionSet, torchvision: ModuleType, root: Path, split: str, download: bool) -> Dataset:
-    """One split as torchvision's dataset object (PIL images, no transform); missing files -> FileNotFoundError."""
+    """One split as torchvision's dataset (PIL images, no transform); missing files: FileNotFoundError."""
     cls = getattr(torchvision.datasets, spec.class_name)
     if spec.split_argument == "split":
         kwargs: dict[str, Any] = {"split": split}
@@ -71,7 +72,7 @@ def _open(spec: VisionSet, torchvision: ModuleType, root: Path, split: str, down
         kwargs = {"train": split == "train"}
     try:
         return cls(str(root), download=download, **kwargs)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True"
         if "not found" not in str(err):
             raise
         raise missing_data_error(spec.title, root / spec.location,
@@ -79,7 +80,7 @@ def _open(spec: VisionSet, torchvision: ModuleType, root: Path, split: str, down
 
 
 def _transforms(spec: VisionSet, torchvision: ModuleType, augment: bool) -> tuple[Any, Any]:
-    """``(train_transform, eval_transform)``: PIL image -> normalised float tensor, with augmentation for training."""
+    """``(train_transform, eval_transform)``: PIL image -> normalised float tensor, augmented for training."""
     t = torchvision.transforms
     evaluation = [t.ToTensor(), t.Normalize(spec.mean, spec.std)]
     augmentation = []
@@ -92,7 +93,7 @@ def _transforms(spec: VisionSet, torchvision: ModuleType, augment: bool) -> tupl
 
 def load_vision(name: str, *, root: Path, download: bool, augment: bool = True,
                 include_extra: bool = False) -> SourceSplits:
-    """Load ``VISION_SETS[name]``; ``include_extra`` (SVHN only) appends the 531k-image "extra" split to training."""
+    """Load ``VISION_SETS[name]``; ``include_extra`` (SVHN only) adds the 531k-image "extra" split."""
     spec = VISION_SETS[name]
     if not isinstance(augment, bool):
         raise TypeError(f"Invalid augment type: {type(augment).__name__} (expected bool)")
@@ -116,16 +117,20 @@ def load_vision(name: str, *, root: Path, download: bool, augment: bool = True,
     }
     if name == "svhn":
         settings["include_extra"] = include_extra
-    return SourceSplits(train=Transformed(train_raw, train_transform), train_eval=Transformed(train_raw, eval_transform),
+    return SourceSplits(train=Transformed(train_raw, train_transform),
+                        train_eval=Transformed(train_raw, eval_transform),
                         test=Transformed(test_raw, eval_transform), num_classes=spec.num_classes,
-                        input_shape=spec.input_shape, classes=tuple(str(c) for c in classes), settings=settings)
+                        input_shape=spec.input_shape, classes=tuple(str(c) for c in classes),
+                        settings=settings)
 
 
 def _loader(name: str):
     """The registry loader of one set (options: ``augment``; SVHN also ``include_extra``)."""
     if name == "svhn":
-        def load(*, root: Path, download: bool, augment: bool = True, include_extra: bool = False) -> SourceSplits:
-            return load_vision(name, root=root, download=download, augment=augment, include_extra=include_extra)
+        def load(*, root: Path, download: bool, augment: bool = True,
+                 include_extra: bool = False) -> SourceSplits:
+            return load_vision(name, root=root, download=download, augment=augment,
+                               include_extra=include_extra)
     else:
         def load(*, root: Path, download: bool, augment: bool = True) -> SourceSplits:  # type: ignore[misc]
             return load_vision(name, root=root, download=download, augment=augment)

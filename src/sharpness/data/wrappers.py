@@ -107,4 +107,4 @@ def tensors_of(dataset: Dataset) -> tuple[Tensor, Tensor]:
     if isinstance(dataset, Relabeled):
         return tensors_of(dataset.dataset)[0], dataset.targets
     raise TypeError(f"{type(dataset).__name__} is not an in-memory dataset (expected a TensorDataset of "
-                    "(inputs, labels) or a Subset/Relabeled view of one); iterate it with a DataLoader instead")
+                    "(inputs, labels) or a Subset/Relabeled view of one); iterate it with a DataLoader")

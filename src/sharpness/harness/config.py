@@ -32,7 +32,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # rho, k, alpha, lambda1, ...
     model_options: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 128
+    batch_size: int = 64
     epochs: int | None = 20
     budget_steps: int | None = None
     budget_grad_evals: int | None = None

@@ -101,15 +101,8 @@ def build_optimizer(config: TrainConfig, model: nn.Module, total_steps: int):
 
 
 def make_loss(config: TrainConfig) -> Callable[[Tensor, Tensor], Tensor]:
-    """Cross-entropy (with label smoothing); sequence outputs ``(B, T, V)`` are flattened over positions."""
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-
-    def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
-        if outputs.dim() == 3:
-            return criterion(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
-        return criterion(outputs, targets)
-
-    return loss_fn
+    """Cross-entropy with label smoothing; classes are dimension 1 (sequence models give ``(B, V, T)``)."""
+    return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
 
 def batches(dataset: Dataset, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[Tensor, Tensor]]:
@@ -136,7 +129,7 @@ def evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable, batch_size: 
             out = model(x)
         out = out.float()
         loss_sum += float(loss_fn(out, y)) * y.numel()
-        correct += float((out.argmax(-1) == y).sum())
+        correct += float((out.argmax(1) == y).sum())
         count += y.numel()
     model.train(was_training)
     return loss_sum / count, correct / count

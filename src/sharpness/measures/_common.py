@@ -1,7 +1,7 @@
 """What every measure shares: batches, weighted losses and gradients, model-mode handling, parameter vectors.
 
 A "vector" here is a list of tensors shaped like the trainable parameters (what ``torch.autograd.grad``
-returns), so no flattening copies are needed; ``dot``/``norm``/``axpy`` work on such lists.
+returns), so no flattening copies are needed; ``dot`` and ``norm`` work on such lists.
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def check_mode(mode: str) -> str:
+    """Validate a measurement mode name (``"eval"`` or ``"train"``)."""
+    if mode not in MODES:
+        raise ValueError(f"Invalid mode value: {mode!r} (expected one of {', '.join(MODES)})")
+    return mode
+
+
 @contextlib.contextmanager
 def measurement_mode(model: nn.Module, mode: str = "eval") -> Iterator[None]:
     """Run a measurement in ``mode`` and restore every module's training flag (and BatchNorm buffers) after.
@@ -77,8 +84,7 @@ def measurement_mode(model: nn.Module, mode: str = "eval") -> Iterator[None]:
     function of the weights. ``"train"``: the training-mode loss (BatchNorm batch statistics, dropout on);
     running statistics are restored afterwards, so measuring never changes the model.
     """
-    if mode not in MODES:
-        raise ValueError(f"Invalid mode value: {mode!r} (expected one of {', '.join(MODES)})")
+    check_mode(mode)
     flags = [(module, module.training) for module in model.modules()]
     guard = RunningStatsGuard(model)
     guard.save()

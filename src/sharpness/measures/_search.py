@@ -9,7 +9,8 @@ minimum), and a *region*: the Euclidean ball ``{e: ||e|| <= rho}`` or Keskar's b
 
 a step is kept only if it increases the value (then ``eta`` doubles, up to ``step_size``), otherwise ``eta``
 halves. Every iterate is feasible, so the best value found is a certified lower bound on the maximum; the
-search stops after ``steps`` proposals, at a point without an ascent direction, or when ``eta`` underflows.
+search stops after ``steps`` proposals, at a point without an ascent direction, at a KKT point of the
+region (the projected step does not move), or when ``eta`` underflows.
 """
 
 from __future__ import annotations
@@ -120,6 +121,10 @@ def projected_ascent(probe: Probe, region: Region, start: Sequence[Tensor], *, s
                 iterations -= 1
                 break
         candidate = region.project([x + eta * s for x, s in zip(e, step)])
+        if all(torch.equal(c, x) for c, x in zip(candidate, e)):
+            # the step lies in the normal cone at e (a KKT point): no step length moves
+            iterations -= 1
+            break
         candidate_value, candidate_direction = probe(candidate)
         evaluations += 1
         if candidate_value > value:
@@ -135,10 +140,12 @@ def projected_ascent(probe: Probe, region: Region, start: Sequence[Tensor], *, s
 def search_with_restarts(probe: Probe, region: Region, first_start: Vector | None, like: Sequence[Tensor], *,
                          steps: int, restarts: int, step_size: float,
                          generator: torch.Generator) -> list[SearchResult]:
-    """``restarts`` projected ascents: the first from ``first_start`` (a random point when None), the rest from
-    random points of the region's boundary drawn from ``generator``."""
-    results = []
-    for index in range(restarts):
-        start = first_start if index == 0 and first_start is not None else region.random_point(like, generator)
-        results.append(projected_ascent(probe, region, start, steps=steps, step_size=step_size))
-    return results
+    """``restarts`` projected ascents: the first from ``first_start``, the rest from random points ``v`` of
+    the region's boundary drawn from ``generator`` in antithetic pairs ``v, -v`` (so that in one dimension
+    both ends are searched). With ``first_start=None`` every start is random."""
+    starts: list[Vector] = [] if first_start is None else [list(first_start)]
+    while len(starts) < restarts:
+        v = region.random_point(like, generator)
+        starts += [v, [-x for x in v]]
+    return [projected_ascent(probe, region, start, steps=steps, step_size=step_size)
+            for start in starts[:restarts]]

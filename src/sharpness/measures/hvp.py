@@ -77,23 +77,32 @@ class HessianOperator:
         if len(self.batches) == 1:
             if self._cached_grads is None:
                 x, y, _ = self.batches[0]
-                with torch.enable_grad():
-                    loss = batch_loss(self.model, self.loss_fn, x, y)
-                    self._cached_grads = torch.autograd.grad(loss, self.params, create_graph=True)
-            with torch.enable_grad():
-                parts = torch.autograd.grad(self._cached_grads, self.params, grad_outputs=vector,
-                                            retain_graph=True, allow_unused=True)
-            return [p.detach() if p is not None else torch.zeros_like(q) for p, q in zip(parts, self.params)]
+                self._cached_grads = self._gradient_graph(x, y)
+            return self._backward_through(self._cached_grads, vector, retain_graph=True)
 
         def per_batch():
             for x, y, _ in self.batches:
-                with torch.enable_grad():
-                    loss = batch_loss(self.model, self.loss_fn, x, y)
-                    grads = torch.autograd.grad(loss, self.params, create_graph=True)
-                    yield [p.detach() if p is not None else None for p in
-                           torch.autograd.grad(grads, self.params, grad_outputs=vector, allow_unused=True)]
+                yield self._backward_through(self._gradient_graph(x, y), vector, retain_graph=False)
 
         return self._accumulate(per_batch())
+
+    def _gradient_graph(self, x: Any, y: Any) -> tuple[Tensor | None, ...]:
+        """``grad L_B(w)`` with its graph kept (``None`` for parameters the loss does not use)."""
+        with torch.enable_grad():
+            loss = batch_loss(self.model, self.loss_fn, x, y)
+            return torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+
+    def _backward_through(self, grads: tuple[Tensor | None, ...], vector: Vector, *, retain_graph: bool) -> Vector:
+        """``d/dw <grad L(w), v>``; parameters outside the graph get zero rows of the Hessian."""
+        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        out = [torch.zeros_like(p) for p in self.params]
+        if not used:
+            return out
+        with torch.enable_grad():
+            parts = torch.autograd.grad([grads[i] for i in used], self.params,
+                                        grad_outputs=[vector[i] for i in used], retain_graph=retain_graph,
+                                        allow_unused=True)
+        return [part.detach() if part is not None else zero for part, zero in zip(parts, out)]
 
     def _func(self, vector: Vector) -> Vector:
         named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]

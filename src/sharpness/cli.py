@@ -1,0 +1,127 @@
+"""The ``sharpness`` command line: list what is available, train a run into the experiments store.
+
+Examples::
+
+    sharpness list
+    sharpness train --dataset mnist1d --model cnn1d --optimizer aesam --epochs 20 --seed 0 --db results.sqlite
+    sharpness train --optimizer sam --budget-grad-evals 4000 --opt rho=0.1
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .harness import Store, TrainConfig, environment, run_key, train
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sharpness-aware training and measurement.")
+
+
+def _parse_options(pairs: list[str] | None, flag: str) -> dict[str, object]:
+    """``["rho=0.1", "k=5"]`` -> ``{"rho": 0.1, "k": 5}`` (values parsed as JSON when they are JSON)."""
+    options: dict[str, object] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=flag)
+        try:
+            options[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key] = raw
+    return options
+
+
+@app.command("list")
+def list_command(
+    what: Annotated[str, typer.Argument(help="optimizers, datasets, models or all")] = "all",
+) -> None:
+    """List the registered optimizers, datasets and models with one-line descriptions."""
+    from .data import list_datasets
+    from .models import list_models
+    from .registry import list_optimizers
+
+    tables = {"optimizers": list_optimizers, "datasets": list_datasets, "models": list_models}
+    if what != "all" and what not in tables:
+        raise typer.BadParameter(f"unknown kind {what!r} (expected one of all, {', '.join(tables)})", param_hint="WHAT")
+    for kind, lister in tables.items():
+        if what in ("all", kind):
+            typer.echo(f"{kind}:")
+            for info in lister():
+                typer.echo(f"  {info.name:<16} {info.description}")
+
+
+@app.command("train")
+def train_command(
+    dataset: Annotated[str, typer.Option(help="registered dataset (see `sharpness list datasets`)")] = "mnist1d",
+    model: Annotated[str, typer.Option(help="registered model (see `sharpness list models`)")] = "cnn1d",
+    optimizer: Annotated[str, typer.Option(help="registered optimizer; 'erm' is the base optimizer alone")] = "aesam",
+    base: Annotated[str, typer.Option(help="base optimizer: sgd, adam or adamw")] = "sgd",
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 0.1,
+    momentum: Annotated[float, typer.Option(help="SGD momentum")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="weight decay")] = 5e-4,
+    batch_size: Annotated[int, typer.Option(help="mini-batch size (examples)")] = 64,
+    epochs: Annotated[Optional[int], typer.Option(help="budget in epochs (default 30 when no budget is given)")] = None,
+    budget_steps: Annotated[Optional[int], typer.Option(help="budget in optimizer steps")] = None,
+    budget_grad_evals: Annotated[Optional[int], typer.Option(
+        help="budget in gradient evaluations (forward+backward passes): equal compute for every method")] = None,
+    schedule: Annotated[str, typer.Option(help="LR schedule over the budget: constant, step or cosine")] = "cosine",
+    label_smoothing: Annotated[float, typer.Option(help="label smoothing in [0, 1)")] = 0.0,
+    max_grad_norm: Annotated[Optional[float], typer.Option(help="clip the final gradient to this L2 norm")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast for forward passes")] = False,
+    label_noise: Annotated[float, typer.Option(help="fraction of training labels flipped to another class")] = 0.0,
+    subset: Annotated[float, typer.Option(help="fraction of the training set kept (stratified)")] = 1.0,
+    validation: Annotated[float, typer.Option(help="fraction of training data held out for validation")] = 0.0,
+    seed: Annotated[int, typer.Option(help="seed of initialisation, data order and data transforms")] = 0,
+    opt: Annotated[Optional[list[str]], typer.Option(
+        help="optimizer option KEY=VALUE, repeatable (e.g. --opt rho=0.1 --opt k=5)")] = None,
+    model_opt: Annotated[Optional[list[str]], typer.Option(help="model option KEY=VALUE, repeatable")] = None,
+    db: Annotated[Optional[Path], typer.Option(help="SQLite results store; the run is written once at the end")] = None,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(
+        help="directory for per-run checkpoints; an interrupted run resumes from it")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the final summary line")] = False,
+) -> None:
+    """Train one run and print its test accuracy, %SAM and gradient evaluations."""
+    if epochs is None and budget_steps is None and budget_grad_evals is None:
+        epochs = 30
+    try:
+        config = TrainConfig(
+            dataset=dataset, model=model, optimizer=optimizer, base=base, lr=lr, momentum=momentum,
+            weight_decay=weight_decay, optimizer_options=_parse_options(opt, "--opt"),
+            model_options=_parse_options(model_opt, "--model-opt"), batch_size=batch_size, epochs=epochs,
+            budget_steps=budget_steps, budget_grad_evals=budget_grad_evals, schedule=schedule,
+            label_smoothing=label_smoothing, max_grad_norm=max_grad_norm, bf16=bf16, label_noise=label_noise,
+            subset=subset, validation=validation, seed=seed)
+    except (TypeError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    key = run_key(config.to_dict())
+    store = Store(db) if db is not None else None
+    if store is not None and store.has(key):
+        typer.echo(f"run {key} is already in {db}; nothing to do")
+        return
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = checkpoint_dir / f"{key}.pt"
+    try:
+        result = train(config, checkpoint=checkpoint, log=None if quiet else typer.echo)
+    except (TypeError, ValueError, FileNotFoundError, FloatingPointError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    s = result.summary
+    typer.echo(f"{config.optimizer} on {config.dataset}/{config.model}: test accuracy {s['test_acc']:.2%}  "
+               f"%SAM {100 * s['sam_fraction']:.1f}  gradient evaluations {s['grad_evals']}  steps {s['steps']}  "
+               f"wall time {s['wall_time']:.1f}s  run {key}")
+    if store is not None:
+        store.write_run(config.to_dict(), s, result.epochs, environment())
+        store.close()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Small building blocks shared by the models: activations by name, normalisation on/off, shape checks."""
+
+from __future__ import annotations
+
+import numbers
+
+from torch import nn
+
+__all__: list[str] = []
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "identity": nn.Identity,  # a deep linear network
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    """A fresh activation module by name; unknown names raise ``ValueError`` listing the valid ones."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation name: {name!r} "
+                         f"(expected one of {', '.join(sorted(ACTIVATIONS))})")
+    return ACTIVATIONS[name]()
+
+
+def batch_norm(kind: str, features: int, enabled: bool) -> nn.Module:
+    """``BatchNorm1d``/``BatchNorm2d`` over ``features`` channels, or ``Identity`` when disabled."""
+    if not enabled:
+        return nn.Identity()
+    return nn.BatchNorm1d(features) if kind == "1d" else nn.BatchNorm2d(features)
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name} type: {type(value).__name__} (expected bool)")
+    return value
+
+
+def check_dropout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Invalid dropout type: {type(value).__name__} (expected a real number)")
+    value = float(value)
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"Invalid dropout value: {value} (expected 0 <= dropout < 1)")
+    return value
+
+
+def check_input_shape(model: str, input_shape: tuple[int, ...], ranks: tuple[int, ...], meaning: str) -> None:
+    """Raise ``ValueError`` unless ``len(input_shape)`` is one of ``ranks``."""
+    if len(input_shape) not in ranks:
+        raise ValueError(f"Invalid input_shape for {model!r}: {input_shape} (expected {meaning})")

@@ -1,0 +1,72 @@
+"""The ``sharpness`` command line: list, train into the store, skip finished runs, clear errors."""
+
+from __future__ import annotations
+
+import re
+import runpy
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from sharpness.cli import app
+from sharpness.harness import Store
+
+runner = CliRunner()
+TINY = ["--dataset", "digits", "--model", "mlp", "--batch-size", "128", "--budget-grad-evals", "24", "-q"]
+SUMMARY = re.compile(r"test accuracy (?P<acc>[\d.]+)%  %SAM (?P<sam>[\d.]+)  gradient evaluations (?P<evals>\d+)  "
+                     r"steps (?P<steps>\d+)")
+
+
+def test_list_shows_every_registry():
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    for name in ("aesam", "erm", "mnist1d", "cifar10", "cnn1d", "resnet18"):
+        assert re.search(rf"^\s+{name}\s+\S", result.output, re.MULTILINE), name
+    bad = runner.invoke(app, ["list", "losses"])
+    assert bad.exit_code == 2 and "optimizers, datasets, models" in bad.output
+
+
+@pytest.mark.parametrize("optimizer, steps", [("erm", 24), ("sam", 12)])
+def test_train_reports_the_budgeted_counters(optimizer, steps):
+    result = runner.invoke(app, ["train", *TINY, "--optimizer", optimizer])
+    assert result.exit_code == 0, result.output
+    match = SUMMARY.search(result.output)
+    assert int(match["evals"]) == 24 and int(match["steps"]) == steps
+
+
+def test_train_writes_the_store_once_and_skips_a_finished_run(tmp_path):
+    db = tmp_path / "results.sqlite"
+    args = ["train", *TINY, "--optimizer", "aesam", "--opt", "rho=0.1", "--db", str(db),
+            "--checkpoint-dir", str(tmp_path / "ck")]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "already in" in again.output
+    with Store(db) as store:
+        (run,) = store.runs()
+    assert run.config["optimizer_options"] == {"rho": 0.1}
+    assert run.summary["grad_evals"] == run.summary["steps"] + run.summary["sam_steps"]
+    assert run.environment["torch"] and len(run.epochs) >= 1
+    assert list((tmp_path / "ck").glob("*.pt"))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--optimizer", "adamsam"], "Unknown optimizer name: 'adamsam' (expected one of"),
+    (["--dataset", "imagenet"], "imagenet"),
+    (["--lr", "-0.1"], "Invalid lr value"),
+    (["--opt", "rho"], "expected KEY=VALUE"),
+    (["--opt", "rho=-1"], "Invalid rho value: -1.0"),
+])
+def test_bad_input_gives_a_clear_error(args, fragment):
+    result = runner.invoke(app, ["train", *TINY, *args])
+    assert result.exit_code == 2
+    assert fragment in " ".join(result.output.split()), result.output
+
+
+def test_python_dash_m_runs_the_cli(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["sharpness", "list", "optimizers"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("sharpness", run_name="__main__", alter_sys=False)
+    assert exit_info.value.code == 0
+    assert "aelooksam" in capsys.readouterr().out

@@ -1,0 +1,174 @@
+"""Model registry: output shapes, published parameter counts, options and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sharpness.models import CharLSTM, create_model, get_model_info, list_models
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def modules(model: nn.Module, kind: type[nn.Module]) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+# name, num_classes, input_shape, options, batch: small settings so every forward pass is cheap
+FORWARD = [
+    ("mlp", 10, (1, 28, 28), {}, torch.randn(3, 1, 28, 28)),
+    ("mlp6", 10, (1, 28, 28), {}, torch.randn(3, 1, 28, 28)),
+    ("mlp", 4, (40,), {"depth": 2, "width": 16, "batch_norm": True, "dropout": 0.1}, torch.randn(3, 40)),
+    ("lenet5", 10, (1, 28, 28), {}, torch.randn(3, 1, 28, 28)),
+    ("lenet5", 100, (3, 32, 32), {"batch_norm": True, "activation": "tanh", "pooling": "avg"},
+     torch.randn(3, 3, 32, 32)),
+    ("lenet5", 10, (1, 8, 8), {}, torch.randn(3, 1, 8, 8)),
+    ("cnn1d", 10, (40,), {}, torch.randn(3, 40)),
+    ("cnn1d", 5, (2, 37), {"channels": 8, "batch_norm": True}, torch.randn(3, 2, 37)),
+    ("resnet18", 10, (3, 32, 32), {"width": 4}, torch.randn(2, 3, 32, 32)),
+    ("resnet18", 7, (1, 16, 16), {"width": 4, "batch_norm": False}, torch.randn(2, 1, 16, 16)),
+    ("wideresnet", 10, (3, 32, 32), {"depth": 10, "widen_factor": 1, "dropout": 0.3},
+     torch.randn(2, 3, 32, 32)),
+    ("char_lstm", 65, (16,), {"embedding_dim": 8, "hidden_size": 16}, torch.randint(0, 65, (3, 16))),
+]
+
+
+@pytest.mark.parametrize("name, num_classes, input_shape, options, x", FORWARD,
+                         ids=[f"{row[0]}-{i}" for i, row in enumerate(FORWARD)])
+def test_output_shapes(name, num_classes, input_shape, options, x):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=num_classes, input_shape=input_shape, **options)
+    out = model(x)
+    if name == "char_lstm":
+        assert out.shape == (len(x), num_classes, input_shape[0])  # (B, V, T): the class dimension second
+    else:
+        assert out.shape == (len(x), num_classes)
+    assert torch.isfinite(out).all()
+    out.float().sum().backward()  # every parameter takes part
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    assert model(x).shape == out.shape
+
+
+def test_registry_lists_every_model():
+    names = [info.name for info in list_models()]
+    assert names == sorted(names) == ["char_lstm", "cnn1d", "lenet5", "mlp", "mlp6", "resnet18", "wideresnet"]
+    assert all(info.description for info in list_models())
+    assert dict(get_model_info("wideresnet").options) == {"depth": 28, "widen_factor": 10, "dropout": 0.0,
+                                                          "batch_norm": True}
+
+
+@pytest.mark.parametrize("num_classes, expected", [(10, 11_173_962), (100, 11_220_132)])
+def test_resnet18_has_the_published_parameter_count(num_classes, expected):
+    model = create_model("resnet18", num_classes=num_classes, input_shape=(3, 32, 32))
+    assert count(model) == expected  # 11.2M for CIFAR-10
+    first = model.stem[0]
+    assert (first.kernel_size, first.stride) == ((3, 3), (1, 1)) and not modules(model, nn.MaxPool2d)
+    assert len(modules(model, nn.BatchNorm2d)) == 1 + 8 * 2 + 3  # stem, two per block, three projections
+
+
+def test_wrn_28_10_has_the_published_parameter_count():
+    model = create_model("wideresnet", num_classes=10, input_shape=(3, 32, 32))
+    assert count(model) == 36_479_194  # 36.5M (Zagoruyko & Komodakis, 2016)
+    assert len(modules(model, nn.Conv2d)) == 1 + 12 * 2 + 3  # stem, two per block, three 1x1 projections
+    assert not modules(model, nn.Dropout)
+    wide = create_model("wideresnet", num_classes=100, input_shape=(3, 32, 32), depth=16, widen_factor=8,
+                        dropout=0.3)
+    assert count(wide) == 11_007_540  # WRN-16-8, CIFAR-100
+    assert {m.p for m in modules(wide, nn.Dropout)} == {0.3} and len(modules(wide, nn.Dropout)) == 6
+
+
+def test_mlp6_is_the_universal_sam_mnist_network():
+    model = create_model("mlp6", num_classes=10, input_shape=(1, 28, 28))
+    linears = modules(model, nn.Linear)
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 128)] + [(128, 128)] * 4 + [(128, 10)]
+    assert len(modules(model, nn.ReLU)) == 5 and count(model) == 167_818
+    assert not modules(model, nn.BatchNorm1d) and not modules(model, nn.Dropout)
+    same = create_model("mlp", num_classes=10, input_shape=(1, 28, 28), depth=6)
+    assert [type(m) for m in same] == [type(m) for m in model]
+    default = create_model("mlp", num_classes=10, input_shape=(1, 28, 28))
+    assert [m.out_features for m in modules(default, nn.Linear)] == [128, 128, 10]
+    assert len(modules(create_model("mlp6", num_classes=10, input_shape=(1, 28, 28), batch_norm=True),
+                       nn.BatchNorm1d)) == 5
+
+
+def test_mlp_options():
+    model = create_model("mlp", num_classes=3, input_shape=(5,), depth=3, width=7, activation="tanh",
+                         batch_norm=True, dropout=0.5)
+    assert [m.out_features for m in modules(model, nn.Linear)] == [7, 7, 3]
+    assert len(modules(model, nn.Tanh)) == 2 and len(modules(model, nn.BatchNorm1d)) == 2
+    assert len(modules(model, nn.Dropout)) == 2
+    logistic = create_model("mlp", num_classes=3, input_shape=(5,), depth=1)
+    assert count(logistic) == 5 * 3 + 3
+    linear = create_model("mlp", num_classes=3, input_shape=(5,), activation="identity", depth=3)
+    assert not modules(linear, nn.ReLU)
+
+
+def test_lenet5_is_the_classic_network_on_mnist():
+    model = create_model("lenet5", num_classes=10, input_shape=(1, 28, 28))
+    assert count(model) == 61_706
+    assert model.features[0].padding == (2, 2)  # 28x28 padded to LeNet's 32x32
+    assert create_model("lenet5", num_classes=10, input_shape=(3, 32, 32)).features[0].padding == (0, 0)
+    with_dropout = create_model("lenet5", num_classes=10, input_shape=(1, 28, 28), dropout=0.2)
+    assert len(modules(with_dropout, nn.Dropout)) == 2
+
+
+def test_batch_norm_options():
+    with_bn = create_model("resnet18", num_classes=10, input_shape=(3, 32, 32), width=2)
+    without = create_model("resnet18", num_classes=10, input_shape=(3, 32, 32), width=2, batch_norm=False)
+    assert modules(with_bn, nn.BatchNorm2d) and not modules(without, nn.BatchNorm2d)
+    assert all(conv.bias is not None for conv in modules(without, nn.Conv2d))
+    cnn = create_model("cnn1d", num_classes=10, input_shape=(40,), batch_norm=True)
+    assert len(modules(cnn, nn.BatchNorm1d)) == 3
+    wrn = create_model("wideresnet", num_classes=10, input_shape=(3, 32, 32), depth=10, widen_factor=1,
+                       batch_norm=False)
+    assert not modules(wrn, nn.BatchNorm2d)
+
+
+def test_char_lstm_logits_feed_cross_entropy_directly():
+    model = create_model("char_lstm", num_classes=11, input_shape=(6,), embedding_dim=4, hidden_size=5,
+                         num_layers=3, dropout=0.2)
+    assert isinstance(model, CharLSTM) and model.lstm.num_layers == 3 and model.lstm.dropout == 0.2
+    x = torch.randint(0, 11, (2, 6))
+    y = torch.roll(x, -1, dims=1)
+    loss = nn.CrossEntropyLoss()(model(x), y)
+    assert loss.shape == () and torch.isfinite(loss)
+    single = create_model("char_lstm", num_classes=11, input_shape=(6,), num_layers=1, dropout=0.2)
+    assert single.lstm.dropout == 0.0  # nn.LSTM's dropout only acts between layers
+
+
+@pytest.mark.parametrize("name, kwargs, error, message", [
+    ("vgg16", {}, ValueError,
+     ("Unknown model name: 'vgg16' "
+      "(expected one of char_lstm, cnn1d, lenet5, mlp, mlp6, resnet18, wideresnet)")),
+    ("mlp", {"layers": 3}, TypeError,
+     ("Unknown option(s) ['layers'] for model 'mlp' "
+      "(valid options: depth, width, activation, batch_norm, dropout)")),
+    ("mlp", {"activation": "swish"}, ValueError,
+     ("Unknown activation name: 'swish' (expected one of elu, gelu, identity, leaky_relu, relu, sigmoid, "
+      "silu, softplus, tanh)")),
+    ("mlp", {"depth": 0}, ValueError, "Invalid depth value: 0 (expected an integer depth >= 1)"),
+    ("mlp", {"dropout": 1.0}, ValueError, "Invalid dropout value: 1.0 (expected 0 <= dropout < 1)"),
+    ("mlp", {"batch_norm": 1}, TypeError, "Invalid batch_norm type: int (expected bool)"),
+    ("mlp", {"num_classes": 0}, ValueError, "Invalid num_classes value: 0 (expected num_classes >= 1)"),
+    ("mlp", {"input_shape": 784}, TypeError, "Invalid input_shape type: 784"),
+    ("mlp", {"input_shape": (0, 3)}, ValueError, "Invalid input_shape value: (0, 3)"),
+    ("lenet5", {"pooling": "min"}, ValueError, "Unknown pooling name: 'min' (expected one of max, avg)"),
+    ("lenet5", {"input_shape": (28, 28)}, ValueError, "Invalid input_shape for 'lenet5': (28, 28)"),
+    ("resnet18", {"input_shape": (784,)}, ValueError,
+     "Invalid input_shape for 'resnet18': (784,) (expected (C, H, W))"),
+    ("cnn1d", {"input_shape": (1, 28, 28)}, ValueError, "expected (L,) or (C, L)"),
+    ("wideresnet", {"depth": 27}, ValueError, "Invalid depth value: 27 (expected depth = 6n + 4"),
+    ("wideresnet", {"widen_factor": 0}, ValueError, "Invalid widen_factor value: 0"),
+    ("char_lstm", {"input_shape": (3, 32, 32)}, ValueError,
+     "(expected (block_size,), a sequence of token ids)"),
+])
+def test_bad_arguments(name, kwargs, error, message):
+    kwargs = {"num_classes": 10, "input_shape": (3, 32, 32) if name in ("resnet18", "wideresnet", "lenet5")
+              else (40,) if name in ("cnn1d", "char_lstm") else (1, 28, 28), **kwargs}
+    with pytest.raises(error) as info:
+        create_model(name, **kwargs)
+    assert message in str(info.value)
