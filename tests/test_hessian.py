@@ -129,7 +129,7 @@ def test_top_eigenvalues_match_dense(problem, method, k):
 def test_largest_and_magnitude_orders_on_a_negative_spectrum(mlp_problem, method):
     """With the loss negated the largest-magnitude eigenvalues are negative: the two orders differ."""
     p = mlp_problem
-    negated = lambda out, y: -loss_fn(out, y)  # noqa: E731
+    negated = lambda out, y: -loss_fn(out, y)
     eigenvalues = -p.eigenvalues.flip(0)  # H -> -H, descending
     by_magnitude = eigenvalues[eigenvalues.abs().argsort(descending=True)]
     assert eigenvalues[0] < abs(eigenvalues[-1])  # the case this test is about
@@ -376,7 +376,7 @@ def _bad_inputs():
     model, x, y = _mlp()  # P = 93
     data = (x, y)
     frozen = nn.Linear(5, 3).double().requires_grad_(False)
-    per_sample = lambda out, t: loss_fn(out, t, reduction="none")  # noqa: E731
+    per_sample = lambda out, t: loss_fn(out, t, reduction="none")
     return [
         (ValueError, "no samples", lambda: hessian_trace(model, loss_fn, [])),
         (ValueError, "no samples", lambda: hessian_eigenvalues(model, loss_fn, (x[:0], y[:0]))),

@@ -92,3 +92,25 @@ def test_bad_inputs():
     frozen = nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameters with requires_grad"):
         hvp(frozen, nn.functional.cross_entropy, (x, y), [])
+
+
+def test_tuple_inputs_and_non_module_model():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 2).double()
+            self.b = nn.Linear(3, 2).double()
+
+        def forward(self, x1, x2):
+            return self.a(x1) + self.b(x2)
+
+    torch.manual_seed(0)
+    model = Pair()
+    x1, x2 = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (6,))
+    v = [torch.ones_like(p) for p in model.parameters()]
+    single = hvp(model, nn.functional.cross_entropy, ((x1, x2), y), v)
+    listed = hvp(model, nn.functional.cross_entropy, [((x1, x2), y)], v)
+    assert all(torch.equal(a, b) for a, b in zip(single, listed))
+    with pytest.raises(TypeError, match="Invalid model type"):
+        hvp(lambda t: t, nn.functional.cross_entropy, (x1, y), v)

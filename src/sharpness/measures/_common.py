@@ -33,13 +33,22 @@ def _batch_size(inputs: Any) -> int:
     raise TypeError(f"Invalid inputs type: {type(inputs).__name__} (expected a tensor or a tuple of tensors)")
 
 
+def _is_single_batch(data: Any) -> bool:
+    """``(inputs, targets)`` with tensor targets and tensor (or tuple-of-tensor) inputs."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], Tensor)):
+        return False
+    inputs = data[0]
+    return isinstance(inputs, Tensor) or (
+        isinstance(inputs, (tuple, list)) and bool(inputs) and all(isinstance(t, Tensor) for t in inputs))
+
+
 def as_batches(data: Batch | Iterable[Batch]) -> list[tuple[Any, Any, int]]:
     """Normalize ``data`` to a list of ``(inputs, targets, batch_size)``.
 
     ``data`` is one ``(inputs, targets)`` pair of tensors or an iterable of such pairs (a DataLoader). An
     iterable is consumed once and kept, so every estimator iteration sees the same batches.
     """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+    if _is_single_batch(data):
         pairs: Iterable[Any] = [data]
     elif isinstance(data, Iterable):
         pairs = data
@@ -84,6 +93,8 @@ def measurement_mode(model: nn.Module, mode: str = "eval") -> Iterator[None]:
     function of the weights. ``"train"``: the training-mode loss (BatchNorm batch statistics, dropout on);
     running statistics are restored afterwards, so measuring never changes the model.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model type: {type(model).__name__} (expected a torch.nn.Module)")
     check_mode(mode)
     flags = [(module, module.training) for module in model.modules()]
     guard = RunningStatsGuard(model)

@@ -43,8 +43,8 @@ from ._common import Batch, LossFn, Vector, measurement_mode, random_vector, tra
 from .hvp import HessianOperator
 from .result import Measurement
 
-__all__ = ["EIGEN_METHODS", "EIGEN_ORDERS", "PROBE_KINDS", "dense_hessian", "hessian_eigenpairs",
-           "hessian_eigenvalues", "hessian_trace", "hessian_frobenius", "hessian_density"]
+__all__ = ["EIGEN_METHODS", "EIGEN_ORDERS", "PROBE_KINDS", "dense_hessian", "hessian_density", "hessian_eigenpairs",
+           "hessian_eigenvalues", "hessian_frobenius", "hessian_trace"]
 
 EIGEN_METHODS = ("lanczos", "power")
 EIGEN_ORDERS = ("largest", "magnitude")  # algebraic largest first; largest |lambda| first
@@ -191,14 +191,20 @@ def dense_hessian(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, mode:
 # ---------------------------------------------------------------------------------------------- Lanczos
 def _eigh_tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending) and eigenvectors (columns) of the symmetric tridiagonal ``T`` with diagonal
-    ``alphas`` and off-diagonal ``betas[:m-1]``, in float64 on CPU (numpy: small matrices, little overhead)."""
+    ``alphas`` and off-diagonal ``betas[:m-1]``, in float64 on CPU.
+
+    ``T`` is built with numpy (small, little overhead) but solved by ``torch.linalg.eigh``, which follows
+    ``torch.set_num_threads``: numpy's OpenBLAS would run even a 30 x 30 ``eigh`` on every core (twice the
+    CPU time, and slower on a shared machine).
+    """
     m = len(alphas)
     t = np.diag(np.asarray(alphas, dtype=np.float64))
     if m > 1:
         off = np.asarray(betas[:m - 1], dtype=np.float64)
         t[np.arange(m - 1), np.arange(1, m)] = off
         t[np.arange(1, m), np.arange(m - 1)] = off
-    return np.linalg.eigh(t)
+    theta, vectors = torch.linalg.eigh(torch.from_numpy(t))
+    return theta.numpy(), vectors.numpy()
 
 
 def _lanczos(op: _FlatOperator, start: Tensor, steps: int, *,
@@ -450,30 +456,37 @@ def _mean_stderr(samples: Sequence[float]) -> tuple[float, float]:
 
 
 def _probe(op: _FlatOperator, statistic: Callable[[Tensor, Tensor], float], samples: int, kind: str,
-           generator: torch.Generator, relative_stderr: Callable[[list[float]], float] | None,
+           generator: torch.Generator, relative_stderr: Callable[[float, float], float],
            tol: float | None) -> tuple[list[float], bool | None]:
-    """``statistic(v, H v)`` for up to ``samples`` random probes ``v``; stops early once
-    ``relative_stderr(values) <= tol`` (checked from :data:`MIN_SAMPLES_FOR_TOL` probes on)."""
+    """``statistic(v, H v)`` for up to ``samples`` random probes ``v``.
+
+    With ``tol``, stops once ``relative_stderr(mean, stderr) <= tol`` (checked from
+    :data:`MIN_SAMPLES_FOR_TOL` probes on, on Welford's running mean and variance, O(1) per probe).
+    """
     values: list[float] = []
+    mean, m2 = 0.0, 0.0
     for _ in range(samples):
         v = op.random(generator, kind)
-        values.append(statistic(v, op(v)))
-        if tol is not None and len(values) >= MIN_SAMPLES_FOR_TOL and relative_stderr(values) <= tol:
+        value = statistic(v, op(v))
+        values.append(value)
+        n = len(values)
+        delta = value - mean
+        mean += delta / n
+        m2 += delta * (value - mean)
+        stop = tol is not None and n >= MIN_SAMPLES_FOR_TOL
+        if stop and relative_stderr(mean, math.sqrt(max(m2, 0.0) / (n - 1) / n)) <= tol:
             return values, True
     if tol is None:
         return values, None
-    return values, len(values) >= 2 and relative_stderr(values) <= tol
+    mean, stderr = _mean_stderr(values)
+    return values, relative_stderr(mean, stderr) <= tol
 
 
-def _relative(stderr: float, value: float) -> float:
+def _relative(mean: float, stderr: float) -> float:
+    """``stderr / |mean|`` (inf when undefined: one sample, or a zero mean with a spread)."""
     if math.isnan(stderr):
         return math.inf
-    return stderr / abs(value) if value != 0 else (0.0 if stderr == 0 else math.inf)
-
-
-def _relative_stderr(samples: Sequence[float]) -> float:
-    mean, stderr = _mean_stderr(samples)
-    return _relative(stderr, mean)
+    return stderr / abs(mean) if mean != 0 else (0.0 if stderr == 0 else math.inf)
 
 
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, samples: int = 100,
@@ -510,7 +523,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, sampl
     dim = _dimension(model)
     generator = torch.Generator().manual_seed(seed)
     with _flat_operator(model, loss_fn, data, mode, hvp_method) as op:
-        values, converged = _probe(op, _dot, samples, kind, generator, _relative_stderr, tol)
+        values, converged = _probe(op, _dot, samples, kind, generator, _relative, tol)
         matvecs = op.matvecs
     mean, stderr = _mean_stderr(values)
     return Measurement(name="hessian_trace", value=mean, stderr=stderr, samples=len(values), seed=seed,
@@ -554,9 +567,8 @@ def hessian_frobenius(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, s
     dim = _dimension(model)
     generator = torch.Generator().manual_seed(seed)
 
-    def relative_stderr(xs: list[float]) -> float:
-        value, stderr, _, _ = _frobenius_from(xs)
-        return _relative(stderr, value)
+    def relative_stderr(squared: float, squared_stderr: float) -> float:
+        return _relative(squared, squared_stderr) / 2  # delta method: se(sqrt(m)) / sqrt(m) = se(m) / (2 m)
 
     with _flat_operator(model, loss_fn, data, mode, hvp_method) as op:
         values, converged = _probe(op, lambda v, hv: _dot(hv, hv), samples, kind, generator, relative_stderr,

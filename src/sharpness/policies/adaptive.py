@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._validation import check_finite, check_int_at_least, check_open_unit, check_positive
+from .._validation import check_finite, check_int_at_least, check_open_unit
 from .base import Policy
 
 __all__ = ["Adaptive"]
