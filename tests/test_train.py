@@ -124,3 +124,11 @@ def test_config_round_trip_and_unknown_keys():
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="Unknown config keys: \\['rhoo'\\]"):
         TrainConfig.from_dict({**config.to_dict(), "rhoo": 1})
+
+
+def test_bf16_label_smoothing_and_clipping_run(digits):
+    config = _config(optimizer="sam", epochs=None, budget_steps=20, bf16=True, label_smoothing=0.1,
+                     max_grad_norm=1.0)
+    result = train(config, data=digits, log=None)
+    assert result.summary["steps"] == 20
+    assert result.epochs[-1]["train_loss"] < 2.3 and result.summary["test_acc"] > 0.3
