@@ -36,23 +36,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
-import importlib.metadata
 import itertools
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from _shared import environment as shared_environment
+from _shared import quartiles, write_json_atomically
 from torch import Tensor, nn
 
 import sharpness
@@ -367,13 +362,6 @@ def measure_memory(spec: MethodSpec, model: nn.Module, batches: list[tuple[Tenso
 CLOCKS = ("wall", "cpu")  # time.perf_counter; time.process_time (excludes time spent descheduled)
 
 
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
-
-
 def clock_summary(samples: list[Sample], reference: list[Sample], clock: str) -> dict[str, Any]:
     """Median/IQR of the step time on one clock, and the cost normalized by (passes x SGD step).
 
@@ -493,56 +481,12 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
 
 
 # ---------------------------------------------------------------------------------------------- environment
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def git_info() -> dict[str, Any]:
-    """HEAD and whether the work tree has uncommitted changes (None outside a git checkout)."""
-    head = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if head else None
-    return {"commit": head or None, "dirty": None if status is None else bool(status)}
-
-
 def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pytorch_optimizer": package_version("pytorch_optimizer"),
-        "sharpness": sharpness.__version__,
-        "platform": platform.platform(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "git": git_info(),
-        "options": {"repeats": args.repeats, "steps_per_repeat": args.steps_per_repeat,
-                    "warmup_blocks": args.warmup, "seed": args.seed, "sgd": SGD_OPTIONS},
-    }
+    env = shared_environment(
+        packages=["pytorch_optimizer"], extra={"device": str(device)},
+        options={"repeats": args.repeats, "steps_per_repeat": args.steps_per_repeat,
+                 "warmup_blocks": args.warmup, "seed": args.seed, "sgd": SGD_OPTIONS},
+    )
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -635,22 +579,6 @@ def print_report(env: dict[str, Any], results: list[dict[str, Any]]) -> None:
         print(format_ratios(result["ratios"], env["device"]))
 
 
-def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bench_step.", suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -661,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [bench_model(MODELS[key], args, device) for key in args.models]
     print_report(env, results)
     if args.json:
-        write_json_atomically(args.json, {"environment": env, "results": results})
+        write_json_atomically(args.json, {"environment": env, "results": results}, prefix=".bench_step.")
         print(f"\nwrote {args.json}")
     return 0
 
