@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import runpy
 import sys
@@ -70,3 +71,22 @@ def test_python_dash_m_runs_the_cli(monkeypatch, capsys):
         runpy.run_module("sharpness", run_name="__main__", alter_sys=False)
     assert exit_info.value.code == 0
     assert "aelooksam" in capsys.readouterr().out
+
+
+def test_measure_a_trained_checkpoint(tmp_path):
+    ck = tmp_path / "ck"
+    trained = runner.invoke(app, ["train", *TINY, "--optimizer", "sam", "--checkpoint-dir", str(ck)])
+    assert trained.exit_code == 0, trained.output
+    (path,) = ck.glob("*.pt")
+    out = tmp_path / "m.json"
+    result = runner.invoke(app, ["measure", str(path), "--measures", "lambda_max,trace,sam", "--examples", "200",
+                                 "--samples", "20", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    measured = payload["measures"]
+    assert measured["lambda_max"]["value"] > 0 and measured["trace"]["stderr"] > 0
+    assert measured["sam"]["value"] >= 0 and payload["examples"] == 200
+    bad = runner.invoke(app, ["measure", str(path), "--measures", "lambda_min"])
+    assert bad.exit_code == 2 and "Unknown measure name" in bad.output
+    missing = runner.invoke(app, ["measure", str(tmp_path / "none.pt")])
+    assert missing.exit_code == 2 and "not found" in missing.output

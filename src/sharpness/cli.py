@@ -119,6 +119,33 @@ def train_command(
         store.close()
 
 
+@app.command("measure")
+def measure_command(
+    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint written by `sharpness train --checkpoint-dir`")],
+    measures: Annotated[str, typer.Option(
+        help="comma-separated: lambda_max, trace, frobenius, sam, gnr, keskar")] = "lambda_max,trace",
+    examples: Annotated[int, typer.Option(help="training examples measured (the first N, in order)")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="examples per batch inside the measures")] = 500,
+    rho: Annotated[float, typer.Option(help="radius of the sam and gnr measures")] = 0.05,
+    samples: Annotated[int, typer.Option(help="random probes of the trace and frobenius estimators")] = 100,
+    seed: Annotated[int, typer.Option(help="seed of the estimators")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="write the results as JSON to this file")] = None,
+) -> None:
+    """Measure the sharpness of a trained checkpoint and print (or write) the values."""
+    from .harness.measure import measure_checkpoint
+
+    try:
+        result = measure_checkpoint(checkpoint, measures.split(","), examples=examples, batch_size=batch_size,
+                                    rho=rho, samples=samples, seed=seed, out=out)
+    except (TypeError, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    for name, m in result["measures"].items():
+        stderr = f" +/- {m['stderr']:.4g}" if isinstance(m.get("stderr"), float) else ""
+        value = m["value"] if not isinstance(m["value"], float) else f"{m['value']:.6g}"
+        typer.echo(f"{name:<12} {value}{stderr}")
+
+
 def main() -> None:
     app()
 

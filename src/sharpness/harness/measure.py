@@ -1,0 +1,97 @@
+"""Measure a trained checkpoint: the harness's bridge to :mod:`sharpness.measures`.
+
+A checkpoint written by :func:`~sharpness.harness.train` carries its config, so the data set and model are
+rebuilt exactly; the measures run on the first ``examples`` training examples (in order, deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import measures
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .train import make_loss
+
+__all__ = ["MEASURE_NAMES", "measure_checkpoint", "measure_model"]
+
+Options = dict[str, Any]
+
+#: name -> (function(model, loss_fn, data, options) -> Measurement, one-line description)
+_MEASURES: dict[str, tuple[Callable[..., measures.Measurement], str]] = {
+    "lambda_max": (lambda m, f, d, o: measures.hessian_eigenvalues(m, f, d, k=1, seed=o["seed"]),
+                   "largest Hessian eigenvalue (Lanczos)"),
+    "trace": (lambda m, f, d, o: measures.hessian_trace(m, f, d, samples=o["samples"], seed=o["seed"]),
+              "Hessian trace (Hutchinson, Rademacher)"),
+    "frobenius": (lambda m, f, d, o: measures.hessian_frobenius(m, f, d, samples=o["samples"], seed=o["seed"]),
+                  "Hessian Frobenius norm from E||Hv||^2"),
+    "sam": (lambda m, f, d, o: measures.sam_sharpness(m, f, d, o["rho"], seed=o["seed"]),
+            "SAM sharpness max_{||e||<=rho} L(w+e) - L(w)"),
+    "gnr": (lambda m, f, d, o: measures.gnr_sharpness(m, f, d, o["rho"], seed=o["seed"]),
+            "GNR sharpness rho * max_{||e||<=rho} ||grad L(w+e)||"),
+    "keskar": (lambda m, f, d, o: measures.keskar_sharpness(m, f, d, seed=o["seed"]),
+               "Keskar epsilon-sharpness (box, epsilon=1e-3, x100 relative)"),
+}
+MEASURE_NAMES = tuple(_MEASURES)
+
+
+def describe_measures() -> dict[str, str]:
+    return {name: description for name, (_, description) in _MEASURES.items()}
+
+
+def _check_names(names: Sequence[str]) -> list[str]:
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError(f"Invalid measures: none given (expected some of {', '.join(MEASURE_NAMES)})")
+    unknown = [n for n in names if n not in _MEASURES]
+    if unknown:
+        raise ValueError(f"Unknown measure name(s): {unknown} (expected some of {', '.join(MEASURE_NAMES)})")
+    return names
+
+
+def measure_model(model: nn.Module, loss_fn: Callable, data: Any, names: Sequence[str], *, rho: float = 0.05,
+                  samples: int = 100, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Run the named measures; returns ``{name: Measurement.as_dict()}``."""
+    options = {"rho": rho, "samples": samples, "seed": seed}
+    return {name: _MEASURES[name][0](model, loss_fn, data, options).as_dict() for name in _check_names(names)}
+
+
+def measure_checkpoint(path: str | os.PathLike[str], names: Sequence[str], *, examples: int = 1000,
+                       batch_size: int = 500, rho: float = 0.05, samples: int = 100, seed: int = 0,
+                       out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Rebuild the checkpoint's model and data, run the measures, optionally write JSON atomically."""
+    from ..data import load_dataset
+    from ..models import create_model
+
+    names = _check_names(names)
+    if examples < 1 or batch_size < 1:
+        raise ValueError(f"Invalid examples/batch_size: {examples}/{batch_size} (expected integers >= 1)")
+    state = load_checkpoint(path)
+    config = TrainConfig.from_dict(state["config"])
+    data = load_dataset(config.dataset, seed=config.seed, label_noise=config.label_noise, subset=config.subset,
+                        validation=config.validation)
+    model = create_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape,
+                         **config.model_options)
+    model.load_state_dict(state["model"])
+    count = min(examples, len(data.train))
+    items = [data.train[i] for i in range(count)]
+    xs = torch.stack([x for x, _ in items])
+    ys = torch.as_tensor([int(y) for _, y in items]) if items[0][1].dim() == 0 else torch.stack([y for _, y in items])
+    batches = list(zip(xs.split(batch_size), ys.split(batch_size)))
+    result = {
+        "checkpoint": str(path), "config": state["config"], "epoch": state.get("epoch"), "examples": count,
+        "measures": measure_model(model, make_loss(config), batches, names, rho=rho, samples=samples, seed=seed),
+    }
+    if out is not None:
+        out = Path(out)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out)
+    return result
