@@ -22,10 +22,10 @@ SUMMARY = re.compile(r"test accuracy (?P<acc>[\d.]+)%  %SAM (?P<sam>[\d.]+)  gra
 def test_list_shows_every_registry():
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0
-    for name in ("aesam", "erm", "mnist1d", "cifar10", "cnn1d", "resnet18"):
+    for name in ("aesam", "erm", "mnist1d", "cifar10", "cnn1d", "resnet18", "lambda_max", "gnr"):
         assert re.search(rf"^\s+{name}\s+\S", result.output, re.MULTILINE), name
     bad = runner.invoke(app, ["list", "losses"])
-    assert bad.exit_code == 2 and "optimizers, datasets, models" in bad.output
+    assert bad.exit_code == 2 and "optimizers, datasets, models, measures" in " ".join(bad.output.split())
 
 
 @pytest.mark.parametrize("optimizer, steps", [("erm", 24), ("sam", 12)])

@@ -132,3 +132,15 @@ def test_bf16_label_smoothing_and_clipping_run(digits):
     result = train(config, data=digits, log=None)
     assert result.summary["steps"] == 20
     assert result.epochs[-1]["train_loss"] < 2.3 and result.summary["test_acc"] > 0.3
+
+
+def test_per_epoch_measures_are_recorded_and_do_not_change_training(digits):
+    plain = train(_config(optimizer="sam", epochs=2), data=digits, log=None)
+    config = _config(optimizer="sam", epochs=2, measures=("lambda_max", "sam"), measure_examples=128)
+    measured = train(config, data=digits, log=None)
+    for a, b in zip(plain.epochs, measured.epochs):
+        assert a["train_loss"] == b["train_loss"] and a["test_acc"] == b["test_acc"]
+    assert measured.epochs[-1]["sharpness.lambda_max"] > 0 and measured.epochs[-1]["sharpness.sam"] >= 0
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="Unknown measure name"):
+        _config(measures=("lambda_min",))

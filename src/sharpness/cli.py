@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from types import SimpleNamespace
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -36,14 +37,20 @@ def _parse_options(pairs: list[str] | None, flag: str) -> dict[str, object]:
 
 @app.command("list")
 def list_command(
-    what: Annotated[str, typer.Argument(help="optimizers, datasets, models or all")] = "all",
+    what: Annotated[str, typer.Argument(help="optimizers, datasets, models, measures or all")] = "all",
 ) -> None:
-    """List the registered optimizers, datasets and models with one-line descriptions."""
+    """List the registered optimizers, datasets, models and measures with one-line descriptions."""
     from .data import list_datasets
     from .models import list_models
     from .registry import list_optimizers
 
-    tables = {"optimizers": list_optimizers, "datasets": list_datasets, "models": list_models}
+    from .harness.measure import describe_measures
+
+    def list_measures() -> list[Any]:
+        return [SimpleNamespace(name=n, description=d) for n, d in describe_measures().items()]
+
+    tables = {"optimizers": list_optimizers, "datasets": list_datasets, "models": list_models,
+              "measures": list_measures}
     if what != "all" and what not in tables:
         raise typer.BadParameter(f"unknown kind {what!r} (expected one of all, {', '.join(tables)})", param_hint="WHAT")
     for kind, lister in tables.items():
@@ -78,6 +85,9 @@ def train_command(
     opt: Annotated[Optional[list[str]], typer.Option(
         help="optimizer option KEY=VALUE, repeatable (e.g. --opt rho=0.1 --opt k=5)")] = None,
     model_opt: Annotated[Optional[list[str]], typer.Option(help="model option KEY=VALUE, repeatable")] = None,
+    measure: Annotated[Optional[list[str]], typer.Option(
+        help="sharpness measure recorded each epoch, repeatable (see `sharpness list measures`)")] = None,
+    measure_every: Annotated[int, typer.Option(help="epochs between measurements")] = 1,
     db: Annotated[Optional[Path], typer.Option(help="SQLite results store; the run is written once at the end")] = None,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(
         help="directory for per-run checkpoints; an interrupted run resumes from it")] = None,
@@ -93,7 +103,8 @@ def train_command(
             model_options=_parse_options(model_opt, "--model-opt"), batch_size=batch_size, epochs=epochs,
             budget_steps=budget_steps, budget_grad_evals=budget_grad_evals, schedule=schedule,
             label_smoothing=label_smoothing, max_grad_norm=max_grad_norm, bf16=bf16, label_noise=label_noise,
-            subset=subset, validation=validation, seed=seed)
+            subset=subset, validation=validation, seed=seed, measures=tuple(measure or ()),
+            measure_every=measure_every)
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     key = run_key(config.to_dict())

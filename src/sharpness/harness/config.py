@@ -44,6 +44,9 @@ class TrainConfig:
     subset: float = 1.0
     validation: float = 0.0
     seed: int = 0
+    measures: tuple[str, ...] = ()  # sharpness measures recorded per epoch (see `sharpness list measures`)
+    measure_every: int = 1  # epochs between measurements (the last epoch is always measured)
+    measure_examples: int = 512  # first N training examples the measures use
 
     def __post_init__(self) -> None:
         budgets = [name for name in ("epochs", "budget_steps", "budget_grad_evals") if getattr(self, name) is not None]
@@ -67,6 +70,17 @@ class TrainConfig:
         _check_range("validation", self.validation, 0.0, 1.0, high_open=True)
         if self.max_grad_norm is not None:
             _check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
+        object.__setattr__(self, "measures", tuple(self.measures))
+        for name in ("measure_every", "measure_examples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name} value: {value!r} (expected an integer >= 1)")
+        if self.measures:
+            from .measure import MEASURE_NAMES
+
+            unknown = [m for m in self.measures if m not in MEASURE_NAMES]
+            if unknown:
+                raise ValueError(f"Unknown measure name(s): {unknown} (expected some of {', '.join(MEASURE_NAMES)})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Invalid seed value: {self.seed!r} (expected an integer >= 0)")
 
@@ -75,6 +89,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """The inverse of :meth:`to_dict` (lists from JSON/TOML become tuples where the field is a tuple)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

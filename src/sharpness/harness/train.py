@@ -151,6 +151,7 @@ class _Run:
         self.epoch = 0
         self.records: list[dict[str, Any]] = []
         self.elapsed = 0.0
+        self._measure_batch: tuple[Tensor, Tensor] | None = None
 
     def progress(self) -> float:
         c, opt = self.config, self.optimizer
@@ -212,7 +213,24 @@ class _Run:
         }
         if self.data.validation is not None:
             record["val_loss"], record["val_acc"] = evaluate(self.model, self.data.validation, self.loss_fn)
+        if self.config.measures and (self.epoch % self.config.measure_every == 0 or self.done()):
+            record.update(self.measure())
         return record
+
+    def measure(self) -> dict[str, Any]:
+        """The configured sharpness measures on the first ``measure_examples`` training examples.
+
+        Measures run in eval mode, restore weights, flags and buffers, and draw from private generators, so
+        measuring never changes the training trajectory.
+        """
+        from .measure import measure_model
+
+        if self._measure_batch is None:
+            x, y = next(batches(self.data.train, self.config.measure_examples, None))
+            self._measure_batch = (x, y)
+        values = measure_model(self.model, self.loss_fn, self._measure_batch, self.config.measures,
+                               seed=self.config.seed)
+        return {f"sharpness.{name}": m["value"] for name, m in values.items()}
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -262,8 +280,10 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
             save_checkpoint(checkpoint, run.state())
         if log is not None:
             r = run.records[-1]
+            measured = "".join(f"  {k.removeprefix('sharpness.')} {v:.4g}" for k, v in r.items()
+                               if k.startswith("sharpness.") and isinstance(v, float))
             log(f"epoch {r['epoch']:3d}  train loss {r['train_loss']:.4f}  test acc {r['test_acc']:.4f}  "
-                f"%SAM {100 * r['sam_fraction']:5.1f}  grad evals {r['grad_evals']}  {r['wall_time']:.1f}s")
+                f"%SAM {100 * r['sam_fraction']:5.1f}  grad evals {r['grad_evals']}  {r['wall_time']:.1f}s{measured}")
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not run.done():
             return TrainResult(config, {"finished": False}, run.records)
     last = run.records[-1] if run.records else {}

@@ -1,0 +1,394 @@
+"""Sweeps: a TOML (or YAML) file expands to many runs; each is trained once, resumably, into the store.
+
+A sweep file (paths are relative to the file; every key but ``base`` is optional)::
+
+    db = "results.sqlite"            # default: <file stem>.sqlite beside the file
+    checkpoint_dir = "runs"          # default: <file stem>-checkpoints beside the file
+    seeds = [0, 1, 2]                # default: the seed in base (TrainConfig's default 0)
+    datasets = ["mnist1d"]           # optional: overrides base.dataset
+    [base]                           # TrainConfig fields shared by all runs
+    dataset = "mnist1d"
+    model = "cnn1d"
+    budget_grad_evals = 2500
+    [[methods]]                      # one entry per method; its fields override base (default: base alone)
+    optimizer = "erm"
+    [[methods]]
+    optimizer = "sam"
+    optimizer_options = { rho = 0.05 }
+    grid = { "optimizer_options.rho" = [0.05, 0.1] }   # optional per-method grid (overrides the global one)
+    [grid]                           # optional: cartesian product over TrainConfig fields or options
+    lr = [0.05, 0.1]                 # ("optimizer_options.X" / "model_options.X" set one option)
+
+Runs are ``datasets x methods x grid points x seeds``, in that order. ``optimizer_options`` and
+``model_options`` merge key by key (base, then method, then grid point); other fields are replaced.
+Integers given for float fields (``lr = 1``) become floats, so a run has the same key as from the CLI.
+Every config is built and checked (names against the registries, values by ``TrainConfig``) before
+anything trains. TOML needs Python >= 3.11 (``tomllib``) or the ``tomli`` package; YAML needs ``pyyaml``.
+
+Crash safety (``kill -9`` at any moment, then rerun): a run enters the store only through
+``Store.write_run`` (one transaction, primary key = run key), so it is stored at most once; its checkpoint
+(``<checkpoint_dir>/<run_key>.pt``, written atomically after every epoch) is deleted only after the run is
+in the store, so nothing is lost. A crash between the two leaves a stale checkpoint that the next run of
+the sweep finds the run already stored and deletes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .store import Store, run_key
+from .train import environment, train
+
+__all__ = ["SweepPlan", "SweepResult", "load_sweep_file", "plan_sweep", "run_sweep"]
+
+Log = Callable[[str], None]
+
+_TOP_KEYS = ("base", "checkpoint_dir", "datasets", "db", "grid", "methods", "seeds")
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_OPTION_FIELDS = ("optimizer_options", "model_options")
+_FLOAT_FIELDS = tuple(name for name, f in _FIELDS.items() if str(f.type).startswith("float"))
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """An expanded sweep: every run's config (validated), where results go and where checkpoints live."""
+
+    configs: tuple[TrainConfig, ...]
+    db: Path
+    checkpoint_dir: Path
+    source: Path | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        """The run key of every config, in order."""
+        return [run_key(c.to_dict()) for c in self.configs]
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What :func:`run_sweep` did: ``done_before`` runs were already stored, ``trained`` were trained now."""
+
+    total: int
+    done_before: int
+    trained: int
+    failed: tuple[tuple[str, str], ...] = ()  # (run key, error) for runs that raised, with keep_going=True
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def load_sweep_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a sweep file (``.toml``, ``.yaml`` or ``.yml``) into a dict, with clear errors."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise ValueError(f"Invalid sweep file type: {path.name!r} (expected a .toml, .yaml or .yml file)")
+    if not path.exists():
+        raise FileNotFoundError(f"Sweep file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"Cannot read sweep file {path}: {exc}") from exc
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ModuleNotFoundError as exc:
+                raise RuntimeError("Reading a TOML sweep file on Python 3.10 needs the tomli package "
+                                   "(pip install tomli), or use Python >= 3.11") from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"Invalid TOML in sweep file {path}: {exc}") from exc
+    else:
+        try:
+            import yaml
+        except ModuleNotFoundError as exc:
+            raise RuntimeError(f"Reading the YAML sweep file {path} needs PyYAML (pip install pyyaml), "
+                               "or write it as TOML") from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"Invalid YAML in sweep file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"Invalid sweep file {path}: expected a table/mapping at the top level, "
+                         f"got {type(data).__name__}")
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def plan_sweep(path: str | os.PathLike[str], *, db: str | os.PathLike[str] | None = None,
+               checkpoint_dir: str | os.PathLike[str] | None = None) -> SweepPlan:
+    """Read a sweep file and expand it into validated configs (nothing is trained or created).
+
+    Args:
+        path: the ``.toml`` / ``.yaml`` sweep file.
+        db: overrides the file's ``db`` (relative to the working directory, like any CLI path).
+        checkpoint_dir: overrides the file's ``checkpoint_dir``.
+    """
+    path = Path(path)
+    spec = load_sweep_file(path)
+    where = path.name
+    configs = expand_sweep(spec, where=where)
+    here = path.parent
+    db_path = Path(db) if db is not None else here / _path_value(spec, "db", f"{path.stem}.sqlite", where)
+    ckpt_path = (Path(checkpoint_dir) if checkpoint_dir is not None
+                 else here / _path_value(spec, "checkpoint_dir", f"{path.stem}-checkpoints", where))
+    return SweepPlan(tuple(configs), db_path, ckpt_path, path)
+
+
+def expand_sweep(spec: Mapping[str, Any], *, where: str = "sweep") -> list[TrainConfig]:
+    """Expand a parsed sweep spec into validated configs (``datasets x methods x grid x seeds``)."""
+    unknown = sorted(set(spec) - set(_TOP_KEYS))
+    if unknown:
+        raise ValueError(f"Unknown key(s) {unknown} in {where} (expected some of {', '.join(_TOP_KEYS)})")
+    base = spec.get("base", {})
+    if not isinstance(base, Mapping):
+        raise ValueError(f"Invalid base value in {where}: {base!r} (expected a table of TrainConfig fields)")
+    _check_fields(base, f"{where} [base]")
+
+    methods = spec.get("methods", [{}])
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, Mapping) for m in methods):
+        raise ValueError(f"Invalid methods value in {where}: {methods!r} (expected a non-empty list of tables, "
+                         "[[methods]] in TOML)")
+    global_grid = _check_grid(spec.get("grid", {}), f"{where} [grid]")
+
+    seeds = spec.get("seeds")
+    if seeds is not None:
+        if (not isinstance(seeds, list) or not seeds
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+            raise ValueError(f"Invalid seeds value: {seeds!r} (expected a non-empty list of integers >= 0)")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"Invalid seeds value: {seeds!r} (expected distinct seeds)")
+    datasets = spec.get("datasets")
+    if datasets is not None:
+        if not isinstance(datasets, list) or not datasets or not all(isinstance(d, str) for d in datasets):
+            raise ValueError(f"Invalid datasets value: {datasets!r} (expected a non-empty list of dataset names)")
+        if len(set(datasets)) != len(datasets):
+            raise ValueError(f"Invalid datasets value: {datasets!r} (expected distinct names)")
+
+    configs: list[TrainConfig] = []
+    seen: dict[str, str] = {}
+    for dataset in datasets if datasets is not None else [None]:
+        for index, method in enumerate(methods):
+            label = f"{where} methods[{index}]" + (f" (optimizer={method['optimizer']!r})"
+                                                   if "optimizer" in method else "")
+            fields = {k: v for k, v in method.items() if k != "grid"}
+            _check_fields(fields, label)
+            grid = {**global_grid, **_check_grid(method.get("grid", {}), f"{label} grid")}
+            _check_conflicts(base, fields, grid, seeds, datasets, label)
+            names = list(grid)
+            for point in itertools.product(*(grid[n] for n in names)):
+                point_dict = dict(zip(names, point))
+                for seed in seeds if seeds is not None else [None]:
+                    context = label + (f", grid point {point_dict}" if point_dict else "") + (
+                        f", seed {seed}" if seed is not None else "") + (
+                        f", dataset {dataset!r}" if dataset is not None else "")
+                    config = _build(base, fields, point_dict, seed, dataset, context)
+                    key = run_key(config.to_dict())
+                    if key in seen:
+                        raise ValueError(f"Duplicate run in {where}: {context} is the same config as "
+                                         f"{seen[key]} (run {key}); remove one of them")
+                    seen[key] = context
+                    configs.append(config)
+    return configs
+
+
+def _path_value(spec: Mapping[str, Any], name: str, default: str, where: str) -> str:
+    value = spec.get(name, default)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"Invalid {name} value in {where}: {value!r} (expected a non-empty path string)")
+    return value
+
+
+def _check_fields(fields: Mapping[str, Any], where: str) -> None:
+    unknown = sorted(set(fields) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown key(s) {unknown} in {where} (expected TrainConfig fields: "
+                         f"{', '.join(sorted(_FIELDS))})")
+    for name in _OPTION_FIELDS:
+        if name in fields and not isinstance(fields[name], Mapping):
+            raise ValueError(f"Invalid {name} value in {where}: {fields[name]!r} (expected a table of options)")
+
+
+def _check_grid(grid: Any, where: str) -> dict[str, list[Any]]:
+    if not isinstance(grid, Mapping):
+        raise ValueError(f"Invalid grid in {where}: {grid!r} (expected a table of field = [values])")
+    for name, values in grid.items():
+        prefix, _, option = name.partition(".")
+        if option:
+            if prefix not in _OPTION_FIELDS:
+                raise ValueError(f"Unknown grid key {name!r} in {where} (dotted keys must start with "
+                                 f"{' or '.join(_OPTION_FIELDS)}, e.g. optimizer_options.rho)")
+        elif name not in _FIELDS:
+            raise ValueError(f"Unknown grid key {name!r} in {where} (expected TrainConfig fields: "
+                             f"{', '.join(sorted(_FIELDS))}, or optimizer_options.X / model_options.X)")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"Invalid grid values for {name!r} in {where}: {values!r} (expected a non-empty list)")
+    return dict(grid)
+
+
+def _check_conflicts(base: Mapping[str, Any], method: Mapping[str, Any], grid: Mapping[str, Any],
+                     seeds: Any, datasets: Any, where: str) -> None:
+    for name, plural, given in (("seed", "seeds", seeds), ("dataset", "datasets", datasets)):
+        if given is None:
+            continue
+        clash = [section for section, d in (("base", base), ("method", method), ("grid", grid)) if name in d]
+        if clash:
+            raise ValueError(f"Conflicting {name} in {where}: set in {', '.join(clash)} and by {plural} = "
+                             f"{given!r} (set it in one place only)")
+
+
+def _build(base: Mapping[str, Any], method: Mapping[str, Any], point: Mapping[str, Any], seed: int | None,
+           dataset: str | None, context: str) -> TrainConfig:
+    values: dict[str, Any] = {**base, **method}
+    for name in _OPTION_FIELDS:  # options merge key by key: base, then method, then grid point
+        values[name] = {**base.get(name, {}), **method.get(name, {})}
+    for name, value in point.items():
+        prefix, _, option = name.partition(".")
+        if option:
+            values[prefix] = {**values[prefix], option: value}
+        elif name in _OPTION_FIELDS:
+            values[name] = {**values[name], **value} if isinstance(value, Mapping) else value
+        else:
+            values[name] = value
+    if seed is not None:
+        values["seed"] = seed
+    if dataset is not None:
+        values["dataset"] = dataset
+    for name in _FLOAT_FIELDS:  # TOML `lr = 1` is an int; store it as the CLI would (1.0), same run key
+        if isinstance(values.get(name), int) and not isinstance(values[name], bool):
+            values[name] = float(values[name])
+    # Budgets: one set in the method or grid replaces the base's (TrainConfig's default epochs=20 too).
+    budgets = ("epochs", "budget_steps", "budget_grad_evals")
+    chosen = [b for b in budgets if b in point] or [b for b in budgets if b in method] or \
+             [b for b in budgets if b in base]
+    for name in budgets:
+        if name not in chosen:
+            values[name] = None
+    if not chosen:
+        values.pop("epochs")  # TrainConfig's default budget
+    try:
+        config = TrainConfig(**values)
+        _check_names(config)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{context}: {exc}") from exc
+    return config
+
+
+def _check_names(config: TrainConfig) -> None:
+    from ..data import get_dataset_info
+    from ..models import get_model_info
+    from ..registry import get_optimizer_info
+
+    get_dataset_info(config.dataset)
+    get_model_info(config.model)
+    get_optimizer_info(config.optimizer)
+
+
+# ------------------------------------------------------------------------------------------------ running
+def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True,
+              keep_going: bool = False) -> SweepResult:
+    """Train every run of ``plan`` that is not yet in its store; safe to kill and rerun at any moment.
+
+    For each config: skip it if ``store.has(run_key)`` (deleting a stale checkpoint); otherwise train with
+    the checkpoint ``checkpoint_dir/<run_key>.pt`` (resumed if present), write the run to the store, then
+    delete the checkpoint.
+
+    Args:
+        log: called with one line per run (``None``: quiet).
+        progress: show a progress bar (``rich``, if installed).
+        keep_going: record a run that raises (e.g. diverges) in ``SweepResult.failed`` and go on to the next;
+            by default the error stops the sweep (finished runs stay stored).
+    """
+    plan.db.parent.mkdir(parents=True, exist_ok=True)
+    plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    total, done_before, trained = len(plan.configs), 0, 0
+    failed: list[tuple[str, str]] = []
+    env = environment()
+    cache: dict[tuple, Any] = {}
+    say = log if log is not None else (lambda line: None)
+    with Store(plan.db) as store, _progress_bar(total, enabled=progress) as advance:
+        for number, config in enumerate(plan.configs, start=1):
+            key = run_key(config.to_dict())
+            checkpoint = plan.checkpoint_dir / f"{key}.pt"
+            name = f"[{number}/{total}] run {key} {config.optimizer} on {config.dataset}/{config.model} " \
+                   f"seed {config.seed}"
+            if store.has(key):
+                done_before += 1
+                _remove_checkpoint(checkpoint)  # a crash after write_run, before the deletion, left it behind
+                say(f"{name}: already in {plan.db.name}")
+                advance()
+                continue
+            resuming = checkpoint.exists()
+            try:
+                result = train(config, data=_load_data(config, cache), checkpoint=checkpoint, log=None)
+            except Exception as exc:
+                if not keep_going:
+                    raise
+                failed.append((key, f"{type(exc).__name__}: {exc}"))
+                say(f"{name}: FAILED ({type(exc).__name__}: {exc})")
+                advance()
+                continue
+            store.write_run(config.to_dict(), result.summary, result.epochs, env)
+            _remove_checkpoint(checkpoint)
+            trained += 1
+            s = result.summary
+            say(f"{name}: {'resumed, ' if resuming else ''}test acc {s['test_acc']:.2%}  "
+                f"grad evals {s['grad_evals']}  {s['wall_time']:.1f}s")
+            advance()
+    say(f"sweep: {total} runs, {done_before} already stored, {trained} trained now"
+        + (f", {len(failed)} failed" if failed else "") + f" -> {plan.db}")
+    return SweepResult(total, done_before, trained, tuple(failed))
+
+
+def _load_data(config: TrainConfig, cache: dict[tuple, Any]) -> Any:
+    """Load the run's data, reusing the previous load when its settings are the same (one entry kept)."""
+    from ..data import load_dataset
+
+    settings = (config.dataset, config.seed, config.label_noise, config.subset, config.validation)
+    if settings not in cache:
+        cache.clear()
+        cache[settings] = load_dataset(config.dataset, seed=config.seed, label_noise=config.label_noise,
+                                       subset=config.subset, validation=config.validation)
+    return cache[settings]
+
+
+def _remove_checkpoint(checkpoint: Path) -> None:
+    checkpoint.unlink(missing_ok=True)
+    for tmp in checkpoint.parent.glob(f".{checkpoint.name}.tmp-*"):  # left by a kill during save_checkpoint
+        tmp.unlink(missing_ok=True)
+
+
+class _progress_bar:
+    """``with _progress_bar(n, enabled=...) as advance:`` -- a rich progress bar, or nothing."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self.total, self.enabled, self._bar = total, enabled, None
+
+    def __enter__(self) -> Callable[[], None]:
+        if self.enabled:
+            try:
+                from rich.progress import Progress
+            except ModuleNotFoundError:
+                self.enabled = False
+        if not self.enabled:
+            return lambda: None
+        self._bar = Progress()
+        self._bar.__enter__()
+        task = self._bar.add_task("sweep", total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
