@@ -90,3 +90,17 @@ def test_measure_a_trained_checkpoint(tmp_path):
     assert bad.exit_code == 2 and "Unknown measure name" in bad.output
     missing = runner.invoke(app, ["measure", str(tmp_path / "none.pt")])
     assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_report_command(tmp_path):
+    db = tmp_path / "r.sqlite"
+    for optimizer in ("erm", "sam"):
+        for seed in ("0", "1"):
+            result = runner.invoke(app, ["train", *TINY, "--optimizer", optimizer, "--seed", seed, "--db", str(db)])
+            assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["report", "--db", str(db), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "rep" / "report.md").read_text()
+    assert "| sam " in page and "| erm " in page and list((tmp_path / "rep").glob("*.png"))
+    missing = runner.invoke(app, ["report", "--db", str(tmp_path / "none.sqlite")])
+    assert missing.exit_code == 2

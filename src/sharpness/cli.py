@@ -157,6 +157,25 @@ def measure_command(
         typer.echo(f"{name:<12} {value}{stderr}")
 
 
+@app.command("report")
+def report_command(
+    db: Annotated[Path, typer.Option(help="the SQLite results store to report on")],
+    out: Annotated[Path, typer.Option(help="output directory for the page and its PNG figures")] = Path("report"),
+    baseline: Annotated[str, typer.Option(help="setting label or optimizer name the others are paired against")] = "erm",
+    html: Annotated[bool, typer.Option("--html/--markdown", help="write report.html instead of report.md")] = False,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="draw the PNG figures")] = True,
+) -> None:
+    """Tables of mean +/- std over seeds, paired comparisons against a baseline, and figures."""
+    from .harness.report import build_report
+
+    try:
+        page = build_report(db, out, baseline=baseline, fmt="html" if html else "markdown", figures=figures)
+    except (TypeError, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(f"wrote {page}")
+
+
 def main() -> None:
     app()
 

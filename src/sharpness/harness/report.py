@@ -13,6 +13,7 @@ have; when ``group_by`` lumps several runs with one seed into a setting, those r
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 import os
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import TrainConfig
 from .store import RunRecord, Store
 
 __all__ = ["CONTEXT_KEYS", "REPORT_FORMATS", "RunGroup", "build_report", "group_runs"]
@@ -84,6 +86,8 @@ def _short_name(key: str) -> str:
 
 
 def _format_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "+".join(_format_value(v) for v in value) or "none"
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -104,9 +108,12 @@ def group_runs(runs: Sequence[RunRecord], group_by: Sequence[str] | None = None)
         unknown = [k for k in group_by if k not in known]
         if unknown:
             raise ValueError(f"Unknown group_by keys: {unknown} (expected some of {', '.join(known)})")
+    # Fields a run's config lacks (it predates them) take TrainConfig's defaults, so old and new runs group.
+    defaults = _flatten({f.name: f.default for f in dataclasses.fields(TrainConfig)
+                         if f.default is not dataclasses.MISSING})
     buckets: dict[tuple[tuple[str, Any], ...], list[RunRecord]] = {}
     for run in runs:
-        flat = _flatten(run.config)
+        flat = {**defaults, **_flatten(run.config)}
         flat.pop("seed", None)
         if group_by is not None:
             wanted = set(group_by) | set(CONTEXT_KEYS)
@@ -250,8 +257,8 @@ def _paired_blocks(groups: Sequence[RunGroup], baseline: str) -> list[Block]:
     bases = _find_baselines(groups, baseline)
     if not bases:
         labels = ", ".join(g.label for g in groups)
-        return [("p", f"**Note:** no baseline setting `{baseline}` in this context (settings: {labels}); "
-                      "paired comparisons are skipped. Pass `baseline=` one of these labels or optimizer names.")]
+        return [("p", (f"**Note:** no baseline setting `{baseline}` in this context (settings: {labels}); "
+                      "paired comparisons are skipped. Pass `baseline=` one of these labels or optimizer names."))]
     headers = ["Setting", "Baseline", "Δ acc (pp), mean ± std", "Pairs", "Wins", "Seeds missing"]
     rows = []
     for base in bases:
@@ -529,14 +536,14 @@ def build_report(store: Store | str | os.PathLike[str], out_dir: str | os.PathLi
     title = "Sharpness comparison report"
     blocks: list[Block] = [
         ("h", 1, title),
-        ("p", f"Store `{source}`: {len(runs)} runs in {len(groups)} settings and {len(contexts)} context(s). "
+        ("p", (f"Store `{source}`: {len(runs)} runs in {len(groups)} settings and {len(contexts)} context(s). "
               "Cells are mean ± sample std over seeds (n runs); Δ acc is the paired difference "
-              f"(setting − baseline `{baseline}`) in percentage points over the seeds both ran."),
+              f"(setting − baseline `{baseline}`) in percentage points over the seeds both ran.")),
     ]
     if not _find_baselines(groups, baseline):
         choices = sorted({g.label for g in groups} | {str(g.settings.get("optimizer")) for g in groups})
-        blocks.append(("p", f"**Note:** baseline `{baseline}` is absent from the store; no paired comparisons. "
-                            f"Available: {', '.join(choices)}."))
+        blocks.append(("p", (f"**Note:** baseline `{baseline}` is absent from the store; no paired comparisons. "
+                            f"Available: {', '.join(choices)}.")))
     for context, members in contexts.items():
         heading = _context_title(context)
         blocks.append(("h", 2, heading))

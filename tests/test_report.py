@@ -1,0 +1,203 @@
+"""Reports: mean ± std over seeds and paired differences equal hand-computed values; figures; HTML; clear errors."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+
+from sharpness.harness import Store, TrainConfig, build_report, group_runs
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Final test accuracy per seed; SAM has no seed 2 (a missing run the paired table must name).
+ERM_ACC = {0: 0.90, 1: 0.92, 2: 0.95}
+SAM_ACC = {0: 0.93, 1: 0.91}
+ERM_TRAIN_LOSS = {0: 0.10, 1: 0.20, 2: 0.30}
+SAM_TRAIN_LOSS = {0: 0.40, 1: 0.50}
+
+
+def _config(optimizer: str, seed: int, **overrides) -> dict:
+    options = {"rho": 0.05} if optimizer == "sam" else {}
+    fields = {"optimizer": optimizer, "optimizer_options": options, "epochs": None, "budget_grad_evals": 300,
+              "seed": seed, **overrides}
+    return TrainConfig(**fields).to_dict()
+
+
+def _epochs(final_acc: float, sam: bool, extra: dict | None = None) -> list[dict]:
+    records = []
+    for epoch in range(1, 4):
+        steps = 50 * epoch if sam else 100 * epoch
+        records.append({"epoch": epoch, "train_loss": 1.0 / epoch, "test_loss": 1.2 / epoch,
+                        "test_acc": final_acc - 0.1 * (3 - epoch), "lr": 0.1 / epoch, "steps": steps,
+                        "sam_steps": steps if sam else 0, "sam_fraction": 1.0 if sam else 0.0,
+                        "grad_evals": 100 * epoch, "wall_time": 0.5 * epoch, **(extra or {})})
+    return records
+
+
+def _write(store: Store, optimizer: str, seed: int, acc: float, train_loss: float, *, extra: dict | None = None,
+           **overrides) -> None:
+    sam = optimizer == "sam"
+    summary = {"test_acc": acc, "test_loss": 0.3, "train_loss": train_loss, "steps": 150 if sam else 300,
+               "sam_steps": 150 if sam else 0, "sam_fraction": 1.0 if sam else 0.0, "grad_evals": 300,
+               "wall_time": 1.5, "epochs": 3}
+    store.write_run(_config(optimizer, seed, **overrides), summary, _epochs(acc, sam, extra),
+                    {"torch": "2.9.0-test", "git_commit": "abc123", "python": "3.11"})
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    path = tmp_path / "results.sqlite"
+    with Store(path) as store:
+        for seed, acc in ERM_ACC.items():
+            _write(store, "erm", seed, acc, ERM_TRAIN_LOSS[seed])
+        for seed, acc in SAM_ACC.items():
+            _write(store, "sam", seed, acc, SAM_TRAIN_LOSS[seed])
+    return path
+
+
+def _table_rows(text: str, header_start: str) -> dict[str, dict[str, str]]:
+    """The Markdown table whose header starts with ``header_start``, as {first cell: {column: cell}}."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start}"))
+    headers = [h.strip() for h in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(headers, cells))
+    return rows
+
+
+def _pm(values, digits: int, sign: bool = False) -> str:
+    mean, std = statistics.fmean(values), statistics.stdev(values)
+    return f"{mean:+.{digits}f} ± {std:.{digits}f}" if sign else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def test_tables_equal_hand_computed_statistics(store_path, tmp_path):
+    page = build_report(store_path, tmp_path / "out", figures=False)
+    assert page == tmp_path / "out" / "report.md"
+    text = page.read_text()
+
+    rows = _table_rows(text, "Setting | n | Seeds")
+    assert set(rows) == {"erm", "sam(rho=0.05)"}
+    erm, sam = rows["erm"], rows["sam(rho=0.05)"]
+    assert (erm["n"], erm["Seeds"], sam["n"], sam["Seeds"]) == ("3", "0, 1, 2", "2", "0, 1")
+    assert erm["Test acc (%)"] == _pm([100 * a for a in ERM_ACC.values()], 2) == "92.33 ± 2.52"
+    assert erm["Test error (%)"] == _pm([100 - 100 * a for a in ERM_ACC.values()], 2)
+    assert sam["Test acc (%)"] == _pm([100 * a for a in SAM_ACC.values()], 2) == "92.00 ± 1.41"
+    assert erm["Final train loss"] == _pm(list(ERM_TRAIN_LOSS.values()), 4) == "0.2000 ± 0.1000"
+    assert sam["Final train loss"] == _pm(list(SAM_TRAIN_LOSS.values()), 4)
+    assert (erm["%SAM"], sam["%SAM"]) == ("0.0 ± 0.0", "100.0 ± 0.0")
+    assert (erm["Grad evals"], erm["Steps"], sam["Steps"]) == ("300 ± 0", "300 ± 0", "150 ± 0")
+    assert erm["Wall time (s)"] == "1.5 ± 0.0"
+
+    paired = _table_rows(text, "Setting | Baseline")
+    assert set(paired) == {"sam(rho=0.05)"}
+    diffs = [100 * (SAM_ACC[s] - ERM_ACC[s]) for s in (0, 1)]  # +3 pp and -1 pp
+    row = paired["sam(rho=0.05)"]
+    assert row["Baseline"] == "erm"
+    assert row["Δ acc (pp), mean ± std"] == _pm(diffs, 2, sign=True) == "+1.00 ± 2.83"
+    assert (row["Pairs"], row["Wins"]) == ("2", "1/2")
+    assert row["Seeds missing"] == "2 (from sam(rho=0.05))"
+
+    # The environment of the runs is on the page.
+    assert "2.9.0-test" in text and "abc123" in text
+    assert not list((tmp_path / "out").glob("*.tmp-*"))  # atomic writes leave no temporaries
+
+
+def test_figures_are_pngs_linked_from_the_page(tmp_path):
+    path = tmp_path / "r.sqlite"
+    with Store(path) as store:
+        for seed in range(2):
+            for optimizer in ("erm", "sam"):
+                _write(store, optimizer, seed, 0.9, 0.1, extra={"sharpness.lambda_max": 5.0 + seed})
+    page = build_report(path, tmp_path / "out")
+    text = page.read_text()
+    names = ["test_error_vs_epoch.png", "test_error_vs_grad_evals.png", "lr_vs_grad_evals.png",
+             "sam_percent_vs_grad_evals.png", "sharpness-lambda-max_vs_grad_evals.png"]
+    for name in names:
+        file = tmp_path / "out" / name
+        assert file.read_bytes()[:8] == PNG_MAGIC, name
+        assert f"]({name})" in text
+    assert "No sharpness curves" not in text
+
+
+def test_without_sharpness_keys_no_sharpness_figure(store_path, tmp_path):
+    page = build_report(store_path, tmp_path / "out")
+    assert "No sharpness curves" in page.read_text()
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+        "lr_vs_grad_evals.png", "sam_percent_vs_grad_evals.png", "test_error_vs_epoch.png",
+        "test_error_vs_grad_evals.png"]
+
+
+def test_html_page(store_path, tmp_path):
+    page = build_report(store_path, tmp_path / "out", fmt="html")
+    assert page.name == "report.html"
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
+    assert "<td>92.33 ± 2.52</td>" in text and "<td>+1.00 ± 2.83</td>" in text
+    assert '<img src="test_error_vs_epoch.png"' in text
+    assert "2.9.0-test" in text
+
+
+def test_unknown_baseline_gives_a_note_not_a_table(store_path, tmp_path):
+    text = build_report(store_path, tmp_path / "out", baseline="adam", figures=False).read_text()
+    assert "baseline `adam` is absent" in text and "Available: erm, sam, sam(rho=0.05)" in text
+    assert "| Setting | Baseline" not in text
+    # A baseline named by its label works as well as by optimizer name.
+    text = build_report(store_path, tmp_path / "out2", baseline="sam(rho=0.05)", figures=False).read_text()
+    assert _table_rows(text, "Setting | Baseline")["erm"]["Δ acc (pp), mean ± std"] == "-1.00 ± 2.83"
+
+
+def test_empty_and_missing_store_and_bad_arguments(tmp_path, store_path):
+    Store(tmp_path / "empty.sqlite").close()
+    with pytest.raises(ValueError, match="no finished runs"):
+        build_report(tmp_path / "empty.sqlite", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="No results store"):
+        build_report(tmp_path / "absent.sqlite", tmp_path / "out")
+    assert not (tmp_path / "absent.sqlite").exists()  # never created by a report
+    with pytest.raises(ValueError, match="expected one of markdown, html"):
+        build_report(store_path, tmp_path / "out", fmt="pdf")
+    with pytest.raises(ValueError, match=r"Unknown group_by keys: \['lr_typo'\]"):
+        build_report(store_path, tmp_path / "out", group_by=["lr_typo"])
+    with pytest.raises(TypeError, match="Invalid store type"):
+        build_report(3, tmp_path / "out")
+
+
+def test_labels_contexts_and_nonfinite_values(tmp_path):
+    path = tmp_path / "r.sqlite"
+    with Store(path) as store:
+        _write(store, "erm", 0, 0.9, 0.1)
+        _write(store, "erm", 1, 0.8, 0.1)
+        _write(store, "sam", 0, 0.95, 0.1)
+        _write(store, "sam", 1, float("nan"), 0.1)  # a diverged run: left out of the mean, pair dropped
+        _write(store, "sam", 0, 0.7, 0.1, optimizer_options={"rho": 0.1})
+        _write(store, "erm", 0, 0.5, 0.1, budget_grad_evals=600)  # another context: never paired with 300
+        runs = store.runs()
+    labels = sorted((g.label, g.settings.get("budget_grad_evals")) for g in group_runs(runs))
+    assert labels == [("erm", 300), ("erm", 600), ("sam(rho=0.05)", 300), ("sam(rho=0.1)", 300)]
+    pooled = group_runs(runs, group_by=["optimizer"])  # rho pooled; contexts still apart
+    assert sorted((g.label, len(g.runs)) for g in pooled) == [("erm", 1), ("erm", 2), ("sam", 3)]
+
+    text = build_report(path, tmp_path / "out", figures=False).read_text()
+    assert "## mnist1d / cnn1d / 300 gradient evaluations" in text
+    assert "## mnist1d / cnn1d / 600 gradient evaluations" in text
+    sam = _table_rows(text, "Setting | n | Seeds")["sam(rho=0.05)"]
+    assert sam["n"] == "2" and sam["Test acc (%)"] == "95.00 ± — (n=1)"
+    row = _table_rows(text, "Setting | Baseline")["sam(rho=0.05)"]
+    assert (row["Δ acc (pp), mean ± std"], row["Pairs"]) == ("+5.00 ± —", "1")
+    assert math.isclose(float(row["Δ acc (pp), mean ± std"].split()[0]), 100 * (0.95 - 0.9))
+
+
+def test_configs_missing_newer_fields_group_with_defaults(tmp_path):
+    path = tmp_path / "r.sqlite"
+    with Store(path) as store:
+        _write(store, "erm", 0, 0.9, 0.1)
+        old = _config("erm", 1)
+        del old["measures"], old["measure_every"]  # written before these fields existed
+        store.write_run(old, {"test_acc": 0.8}, [], {})
+        runs = store.runs()
+    (group,) = group_runs(runs)
+    assert group.label == "erm" and group.seeds == (0, 1)
