@@ -104,3 +104,29 @@ def test_report_command(tmp_path):
     assert "| sam " in page and "| erm " in page and list((tmp_path / "rep").glob("*.png"))
     missing = runner.invoke(app, ["report", "--db", str(tmp_path / "none.sqlite")])
     assert missing.exit_code == 2
+
+
+def test_sweep_command_dry_run_then_run(tmp_path):
+    config = tmp_path / "sweep.toml"
+    config.write_text("""
+seeds = [0, 1]
+[base]
+dataset = "digits"
+model = "mlp"
+budget_steps = 6
+batch_size = 64
+[[methods]]
+optimizer = "erm"
+[[methods]]
+optimizer = "sam"
+""")
+    dry = runner.invoke(app, ["sweep", str(config), "--dry-run"])
+    assert dry.exit_code == 0 and "4 runs planned" in dry.output
+    first = runner.invoke(app, ["sweep", str(config), "-q"])
+    assert first.exit_code == 0 and "0 already done, 4 trained" in first.output, first.output
+    again = runner.invoke(app, ["sweep", str(config), "-q"])
+    assert "4 already done, 0 trained" in again.output
+    with Store(tmp_path / "sweep.sqlite") as store:
+        assert len(store) == 4
+    bad = runner.invoke(app, ["sweep", str(tmp_path / "missing.toml")])
+    assert bad.exit_code == 2

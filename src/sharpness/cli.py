@@ -157,6 +157,36 @@ def measure_command(
         typer.echo(f"{name:<12} {value}{stderr}")
 
 
+@app.command("sweep")
+def sweep_command(
+    config: Annotated[Path, typer.Argument(help="a TOML (or YAML) sweep file: methods x grid x seeds x datasets")],
+    db: Annotated[Optional[Path], typer.Option(help="results store (default: the file's `db`, or <stem>.sqlite)")] = None,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="checkpoint directory (default: from the file)")] = None,
+    keep_going: Annotated[bool, typer.Option("--keep-going/--stop-on-error",
+                                             help="record a failing run and continue")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the planned runs and exit")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or per-run lines")] = False,
+) -> None:
+    """Run every configuration of a sweep that is not yet in the store (rerun after a kill to finish it)."""
+    from .harness.sweep import plan_sweep, run_sweep
+
+    try:
+        plan = plan_sweep(config, db=db, checkpoint_dir=checkpoint_dir)
+    except (TypeError, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    if dry_run:
+        for run_config, key in zip(plan.configs, plan.keys):
+            typer.echo(f"{key}  {run_config.optimizer:<10} {run_config.dataset}/{run_config.model}  seed {run_config.seed}")
+        typer.echo(f"{len(plan)} runs planned into {plan.db}")
+        return
+    result = run_sweep(plan, log=None if quiet else typer.echo, progress=not quiet, keep_going=keep_going)
+    typer.echo(f"{result.total} runs: {result.done_before} already done, {result.trained} trained, "
+               f"{len(result.failed)} failed; store {plan.db}")
+    for key, error in result.failed:
+        typer.echo(f"failed {key}: {error}", err=True)
+
+
 @app.command("report")
 def report_command(
     db: Annotated[Path, typer.Option(help="the SQLite results store to report on")],

@@ -1,6 +1,6 @@
 """Sweeps: a TOML (or YAML) file expands to many runs; each is trained once, resumably, into the store.
 
-A sweep file (paths are relative to the file; every key but ``base`` is optional)::
+A sweep file (paths are relative to the file; every key is optional)::
 
     db = "results.sqlite"            # default: <file stem>.sqlite beside the file
     checkpoint_dir = "runs"          # default: <file stem>-checkpoints beside the file
@@ -121,8 +121,8 @@ def load_sweep_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         except yaml.YAMLError as exc:
             raise ValueError(f"Invalid YAML in sweep file {path}: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"Invalid sweep file {path}: expected a table/mapping at the top level, "
-                         f"got {type(data).__name__}")
+        raise TypeError(f"Invalid sweep file {path}: expected a table/mapping at the top level, "
+                        f"got {type(data).__name__}")
     return data
 
 
@@ -154,7 +154,7 @@ def expand_sweep(spec: Mapping[str, Any], *, where: str = "sweep") -> list[Train
         raise ValueError(f"Unknown key(s) {unknown} in {where} (expected some of {', '.join(_TOP_KEYS)})")
     base = spec.get("base", {})
     if not isinstance(base, Mapping):
-        raise ValueError(f"Invalid base value in {where}: {base!r} (expected a table of TrainConfig fields)")
+        raise TypeError(f"Invalid base value in {where}: {base!r} (expected a table of TrainConfig fields)")
     _check_fields(base, f"{where} [base]")
 
     methods = spec.get("methods", [{}])
@@ -214,16 +214,19 @@ def _path_value(spec: Mapping[str, Any], name: str, default: str, where: str) ->
 def _check_fields(fields: Mapping[str, Any], where: str) -> None:
     unknown = sorted(set(fields) - set(_FIELDS))
     if unknown:
+        hint = ("; top-level keys such as " + ", ".join(repr(k) for k in unknown if k in _TOP_KEYS)
+                + " go before the first [table] in TOML") if set(unknown) & set(_TOP_KEYS) else ""
         raise ValueError(f"Unknown key(s) {unknown} in {where} (expected TrainConfig fields: "
-                         f"{', '.join(sorted(_FIELDS))})")
+                         f"{', '.join(sorted(_FIELDS))}{hint})")
     for name in _OPTION_FIELDS:
         if name in fields and not isinstance(fields[name], Mapping):
-            raise ValueError(f"Invalid {name} value in {where}: {fields[name]!r} (expected a table of options)")
+            raise TypeError(f"Invalid {name} type in {where}: {type(fields[name]).__name__} (expected a table of "
+                            "options)")
 
 
 def _check_grid(grid: Any, where: str) -> dict[str, list[Any]]:
     if not isinstance(grid, Mapping):
-        raise ValueError(f"Invalid grid in {where}: {grid!r} (expected a table of field = [values])")
+        raise TypeError(f"Invalid grid in {where}: {grid!r} (expected a table of field = [values])")
     for name, values in grid.items():
         prefix, _, option = name.partition(".")
         if option:

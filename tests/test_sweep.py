@@ -1,0 +1,284 @@
+"""Sweeps: expansion of a sweep file, clear errors, skipping finished runs, and crash safety under kill -9."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from sharpness.harness import Store, TrainConfig, plan_sweep, run_sweep, train
+from sharpness.harness.sweep import expand_sweep
+
+BASE = """
+[base]
+dataset = "digits"
+model = "mlp"
+model_options = { depth = 2 }
+batch_size = 64
+budget_steps = 40
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "sweep.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _strip_times(records):
+    return [{k: v for k, v in r.items() if k != "wall_time"} for r in records]
+
+
+def _stored_counts(db: Path) -> dict[str, int]:
+    """Run key -> number of rows, read straight from SQLite (read-only; {} while the store is being created)."""
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+            return dict(conn.execute("SELECT run_key, COUNT(*) FROM runs GROUP BY run_key").fetchall())
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return {}
+
+
+# ------------------------------------------------------------------------------------------------ expansion
+def test_expansion_counts_and_overrides(tmp_path):
+    path = _write(tmp_path, """
+        db = "out/results.sqlite"
+        seeds = [0, 1, 2]
+        datasets = ["digits", "mnist1d"]
+        [base]
+        model = "mlp"
+        lr = 1
+        budget_grad_evals = 100
+        model_options = { depth = 2 }
+        optimizer_options = { rho = 0.05 }
+        [[methods]]
+        optimizer = "erm"
+        optimizer_options = {}
+        [[methods]]
+        optimizer = "sam"
+        lr = 0.05
+        budget_steps = 30
+        optimizer_options = { adaptive_unused = 1 }
+        grid = { "optimizer_options.rho" = [0.1, 0.2] }
+        [grid]
+        momentum = [0.0, 0.9]
+        """)
+    plan = plan_sweep(path)
+    # datasets x (erm: momentum 2) + (sam: momentum 2 x rho 2) x seeds 3
+    assert len(plan) == 2 * (2 + 4) * 3 == len(set(plan.keys))
+    assert plan.db == tmp_path / "out/results.sqlite" and plan.checkpoint_dir == tmp_path / "sweep-checkpoints"
+    erm = [c for c in plan.configs if c.optimizer == "erm"]
+    sam = [c for c in plan.configs if c.optimizer == "sam"]
+    assert len(erm) == 12 and len(sam) == 24
+    assert all(c.lr == 1.0 and isinstance(c.lr, float) for c in erm)  # int promoted: same key as from the CLI
+    assert all(c.budget_grad_evals == 100 and c.budget_steps is None and c.epochs is None for c in erm)
+    assert all(c.optimizer_options == {"rho": 0.05} for c in erm)  # options merge key by key
+    assert all(c.lr == 0.05 and c.budget_steps == 30 and c.budget_grad_evals is None for c in sam)
+    assert {c.optimizer_options["rho"] for c in sam} == {0.1, 0.2}
+    assert all(c.optimizer_options["adaptive_unused"] == 1 and c.model_options == {"depth": 2} for c in sam)
+    assert {c.dataset for c in plan.configs} == {"digits", "mnist1d"}
+    assert {c.seed for c in plan.configs} == {0, 1, 2} and {c.momentum for c in plan.configs} == {0.0, 0.9}
+    # order: datasets, then methods, then grid points, then seeds
+    assert [c.seed for c in plan.configs[:3]] == [0, 1, 2] and plan.configs[0].dataset == "digits"
+    # overrides from the caller (e.g. the CLI) win over the file
+    other = plan_sweep(path, db=tmp_path / "x.sqlite", checkpoint_dir=tmp_path / "ck")
+    assert other.db == tmp_path / "x.sqlite" and other.checkpoint_dir == tmp_path / "ck"
+
+
+def test_minimal_sweep_is_base_alone():
+    configs = expand_sweep({"base": {"dataset": "digits", "model": "mlp"}})
+    assert configs == [TrainConfig(dataset="digits", model="mlp")]
+
+
+@pytest.mark.parametrize("text, error, match", [
+    ('seeds = []\n' + BASE, ValueError,
+     r"Invalid seeds value: \[\] \(expected a non-empty list of integers >= 0\)"),
+    ('seeds = [0, -1]\n' + BASE, ValueError, r"Invalid seeds value: \[0, -1\]"),
+    ('seeds = [true]\n' + BASE, ValueError, r"Invalid seeds value"),
+    ('seeds = [1, 1]\n' + BASE, ValueError, r"expected distinct seeds"),
+    ('sedes = [0]\n' + BASE, ValueError, r"Unknown key\(s\) \['sedes'\].*seeds"),
+    (BASE + 'lrr = 0.1\n', ValueError, r"Unknown key\(s\) \['lrr'\] in sweep.toml \[base\].*batch_size.*lr"),
+    (BASE + '[[methods]]\noptimizer = "erm"\n[[methods]]\noptimizer = "sam"\nrhoo = 1\n', ValueError,
+     r"Unknown key\(s\) \['rhoo'\] in sweep.toml methods\[1\] \(optimizer='sam'\).*TrainConfig fields"),
+    (BASE + '[[methods]]\noptimizer = "erm"\n[[methods]]\noptimizer = "sam"\nlr = -1.0\n', ValueError,
+     r"methods\[1\] \(optimizer='sam'\): Invalid lr value: -1.0"),
+    (BASE + '[[methods]]\noptimizer = "samm"\n', ValueError,
+     r"methods\[0\].*Unknown optimizer name: 'samm' \(expected one of .*sam"),
+    (BASE.replace('"mlp"', '"nope"'), ValueError, r"Unknown model name: 'nope' \(expected one of .*mlp"),
+    ('datasets = ["digits", "nope"]\n' + BASE.replace('dataset = "digits"\n', ''), ValueError,
+     r"dataset 'nope': Unknown dataset name: 'nope' \(expected one of .*digits"),
+    (BASE + '[grid]\nlr = [0.1, -0.5]\n', ValueError,
+     r"grid point \{'lr': -0.5\}.*Invalid lr value: -0.5"),
+    (BASE + '[grid]\nlearning_rate = [0.1]\n', ValueError, r"Unknown grid key 'learning_rate'.*optimizer_options.X"),
+    (BASE + '[grid]\n"optimiser_options.rho" = [0.1]\n', ValueError, r"Unknown grid key 'optimiser_options.rho'"),
+    ('grid = [1]\n' + BASE, TypeError, r"Invalid grid in sweep.toml \[grid\]: \[1\]"),
+    (BASE + '[grid]\nlr = []\n', ValueError, r"Invalid grid values for 'lr'.*non-empty list"),
+    (BASE + 'epochs = 2\n', ValueError, r"Invalid budget"),
+    (BASE + '[[methods]]\noptimizer = "erm"\n[[methods]]\noptimizer = "erm"\n', ValueError,
+     r"Duplicate run.*methods\[1\].*methods\[0\]"),
+    ('seeds = [0]\n' + BASE + 'seed = 3\n', ValueError, r"Conflicting seed.*base"),
+    ('db = 3\n' + BASE, ValueError, r"Invalid db value"),
+    ('methods = []\n' + BASE, ValueError, r"Invalid methods value"),
+    (BASE + 'seeds = [0]\n', ValueError, r"Unknown key\(s\) \['seeds'\] in sweep.toml \[base\].*top-level keys"),
+    ('base = 3\n', TypeError, r"Invalid base value"),
+    (BASE + '[[methods]]\noptimizer_options = 3\n', TypeError,
+     r"Invalid optimizer_options type in sweep.toml methods\[0\]: int"),
+    (BASE + 'lr = "fast"\n', TypeError, r"sweep.toml methods\[0\]: Invalid lr type: str"),
+    ('seeds = [0\n', ValueError, r"Invalid TOML in sweep file .*sweep.toml"),
+])
+def test_bad_sweep_files_give_clear_errors(tmp_path, text, error, match):
+    with pytest.raises(error, match=match):
+        plan_sweep(_write(tmp_path, text))
+
+
+def test_unreadable_files_give_clear_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="Sweep file not found: .*missing.toml"):
+        plan_sweep(tmp_path / "missing.toml")
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(ValueError, match="Cannot read sweep file .*dir.toml"):
+        plan_sweep(tmp_path / "dir.toml")
+    (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="Cannot read sweep file .*binary.toml"):
+        plan_sweep(tmp_path / "binary.toml")
+    with pytest.raises(ValueError, match=r"Invalid sweep file type: 'sweep.json' \(expected a .toml, .yaml or .yml"):
+        plan_sweep(_write(tmp_path, "{}", "sweep.json"))
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as if PyYAML were not installed
+    with pytest.raises(RuntimeError, match=r"needs PyYAML \(pip install pyyaml\)"):
+        plan_sweep(_write(tmp_path, "base: {}\n", "sweep.yaml"))
+
+
+def test_yaml_sweep_file(tmp_path):
+    pytest.importorskip("yaml")
+    path = _write(tmp_path, """
+        seeds: [0, 1]
+        base: {dataset: digits, model: mlp, budget_steps: 40}
+        methods: [{optimizer: erm}, {optimizer: sam, optimizer_options: {rho: 0.05}}]
+        """, "sweep.yml")
+    assert len(plan_sweep(path)) == 4
+    with pytest.raises(TypeError, match="Invalid sweep file .*expected a table"):
+        plan_sweep(_write(tmp_path, "- 1\n", "list.yaml"))
+
+
+# ------------------------------------------------------------------------------------------------ running
+def test_sweep_run_twice_trains_nothing_the_second_time(tmp_path):
+    path = _write(tmp_path, 'seeds = [0, 1]\n' + BASE + '[grid]\nlr = [0.05, 0.1]\n')
+    plan = plan_sweep(path)
+    lines: list[str] = []
+    first = run_sweep(plan, log=lines.append, progress=False)
+    assert (first.total, first.done_before, first.trained) == (4, 0, 4)
+    assert _stored_counts(plan.db) == {key: 1 for key in plan.keys}
+    assert list(plan.checkpoint_dir.iterdir()) == []  # checkpoints are deleted once a run is stored
+    assert "4 trained now" in lines[-1]
+    second = run_sweep(plan, log=None, progress=False)
+    assert (second.total, second.done_before, second.trained) == (4, 4, 0)
+    with Store(plan.db) as store:
+        records = {r.run_key: r for r in store.runs()}
+    assert set(records) == set(plan.keys)
+    assert all(r.summary["finished"] and r.summary["steps"] == 40 and r.environment["torch"] for r in records.values())
+
+
+def test_partial_checkpoint_is_resumed_and_stale_checkpoint_removed(tmp_path):
+    path = _write(tmp_path, 'seeds = [0, 1]\n' + BASE)
+    plan = plan_sweep(path)
+    plan.checkpoint_dir.mkdir()
+    resumed_config, stored_config = plan.configs
+    # Run 0 was killed after its first epoch: a partial checkpoint.
+    partial = train(resumed_config, checkpoint=plan.checkpoint_dir / f"{plan.keys[0]}.pt", log=None,
+                    stop_after_epochs=1)
+    assert partial.summary == {"finished": False}
+    # Run 1 was killed after write_run but before its checkpoint was deleted.
+    stale = plan.checkpoint_dir / f"{plan.keys[1]}.pt"
+    done = train(stored_config, checkpoint=stale, log=None)
+    with Store(plan.db) as store:
+        store.write_run(stored_config.to_dict(), done.summary, done.epochs, {})
+    (plan.checkpoint_dir / f".{plan.keys[1]}.pt.tmp-12345").write_bytes(b"half a checkpoint")  # killed mid-save
+
+    result = run_sweep(plan, log=None, progress=False)
+    assert (result.done_before, result.trained) == (1, 1)
+    assert list(plan.checkpoint_dir.iterdir()) == []
+    assert _stored_counts(plan.db) == {key: 1 for key in plan.keys}
+    full = train(resumed_config, log=None)
+    with Store(plan.db) as store:
+        record = {r.run_key: r for r in store.runs()}[plan.keys[0]]
+    assert _strip_times([record.summary]) == _strip_times([full.summary])
+    assert _strip_times(record.epochs) == _strip_times(full.epochs)
+
+
+def test_keep_going_records_failures(tmp_path):
+    path = _write(tmp_path, BASE + '[grid]\nlr = [0.1, 1e6]\n')  # lr 1e6 diverges
+    plan = plan_sweep(path)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        run_sweep(plan, log=None, progress=False)
+    result = run_sweep(plan, log=None, progress=False, keep_going=True)
+    assert (result.done_before, result.trained) == (1, 0)
+    assert [key for key, _ in result.failed] == [plan.keys[1]] and "diverged" in result.failed[0][1]
+
+
+_KILL_SWEEP = """
+seeds = [0, 1, 2]
+[base]
+dataset = "digits"
+model = "mlp"
+model_options = { depth = 2 }
+batch_size = 64
+budget_steps = 230
+[grid]
+lr = [0.05, 0.1]
+"""
+
+
+def test_kill_9_mid_sweep_then_rerun_stores_every_run_exactly_once(tmp_path):
+    plan = plan_sweep(_write(tmp_path, _KILL_SWEEP))
+    assert len(plan) == 6
+    script = ("import torch; torch.set_num_threads(1)\n"
+              "from sharpness.harness.sweep import plan_sweep, run_sweep\n"
+              f"run_sweep(plan_sweep({str(plan.source)!r}), log=None, progress=False)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        # Wait until one run is stored and the next one is mid-training (its checkpoint exists).
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the sweep ended before it could be killed (rc {proc.returncode}): "
+                            f"{proc.stderr.read().decode()[-2000:]}")
+            if _stored_counts(plan.db) and any(plan.checkpoint_dir.glob("*.pt")):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail("no run was stored within 120 s")
+            time.sleep(0.002)
+        proc.kill()  # SIGKILL: no cleanup, no finally blocks
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -9
+    stored = _stored_counts(plan.db)
+    assert 1 <= len(stored) < len(plan) and set(stored) <= set(plan.keys)
+    partial = [p.stem for p in plan.checkpoint_dir.glob("*.pt") if p.stem not in stored]
+
+    result = run_sweep(plan, log=None, progress=False)
+    assert result.done_before == len(stored) and result.trained == len(plan) - len(stored)
+    counts = _stored_counts(plan.db)
+    assert counts == {key: 1 for key in plan.keys}  # every planned run exactly once, nothing else
+    assert list(plan.checkpoint_dir.glob("*.pt")) == []
+    with sqlite3.connect(plan.db) as conn:  # and each run's epochs are complete (one transaction with its row)
+        epochs = dict(conn.execute("SELECT run_key, COUNT(*) FROM epochs GROUP BY run_key").fetchall())
+    assert epochs == {key: 10 for key in plan.keys}  # 230 steps / 23 steps per epoch
+
+    # A run that was resumed from the killed process's checkpoint equals an uninterrupted run.
+    if partial:
+        key = partial[0]
+        config = plan.configs[plan.keys.index(key)]
+        full = train(config, log=None)
+        with Store(plan.db) as store:
+            record = {r.run_key: r for r in store.runs()}[key]
+        assert _strip_times([record.summary]) == _strip_times([full.summary])
+        assert _strip_times(record.epochs) == _strip_times(full.epochs)
