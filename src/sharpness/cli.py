@@ -160,8 +160,10 @@ def measure_command(
 @app.command("sweep")
 def sweep_command(
     config: Annotated[Path, typer.Argument(help="a TOML (or YAML) sweep file: methods x grid x seeds x datasets")],
-    db: Annotated[Optional[Path], typer.Option(help="results store (default: the file's `db`, or <stem>.sqlite)")] = None,
-    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="checkpoint directory (default: from the file)")] = None,
+    db: Annotated[Optional[Path], typer.Option(
+        help="results store (default: the file's `db`, or <stem>.sqlite)")] = None,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(
+        help="checkpoint directory (default: from the file)")] = None,
     keep_going: Annotated[bool, typer.Option("--keep-going/--stop-on-error",
                                              help="record a failing run and continue")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the planned runs and exit")] = False,
@@ -177,7 +179,8 @@ def sweep_command(
         raise typer.Exit(code=2) from exc
     if dry_run:
         for run_config, key in zip(plan.configs, plan.keys):
-            typer.echo(f"{key}  {run_config.optimizer:<10} {run_config.dataset}/{run_config.model}  seed {run_config.seed}")
+            typer.echo(f"{key}  {run_config.optimizer:<10} {run_config.dataset}/{run_config.model}  "
+                       f"seed {run_config.seed}")
         typer.echo(f"{len(plan)} runs planned into {plan.db}")
         return
     result = run_sweep(plan, log=None if quiet else typer.echo, progress=not quiet, keep_going=keep_going)
@@ -191,7 +194,8 @@ def sweep_command(
 def report_command(
     db: Annotated[Path, typer.Option(help="the SQLite results store to report on")],
     out: Annotated[Path, typer.Option(help="output directory for the page and its PNG figures")] = Path("report"),
-    baseline: Annotated[str, typer.Option(help="setting label or optimizer name the others are paired against")] = "erm",
+    baseline: Annotated[str, typer.Option(
+        help="setting label or optimizer name the others are paired against")] = "erm",
     html: Annotated[bool, typer.Option("--html/--markdown", help="write report.html instead of report.md")] = False,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="draw the PNG figures")] = True,
 ) -> None:
