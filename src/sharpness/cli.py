@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .harness import Store, TrainConfig, environment, run_key, train
+from .harness.train import distributed_context
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sharpness-aware training and measurement.")
 
@@ -122,10 +123,12 @@ def train_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     s = result.summary
+    if distributed_context()[0] != 0:
+        return
     typer.echo(f"{config.optimizer} on {config.dataset}/{config.model}: test accuracy {s['test_acc']:.2%}  "
                f"%SAM {100 * s['sam_fraction']:.1f}  gradient evaluations {s['grad_evals']}  steps {s['steps']}  "
                f"wall time {s['wall_time']:.1f}s  run {key}")
-    if store is not None:
+    if store is not None:  # under torchrun only rank 0 gets here and writes the run
         store.write_run(config.to_dict(), s, result.epochs, environment())
         store.close()
 

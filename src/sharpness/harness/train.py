@@ -24,7 +24,7 @@ from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
-__all__ = ["TrainResult", "environment", "lr_factor", "train"]
+__all__ = ["TrainResult", "distributed_context", "environment", "lr_factor", "train"]
 
 Log = Callable[[str], None]
 
@@ -64,6 +64,21 @@ def environment() -> dict[str, Any]:
         commit = None
     return {"sharpness": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": "cpu", "git_commit": commit}
+
+
+def distributed_context() -> tuple[int, int]:
+    """``(rank, world_size)``; under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialized here
+    (gloo on CPU, nccl when CUDA is available) if the caller has not done it."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 # -------------------------------------------------------------------------------------------- building blocks
@@ -143,10 +158,14 @@ class _Run:
         self.config = config
         self.data = data
         self.model = model
+        self.rank, self.world = distributed_context()
+        # Under torchrun the forward/backward goes through DDP; the engine gets the DDP module so the first
+        # pass runs under no_sync (per-worker perturbation) and policy decisions agree on every rank.
+        self.network = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
         self.loss_fn = make_loss(config)
         self.steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
         self.total_steps = planned_steps(config, self.steps_per_epoch)
-        self.optimizer = build_optimizer(config, model, self.total_steps)
+        self.optimizer = build_optimizer(config, self.network, self.total_steps)
         self.order = torch.Generator().manual_seed(config.seed)
         self.epoch = 0
         self.records: list[dict[str, Any]] = []
@@ -176,7 +195,9 @@ class _Run:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
     def step(self, x: Tensor, y: Tensor) -> float:
-        model, opt, loss_fn, bf16 = self.model, self.optimizer, self.loss_fn, self.config.bf16
+        model, opt, loss_fn, bf16 = self.network, self.optimizer, self.loss_fn, self.config.bf16
+        if self.world > 1:  # each rank takes its contiguous shard of the global batch
+            x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
 
         def closure() -> Tensor:
             opt.zero_grad()
@@ -197,6 +218,8 @@ class _Run:
         for x, y in batches(self.data.train, self.config.batch_size, self.order):
             if self.done():
                 break
+            if y.shape[0] < self.world:  # a last global batch too small to give every rank an example
+                continue
             loss_sum += self.step(x, y) * y.shape[0]
             count += y.shape[0]
         self.epoch += 1
@@ -276,9 +299,9 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
     while not run.done():
         run.train_epoch()
         epochs_this_call += 1
-        if checkpoint is not None:
+        if checkpoint is not None and run.rank == 0:
             save_checkpoint(checkpoint, run.state())
-        if log is not None:
+        if log is not None and run.rank == 0:
             r = run.records[-1]
             measured = "".join(f"  {k.removeprefix('sharpness.')} {v:.4g}" for k, v in r.items()
                                if k.startswith("sharpness.") and isinstance(v, float))
@@ -289,5 +312,5 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
     last = run.records[-1] if run.records else {}
     summary = {key: last.get(key) for key in ("test_acc", "test_loss", "train_loss", "steps", "sam_steps",
                                               "sam_fraction", "grad_evals", "wall_time")}
-    summary.update(finished=True, epochs=run.epoch, planned_steps=run.total_steps)
+    summary.update(finished=True, epochs=run.epoch, planned_steps=run.total_steps, world_size=run.world)
     return TrainResult(config, summary, run.records)

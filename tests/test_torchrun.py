@@ -1,0 +1,41 @@
+"""`torchrun` with 2 CPU processes (gloo) through the same `sharpness train` command."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from sharpness.harness import Store, TrainConfig, train
+
+ARGS = ["train", "--dataset", "digits", "--model", "mlp", "--batch-size", "64", "--budget-steps", "22", "-q"]  # 22 full batches of 64
+
+
+def _torchrun(args, db):
+    torchrun = shutil.which("torchrun") or ""
+    command = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*command, "--standalone", "--nproc_per_node", "2", "-m", "sharpness", *args,
+                           "--db", str(db)], capture_output=True, text=True, timeout=240, env=env)
+
+
+@pytest.mark.parametrize("optimizer", ["erm", "aesam"])
+def test_two_process_run_completes_and_is_stored_once(tmp_path, optimizer):
+    db = tmp_path / "r.sqlite"
+    done = _torchrun([*ARGS, "--optimizer", optimizer], db)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("test accuracy") == 1  # only rank 0 reports
+    with Store(db) as store:
+        (run,) = store.runs()
+    assert run.summary["world_size"] == 2 and run.summary["steps"] == 22
+    assert run.summary["grad_evals"] == run.summary["steps"] + run.summary["sam_steps"]
+    if optimizer == "erm":
+        # DDP averages the two half-batch gradients: the same trajectory as one process on the global batch,
+        # up to the order of floating-point additions.
+        single = train(TrainConfig(dataset="digits", model="mlp", optimizer="erm", batch_size=64, epochs=None,
+                                   budget_steps=22), log=None)
+        assert run.summary["test_loss"] == pytest.approx(single.summary["test_loss"], abs=1e-5)
+        assert run.summary["test_acc"] == pytest.approx(single.summary["test_acc"], abs=1 / 360)
