@@ -86,6 +86,11 @@ def test_measure_a_trained_checkpoint(tmp_path):
     measured = payload["measures"]
     assert measured["lambda_max"]["value"] > 0 and measured["trace"]["stderr"] > 0
     assert measured["sam"]["value"] >= 0 and payload["examples"] == 200
+    pictures = runner.invoke(app, ["measure", str(path), "--examples", "100", "--landscape", "1d,2d", "--points", "5",
+                                   "--landscape-dir", str(tmp_path / "land")])
+    assert pictures.exit_code == 0, pictures.output
+    for name in ("landscape_1d.png", "landscape_2d.png"):
+        assert (tmp_path / "land" / name).read_bytes()[:4] == b"\x89PNG"
     bad = runner.invoke(app, ["measure", str(path), "--measures", "lambda_min"])
     assert bad.exit_code == 2 and "Unknown measure name" in bad.output
     missing = runner.invoke(app, ["measure", str(tmp_path / "none.pt")])
@@ -104,6 +109,11 @@ def test_report_command(tmp_path):
     assert "| sam " in page and "| erm " in page and list((tmp_path / "rep").glob("*.png"))
     missing = runner.invoke(app, ["report", "--db", str(tmp_path / "none.sqlite")])
     assert missing.exit_code == 2
+    exported = runner.invoke(app, ["export", "--db", str(db), "--csv", str(tmp_path / "r.csv"),
+                                   "--json", str(tmp_path / "r.json")])
+    assert exported.exit_code == 0 and "exported 4 runs" in exported.output
+    assert len(json.loads((tmp_path / "r.json").read_text())) == 4
+    assert len((tmp_path / "r.csv").read_text().strip().splitlines()) == 5
 
 
 def test_sweep_command_dry_run_then_run(tmp_path):

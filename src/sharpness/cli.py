@@ -144,16 +144,25 @@ def measure_command(
     samples: Annotated[int, typer.Option(help="random probes of the trace and frobenius estimators")] = 100,
     seed: Annotated[int, typer.Option(help="seed of the estimators")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="write the results as JSON to this file")] = None,
+    landscape: Annotated[Optional[str], typer.Option(
+        help="also plot loss landscapes along random filter-normalized directions: 1d, 2d or 1d,2d")] = None,
+    landscape_dir: Annotated[Path, typer.Option(help="directory for the landscape PNGs")] = Path("landscape"),
+    points: Annotated[int, typer.Option(help="points per axis of the landscapes")] = 21,
 ) -> None:
-    """Measure the sharpness of a trained checkpoint and print (or write) the values."""
-    from .harness.measure import measure_checkpoint
+    """Measure the sharpness of a trained checkpoint and print (or write) the values; optionally plot landscapes."""
+    from .harness.measure import landscape_checkpoint, measure_checkpoint
 
     try:
         result = measure_checkpoint(checkpoint, measures.split(","), examples=examples, batch_size=batch_size,
                                     rho=rho, samples=samples, seed=seed, out=out)
+        pictures = [] if landscape is None else landscape_checkpoint(
+            checkpoint, landscape_dir, landscape.split(","), examples=examples, batch_size=batch_size,
+            points=points, seed=seed)
     except (TypeError, ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
+    for picture in pictures:
+        typer.echo(f"wrote {picture}")
     for name, m in result["measures"].items():
         stderr = f" +/- {m['stderr']:.4g}" if isinstance(m.get("stderr"), float) else ""
         value = m["value"] if not isinstance(m["value"], float) else f"{m['value']:.6g}"
@@ -191,6 +200,26 @@ def sweep_command(
                f"{len(result.failed)} failed; store {plan.db}")
     for key, error in result.failed:
         typer.echo(f"failed {key}: {error}", err=True)
+
+
+@app.command("export")
+def export_command(
+    db: Annotated[Path, typer.Option(help="the SQLite results store")],
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="one row per run: config.* and summary.*")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="every run with its epochs")] = None,
+) -> None:
+    """Export the results store as CSV and/or JSON (written atomically)."""
+    if csv_path is None and json_path is None:
+        raise typer.BadParameter("give --csv FILE and/or --json FILE")
+    if not db.is_file():
+        typer.echo(f"error: results store not found: {db}", err=True)
+        raise typer.Exit(code=2)
+    with Store(db) as store:
+        if csv_path is not None:
+            store.export_csv(csv_path)
+        if json_path is not None:
+            store.export_json(json_path)
+        typer.echo(f"exported {len(store)} runs")
 
 
 @app.command("report")

@@ -20,7 +20,8 @@ from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .train import make_loss
 
-__all__ = ["MEASURE_NAMES", "measure_checkpoint", "measure_model"]
+__all__ = ["LANDSCAPES", "MEASURE_NAMES", "landscape_checkpoint", "load_for_measurement", "measure_checkpoint",
+           "measure_model"]
 
 Options = dict[str, Any]
 
@@ -63,14 +64,14 @@ def measure_model(model: nn.Module, loss_fn: Callable, data: Any, names: Sequenc
     return {name: _MEASURES[name][0](model, loss_fn, data, options).as_dict() for name in _check_names(names)}
 
 
-def measure_checkpoint(path: str | os.PathLike[str], names: Sequence[str], *, examples: int = 1000,
-                       batch_size: int = 500, rho: float = 0.05, samples: int = 100, seed: int = 0,
-                       out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Rebuild the checkpoint's model and data, run the measures, optionally write JSON atomically."""
+def load_for_measurement(path: str | os.PathLike[str], *, examples: int = 1000, batch_size: int = 500):
+    """Rebuild a checkpoint's model (weights loaded) and its first ``examples`` training examples as batches.
+
+    Returns ``(state, config, model, loss_fn, batches)``.
+    """
     from ..data import load_dataset
     from ..models import create_model
 
-    names = _check_names(names)
     if examples < 1 or batch_size < 1:
         raise ValueError(f"Invalid examples/batch_size: {examples}/{batch_size} (expected integers >= 1)")
     state = load_checkpoint(path)
@@ -85,9 +86,19 @@ def measure_checkpoint(path: str | os.PathLike[str], names: Sequence[str], *, ex
     xs = torch.stack([x for x, _ in items])
     ys = torch.as_tensor([int(y) for _, y in items]) if items[0][1].dim() == 0 else torch.stack([y for _, y in items])
     batches = list(zip(xs.split(batch_size), ys.split(batch_size)))
+    return state, config, model, make_loss(config), batches
+
+
+def measure_checkpoint(path: str | os.PathLike[str], names: Sequence[str], *, examples: int = 1000,
+                       batch_size: int = 500, rho: float = 0.05, samples: int = 100, seed: int = 0,
+                       out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Rebuild the checkpoint's model and data, run the measures, optionally write JSON atomically."""
+    names = _check_names(names)
+    state, _, model, loss_fn, batches = load_for_measurement(path, examples=examples, batch_size=batch_size)
     result = {
-        "checkpoint": str(path), "config": state["config"], "epoch": state.get("epoch"), "examples": count,
-        "measures": measure_model(model, make_loss(config), batches, names, rho=rho, samples=samples, seed=seed),
+        "checkpoint": str(path), "config": state["config"], "epoch": state.get("epoch"),
+        "examples": sum(len(y) for _, y in batches),
+        "measures": measure_model(model, loss_fn, batches, names, rho=rho, samples=samples, seed=seed),
     }
     if out is not None:
         out = Path(out)
@@ -95,3 +106,34 @@ def measure_checkpoint(path: str | os.PathLike[str], names: Sequence[str], *, ex
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, out)
     return result
+
+
+LANDSCAPES = ("1d", "2d")
+
+
+def landscape_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], kinds: Sequence[str], *,
+                         examples: int = 1000, batch_size: int = 500, points: int = 21, span: float = 1.0,
+                         seed: int = 0) -> list[Path]:
+    """Loss landscapes of a checkpoint along random filter-normalized directions (Li et al., 2018) as PNGs.
+
+    ``"1d"``: ``L(w + a d)`` for ``a`` in ``[-span, span]``; ``"2d"``: a contour plot of
+    ``L(w + a d_1 + b d_2)``. Returns the written files.
+    """
+    unknown = [k for k in kinds if k not in LANDSCAPES]
+    if unknown or not kinds:
+        raise ValueError(f"Invalid landscape kinds: {list(kinds)} (expected some of {', '.join(LANDSCAPES)})")
+    _, _, model, loss_fn, batches = load_for_measurement(path, examples=examples, batch_size=batch_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "1d" in kinds:
+        target = out_dir / "landscape_1d.png"
+        measures.loss_along_direction(model, loss_fn, batches, span=(-span, span), points=points, seed=seed,
+                                      plot_path=target)
+        written.append(target)
+    if "2d" in kinds:
+        target = out_dir / "landscape_2d.png"
+        measures.loss_surface(model, loss_fn, batches, x_span=(-span, span), y_span=(-span, span), points=points,
+                              seed=seed, plot_path=target)
+        written.append(target)
+    return written
