@@ -44,14 +44,18 @@ def squared_norm(tensors: Sequence[Tensor], device: torch.device | None = None) 
 
 
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
-    """Sum over tensor pairs of the elementwise inner product ``<x, y>`` (no host sync)."""
+    """Sum over tensor pairs of the inner product ``<x, y>`` (no host sync, no parameter-sized temporaries)."""
     if not xs:
         return torch.zeros((), device=device or "cpu")
     device = device or xs[0].device
-    total = None
-    for x_bucket, y_bucket in group_by_device_dtype(xs, ys):
-        products = torch._foreach_mul(x_bucket, y_bucket)
-        part = torch.stack([p.sum(dtype=torch.promote_types(p.dtype, torch.float32)) for p in products])
-        part = part.sum().to(device)
-        total = part if total is None else total + part.to(total.dtype)
+    parts = []
+    for x, y in zip(xs, ys, strict=True):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        if x.dtype == acc:
+            parts.append(torch.dot(x.reshape(-1), y.reshape(-1)).to(device))
+        else:  # low precision: accumulate in float32
+            parts.append(torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc)).to(device))
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part.to(total.dtype)
     return total

@@ -174,6 +174,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self._perturbed_params: list[Tensor] = []
         self._found_inf: Tensor | None = None
         self._local_grads = False
+        self._reuse_norm: Tensor | None = None  # ||g_v|| of the stored LookSAM direction
 
         # Optimizer.__init__ sets up hooks and calls add_param_group (below) for each of the base's groups,
         # which re-registers the same dicts with the base and adds our defaults: the groups are shared.
@@ -380,6 +381,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
         A ``g_v`` at rounding level (``||g_v|| <= 32 eps ||g_s||``, e.g. ``rho = 0`` where ``g_s = g``) is
         stored as exactly zero: normalizing rounding noise to ``alpha ||g||`` would inject a random direction.
+        ``||g_v||`` is cached for the reuse steps (recomputed after a checkpoint load).
         """
         params = [p for p in params if p.grad is not None]
         if not params:
@@ -390,12 +392,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         direction = self._scratch(params, _REUSE)
         for dst, g_s, g in group_by_device_dtype(direction, sam_grads, clean):
             torch._foreach_copy_(dst, g_s)
-            c = coef.to(device=dst[0].device, dtype=dst[0].dtype)
-            torch._foreach_add_(dst, torch._foreach_mul(g, -c))
+            c = coef.to(device=dst[0].device, dtype=dst[0].dtype).neg()
+            torch._foreach_addcmul_(dst, g, [c] * len(dst))  # dst <- g_s - coef * g, in place
         eps = max(torch.finfo(p.dtype).eps for p in params)
-        keep = (squared_norm(direction) > (32 * eps) ** 2 * squared_norm(sam_grads)).to(coef.dtype)
+        sq = squared_norm(direction)
+        keep = (sq > (32 * eps) ** 2 * squared_norm(sam_grads)).to(sq.dtype)
         for (bucket,) in group_by_device_dtype(direction):
             torch._foreach_mul_(bucket, keep.to(device=bucket[0].device, dtype=bucket[0].dtype))
+        self._reuse_norm = (sq * keep).sqrt()
 
     def _apply_reuse_direction(self) -> None:
         r"""LookSAM reuse step: ``g <- g + alpha * ||g|| / ||g_v|| * g_v`` (no-op before the first SAM step)."""
@@ -404,9 +408,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             return
         grads = [p.grad for p in params]
         direction = [self.state[p][_REUSE] for p in params]
-        scale = self.reuse_alpha * squared_norm(grads).sqrt() / (squared_norm(direction).sqrt() + 1e-12)
+        if self._reuse_norm is None:
+            self._reuse_norm = squared_norm(direction).sqrt()
+        scale = self.reuse_alpha * squared_norm(grads).sqrt() / (self._reuse_norm + 1e-12)
         for g, v in group_by_device_dtype(grads, direction):
-            torch._foreach_add_(g, torch._foreach_mul(v, scale.to(device=g[0].device, dtype=g[0].dtype)))
+            s = scale.to(device=g[0].device, dtype=g[0].dtype)
+            torch._foreach_addcmul_(g, v, [s] * len(g))  # g <- g + scale * g_v, in place
 
     # ------------------------------------------------------------------ checkpoints
     def _all_params(self) -> list[Tensor]:
@@ -464,6 +471,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.skipped_steps = int(counters.get("skipped_steps", 0))
         self.policy.load_state_dict(extra["policy"])
         params = self._all_params()
+        self._reuse_norm = None
         for p in params:
             for key in _PERSISTENT_KEYS:
                 self.state[p].pop(key, None)
