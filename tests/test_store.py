@@ -70,7 +70,7 @@ def test_exports(tmp_path):
     assert sorted(r["config"]["seed"] for r in payload) == [0, 1]
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     assert len(rows) == 2 and rows[0]["run_key"] and "summary.test_acc" in rows[0]
-    assert not list(tmp_path.glob("*.tmp-*"))
+    assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob(".*.tmp-*"))
 
 
 def test_foreign_file_and_missing_directory(tmp_path):

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .._io import atomic_open
+
 __all__ = ["load_checkpoint", "save_checkpoint"]
 
 _FORMAT = "sharpness-checkpoint-v1"
@@ -15,13 +17,8 @@ _FORMAT = "sharpness-checkpoint-v1"
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file in the same directory, fsync, then ``os.replace`` (all or nothing)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with atomic_open(path, "wb") as handle:
         torch.save({"format": _FORMAT, **state}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import measures
+from .._io import write_text_atomically
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .train import make_loss
@@ -101,10 +102,7 @@ def measure_checkpoint(path: str | os.PathLike[str], names: Sequence[str], *, ex
         "measures": measure_model(model, loss_fn, batches, names, rho=rho, samples=samples, seed=seed),
     }
     if out is not None:
-        out = Path(out)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
+        write_text_atomically(out, json.dumps(result, indent=2))
     return result
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_open, write_text_atomically
 from .config import TrainConfig
 from .store import RunRecord, Store
 
@@ -389,9 +390,8 @@ def _write_figure(path: Path, groups: Sequence[RunGroup], x_key: str, y_fn: Any,
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png")
     return True
 
 
@@ -481,13 +481,6 @@ def _render_html(blocks: Sequence[Block], title: str) -> str:
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------- entry point
@@ -563,5 +556,5 @@ def build_report(store: Store | str | os.PathLike[str], out_dir: str | os.PathLi
         page, text = out / "report.md", _render_markdown(blocks)
     else:
         page, text = out / "report.html", _render_html(blocks, title)
-    _write_text(page, text)
+    write_text_atomically(page, text)
     return page

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_open, write_text_atomically
+
 __all__ = ["RunRecord", "Store", "run_key"]
 
 _SCHEMA = """
@@ -154,7 +156,7 @@ class Store:
              "finished_at": r.finished_at, "epochs": list(r.epochs)}
             for r in self.runs()
         ]
-        _write_atomically(path, json.dumps(payload, indent=2, allow_nan=True))
+        write_text_atomically(path, json.dumps(payload, indent=2, allow_nan=True))
 
     def export_csv(self, path: str | os.PathLike[str]) -> None:
         """One row per run: ``run_key``, flattened ``config.*`` and ``summary.*`` columns, written atomically."""
@@ -165,24 +167,12 @@ class Store:
             row.update({f"summary.{k}": _cell(v) for k, v in sorted(r.summary.items())})
             rows.append(row)
         columns = sorted({c for row in rows for c in row}, key=lambda c: (c != "run_key", c))
-        tmp = Path(f"{path}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="") as handle:
+        with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
 
 
 def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
-
-def _write_atomically(path: str | os.PathLike[str], text: str) -> None:
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
