@@ -91,6 +91,13 @@ def test_measure_a_trained_checkpoint(tmp_path):
     assert pictures.exit_code == 0, pictures.output
     for name in ("landscape_1d.png", "landscape_2d.png"):
         assert (tmp_path / "land" / name).read_bytes()[:4] == b"\x89PNG"
+    on_test = runner.invoke(app, ["measure", str(path), "--measures", "lambda_max", "--examples", "200",
+                                  "--split", "test", "--out", str(tmp_path / "t.json")])
+    assert on_test.exit_code == 0, on_test.output
+    test_value = json.loads((tmp_path / "t.json").read_text())["measures"]["lambda_max"]["value"]
+    assert test_value > 0 and test_value != measured["lambda_max"]["value"]
+    bad_split = runner.invoke(app, ["measure", str(path), "--split", "val"])
+    assert bad_split.exit_code == 2 and "Invalid split value" in bad_split.output
     bad = runner.invoke(app, ["measure", str(path), "--measures", "lambda_min"])
     assert bad.exit_code == 2 and "Unknown measure name" in bad.output
     missing = runner.invoke(app, ["measure", str(tmp_path / "none.pt")])

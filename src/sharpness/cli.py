@@ -138,7 +138,9 @@ def measure_command(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint written by `sharpness train --checkpoint-dir`")],
     measures: Annotated[str, typer.Option(
         help="comma-separated: lambda_max, trace, frobenius, sam, gnr, keskar")] = "lambda_max,trace",
-    examples: Annotated[int, typer.Option(help="training examples measured (the first N, in order)")] = 1000,
+    examples: Annotated[int, typer.Option(help="examples measured (the first N of --split, in order)")] = 1000,
+    split: Annotated[str, typer.Option(
+        help="which split of the run's data set to measure on: train or test")] = "train",
     batch_size: Annotated[int, typer.Option(help="examples per batch inside the measures")] = 500,
     rho: Annotated[float, typer.Option(help="radius of the sam and gnr measures")] = 0.05,
     samples: Annotated[int, typer.Option(help="random probes of the trace and frobenius estimators")] = 100,
@@ -154,7 +156,7 @@ def measure_command(
 
     try:
         result = measure_checkpoint(checkpoint, measures.split(","), examples=examples, batch_size=batch_size,
-                                    rho=rho, samples=samples, seed=seed, out=out)
+                                    rho=rho, samples=samples, seed=seed, split=split, out=out)
         pictures = [] if landscape is None else landscape_checkpoint(
             checkpoint, landscape_dir, landscape.split(","), examples=examples, batch_size=batch_size,
             points=points, seed=seed)

@@ -65,8 +65,14 @@ def measure_model(model: nn.Module, loss_fn: Callable, data: Any, names: Sequenc
     return {name: _MEASURES[name][0](model, loss_fn, data, options).as_dict() for name in _check_names(names)}
 
 
-def load_for_measurement(path: str | os.PathLike[str], *, examples: int = 1000, batch_size: int = 500):
-    """Rebuild a checkpoint's model (weights loaded) and its first ``examples`` training examples as batches.
+SPLITS = ("train", "test")
+
+
+def load_for_measurement(path: str | os.PathLike[str], *, examples: int = 1000, batch_size: int = 500,
+                         split: str = "train"):
+    """Rebuild a checkpoint's model (weights loaded) and the first ``examples`` of its data set's ``split``.
+
+    The data set (with the run's seed, label noise and subset) comes from the checkpoint's config.
 
     Returns ``(state, config, model, loss_fn, batches)``.
     """
@@ -75,6 +81,8 @@ def load_for_measurement(path: str | os.PathLike[str], *, examples: int = 1000, 
 
     if examples < 1 or batch_size < 1:
         raise ValueError(f"Invalid examples/batch_size: {examples}/{batch_size} (expected integers >= 1)")
+    if split not in SPLITS:
+        raise ValueError(f"Invalid split value: {split!r} (expected one of {', '.join(SPLITS)})")
     state = load_checkpoint(path)
     config = TrainConfig.from_dict(state["config"])
     data = load_dataset(config.dataset, seed=config.seed, label_noise=config.label_noise, subset=config.subset,
@@ -82,8 +90,9 @@ def load_for_measurement(path: str | os.PathLike[str], *, examples: int = 1000, 
     model = create_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape,
                          **config.model_options)
     model.load_state_dict(state["model"])
-    count = min(examples, len(data.train))
-    items = [data.train[i] for i in range(count)]
+    source = data.train if split == "train" else data.test
+    count = min(examples, len(source))
+    items = [source[i] for i in range(count)]
     xs = torch.stack([x for x, _ in items])
     ys = torch.as_tensor([int(y) for _, y in items]) if items[0][1].dim() == 0 else torch.stack([y for _, y in items])
     batches = list(zip(xs.split(batch_size), ys.split(batch_size)))
@@ -92,12 +101,13 @@ def load_for_measurement(path: str | os.PathLike[str], *, examples: int = 1000, 
 
 def measure_checkpoint(path: str | os.PathLike[str], names: Sequence[str], *, examples: int = 1000,
                        batch_size: int = 500, rho: float = 0.05, samples: int = 100, seed: int = 0,
-                       out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+                       split: str = "train", out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Rebuild the checkpoint's model and data, run the measures, optionally write JSON atomically."""
     names = _check_names(names)
-    state, _, model, loss_fn, batches = load_for_measurement(path, examples=examples, batch_size=batch_size)
+    state, _, model, loss_fn, batches = load_for_measurement(path, examples=examples, batch_size=batch_size,
+                                                             split=split)
     result = {
-        "checkpoint": str(path), "config": state["config"], "epoch": state.get("epoch"),
+        "checkpoint": str(path), "config": state["config"], "epoch": state.get("epoch"), "split": split,
         "examples": sum(len(y) for _, y in batches),
         "measures": measure_model(model, loss_fn, batches, names, rho=rho, samples=samples, seed=seed),
     }
