@@ -13,6 +13,11 @@ __all__: list[str] = []
 
 def group_by_device_dtype(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
     """Split parallel lists of tensors into buckets sharing the first list's (device, dtype)."""
+    first = tensor_lists[0]
+    if first:
+        device, dtype = first[0].device, first[0].dtype
+        if all(t.device == device and t.dtype == dtype for t in first):  # the common case: one bucket
+            return [tuple(list(tensors) for tensors in tensor_lists)]
     buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], ...]] = defaultdict(
         lambda: tuple([] for _ in tensor_lists)
     )
@@ -33,10 +38,16 @@ def squared_norm(tensors: Sequence[Tensor], device: torch.device | None = None) 
     device = device or tensors[0].device
     parts = []
     for (bucket,) in group_by_device_dtype(tensors):
-        norms = torch._foreach_norm(bucket)
-        # Accumulate in at least float32 so bf16/fp16 gradients do not overflow.
-        stacked = torch.stack(norms).to(device=device, dtype=torch.promote_types(bucket[0].dtype, torch.float32))
-        parts.append(stacked.square().sum())
+        # Norms of bf16/fp16 tensors are computed in float32: a low-precision result loses ~3 digits.
+        acc = torch.promote_types(bucket[0].dtype, torch.float32)
+        if bucket[0].dtype == acc:
+            norms = torch._foreach_norm(bucket)
+        else:
+            try:
+                norms = torch._foreach_norm(bucket, 2, dtype=acc)
+            except TypeError:  # torch without the dtype argument
+                norms = [t.to(acc).norm() for t in bucket]
+        parts.append(torch.stack(norms).to(device=device, dtype=acc).square().sum())
     total = parts[0]
     for part in parts[1:]:
         total = total + part.to(total.dtype)
