@@ -288,10 +288,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
                 return False
 
         grad_sq_norm = None
+        local_sq = None  # ||g||^2 of this rank's gradients, reused by the rule (no second norm pass)
         if self.policy.needs_grad_sq_norm:
             sq = squared_norm(grads)
             if self._local_grads:
+                local_sq = sq.clone()
                 all_reduce_mean_(sq)
+            else:
+                local_sq = sq
             grad_sq_norm = sq.item()
             self.last_grad_sq_norm = grad_sq_norm
         perturb = bool(self.policy.decide(self.steps, grad_sq_norm)) and bool(grads)
@@ -314,7 +318,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         for dst, src in group_by_device_dtype(backup, params):
             torch._foreach_copy_(dst, src)
         self._perturbed_params = params
-        self.rule.perturb_(views)  # w <- w + e(w); may overwrite the gradients
+        self.rule.perturb_(views, grad_sq_norm=local_sq)  # w <- w + e(w); may overwrite the gradients
         if self._bn_guard is not None:
             self._bn_guard.save()
         self._phase = _Phase.PERTURBED

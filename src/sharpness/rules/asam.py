@@ -43,7 +43,8 @@ class ASAMPerturbation(PerturbationRule):
         return scales
 
     @torch.no_grad()
-    def perturb_(self, views: list[ParamGroupView]) -> None:
+    def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: torch.Tensor | None = None) -> None:
+        # ||g||^2 is not what ASAM normalizes by (it needs ||T_w g||), so grad_sq_norm is unused.
         buckets = []  # (group, params, grads, T) per (group, device, dtype)
         for view in views:
             for params, grads in group_by_device_dtype(view.params, view.grads):

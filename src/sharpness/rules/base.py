@@ -32,8 +32,12 @@ class PerturbationRule(ABC):
     name: str = "rule"
 
     @abstractmethod
-    def perturb_(self, views: list[ParamGroupView]) -> None:
-        """Add the perturbation to ``view.params`` in place for every view."""
+    def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: Tensor | None = None) -> None:
+        """Add the perturbation to ``view.params`` in place for every view.
+
+        ``grad_sq_norm``, when given, is ``||g||^2`` over all the views' gradients, already computed by the
+        engine (for a policy); a rule that needs it may use it instead of recomputing it.
+        """
 
     def extra_repr(self) -> str:
         return ""

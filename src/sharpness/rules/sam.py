@@ -27,11 +27,11 @@ class SAMPerturbation(PerturbationRule):
         self.eps = check_non_negative("eps", eps)
 
     @torch.no_grad()
-    def perturb_(self, views: list[ParamGroupView]) -> None:
+    def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: torch.Tensor | None = None) -> None:
         grads = [g for view in views for g in view.grads]
         if not grads:
             return
-        norm = squared_norm(grads).sqrt_()
+        norm = (squared_norm(grads) if grad_sq_norm is None else grad_sq_norm).sqrt()
         for view in views:
             if not view.params:
                 continue
