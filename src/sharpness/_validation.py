@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 __all__: list[str] = []
 
@@ -63,3 +64,10 @@ def check_int_at_least(name: str, value: object, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"Invalid {name} value: {value} (expected an integer {name} >= {minimum})")
     return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """``value`` must be one of ``choices`` (strings); the error lists them."""
+    if value not in choices:
+        raise ValueError(f"Invalid {name} value: {value!r} (expected one of {', '.join(map(repr, choices))})")
+    return value  # type: ignore[return-value]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_choice
 from ..batchnorm import RunningStatsGuard
 
 __all__ = ["LossFn", "Batch", "as_batches", "trainable_parameters", "measurement_mode", "batch_loss",
@@ -80,9 +81,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def check_mode(mode: str) -> str:
     """Validate a measurement mode name (``"eval"`` or ``"train"``)."""
-    if mode not in MODES:
-        raise ValueError(f"Invalid mode value: {mode!r} (expected one of {', '.join(MODES)})")
-    return mode
+    return check_choice("mode", mode, MODES)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_int_at_least, check_positive
+from .._validation import check_choice, check_int_at_least, check_positive
 from ._common import (Batch, LossFn, Vector, as_batches, gradient, mean_loss, check_mode, measurement_mode, norm,
                       shifted_parameters, trainable_parameters)
 from ._per_sample import check_per_sample_mode, per_sample_gradients
@@ -200,9 +200,7 @@ def gnr_sharpness(model: nn.Module, loss_fn: LossFn, data: Batch | Any, rho: flo
     rho = check_positive("rho", rho)
     steps, restarts, step_size, seed = _check_search(steps, restarts, step_size, seed)
     check_mode(mode)
-    if hvp_method not in HVP_METHODS:
-        raise ValueError(f"Invalid hvp_method value: {hvp_method!r} (expected one of "
-                         f"{', '.join(HVP_METHODS)})")
+    check_choice("hvp_method", hvp_method, HVP_METHODS)
     params, batches = _setup(model, data)
     counter = _Counter()
     generator = torch.Generator().manual_seed(seed)
@@ -249,8 +247,7 @@ def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Batch | Any, epsil
             the box's half-widths or of the ball's radius).
     """
     epsilon = check_positive("epsilon", epsilon)
-    if region not in KESKAR_REGIONS:
-        raise ValueError(f"Invalid region value: {region!r} (expected one of {', '.join(KESKAR_REGIONS)})")
+    check_choice("region", region, KESKAR_REGIONS)
     steps, restarts, step_size, seed = _check_search(steps, restarts, step_size, seed)
     check_mode(mode)
     params, batches = _setup(model, data)

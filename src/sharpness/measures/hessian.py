@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_int_at_least, check_positive
+from .._validation import check_choice, check_int_at_least, check_positive
 from ._common import Batch, LossFn, Vector, measurement_mode, random_vector, trainable_parameters
 from .hvp import HessianOperator
 from .result import Measurement
@@ -57,11 +57,6 @@ _FIRST_ROWS = 32  # Lanczos basis rows allocated first (then doubled as needed)
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"Invalid {name} value: {value!r} (expected one of {', '.join(map(repr, choices))})")
-    return value  # type: ignore[return-value]
-
 
 def _check_tol(tol: object, *, optional: bool = False) -> float | None:
     if tol is None and optional:
@@ -400,8 +395,8 @@ def hessian_eigenpairs(model: nn.Module, loss_fn: LossFn, data: Batch | Any, k: 
         B. Parlett, The Symmetric Eigenvalue Problem, SIAM, 1998. Z. Yao, A. Gholami, K. Keutzer, M. Mahoney,
         "PyHessian: Neural Networks Through the Lens of the Hessian", IEEE BigData 2020 (arXiv:1912.07145).
     """
-    method = _check_choice("method", method, EIGEN_METHODS)
-    which = _check_choice("which", which, EIGEN_ORDERS)
+    method = check_choice("method", method, EIGEN_METHODS)
+    which = check_choice("which", which, EIGEN_ORDERS)
     tol = check_positive("tol", tol)
     seed = check_int_at_least("seed", seed, 0)
     dim = _dimension(model)
@@ -445,6 +440,13 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Batch | Any, k:
 
 
 # ---------------------------------------------------------------------------------------------- Hutchinson
+def _check_probe_options(samples: object, tol: object, kind: object,
+                         seed: object) -> tuple[int, float | None, str, int]:
+    """The options shared by the Monte-Carlo estimators (trace, Frobenius)."""
+    return (check_int_at_least("samples", samples, 1), _check_tol(tol, optional=True),
+            check_choice("kind", kind, PROBE_KINDS), check_int_at_least("seed", seed, 0))
+
+
 def _mean_stderr(samples: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error ``s / sqrt(n)`` (sample standard deviation; nan for one sample), float64."""
     n = len(samples)
@@ -516,10 +518,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, sampl
         splines", Comm. Stat. Simul. Comput., 1989. H. Avron, S. Toledo, "Randomized algorithms for
         estimating the trace of an implicit symmetric positive semi-definite matrix", J. ACM, 2011.
     """
-    samples = check_int_at_least("samples", samples, 1)
-    tol = _check_tol(tol, optional=True)
-    kind = _check_choice("kind", kind, PROBE_KINDS)
-    seed = check_int_at_least("seed", seed, 0)
+    samples, tol, kind, seed = _check_probe_options(samples, tol, kind, seed)
     dim = _dimension(model)
     generator = torch.Generator().manual_seed(seed)
     with _flat_operator(model, loss_fn, data, mode, hvp_method) as op:
@@ -560,10 +559,7 @@ def hessian_frobenius(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, s
         kind: ``"rademacher"`` (default) or ``"gaussian"``.
         seed, mode, hvp_method: see :func:`hessian_trace`.
     """
-    samples = check_int_at_least("samples", samples, 1)
-    tol = _check_tol(tol, optional=True)
-    kind = _check_choice("kind", kind, PROBE_KINDS)
-    seed = check_int_at_least("seed", seed, 0)
+    samples, tol, kind, seed = _check_probe_options(samples, tol, kind, seed)
     dim = _dimension(model)
     generator = torch.Generator().manual_seed(seed)
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .._validation import check_positive
+from .._validation import check_choice, check_positive
 from ._common import (Batch, LossFn, Vector, as_batches, batch_loss, gradient, measurement_mode, norm,
                       shifted_parameters, trainable_parameters)
 
@@ -37,8 +37,7 @@ class HessianOperator:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, method: str = "double_backward",
                  fd_eps: float = 1e-4) -> None:
-        if method not in HVP_METHODS:
-            raise ValueError(f"Invalid method value: {method!r} (expected one of {', '.join(HVP_METHODS)})")
+        check_choice("method", method, HVP_METHODS)
         self.model = model
         self.loss_fn = loss_fn
         self.method = method

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._validation import check_finite, check_int_at_least, check_positive
+from .._validation import check_choice, check_finite, check_int_at_least, check_positive
 from ._common import (Batch, LossFn, Vector, as_batches, mean_loss, measurement_mode, norm, random_vector,
                       shifted_parameters, trainable_parameters)
 from ._common import check_mode
@@ -81,11 +81,6 @@ def _check_span(name: str, span: object) -> tuple[float, float]:
     return start, stop
 
 
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"Invalid {name} value: {value!r} (expected one of {', '.join(choices)})")
-    return value  # type: ignore[return-value]
-
 
 def _check_direction(name: str, direction: Sequence[Tensor], params: Sequence[Tensor]) -> Vector:
     direction = list(direction)
@@ -130,7 +125,7 @@ def filter_normalized_direction(model: nn.Module, *, seed: int = 0, bias_bn: str
     Returns a list of tensors shaped like the trainable parameters.
     """
     check_int_at_least("seed", seed, 0)
-    _check_choice("bias_bn", bias_bn, BIAS_BN)
+    check_choice("bias_bn", bias_bn, BIAS_BN)
     params = trainable_parameters(model)
     return _draw_direction(params, torch.Generator().manual_seed(seed), "filter", bias_bn)
 
@@ -140,8 +135,8 @@ def random_direction(model: nn.Module, *, normalization: str = "filter", seed: i
     """A random direction: filter-normalized (``"filter"``, see :func:`filter_normalized_direction`) or a
     Gaussian scaled to unit Euclidean norm (``"unit"``)."""
     check_int_at_least("seed", seed, 0)
-    _check_choice("normalization", normalization, DIRECTION_NORMALIZATIONS)
-    _check_choice("bias_bn", bias_bn, BIAS_BN)
+    check_choice("normalization", normalization, DIRECTION_NORMALIZATIONS)
+    check_choice("bias_bn", bias_bn, BIAS_BN)
     params = trainable_parameters(model)
     return _draw_direction(params, torch.Generator().manual_seed(seed), normalization, bias_bn)
 
@@ -273,8 +268,8 @@ def loss_surface(model: nn.Module, loss_fn: LossFn, data: Batch | Any,
     batches = as_batches(data)
     drawn = directions is None
     if drawn:
-        _check_choice("normalization", normalization, DIRECTION_NORMALIZATIONS)
-        _check_choice("bias_bn", bias_bn, BIAS_BN)
+        check_choice("normalization", normalization, DIRECTION_NORMALIZATIONS)
+        check_choice("bias_bn", bias_bn, BIAS_BN)
         generator = torch.Generator().manual_seed(seed)
         directions = (_draw_direction(params, generator, normalization, bias_bn),
                       _draw_direction(params, generator, normalization, bias_bn))
@@ -335,8 +330,8 @@ def count_local_extrema(model: nn.Module, loss_fn: LossFn, data: Batch | Any, rh
     directions = check_int_at_least("directions", directions, 1)
     points = check_int_at_least("points", points, 3)
     seed = check_int_at_least("seed", seed, 0)
-    _check_choice("normalization", normalization, DIRECTION_NORMALIZATIONS)
-    _check_choice("bias_bn", bias_bn, BIAS_BN)
+    check_choice("normalization", normalization, DIRECTION_NORMALIZATIONS)
+    check_choice("bias_bn", bias_bn, BIAS_BN)
     if not isinstance(two_sided, bool):
         raise TypeError(f"Invalid two_sided type: {type(two_sided).__name__} (expected a bool)")
     check_mode(mode)
