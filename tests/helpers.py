@@ -20,9 +20,9 @@ def registered_names() -> list[str]:
 
 def make_optimizer(name: str, base: torch.optim.Optimizer, **kwargs: Any) -> sharpness.SharpnessAwareOptimizer:
     info = sharpness.get_optimizer_info(name)
-    for key in REQUIRED_DEFAULTS:
+    for key, value in REQUIRED_DEFAULTS.items():
         if key in info.required:
-            kwargs.setdefault(key, REQUIRED_DEFAULTS[key])
+            kwargs.setdefault(key, value)
         else:
             kwargs.pop(key, None)
     return sharpness.create(name, base, **kwargs)
@@ -42,15 +42,14 @@ def classification_data(seed: int = 0, n: int = 64, dtype: torch.dtype = torch.f
 
 def make_closure(opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                  counter: list[int] | None = None) -> Callable[[], torch.Tensor]:
-    def closure() -> torch.Tensor:
+    """The closure ``opt`` expects (``sharpness.make_closure``: create_graph / per-sample losses by its flags)."""
+
+    def compute_loss(reduction: str) -> torch.Tensor:
         if counter is not None:
             counter[0] += 1
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+        return nn.functional.cross_entropy(model(x), y, reduction=reduction)
 
-    return closure
+    return sharpness.make_closure(opt, compute_loss)
 
 
 def params_equal(a: nn.Module | list, b: nn.Module | list) -> bool:

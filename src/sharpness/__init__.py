@@ -2,25 +2,26 @@
 
 from . import policies, rules
 from .batchnorm import frozen_running_stats
-from .optim import AESAM, ASAM, ERM, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer
+from .optim import AESAM, ASAM, ERM, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer, make_closure
 from .registry import OptimizerInfo, create, get_optimizer_info, list_optimizers, register_optimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AELookSAM",
     "AESAM",
     "ASAM",
     "ERM",
-    "LookSAM",
-    "OptimizerInfo",
     "SAM",
     "SSSAM",
+    "AELookSAM",
+    "LookSAM",
+    "OptimizerInfo",
     "SharpnessAwareOptimizer",
     "create",
     "frozen_running_stats",
     "get_optimizer_info",
     "list_optimizers",
+    "make_closure",
     "policies",
     "register_optimizer",
     "rules",

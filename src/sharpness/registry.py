@@ -23,6 +23,10 @@ class OptimizerInfo:
     max_grad_evals_per_step: int
     needs_closure: bool
     needs_graph: bool
+    #: the closure returns per-sample losses without backward (see ``SharpnessAwareOptimizer``)
+    needs_per_sample_losses: bool
+    #: options under which the method equals its base optimizer exactly, e.g. ``{"rho": 0.0}``
+    neutral_options: dict[str, Any]
     #: keyword arguments without defaults that ``create`` must receive (e.g. ``total_steps``)
     required: tuple[str, ...] = ()
 
@@ -43,6 +47,8 @@ def register_optimizer(name: str, cls: type[SharpnessAwareOptimizer], *, require
         max_grad_evals_per_step=cls.max_grad_evals_per_step,
         needs_closure=cls.needs_closure,
         needs_graph=cls.needs_graph,
+        needs_per_sample_losses=getattr(cls, "needs_per_sample_losses", False),
+        neutral_options=dict(getattr(cls, "neutral_options", {})),
         required=required,
     )
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .. import __version__
+from ..optim.closure import make_closure
 from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -195,19 +196,20 @@ class _Run:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
     def step(self, x: Tensor, y: Tensor) -> float:
-        model, opt, loss_fn, bf16 = self.network, self.optimizer, self.loss_fn, self.config.bf16
+        model, opt, bf16 = self.network, self.optimizer, self.config.bf16
         if self.world > 1:  # each rank takes its contiguous shard of the global batch
             x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
 
-        def closure() -> Tensor:
-            opt.zero_grad()
+        def compute_loss(reduction: str) -> Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = loss_fn(model(x).float(), y)
-            loss.backward()
-            return loss
+                out = model(x).float()
+            return nn.functional.cross_entropy(out, y, label_smoothing=self.config.label_smoothing,
+                                               reduction=reduction)
 
         self.set_lr()
-        loss = float(opt.step(closure).detach())
+        # The closure follows the optimizer's convention (create_graph for exact HVPs, per-sample losses for
+        # data selection); a per-sample loss vector is reported as its mean.
+        loss = float(opt.step(make_closure(opt, compute_loss)).detach().mean())
         if not math.isfinite(loss):
             raise FloatingPointError(f"Training diverged: loss {loss} at step {opt.steps} (lower --lr or rho)")
         return loss

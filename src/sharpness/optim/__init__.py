@@ -3,10 +3,11 @@
 from .aelooksam import AELookSAM
 from .aesam import AESAM
 from .asam import ASAM
+from .closure import make_closure
 from .engine import SharpnessAwareOptimizer
 from .erm import ERM
 from .looksam import LookSAM
 from .sam import SAM
 from .sssam import SSSAM
 
-__all__ = ["AELookSAM", "AESAM", "ASAM", "ERM", "LookSAM", "SAM", "SSSAM", "SharpnessAwareOptimizer"]
+__all__ = ["AESAM", "ASAM", "ERM", "SAM", "SSSAM", "AELookSAM", "LookSAM", "SharpnessAwareOptimizer", "make_closure"]

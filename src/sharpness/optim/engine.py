@@ -120,6 +120,10 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     max_grad_evals_per_step: ClassVar[int] = 2
     needs_closure: ClassVar[bool] = True
     needs_graph: ClassVar[bool] = False
+    #: the closure returns per-sample losses (shape ``[B]``) without calling backward; the optimizer back-propagates
+    needs_per_sample_losses: ClassVar[bool] = False
+    #: keyword options under which the method equals its base optimizer bit for bit (used by the property suite)
+    neutral_options: ClassVar[dict[str, Any]] = {"rho": 0.0}
     description: ClassVar[str] = "Base optimizer + perturbation rule + policy"
 
     def __init__(
