@@ -21,6 +21,7 @@ One step with a closure (the torch.optim convention: clear grads, forward, backw
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -45,6 +46,7 @@ Closure = Callable[[], Any]
 _BACKUP = "unperturbed_weight"
 _CLEAN_GRAD = "unperturbed_grad"
 _REUSE = "reuse_direction"
+_RULE_SCRATCH = "rule_scratch"
 _PERSISTENT_KEYS = (_REUSE,)
 
 
@@ -322,6 +324,8 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         for dst, src in group_by_device_dtype(backup, params):
             torch._foreach_copy_(dst, src)
         self._perturbed_params = params
+        if self.rule.needs_scratch:
+            views = [dataclasses.replace(view, scratch=self._scratch(view.params, _RULE_SCRATCH)) for view in views]
         self.rule.perturb_(views, grad_sq_norm=local_sq)  # w <- w + e(w); may overwrite the gradients
         if self._bn_guard is not None:
             self._bn_guard.save()

@@ -32,14 +32,22 @@ class ASAMPerturbation(PerturbationRule):
         self.adaptive_1d = bool(adaptive_1d)
         self.eps = check_non_negative("eps", eps)
 
-    def _scales(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        scales = list(torch._foreach_abs(params))
+    needs_scratch = True
+
+    def _scales(self, params: list[torch.Tensor], out: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """``T_w = |w| + eta`` written into ``out`` (the engine's preallocated buffers) when given."""
+        if out is None:
+            scales = list(torch._foreach_abs(params))
+        else:
+            scales = list(out)
+            torch._foreach_copy_(scales, params)
+            torch._foreach_abs_(scales)
         if self.eta:
             torch._foreach_add_(scales, self.eta)
         if not self.adaptive_1d:
             for i, p in enumerate(params):
                 if p.dim() <= 1:
-                    scales[i] = torch.ones_like(p)
+                    scales[i].fill_(1)
         return scales
 
     @torch.no_grad()
@@ -47,8 +55,9 @@ class ASAMPerturbation(PerturbationRule):
         # ||g||^2 is not what ASAM normalizes by (it needs ||T_w g||), so grad_sq_norm is unused.
         buckets = []  # (group, params, grads, T) per (group, device, dtype)
         for view in views:
-            for params, grads in group_by_device_dtype(view.params, view.grads):
-                scales = self._scales(params)
+            scratch = view.scratch if view.scratch is not None else [None] * len(view.params)
+            for params, grads, out in group_by_device_dtype(view.params, view.grads, scratch):
+                scales = self._scales(params, None if out[0] is None else out)
                 torch._foreach_mul_(grads, scales)  # grads <- T g
                 buckets.append((view.group, params, grads, scales))
         if not buckets:

@@ -13,11 +13,16 @@ __all__ = ["ParamGroupView", "PerturbationRule"]
 
 @dataclass(frozen=True)
 class ParamGroupView:
-    """The parameters of one param group that have a gradient, with their gradients and the group's options."""
+    """The parameters of one param group that have a gradient, with their gradients and the group's options.
+
+    ``scratch``: for a rule with ``needs_scratch``, one preallocated parameter-sized buffer per parameter that
+    the engine keeps in its state (so the rule allocates nothing per step); None when the caller gives none.
+    """
 
     group: dict[str, Any]
     params: list[Tensor]
     grads: list[Tensor]
+    scratch: list[Tensor] | None = None
 
 
 class PerturbationRule(ABC):
@@ -30,6 +35,8 @@ class PerturbationRule(ABC):
 
     #: Short name used in ``repr`` and the registry.
     name: str = "rule"
+    #: Whether ``perturb_`` wants one parameter-sized scratch buffer per parameter in ``view.scratch``.
+    needs_scratch: bool = False
 
     @abstractmethod
     def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: Tensor | None = None) -> None:
