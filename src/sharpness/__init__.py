@@ -2,7 +2,7 @@
 
 from . import policies, rules
 from .batchnorm import frozen_running_stats
-from .optim import AESAM, ASAM, ERM, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer, make_closure
+from .optim import AESAM, ASAM, ERM, GNR, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer, make_closure
 from .registry import OptimizerInfo, create, get_optimizer_info, list_optimizers, register_optimizer
 
 __version__ = "0.1.0"
@@ -11,6 +11,7 @@ __all__ = [
     "AESAM",
     "ASAM",
     "ERM",
+    "GNR",
     "SAM",
     "SSSAM",
     "AELookSAM",

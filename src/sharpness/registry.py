@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .optim import AESAM, ASAM, ERM, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer
+from .optim import AESAM, ASAM, ERM, GNR, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer
 
 __all__ = ["OptimizerInfo", "create", "get_optimizer_info", "list_optimizers", "register_optimizer"]
 
@@ -84,3 +84,4 @@ register_optimizer("looksam", LookSAM)
 register_optimizer("sssam", SSSAM)
 register_optimizer("aesam", AESAM, required=("total_steps",))
 register_optimizer("aelooksam", AELookSAM, required=("total_steps",))
+register_optimizer("gnr", GNR)

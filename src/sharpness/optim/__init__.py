@@ -6,8 +6,11 @@ from .asam import ASAM
 from .closure import make_closure
 from .engine import SharpnessAwareOptimizer
 from .erm import ERM
+from .gnr import GNR
 from .looksam import LookSAM
 from .sam import SAM
 from .sssam import SSSAM
 
-__all__ = ["AESAM", "ASAM", "ERM", "SAM", "SSSAM", "AELookSAM", "LookSAM", "SharpnessAwareOptimizer", "make_closure"]
+__all__ = [
+    "AESAM", "ASAM", "ERM", "GNR", "SAM", "SSSAM", "AELookSAM", "LookSAM", "SharpnessAwareOptimizer", "make_closure",
+]
