@@ -34,3 +34,40 @@ def test_squared_norm_and_dot_match_float64_references():
     assert abs(float(squared_norm(xs)) - ref_sq) <= 1e-5 * ref_sq
     assert abs(float(dot(xs, ys)) - ref_dot) <= 1e-5 * max(1.0, abs(ref_dot))
     assert float(squared_norm([])) == 0.0 and float(dot([], [])) == 0.0
+
+
+def test_list_ops_single_tensor_path_matches_the_fused_path():
+    """Every list op of sharpness._foreach gives bit-identical results in both modes, over mixed dtypes."""
+    from sharpness import _foreach as fe
+
+    g = torch.Generator().manual_seed(0)
+
+    def tensors():
+        return [torch.randn(3, 4, generator=g).double(), torch.randn(5, generator=g), torch.randn(2, 2, generator=g)]
+
+    a, b, c = tensors(), tensors(), tensors()
+    scale = torch.tensor(0.37, dtype=torch.float64)
+    results = []
+    for enabled in (True, False):
+        with fe.foreach_mode(enabled):
+            assert fe.foreach_enabled() is enabled
+            outs = [t.clone() for t in a]
+            for bucket_out, bucket_b, bucket_c in fe.group_by_device_dtype(outs, b, c):
+                fe.mul_(bucket_out, scale.to(bucket_out[0].dtype))
+                fe.add_(bucket_out, bucket_b, alpha=-0.5)
+                fe.add_(bucket_out, 0.25)
+                fe.addcmul_(bucket_out, bucket_b, bucket_c, 0.3)
+                fe.addcmul_(bucket_out, bucket_c, [scale.to(bucket_c[0].dtype)] * len(bucket_c))
+                fe.abs_(bucket_out)
+                fe.mul_(bucket_out, bucket_c)
+            copies = [torch.empty_like(t) for t in outs]
+            fe.copy_(copies, outs)
+            results.append((copies, fe.squared_norm(outs), fe.dot(outs, b)))
+    (fused, n1, d1), (single, n2, d2) = results
+    assert all(torch.equal(u, v) for u, v in zip(fused, single))
+    torch.testing.assert_close(n1, n2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(d1, d2, rtol=0, atol=0)
+    expected = [((t * 0.37 - 0.5 * u + 0.25 + 0.3 * u * v + 0.37 * v).abs() * v) for t, u, v in zip(a, b, c)]
+    for out, ref in zip(fused, expected):
+        torch.testing.assert_close(out, ref.to(out.dtype))
+    assert fe.foreach_enabled() is True  # the context restores the default

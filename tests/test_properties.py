@@ -247,3 +247,21 @@ def test_composition_any_policy_with_any_rule():
     losses = _train(opt, model, x, y, 40)
     assert losses[-1] < 0.6 * losses[0]
     assert 0 < opt.sam_steps < opt.steps
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_foreach_and_single_tensor_paths_agree(name):
+    """``foreach=False`` runs the same algorithm one tensor at a time: identical weights and state."""
+    x, y = classification_data(1)
+    models, opts = [], []
+    for foreach in (None, False):
+        model = mlp(0)
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=False)
+        opt = make_optimizer(name, base, total_steps=12, foreach=foreach)
+        assert opt.foreach is foreach
+        _train(opt, model, x, y, 12)
+        models.append(model)
+        opts.append(opt)
+    assert params_equal(*models)
+    _assert_nested_equal(opts[0].state_dict()["state"], opts[1].state_dict()["state"])
+    _assert_nested_equal(opts[0].state_dict()["sharpness"], opts[1].state_dict()["sharpness"])

@@ -1,14 +1,117 @@
-"""Grouped ``torch._foreach_*`` helpers: tensors are bucketed by (device, dtype) so each call is one fused op."""
+"""Grouped ``torch._foreach_*`` helpers: tensors are bucketed by (device, dtype) so each call is one fused op.
+
+The in-place list ops below (``copy_``, ``mul_``, ``add_``, ``addcmul_``, ``abs_``) and the reductions
+(``squared_norm``, ``dot``) have two implementations with one signature, as torch.optim's ``_foreach_*`` and
+``_single_tensor_*`` kernels: the fused ``torch._foreach_*`` path (the default) and a per-tensor loop. Which one
+runs is a context setting (:func:`foreach_mode`) that the optimizers set from their ``foreach`` option, so
+both paths run the same algorithm code and their parity is testable.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__: list[str] = []
+
+_FOREACH: contextvars.ContextVar[bool] = contextvars.ContextVar("sharpness_foreach", default=True)
+
+
+@contextlib.contextmanager
+def foreach_mode(enabled: bool | None) -> Iterator[None]:
+    """Run the list ops fused (``True``, also for ``None``: the default) or one tensor at a time (``False``)."""
+    token = _FOREACH.set(True if enabled is None else bool(enabled))
+    try:
+        yield
+    finally:
+        _FOREACH.reset(token)
+
+
+def foreach_enabled() -> bool:
+    return _FOREACH.get()
+
+
+def uses_foreach_option(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate an optimizer method so its list ops follow the instance's ``foreach`` option."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with foreach_mode(getattr(self, "foreach", None)):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _per_tensor(value: Any, n: int) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def copy_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """``dst[i] <- src[i]``."""
+    if _FOREACH.get():
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
+
+
+def mul_(tensors: Sequence[Tensor], other: Any) -> None:
+    """``t[i] <- t[i] * other[i]`` (``other``: a number, a 0-d tensor, or a list of tensors/numbers)."""
+    if _FOREACH.get():
+        torch._foreach_mul_(tensors, other)
+    else:
+        for t, o in zip(tensors, _per_tensor(other, len(tensors)), strict=True):
+            t.mul_(o)
+
+
+def add_(tensors: Sequence[Tensor], other: Any, *, alpha: float = 1) -> None:
+    """``t[i] <- t[i] + alpha * other[i]`` (``other``: a number or a list of tensors)."""
+    if _FOREACH.get():
+        if isinstance(other, (list, tuple)):
+            torch._foreach_add_(tensors, other, alpha=alpha)
+        else:
+            torch._foreach_add_(tensors, other if alpha == 1 else other * alpha)
+    else:
+        for t, o in zip(tensors, _per_tensor(other, len(tensors)), strict=True):
+            if isinstance(o, Tensor):
+                t.add_(o, alpha=alpha)
+            else:
+                t.add_(o if alpha == 1 else o * alpha)
+
+
+def addcmul_(tensors: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor] | Any, value: Any = 1) -> None:
+    """``t[i] <- t[i] + value[i] * a[i] * b[i]`` (``b``: a list of tensors; ``value``: a number or a list of
+    numbers / 0-d tensors). With ``b`` a number or a list of 0-d tensors it is ``t[i] + a[i] * b[i]``."""
+    if _FOREACH.get():
+        if isinstance(value, (int, float)) and value == 1:
+            torch._foreach_addcmul_(tensors, a, b)
+        else:
+            torch._foreach_addcmul_(tensors, a, b, value)
+    else:
+        bs = _per_tensor(b, len(tensors))
+        for t, x, y, v in zip(tensors, a, bs, _per_tensor(value, len(tensors)), strict=True):
+            if isinstance(y, Tensor) and y.dim() == 0 and x.dim() > 0:
+                t.addcmul_(x, y.expand_as(x), value=v)
+            elif isinstance(y, Tensor):
+                t.addcmul_(x, y, value=v)
+            else:
+                t.add_(x, alpha=y * v)
+
+
+def abs_(tensors: Sequence[Tensor]) -> None:
+    """``t[i] <- |t[i]|``."""
+    if _FOREACH.get():
+        torch._foreach_abs_(tensors)
+    else:
+        for t in tensors:
+            t.abs_()
 
 
 def group_by_device_dtype(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
@@ -40,7 +143,9 @@ def squared_norm(tensors: Sequence[Tensor], device: torch.device | None = None) 
     for (bucket,) in group_by_device_dtype(tensors):
         # Norms of bf16/fp16 tensors are computed in float32: a low-precision result loses ~3 digits.
         acc = torch.promote_types(bucket[0].dtype, torch.float32)
-        if bucket[0].dtype == acc:
+        if not _FOREACH.get():
+            norms = [torch.linalg.vector_norm(t, dtype=acc) for t in bucket]
+        elif bucket[0].dtype == acc:
             norms = torch._foreach_norm(bucket)
         else:
             try:

@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .._foreach import dot, group_by_device_dtype, squared_norm
+from .. import _foreach
+from .._foreach import dot, group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_non_negative, check_positive
 from ..amp import record_step, unscale_
 from ..batchnorm import RunningStatsGuard
@@ -111,6 +112,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         max_grad_norm: clip the final gradient to this global L2 norm (magnitude only) before the base step.
         sync_perturbation: with a DDP ``model``, all-reduce the first pass too, so every rank uses the global
             perturbation (equals single-process training on the global batch).
+        foreach: the wrapper's own list operations (perturb, restore, norms, combinations) as fused
+            ``torch._foreach_*`` kernels (None or True, the default) or one tensor at a time (False; same
+            results, for debugging). The base optimizer keeps its own ``foreach`` setting.
         **base_kwargs: options of ``base_class`` (davda54 construction form only).
 
     Counters: ``steps`` (updates applied), ``sam_steps``, ``grad_evals`` (passes used, including those of
@@ -141,6 +145,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         max_grad_norm: float | None = None,
         sync_perturbation: bool = False,
+        foreach: bool | None = None,
         **base_kwargs: Any,
     ) -> None:
         name = type(self).__name__
@@ -167,6 +172,9 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         self.grad_scaler = grad_scaler
         self.max_grad_norm = max_grad_norm
         self.sync_perturbation = bool(sync_perturbation)
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"Invalid foreach value: {foreach!r} (expected None, True or False)")
+        self.foreach = foreach
         self._wrapper_defaults = {"rho": rho}
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self._bn_guard = RunningStatsGuard(model) if model is not None else None
@@ -215,6 +223,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the closure API
     @torch.no_grad()
+    @uses_foreach_option
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
         """Run one full step; the closure is called once or twice. Returns the loss at the unperturbed weights."""
         if closure is None:
@@ -264,6 +273,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return grads[0].device if grads else torch.device("cpu")
 
     @torch.no_grad()
+    @uses_foreach_option
     def first_step(self, zero_grad: bool = False, *, local_grads: bool = False) -> bool:
         """After the first pass (gradients at ``w``): decide and, for a SAM step, climb to ``w + e(w)``.
 
@@ -316,13 +326,13 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         if self.reuse_alpha is not None:
             clean = self._scratch(params, _CLEAN_GRAD)
             for dst, src in group_by_device_dtype(clean, grads):
-                torch._foreach_copy_(dst, src)
+                _foreach.copy_(dst, src)
             if self._local_grads:
                 # Every rank must store the same reuse direction, so average g before decomposing.
                 all_reduce_grads_mean_(clean)
         backup = self._scratch(params, _BACKUP)
         for dst, src in group_by_device_dtype(backup, params):
-            torch._foreach_copy_(dst, src)
+            _foreach.copy_(dst, src)
         self._perturbed_params = params
         if self.rule.needs_scratch:
             views = [dataclasses.replace(view, scratch=self._scratch(view.params, _RULE_SCRATCH)) for view in views]
@@ -335,6 +345,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         return True
 
     @torch.no_grad()
+    @uses_foreach_option
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w`` exactly (after a SAM step) and apply the base optimizer's update."""
         phase = self._phase
@@ -352,7 +363,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
             self._perturbed_params = []
             backup = [self.state[p][_BACKUP] for p in params]
             for dst, src in group_by_device_dtype(params, backup):
-                torch._foreach_copy_(dst, src)  # back to w, bit-exact
+                _foreach.copy_(dst, src)  # back to w, bit-exact
             if self._bn_guard is not None:
                 self._bn_guard.restore()
             grads = [g for view in self._views() for g in view.grads]
@@ -403,14 +414,14 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         coef = dot(clean, sam_grads) / squared_norm(clean).clamp_min(torch.finfo(torch.float32).tiny)
         direction = self._scratch(params, _REUSE)
         for dst, g_s, g in group_by_device_dtype(direction, sam_grads, clean):
-            torch._foreach_copy_(dst, g_s)
+            _foreach.copy_(dst, g_s)
             c = coef.to(device=dst[0].device, dtype=dst[0].dtype).neg()
-            torch._foreach_addcmul_(dst, g, [c] * len(dst))  # dst <- g_s - coef * g, in place
+            _foreach.addcmul_(dst, g, [c] * len(dst))  # dst <- g_s - coef * g, in place
         eps = max(torch.finfo(p.dtype).eps for p in params)
         sq = squared_norm(direction)
         keep = (sq > (32 * eps) ** 2 * squared_norm(sam_grads)).to(sq.dtype)
         for (bucket,) in group_by_device_dtype(direction):
-            torch._foreach_mul_(bucket, keep.to(device=bucket[0].device, dtype=bucket[0].dtype))
+            _foreach.mul_(bucket, keep.to(device=bucket[0].device, dtype=bucket[0].dtype))
         self._reuse_norm = (sq * keep).sqrt()
 
     def _apply_reuse_direction(self) -> None:
@@ -425,7 +436,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         scale = self.reuse_alpha * squared_norm(grads).sqrt() / (self._reuse_norm + 1e-12)
         for g, v in group_by_device_dtype(grads, direction):
             s = scale.to(device=g[0].device, dtype=g[0].dtype)
-            torch._foreach_addcmul_(g, v, [s] * len(g))  # g <- g + scale * g_v, in place
+            _foreach.addcmul_(g, v, [s] * len(g))  # g <- g + scale * g_v, in place
 
     # ------------------------------------------------------------------ checkpoints
     def _all_params(self) -> list[Tensor]:

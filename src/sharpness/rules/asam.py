@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _foreach
 from .._foreach import group_by_device_dtype, squared_norm
 from .._validation import check_non_negative
 from .base import ParamGroupView, PerturbationRule
@@ -37,13 +38,13 @@ class ASAMPerturbation(PerturbationRule):
     def _scales(self, params: list[torch.Tensor], out: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """``T_w = |w| + eta`` written into ``out`` (the engine's preallocated buffers) when given."""
         if out is None:
-            scales = list(torch._foreach_abs(params))
+            scales = [p.abs() for p in params]
         else:
             scales = list(out)
-            torch._foreach_copy_(scales, params)
-            torch._foreach_abs_(scales)
+            _foreach.copy_(scales, params)
+            _foreach.abs_(scales)
         if self.eta:
-            torch._foreach_add_(scales, self.eta)
+            _foreach.add_(scales, self.eta)
         if not self.adaptive_1d:
             for i, p in enumerate(params):
                 if p.dim() <= 1:
@@ -58,16 +59,16 @@ class ASAMPerturbation(PerturbationRule):
             scratch = view.scratch if view.scratch is not None else [None] * len(view.params)
             for params, grads, out in group_by_device_dtype(view.params, view.grads, scratch):
                 scales = self._scales(params, None if out[0] is None else out)
-                torch._foreach_mul_(grads, scales)  # grads <- T g
+                _foreach.mul_(grads, scales)  # grads <- T g
                 buckets.append((view.group, params, grads, scales))
         if not buckets:
             return
         norm = squared_norm([g for _, _, grads, _ in buckets for g in grads]).sqrt_()
         for group, params, grads, scales in buckets:
             s = (group["rho"] / (norm + self.eps)).to(device=params[0].device, dtype=params[0].dtype)
-            torch._foreach_mul_(grads, scales)  # grads <- T^2 g
-            torch._foreach_mul_(grads, s)  # grads <- e(w)
-            torch._foreach_add_(params, grads)
+            _foreach.mul_(grads, scales)  # grads <- T^2 g
+            _foreach.mul_(grads, s)  # grads <- e(w)
+            _foreach.add_(params, grads)
 
     def extra_repr(self) -> str:
         return f"eta={self.eta}, adaptive_1d={self.adaptive_1d}, eps={self.eps}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _foreach
 from .._foreach import group_by_device_dtype, squared_norm
 from .._validation import check_non_negative
 from .base import ParamGroupView, PerturbationRule
@@ -39,8 +40,8 @@ class SAMPerturbation(PerturbationRule):
             scale = (view.group["rho"] / (norm + self.eps))
             for params, group_grads in group_by_device_dtype(view.params, view.grads):
                 s = scale.to(device=params[0].device, dtype=params[0].dtype)
-                torch._foreach_mul_(group_grads, s)  # the gradient buffer now holds e(w)
-                torch._foreach_add_(params, group_grads)  # climb to w + e(w)
+                _foreach.mul_(group_grads, s)  # the gradient buffer now holds e(w)
+                _foreach.add_(params, group_grads)  # climb to w + e(w)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
