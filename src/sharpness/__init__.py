@@ -3,6 +3,7 @@
 from . import policies, rules
 from .batchnorm import frozen_running_stats
 from .optim import AESAM, ASAM, ERM, GNR, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer, make_closure
+from .optim.universal_sam import DetSAM, FrobSAM, TraceSAM, UniversalSAM
 from .registry import OptimizerInfo, create, get_optimizer_info, list_optimizers, register_optimizer
 
 __version__ = "0.1.0"
@@ -27,3 +28,4 @@ __all__ = [
     "register_optimizer",
     "rules",
 ]
+__all__ += ["DetSAM", "FrobSAM", "TraceSAM", "UniversalSAM"]

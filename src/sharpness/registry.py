@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .optim import AESAM, ASAM, ERM, GNR, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer
+from .optim.universal_sam import DetSAM, FrobSAM, TraceSAM
 
 __all__ = ["OptimizerInfo", "create", "get_optimizer_info", "list_optimizers", "register_optimizer"]
 
@@ -85,3 +86,6 @@ register_optimizer("sssam", SSSAM)
 register_optimizer("aesam", AESAM, required=("total_steps",))
 register_optimizer("aelooksam", AELookSAM, required=("total_steps",))
 register_optimizer("gnr", GNR)
+register_optimizer("tracesam", TraceSAM)
+register_optimizer("frobsam", FrobSAM)
+register_optimizer("detsam", DetSAM)

@@ -13,6 +13,8 @@ from .gradient_stats import gradient_variance, mean_squared_gradient_norm
 from .landscape import (BIAS_BN, DIRECTION_NORMALIZATIONS, LossCurve, LossSurface, count_local_extrema,
                         filter_normalized_direction, interpolate, loss_along_direction, loss_surface,
                         plot_lines, plot_loss_curve, plot_loss_surface, random_direction)
+from .universal import (MEASURES, GaussianSampler, ParameterFunction, SharpnessMeasure, SphereSampler,
+                        UniformSampler, sharpness_measure, universal_sharpness)
 
 __all__ = ["HVP_METHODS", "HessianOperator", "Measurement", "hvp"]
 __all__ += ["EIGEN_METHODS", "EIGEN_ORDERS", "PROBE_KINDS", "dense_hessian", "hessian_density",
@@ -22,3 +24,5 @@ __all__ += ["KESKAR_REGIONS", "gnr_sharpness", "keskar_sharpness", "salr_sharpne
 __all__ += ["BIAS_BN", "DIRECTION_NORMALIZATIONS", "LossCurve", "LossSurface", "count_local_extrema",
             "filter_normalized_direction", "interpolate", "loss_along_direction", "loss_surface",
             "plot_lines", "plot_loss_curve", "plot_loss_surface", "random_direction"]
+__all__ += ["MEASURES", "GaussianSampler", "ParameterFunction", "SharpnessMeasure", "SphereSampler",
+            "UniformSampler", "sharpness_measure", "universal_sharpness"]

@@ -10,7 +10,9 @@ from .gnr import GNR
 from .looksam import LookSAM
 from .sam import SAM
 from .sssam import SSSAM
+from .universal_sam import DetSAM, FrobSAM, TraceSAM, UniversalSAM
 
 __all__ = [
     "AESAM", "ASAM", "ERM", "GNR", "SAM", "SSSAM", "AELookSAM", "LookSAM", "SharpnessAwareOptimizer", "make_closure",
 ]
+__all__ += ["DetSAM", "FrobSAM", "TraceSAM", "UniversalSAM"]

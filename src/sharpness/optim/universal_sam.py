@@ -1,0 +1,403 @@
+r"""Universal SAM: descend on ``L + lam * phi(E psi(x(d)))`` (Tahmasebi et al., ICML 2024), and its presets.
+
+The (phi, psi, mu)-sharpness-aware objective (the paper's Definition 2) replaces the quadratic form ``d^T H d``
+of a :class:`~sharpness.measures.SharpnessMeasure` by a zeroth-order proxy and estimates the expectation with
+``m`` directions ``d_i ~ mu`` per step:
+
+.. math::
+    x_i = \kappa\,\frac{L(w + \rho d_i) - L(w)}{\rho^2}, \qquad
+    s = \frac1m \sum_i \psi(x_i), \qquad
+    \mathcal L_\rho(w) = L(w) + \lambda\, \beta_m\, \phi(s),
+
+differentiated by the chain rule with ``g_0 = grad L(w)``, ``g_i = grad L(w + rho d_i)``:
+
+.. math::
+    G = g_0 + \lambda\, \beta_m \sum_{j=1}^{n} \frac{\partial\phi}{\partial s_j}(s)\,
+        \frac1m \sum_{i=1}^m \psi_j'(x_i)\, \gamma\, (g_i - g_0), \qquad w \leftarrow \mathrm{base\_step}(w, G).
+
+``beta_m = m / (m - 1)`` for a variance-type measure (Frobenius), else 1. Two scalings:
+
+* ``scaling="paper"``: ``kappa = 2`` and ``gamma = 2 / rho^2`` (Definition 2 exactly: ``x_i -> d_i^T H d_i``);
+* ``scaling="authors"`` (default, the authors' public code, whose published hyper-parameters it reproduces):
+  ``kappa = 1`` and ``gamma = 1`` (no factor 2, the ``1/rho^2`` of the chain rule folded into ``lam``).
+  For trace and Frobenius this is the paper's update with ``lam_paper = lam * rho^2 / 2`` (trace) and
+  ``lam * rho^2 / 4`` (Frobenius); for the determinant the two differ beyond a constant (``exp(x)`` weights).
+
+Cost: ``1 + m`` closure calls (forward + backward) per step; steps a policy skips (or all steps with ``lam=0``)
+cost one and equal the base optimizer's step bit for bit. Directions are drawn from a ``torch.Generator`` on the
+parameters' device (its state is in ``state_dict()["sharpness"]["generator"]``), into the gradient buffers, so
+a step needs ``3 + n`` parameter-sized buffers (weights backup, ``g_0``, ``n`` running sums), all preallocated.
+A param group's own ``rho`` scales its part of the perturbation (a group with ``rho=0`` is not perturbed), while
+the normalization above uses the optimizer's ``rho``: this measures the sharpness of ``D H D`` with ``D`` the
+diagonal of group ``rho`` ratios, itself a (phi, psi, mu) measure.
+
+Presets: :class:`TraceSAM` (``psi = id``: ``G = (1 - lam) g_0 + lam mean g_i`` in the authors' scaling),
+:class:`FrobSAM` (``G = g_0 + lam / (rho^2 (m - 1)) sum_i (L_i - mean L)(g_i - mean g)``, the cross-covariance of
+perturbed losses and gradients) and :class:`DetSAM` (``d ~ U[-a, a]^p``; with one sample
+``G = g_0 + lam exp(L_1 - L_0)(g_1 - g_0)`` for the authors' ``rho = 1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._foreach import group_by_device_dtype, squared_norm
+from .._validation import check_choice, check_int_at_least, check_non_negative, check_positive
+from ..distributed import all_reduce_mean_, is_distributed
+from ..measures.universal import SharpnessMeasure, resolve_measure
+from ..policies.always import Always
+from ..policies.base import Policy
+from ..rules.base import ParamGroupView, PerturbationRule
+from .engine import SharpnessAwareOptimizer
+
+__all__ = ["SCALINGS", "DetSAM", "FrobSAM", "RandomDirectionPerturbation", "TraceSAM", "UniversalSAM"]
+
+SCALINGS = ("authors", "paper")
+
+# Scratch buffers (allocated once per parameter, reused every step; not checkpointed).
+_BACKUP = "unperturbed_weight"
+_CLEAN_GRAD = "unperturbed_grad"
+_SUM = "psi_weighted_grad_sum_{}"
+
+
+class RandomDirectionPerturbation(PerturbationRule):
+    """``w <- w + rho_group * d`` with one direction ``d ~ mu`` drawn by ``sampler`` from ``generator``.
+
+    ``d`` is drawn into the gradient buffers (free scratch once the optimizer has used them), all parameters
+    with a gradient at once and in param-group order, so a test can draw the same ``d`` from a copy of the
+    generator.
+    """
+
+    name = "random_direction"
+
+    def __init__(self, sampler: Any, generator: torch.Generator) -> None:
+        self.sampler = sampler
+        self.generator = generator
+
+    def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: Tensor | None = None) -> None:
+        self.sampler([g for view in views for g in view.grads], self.generator)
+        for view in views:
+            rho = view.group["rho"]
+            if rho == 0 or not view.params:
+                continue
+            for params, directions in group_by_device_dtype(view.params, view.grads):
+                torch._foreach_add_(params, directions, alpha=rho)
+
+    def extra_repr(self) -> str:
+        return f"sampler={self.sampler!r}"
+
+
+class UniversalSAM(SharpnessAwareOptimizer):
+    r"""Minimize ``L + lam * phi(E_mu psi(x(d)))`` for any (phi, psi, mu) (see the module docstring).
+
+    Args:
+        params_or_base: a base optimizer instance (or parameters with ``base_class``, davda54 form).
+        base_class: optimizer class for the davda54 form.
+        measure: a preset name (``"trace"``, ``"frobenius"``, ``"det"``, ``"worst"``) or a
+            :class:`~sharpness.measures.SharpnessMeasure`.
+        phi, psi, sampler, n: optional overrides of the measure's parts (``n`` = components of ``psi``).
+        rho: perturbation scale ``rho > 0`` (also per group as ``group["rho"]``, see the module docstring).
+        lam: regularization strength ``lam >= 0``; ``lam = 0`` is the base optimizer (one pass per step).
+        num_samples: directions ``m`` per step (>= the measure's ``min_samples``, 2 for Frobenius).
+        scaling: ``"authors"`` (default) or ``"paper"``, see the module docstring.
+        half_width, q: options of the ``det`` and ``worst`` presets.
+        policy: when to take the ``m`` extra passes (default :class:`~sharpness.policies.Always`); any engine
+            policy works, e.g. ``Periodic`` or ``Adaptive``; skipped steps cost one pass.
+        seed: seed of the direction generator (on the parameters' device); ignored when ``generator`` is given.
+        generator: a ``torch.Generator`` on the parameters' device to draw the directions from.
+        **kwargs: engine options ``model`` (BatchNorm running statistics from the unperturbed pass only) and
+            ``max_grad_norm``; in the davda54 form, the base optimizer's options. ``grad_scaler`` is not
+            supported (the losses of all passes enter the update).
+
+    Example::
+
+        opt = sharpness.UniversalSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                     measure="frobenius", rho=0.01, lam=0.005, num_samples=2)
+        loss = opt.step(closure)  # closure: zero_grad, forward, backward, return loss
+
+    Reference: B. Tahmasebi, A. Soleymani, D. Bahri, S. Jegelka, P. Jaillet. A Universal Class of
+    Sharpness-Aware Minimization Algorithms. ICML 2024 (code: github.com/dbahri/universal_sam).
+    """
+
+    min_grad_evals_per_step = 2
+    max_grad_evals_per_step = 2
+    neutral_options: ClassVar[dict[str, Any]] = {"lam": 0.0}
+    description = "Universal SAM: L + lam * phi(E psi(2 (L(w + rho d) - L(w)) / rho^2)), 1 + m passes"
+
+    def __init__(self, params_or_base: Any, base_class: Any = None, *, measure: str | SharpnessMeasure = "trace",
+                 phi: Any = None, psi: Any = None, sampler: Any = None, n: int | None = None, rho: float = 0.01,
+                 lam: float = 1.0, num_samples: int = 1, scaling: str = "authors", half_width: float = 1.0,
+                 q: int = 8, policy: Policy | None = None, seed: int = 0, generator: torch.Generator | None = None,
+                 **kwargs: Any) -> None:
+        measure = resolve_measure(measure, half_width=half_width, q=q)
+        overrides = {key: value for key, value in (("phi", phi), ("psi", psi), ("sampler", sampler), ("n", n))
+                     if value is not None}
+        if overrides:
+            measure = dataclasses.replace(measure, name=f"custom({measure.name})", **overrides)
+        rho = check_positive("rho", rho) if rho != 0 else _zero_rho()
+        self.lam = check_non_negative("lam", lam)
+        self.num_samples = measure.check_num_samples(num_samples)
+        self.scaling = check_choice("scaling", scaling, SCALINGS)
+        seed = check_int_at_least("seed", seed, 0)
+        for key in ("grad_scaler", "reuse_alpha"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{type(self).__name__} does not support {key} (the losses of all 1 + m passes "
+                                 "enter the update)")
+            kwargs.pop(key, None)
+        if policy is None:
+            policy = Always()
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"Invalid generator type: {type(generator).__name__} (expected a torch.Generator)")
+        self.measure = measure
+        self.rho = rho
+        rule = RandomDirectionPerturbation(measure.sampler, generator or torch.Generator())
+        super().__init__(params_or_base, base_class, rule=rule, policy=policy, rho=rho, **kwargs)
+        if generator is None:
+            params = self._all_params()
+            device = params[0].device if params else torch.device("cpu")
+            generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = generator
+        self.rule.generator = generator
+        self.seed = seed
+        self.last_quadratic_forms: Tensor | None = None  # x_1..x_m of the last perturbed step (on device)
+        self._set_flags()
+
+    def _set_flags(self) -> None:
+        """Truthful per-instance pass counts (the class flags are the registry defaults)."""
+        extra = 0 if self.lam == 0 else self.num_samples
+        self.max_grad_evals_per_step = 1 + extra
+        self.min_grad_evals_per_step = 1 + extra if isinstance(self.policy, Always) else 1
+
+    # ------------------------------------------------------------------ the step
+    def first_step(self, zero_grad: bool = False, *, local_grads: bool = False) -> bool:
+        raise RuntimeError(f"{type(self).__name__} has no two-phase API: its update needs the loss of each of its "
+                           "1 + m passes; call step(closure)")
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        self.first_step()
+
+    def _loss_value(self, loss: Any, device: torch.device) -> Tensor:
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"Invalid closure output: shape {tuple(loss.shape)} (expected the scalar mean loss)")
+            value = loss.detach().reshape(()).to(device=device, dtype=torch.float64)
+        elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            value = torch.tensor(float(loss), dtype=torch.float64, device=device)
+        else:
+            raise TypeError(f"Invalid closure output type: {type(loss).__name__} (expected the loss tensor)")
+        if is_distributed():
+            value = all_reduce_mean_(value.clone())
+        return value
+
+    def _psi_derivative(self, x: Tensor) -> Tensor:
+        """``psi'(x)`` for one 0-d ``x``: shape ``[n]`` (autograd on the scalar, no host synchronisation)."""
+        n = self.measure.n
+        xi = x.detach().reshape(1).requires_grad_(True)
+        with torch.enable_grad():
+            out = self.measure.psi_values(xi)[0]
+            parts = []
+            for j in range(n):
+                (d,) = torch.autograd.grad(out[j], xi, retain_graph=j < n - 1, allow_unused=True)
+                parts.append(torch.zeros_like(xi) if d is None else d)
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """One step: ``1 + m`` closure calls (one when the policy skips or ``lam = 0``). Returns ``L(w)``."""
+        if closure is None or not callable(closure):
+            raise TypeError(f"{type(self).__name__}.step() requires a closure that clears the gradients, runs "
+                            "forward and backward and returns the loss")
+        with torch.enable_grad():
+            loss = closure()
+        self.grad_evals += 1
+        views = self._views()
+        params = [p for view in views for p in view.params]
+        grads = [g for view in views for g in view.grads]
+        grad_sq_norm = None
+        if self.policy.needs_grad_sq_norm:
+            grad_sq_norm = squared_norm(grads).item()
+            self.last_grad_sq_norm = grad_sq_norm
+        perturb = self.lam != 0 and bool(grads) and bool(self.policy.decide(self.steps, grad_sq_norm))
+        if perturb:
+            self._sharpness_gradient(closure, loss, params)
+            self.sam_steps += 1
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for view in self._views() for p in view.params], self.max_grad_norm)
+        self.base_optimizer.step()
+        self.steps += 1
+        return loss
+
+    def _sharpness_gradient(self, closure: Any, loss: Any, params: list[Tensor]) -> None:
+        """Run the ``m`` perturbed passes and write ``G`` into ``p.grad`` (weights restored bit for bit)."""
+        m, n = self.num_samples, self.measure.n
+        device = params[0].device
+        kappa, gamma = (2.0, 2.0 / self.rho ** 2) if self.scaling == "paper" else (1.0, 1.0)
+        base_loss = self._loss_value(loss, device)
+        backup = self._scratch(params, _BACKUP)
+        clean = self._scratch(params, _CLEAN_GRAD)
+        sums = [self._scratch(params, _SUM.format(j)) for j in range(n)]
+        for dst_w, dst_g, p in group_by_device_dtype(backup, clean, params):
+            torch._foreach_copy_(dst_w, p)
+            torch._foreach_copy_(dst_g, [q.grad for q in p])
+        for total in sums:
+            for (bucket,) in group_by_device_dtype(total):
+                torch._foreach_zero_(bucket)
+        psi_derivative_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        forms = torch.empty(m, dtype=torch.float64, device=device)
+        if self._bn_guard is not None:
+            self._bn_guard.save()
+        try:
+            for i in range(m):
+                if i > 0:
+                    for dst, src in group_by_device_dtype(params, backup):
+                        torch._foreach_copy_(dst, src)
+                self.rule.perturb_(self._param_views(params))  # w <- w + rho d_i (d_i drawn into p.grad)
+                with torch.enable_grad():
+                    perturbed_loss = closure()
+                self.grad_evals += 1
+                x = kappa * (self._loss_value(perturbed_loss, device) - base_loss) / self.rho ** 2
+                forms[i] = x
+                derivative = self._psi_derivative(x)  # psi'(x_i), shape [n]
+                psi_derivative_sum += derivative
+                perturbed_grads = [_grad_or_zero(p) for p in params]
+                for j, total in enumerate(sums):
+                    for dst, g in group_by_device_dtype(total, perturbed_grads):
+                        c = derivative[j].to(device=dst[0].device, dtype=dst[0].dtype)
+                        torch._foreach_addcmul_(dst, g, [c] * len(dst))  # sum_i psi_j'(x_i) g_i
+        finally:
+            for dst, src in group_by_device_dtype(params, backup):
+                torch._foreach_copy_(dst, src)  # back to w, bit-exact
+            if self._bn_guard is not None:
+                self._bn_guard.restore()
+        self.last_quadratic_forms = forms
+        # G = g0 + sum_j c_j (sum_i psi_j'(x_i) g_i - (sum_i psi_j'(x_i)) g0), c_j = lam beta gamma phi_j'(s) / m
+        s = self.measure.psi_values(forms).mean(dim=0).detach().requires_grad_(True)
+        with torch.enable_grad():
+            (phi_grad,) = torch.autograd.grad(self.measure.phi_value(s, m), s, allow_unused=True)
+        phi_grad = torch.zeros_like(s) if phi_grad is None else phi_grad
+        coefficients = (self.lam * gamma / m) * phi_grad  # phi_value already carries the Bessel factor
+        clean_coefficient = 1.0 - (coefficients * psi_derivative_sum).sum()
+        final = [_grad_or_zero(p) for p in params]
+        for dst, g0, *totals in group_by_device_dtype(final, clean, *sums):
+            like = {"device": dst[0].device, "dtype": dst[0].dtype}
+            torch._foreach_mul_(g0, clean_coefficient.to(**like))  # the g0 buffer is scratch from here on
+            torch._foreach_copy_(dst, g0)
+            for j, total in enumerate(totals):
+                torch._foreach_addcmul_(dst, total, [coefficients[j].to(**like)] * len(dst))
+
+    def _param_views(self, params: list[Tensor]) -> list[ParamGroupView]:
+        """Views of ``params`` (those of the first pass) per group, with their current gradient buffers."""
+        chosen = {id(p) for p in params}
+        views = []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if id(p) in chosen]
+            views.append(ParamGroupView(group, ps, [_grad_or_zero(p) for p in ps]))
+        return views
+
+    # ------------------------------------------------------------------ checkpoints and repr
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        state = super().state_dict()
+        state["sharpness"]["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        super().load_state_dict(state_dict)
+        saved = state_dict["sharpness"].get("generator")
+        if saved is not None:
+            self.generator.set_state(saved.detach().to("cpu", torch.uint8))
+
+    def __repr__(self) -> str:
+        parts = [f"measure={self.measure.name!r}", f"rho={self.rho}", f"lam={self.lam}",
+                 f"num_samples={self.num_samples}", f"scaling={self.scaling!r}", f"sampler={self.measure.sampler!r}",
+                 f"policy={self.policy!r}"]
+        base = "\n    ".join(repr(self.base_optimizer).splitlines())
+        return f"{type(self).__name__}({', '.join(parts)},\n  base={base})"
+
+
+def _zero_rho() -> float:
+    raise ValueError("Invalid rho value: 0.0 (expected rho > 0: it divides the finite difference; use lam=0 for "
+                     "the base optimizer)")
+
+
+def _grad_or_zero(p: Tensor) -> Tensor:
+    if p.grad is None:  # a parameter unused in this pass: its gradient is zero
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+class TraceSAM(UniversalSAM):
+    r"""Trace-SAM: the average-direction sharpness ``tr H`` (psi = phi = id, ``d ~ N(0, I)``).
+
+    Authors' scaling: ``G = (1 - lam) g_0 + lam (1/m) sum_i grad L(w + rho d_i)``; paper scaling:
+    ``G = g_0 + lam (2 / rho^2) (1/m) sum_i (g_i - g_0)``. ``1 + m`` passes per step.
+
+    Args:
+        rho: perturbation scale (> 0; authors 0.01). lam: strength (>= 0; authors 1, grid {0.01, 0.1, 1}).
+        num_samples: m >= 1 (authors 1). Other options: see :class:`UniversalSAM`.
+
+    Example::
+
+        opt = sharpness.TraceSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.01, lam=1.0)
+    """
+
+    min_grad_evals_per_step = 2
+    max_grad_evals_per_step = 2
+    description = "Trace-SAM: gradient averaged over Gaussian perturbations, bias toward small tr H (Tahmasebi 2024)"
+
+    def __init__(self, params_or_base: Any, base_class: Any = None, *, rho: float = 0.01, lam: float = 1.0,
+                 num_samples: int = 1, **kwargs: Any) -> None:
+        super().__init__(params_or_base, base_class, measure="trace", rho=rho, lam=lam, num_samples=num_samples,
+                         **kwargs)
+
+
+class FrobSAM(UniversalSAM):
+    r"""Frob-SAM: bias toward a small Hessian Frobenius norm (psi = (t^2, t), phi = (a - b^2)/2, Gaussian d).
+
+    Authors' scaling (the paper's Algorithm 2 with the unbiased cross-covariance)::
+
+        G = g_0 + lam / (rho^2 (m - 1)) * sum_i (L_i - mean L) (g_i - mean g),   L_i = L(w + rho d_i)
+
+    i.e. the gradient of ``lam / (2 rho^2) * Var_i L(w + rho d_i)`` for fixed samples; the paper scaling
+    multiplies the correction by ``4 / rho^2``. Needs ``m >= 2``; ``1 + m`` passes per step.
+
+    Args:
+        rho: perturbation scale (> 0; authors 0.005 CIFAR, 0.01 MNIST). lam: strength (>= 0; authors 0.005,
+            grid {1e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1}). num_samples: m >= 2 (authors 2).
+        Other options: see :class:`UniversalSAM`.
+    """
+
+    min_grad_evals_per_step = 3
+    max_grad_evals_per_step = 3
+    description = "Frob-SAM: cross-covariance of perturbed losses and gradients, bias toward small ||H||_F"
+
+    def __init__(self, params_or_base: Any, base_class: Any = None, *, rho: float = 0.01, lam: float = 0.005,
+                 num_samples: int = 2, **kwargs: Any) -> None:
+        super().__init__(params_or_base, base_class, measure="frobenius", rho=rho, lam=lam,
+                         num_samples=num_samples, **kwargs)
+
+
+class DetSAM(UniversalSAM):
+    r"""Det-SAM: bias toward a small (scale-invariant) Hessian determinant (psi = exp(-t/2), phi = 1/s^2).
+
+    ``d ~ U[-a, a]^p`` (the Lebesgue measure truncated to a hypercube of half-width ``a``). Authors' scaling,
+    one sample: ``G = g_0 + lam * exp((L_1 - L_0) / rho^2) (g_1 - g_0)``; in general
+    ``G = g_0 + lam gamma / (m s^3) sum_i exp(-x_i / 2) (g_i - g_0)`` with ``s = mean_i exp(-x_i / 2)``.
+
+    Args:
+        rho: perturbation scale (> 0; authors 1.0, the cube's half-width then sets the perturbation size).
+        half_width: ``a > 0`` (authors 0.01). lam: strength (>= 0; authors grid {0.01, 0.1, 1}).
+        num_samples: m >= 1 (authors 1). Other options: see :class:`UniversalSAM`.
+    """
+
+    min_grad_evals_per_step = 2
+    max_grad_evals_per_step = 2
+    description = "Det-SAM: exp-weighted gradients at uniform hypercube perturbations, bias toward small det H"
+
+    def __init__(self, params_or_base: Any, base_class: Any = None, *, rho: float = 1.0, half_width: float = 0.01,
+                 lam: float = 1.0, num_samples: int = 1, **kwargs: Any) -> None:
+        super().__init__(params_or_base, base_class, measure="det", half_width=half_width, rho=rho, lam=lam,
+                         num_samples=num_samples, **kwargs)
