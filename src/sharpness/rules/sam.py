@@ -40,8 +40,8 @@ class SAMPerturbation(PerturbationRule):
             scale = (view.group["rho"] / (norm + self.eps))
             for params, group_grads in group_by_device_dtype(view.params, view.grads):
                 s = scale.to(device=params[0].device, dtype=params[0].dtype)
-                _foreach.mul_(group_grads, s)  # the gradient buffer now holds e(w)
-                _foreach.add_(params, group_grads)  # climb to w + e(w)
+                # climb to w + e(w) in one fused pass over memory: w <- w + s * g (s a 0-d tensor, no sync)
+                _foreach.addcmul_(params, group_grads, [s] * len(params))
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
