@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_int_at_least, check_positive
+from .._walk import normalized_walk_
 from ._common import (Batch, LossFn, Vector, as_batches, gradient, mean_loss, check_mode, measurement_mode, norm,
                       shifted_parameters, trainable_parameters)
 from ._per_sample import check_per_sample_mode, per_sample_gradients
@@ -326,12 +327,9 @@ def _check_salr_steps(gamma: object, ascent_steps: object, descent_steps: object
 
 def _normalized_walk(params: Sequence[Tensor], direction_at: Any, gamma: float, steps: int,
                      sign: float) -> Vector:
-    """``e_{i+1} = e_i + sign * gamma * d(w + e_i)`` for ``steps`` steps from ``e_0 = 0``."""
-    e = [torch.zeros_like(p) for p in params]
-    for _ in range(steps):
-        d = direction_at(e)
-        e = [x + (sign * gamma) * y for x, y in zip(e, d)]
-    return e
+    """``e_{i+1} = e_i + sign * gamma * d(w + e_i)`` for ``steps`` steps from ``e_0 = 0`` (the walk shared with
+    the SALR optimizer, :func:`sharpness._walk.normalized_walk_`)."""
+    return normalized_walk_([torch.zeros_like(p) for p in params], direction_at, gamma, steps, sign)
 
 
 def _salr_steps_measurement(name: str, model: nn.Module, loss_fn: LossFn, batches: list,

@@ -1,0 +1,140 @@
+"""Entropy-SGD / Entropy-Adam against the update equations of Chaudhari et al. (Algorithm 1) written out by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sharpness
+from helpers import classification_data, make_closure, mlp
+
+A = torch.tensor([[2.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
+B = torch.tensor([0.4, -0.2], dtype=torch.float64)
+
+
+def quad(w):
+    return 0.5 * w @ A @ w + B @ w
+
+
+def quad_grad(w):
+    return A @ w + B
+
+
+def closure_for(opt, param, counter=None):
+    def closure():
+        if counter is not None:
+            counter[0] += 1
+        opt.zero_grad()
+        loss = quad(param)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def by_hand_direction(x, t, *, L, eta, eps, gamma0, growth, alpha, scale, gen):
+    """Algorithm 1: L SGLD steps tethered to x, running mean mu; returns the outer gradient."""
+    gamma = gamma0 * growth ** t
+    xp, mu = x.clone(), x.clone()
+    for _ in range(L):
+        drift = quad_grad(xp) + gamma * (xp - x)
+        xp = xp - eta * drift + (eta ** 0.5) * eps * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        mu = (1 - alpha) * mu + alpha * xp
+    return (gamma if scale else 1.0) * (x - mu)
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_entropy_sgd_steps_equal_algorithm_1_by_hand(scale):
+    settings = {"L": 3, "eta": 0.1, "eps": 1e-2, "gamma0": 0.03, "growth": 1.5, "alpha": 0.25, "scale": scale}
+    x = torch.tensor([1.0, -1.5], dtype=torch.float64)
+    param = nn.Parameter(x.clone())
+    opt = sharpness.EntropySGD(torch.optim.SGD([param], lr=0.5, momentum=0.9), langevin_steps=3, sgld_lr=0.1,
+                               noise=1e-2, gamma=0.03, gamma_growth=1.5, alpha=0.25, scale_by_gamma=scale, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    buf = torch.zeros(2, dtype=torch.float64)
+    for t in range(3):
+        loss = opt.step(closure_for(opt, param))
+        assert float(loss) == pytest.approx(float(quad(x)), rel=1e-14)  # the loss at x is returned
+        grad = by_hand_direction(x, t, gen=gen, **settings)
+        buf = 0.9 * buf + grad if t else grad.clone()  # torch SGD momentum
+        x = x - 0.5 * buf
+        torch.testing.assert_close(param.detach(), x, rtol=0, atol=1e-13)
+    assert opt.scope == pytest.approx(0.03 * 1.5 ** 3)
+
+
+def test_entropy_adam_is_adam_on_the_local_entropy_gradient():
+    x = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    param = nn.Parameter(x.clone())
+    opt = sharpness.EntropySGD(torch.optim.Adam([param], lr=0.01), noise=1e-3, seed=3)
+    reference = nn.Parameter(x.clone())
+    adam = torch.optim.Adam([reference], lr=0.01)
+    gen = torch.Generator().manual_seed(3)
+    for t in range(3):
+        opt.step(closure_for(opt, param))
+        reference.grad = by_hand_direction(reference.detach().clone(), t, L=5, eta=0.1, eps=1e-3, gamma0=0.03,
+                                           growth=1.001, alpha=0.25, scale=False, gen=gen)
+        adam.step()
+        torch.testing.assert_close(param.detach(), reference.detach(), rtol=0, atol=1e-13)
+
+
+def test_one_noiseless_langevin_step_with_alpha_one_is_sgd_with_lr_times_sgld_lr():
+    """L = 1, eps = 0, alpha = 1: x - mu = eta' grad f(x), the authors' reduction to SGD."""
+    x = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    param = nn.Parameter(x.clone())
+    opt = sharpness.EntropySGD(torch.optim.SGD([param], lr=2.0), langevin_steps=1, noise=0.0, alpha=1.0, sgld_lr=0.1)
+    opt.step(closure_for(opt, param))
+    torch.testing.assert_close(param.detach(), x - 2.0 * 0.1 * quad_grad(x), rtol=0, atol=1e-14)
+
+
+def test_grad_evals_equal_closure_calls_and_noise_follows_the_seed():
+    counter = [0]
+    runs = []
+    for seed in (1, 1, 2):
+        param = nn.Parameter(torch.tensor([1.0, -1.0], dtype=torch.float64))
+        opt = sharpness.EntropySGD(torch.optim.SGD([param], lr=0.5), langevin_steps=4, seed=seed)
+        for _ in range(3):
+            opt.step(closure_for(opt, param, counter))
+        assert opt.grad_evals == 12 and opt.steps == 3
+        runs.append(param.detach().clone())
+    assert counter[0] == 36
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_langevin_passes_leave_batchnorm_statistics_of_the_training_pass():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = classification_data(0)
+    opt = sharpness.EntropySGD(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    bn = model[1]
+    expected_mean = 0.9 * bn.running_mean + 0.1 * model[0](x).detach().mean(0)
+    opt.step(make_closure(opt, model, x, y))
+    torch.testing.assert_close(bn.running_mean, expected_mean, rtol=0, atol=1e-12)
+
+
+def test_salr_wraps_entropy_sgd():
+    model = mlp(0)
+    x, y = classification_data(0)
+    inner = sharpness.EntropySGD(torch.optim.SGD(model.parameters(), lr=0.2), seed=0)
+    opt = sharpness.SALR(inner, every=1, n_descent=2, n_ascent=2)
+    losses = [float(opt.step(make_closure(opt, model, x, y))) for _ in range(20)]
+    assert losses[-1] < losses[0]
+    assert opt.grad_evals == 20 * (5 + 4) and inner.steps == 20
+    assert len(opt.sharpness_history) == 20
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"langevin_steps": -1}, "langevin_steps"),
+    ({"sgld_lr": 0.0}, "sgld_lr"),
+    ({"noise": -1e-4}, "noise"),
+    ({"gamma": 0.0}, "gamma"),
+    ({"gamma_growth": 0.99}, "gamma_growth"),
+    ({"alpha": 1.5}, "alpha"),
+    ({"alpha": 0.0}, "alpha"),
+    ({"seed": -1}, "seed"),
+])
+def test_bad_options_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sharpness.EntropySGD(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), **kwargs)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        sharpness.EntropySGD([nn.Parameter(torch.zeros(2))])
