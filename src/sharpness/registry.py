@@ -8,6 +8,10 @@ from typing import Any
 import torch
 
 from .optim import AESAM, ASAM, ERM, GNR, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer
+from .optim.esam import ESAM
+from .optim.gsam import GSAM
+from .optim.smoothout import SmoothOut
+from .optim.ssamf import SSAMF
 from .optim.universal_sam import DetSAM, FrobSAM, TraceSAM
 
 __all__ = ["OptimizerInfo", "create", "get_optimizer_info", "list_optimizers", "register_optimizer"]
@@ -89,3 +93,7 @@ register_optimizer("gnr", GNR)
 register_optimizer("tracesam", TraceSAM)
 register_optimizer("frobsam", FrobSAM)
 register_optimizer("detsam", DetSAM)
+register_optimizer("gsam", GSAM)
+register_optimizer("esam", ESAM)
+register_optimizer("ssamf", SSAMF)
+register_optimizer("smoothout", SmoothOut)

@@ -2,6 +2,9 @@
 
 from .asam import ASAMPerturbation
 from .base import ParamGroupView, PerturbationRule
+from .masked import MaskedSAMPerturbation
 from .sam import SAMPerturbation
+from .scheduled import LRProportionalRho
 
 __all__ = ["ASAMPerturbation", "ParamGroupView", "PerturbationRule", "SAMPerturbation"]
+__all__ += ["LRProportionalRho", "MaskedSAMPerturbation"]

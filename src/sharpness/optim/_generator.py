@@ -1,0 +1,53 @@
+"""A seeded ``torch.Generator`` created lazily on the parameters' device, with a checkpointable state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._validation import check_int_at_least
+
+__all__: list[str] = []
+
+
+class LazyGenerator:
+    """Private random stream of an optimizer (ESAM masks, SmoothOut noise).
+
+    The generator is created on first use on the device of the tensors it fills (so CUDA noise is drawn on the
+    GPU, without a host round trip), seeded with ``seed``. The same seed on every rank gives the same draws
+    everywhere. ``state_dict`` carries the seed and the generator state; a checkpoint resumes the stream on a
+    device of the same type.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = check_int_at_least("seed", seed, 0)
+        self._generator: torch.Generator | None = None
+        self._pending: torch.Tensor | None = None  # state loaded before the first draw
+
+    def get(self, device: torch.device) -> torch.Generator:
+        generator = self._generator
+        if generator is None or generator.device.type != device.type:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            if self._pending is not None:
+                try:
+                    generator.set_state(self._pending)
+                except RuntimeError as error:
+                    raise RuntimeError(
+                        f"Cannot resume the random stream on {device}: the checkpoint's generator state was saved "
+                        f"on another device type ({error})"
+                    ) from error
+                self._pending = None
+            self._generator = generator
+        return generator
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._generator.get_state() if self._generator is not None else self._pending
+        return {"seed": self.seed, "generator": None if state is None else state.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seed = check_int_at_least("seed", state["seed"], 0)
+        saved = state.get("generator")
+        self._generator = None
+        self._pending = None if saved is None else saved.clone()

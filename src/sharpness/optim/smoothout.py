@@ -1,0 +1,166 @@
+"""SmoothOut: the gradient at uniformly perturbed weights, applied at the unperturbed ones (Wen et al., 2018)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._foreach import group_by_device_dtype
+from .._validation import check_non_negative
+from ..amp import record_step, unscale_
+from ..policies.never import Never
+from ..rules.sam import SAMPerturbation
+from ._generator import LazyGenerator
+from .engine import _BACKUP, Closure, SharpnessAwareOptimizer
+
+__all__ = ["SmoothOut"]
+
+_NOISE = "smoothout_noise"  # scratch: this step's noise
+
+
+class SmoothOut(SharpnessAwareOptimizer):
+    r"""Stochastic SmoothOut: inject uniform noise, take the gradient there, de-noise, step.
+
+    .. math::
+        \xi \sim U(-a, a)^N, \qquad w \leftarrow \mathrm{base\_step}\big(w, \nabla L_B(w + \xi)\big)
+
+    (``a`` per param group as ``group["a"]``). This is the paper's unbiased stochastic SmoothOut: one noisy copy
+    per mini-batch, whose expectation is the gradient of the smoothed loss ``E_xi L(w + xi)`` that the
+    multi-copy average approximates. The de-noising restores ``w`` exactly from a backup (never
+    ``w + xi - xi``). With ``adaptive=True`` (AdaSmoothOut) the noise of each filter (output unit) is scaled by
+    that filter's L2 norm: for a tensor of shape ``[out, ...]`` the bound of row ``j`` is
+    ``a * ||w_j||``; one-dimensional tensors (biases, norm weights) use ``a * |w_j|``. With an Adam base this
+    is the "AdamSmoothOut" of SALR's appendix. ``a = 0`` is the base optimizer, bit for bit.
+
+    One gradient evaluation per step (at the noisy point); the loss returned is the one at ``w + xi``.
+    Noise comes from a private generator on the parameters' device (seeded with ``seed``, same on every
+    rank, checkpointed). BatchNorm running statistics are updated by the noisy pass (the only pass).
+
+    Args:
+        params_or_base, base_class: as for :class:`SAM`.
+        a: noise half-width (>= 0; paper 0.004 to 0.02 plain, about 0.01 to 0.1 relative for AdaSmoothOut).
+        adaptive: AdaSmoothOut, noise relative to filter norms.
+        seed: seed of the noise generator (integer >= 0).
+        **kwargs: engine options (``model``, ``grad_scaler``, ``max_grad_norm``) and, in the davda54 form, the
+            base optimizer's options.
+
+    Reference: W. Wen, Y. Wang, F. Yan, C. Xu, C. Wu, Y. Chen, H. Li. SmoothOut: Smoothing Out Sharp Minima
+    to Improve Generalization in Deep Learning. arXiv:1805.07898, 2018.
+    """
+
+    min_grad_evals_per_step = 1
+    max_grad_evals_per_step = 1
+    neutral_options: ClassVar[dict[str, Any]] = {"a": 0.0}
+    description = "SmoothOut: gradient at w + U(-a, a) noise, applied at w (Wen et al., 2018)"
+
+    def __init__(self, params_or_base: Any, base_class: Any = None, *, a: float = 0.01, adaptive: bool = False,
+                 seed: int = 0, **kwargs: Any) -> None:
+        a = check_non_negative("a", a)
+        self.adaptive = bool(adaptive)
+        self._rng = LazyGenerator(seed)
+        super().__init__(params_or_base, base_class, rule=SAMPerturbation(), policy=Never(), rho=0.0, **kwargs)
+        self._wrapper_defaults["a"] = a
+        self.defaults["a"] = a
+        for group in self.param_groups:
+            group.setdefault("a", a)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "a" in self._wrapper_defaults:
+            group.setdefault("a", self._wrapper_defaults["a"])
+        if "a" in group:
+            check_non_negative("a", group["a"])
+
+    # ------------------------------------------------------------------ noise
+    def _noise_(self, params: list[Tensor], noise: list[Tensor], a: float) -> None:
+        """Fill ``noise`` with U(-a, a) (AdaSmoothOut: times each filter's norm), in place."""
+        generator = self._rng.get(params[0].device)
+        for p, xi in zip(params, noise, strict=True):
+            if xi.device == generator.device:
+                xi.uniform_(-a, a, generator=generator)
+            else:
+                xi.copy_(torch.empty(xi.shape, dtype=xi.dtype, device=generator.device).uniform_(
+                    -a, a, generator=generator))
+            if self.adaptive:
+                if p.dim() <= 1:
+                    xi.mul_(p.abs())
+                else:  # filter j = w[j]: its norm over all other dimensions
+                    xi.mul_(torch.linalg.vector_norm(p, dim=tuple(range(1, p.dim())), keepdim=True))
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
+        """Perturb, run the closure once at ``w + xi``, restore ``w`` exactly, apply the base step."""
+        if closure is None or not callable(closure):
+            raise TypeError(
+                f"{type(self).__name__}.step() requires a closure that clears the gradients, runs forward and "
+                "backward and returns the loss"
+            )
+        noisy = []  # (params, backup) per group with a > 0
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.requires_grad]
+            if not params or group["a"] == 0:
+                continue
+            backup = self._scratch(params, _BACKUP)
+            noise = self._scratch(params, _NOISE)
+            for dst, src in group_by_device_dtype(backup, params):
+                torch._foreach_copy_(dst, src)
+            self._noise_(params, noise, float(group["a"]))
+            for bucket, xi in group_by_device_dtype(params, noise):
+                torch._foreach_add_(bucket, xi)  # w + xi
+            noisy.append((params, backup))
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            for params, backup in noisy:  # de-noise: back to w, bit-exact
+                for dst, src in group_by_device_dtype(params, backup):
+                    torch._foreach_copy_(dst, src)
+        self.grad_evals += 1
+        if self._scaler_enabled():
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            self._found_inf = torch.zeros(1, dtype=torch.float32, device=self._grad_device(grads))
+            unscale_(self.grad_scaler, grads, self._found_inf)
+            if self._found_inf.item() > 0:
+                self._skip()
+                return loss
+        if self.max_grad_norm is not None:
+            params_with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params_with_grad, self.max_grad_norm)
+        self.base_optimizer.step()
+        self.steps += 1
+        if self._scaler_enabled():
+            record_step(self.grad_scaler, self, self._found_inf)
+        return loss
+
+    def first_step(self, zero_grad: bool = False, *, local_grads: bool = False) -> bool:
+        raise RuntimeError(
+            "SmoothOut perturbs before the forward pass, so it has no first_step()/second_step(); use step(closure)"
+        )
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        raise RuntimeError(
+            "SmoothOut perturbs before the forward pass, so it has no first_step()/second_step(); use step(closure)"
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        state = super().state_dict()
+        state["sharpness"]["smoothout"] = {"generator": self._rng.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        super().load_state_dict(state_dict)
+        extra = state_dict["sharpness"].get("smoothout")
+        if extra is None:
+            raise ValueError("This state_dict has no SmoothOut entry (saved by another optimizer); cannot resume noise")
+        self._rng.load_state_dict(extra["generator"])
+
+    def __repr__(self) -> str:
+        a = sorted({group["a"] for group in self.param_groups})
+        base = "\n    ".join(repr(self.base_optimizer).splitlines())
+        return (f"{type(self).__name__}(a={a[0] if len(a) == 1 else a}, adaptive={self.adaptive}, "
+                f"seed={self._rng.seed},\n  base={base})")

@@ -1,0 +1,222 @@
+"""SSAM-F: SAM perturbing only a sparse mask of weights chosen by an empirical Fisher estimate (Mi et al., 2022)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .._validation import check_int_at_least, check_real
+from ..distributed import all_reduce_grads_mean_, is_distributed
+from ..policies.always import Always
+from ..rules.masked import MaskedSAMPerturbation
+from .engine import Closure, SharpnessAwareOptimizer
+
+__all__ = ["SSAMF"]
+
+_MASK = "perturbation_mask"  # persistent: bool, True where the weight is perturbed
+_FISHER = "fisher_sum"  # persistent while a mask refresh collects samples: sum of squared per-sample gradients
+
+
+class SSAMF(SharpnessAwareOptimizer):
+    r"""Sparse SAM with a Fisher mask: perturb only the weights with the largest empirical Fisher information.
+
+    Every ``update_freq`` steps the mask is rebuilt from ``num_samples`` training examples:
+
+    .. math::
+        F = \sum_{i=1}^{n} \big(\nabla l_i(w)\big)^2, \qquad
+        m = \mathbb{1}\big[F \in \operatorname{top}_{\lfloor (1 - s) N \rfloor}(F)\big]
+
+    (``s = sparsity``, ``N`` = number of weights, the top-k taken over all parameters together), and each
+    step is SAM restricted to the mask:
+
+    .. math::
+        e = \rho \frac{m \odot g}{\|g\| + \epsilon}, \qquad w \leftarrow \mathrm{base\_step}(w, \nabla L_B(w + e))
+
+    (the norm is over the whole gradient, as in the authors' code).
+
+    **Fisher samples.** The per-sample gradients come from the training stream itself: the instance sets
+    ``needs_per_sample_losses = True`` (when ``sparsity > 0``), so its closure (:func:`sharpness.make_closure`)
+    returns the per-sample losses without backward. At a refresh step SSAM-F back-propagates each of the first
+    examples of the batch separately (``torch.autograd.grad`` with ``retain_graph``), continuing over the next
+    batches until ``num_samples`` examples are collected; then it builds the mask. Ordinary steps
+    back-propagate ``losses.mean()`` (the usual gradient). Cost per refresh: ``num_samples`` extra backward
+    passes through the batch graph, reported by ``fisher_samples`` (not in ``grad_evals``, which counts
+    mini-batch passes). Until the first mask is complete the mask is empty (no perturbation), like the
+    authors' code before its first update. Under DDP the Fisher sums are averaged across ranks.
+    ``sparsity = 0`` perturbs every weight: SAM, bit for bit, with the ordinary closure.
+
+    Args:
+        params_or_base, base_class, rho, eps: as for :class:`SAM`.
+        sparsity: fraction of weights *not* perturbed, 0 <= sparsity < 1 (paper 0.5).
+        num_samples: examples per Fisher estimate (integer >= 1; paper 128, universal-SAM notes 16).
+        update_freq: optimizer steps between mask refreshes (integer >= 1; the paper refreshes every few epochs).
+        **kwargs: engine options and, in the davda54 form, the base optimizer's options.
+
+    Reference: P. Mi, L. Shen, T. Ren, Y. Zhou, X. Sun, R. Ji, D. Tao. Make Sharpness-Aware Minimization
+    Stronger: A Sparsified Perturbation Approach. NeurIPS 2022.
+    """
+
+    min_grad_evals_per_step = 2
+    max_grad_evals_per_step = 2
+    needs_per_sample_losses: ClassVar[bool] = True  # capability; the instance flag is sparsity > 0
+    description = "SSAM-F: SAM on the top-(1-sparsity) weights by empirical Fisher, refreshed periodically (Mi+ 2022)"
+
+    def __init__(self, params_or_base: Any, base_class: Any = None, *, rho: float = 0.1, sparsity: float = 0.5,
+                 num_samples: int = 128, update_freq: int = 100, eps: float = 1e-12, **kwargs: Any) -> None:
+        sparsity = check_real("sparsity", sparsity)
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"Invalid sparsity value: {sparsity} (expected 0 <= sparsity < 1)")
+        self.sparsity = sparsity
+        self.num_samples = check_int_at_least("num_samples", num_samples, 1)
+        self.update_freq = check_int_at_least("update_freq", update_freq, 1)
+        self.needs_per_sample_losses = sparsity > 0.0
+        self.fisher_samples = 0  # per-sample gradients computed for the Fisher estimates
+        self.mask_updates = 0
+        self._collected = 0  # examples in the running Fisher sum (0: not collecting)
+        rule = MaskedSAMPerturbation(self._masks if sparsity > 0.0 else None, norm="full", eps=eps)
+        super().__init__(params_or_base, base_class, rule=rule, policy=Always(), rho=rho, **kwargs)
+
+    # ------------------------------------------------------------------ the mask
+    def _fisher_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _masks(self, params: list[Tensor]) -> list[Tensor]:
+        masks = []
+        for p in params:
+            mask = self.state[p].get(_MASK)
+            if mask is None:  # before the first refresh (or a parameter added later): not perturbed
+                mask = self.state[p][_MASK] = torch.zeros_like(p, dtype=torch.bool)
+            masks.append(mask)
+        return masks
+
+    def _accumulate_fisher(self, losses: Tensor) -> None:
+        """Add the squared gradients of the first examples of this batch to the running Fisher sum."""
+        params = self._fisher_params()
+        if self._collected == 0:
+            for p in params:
+                buf = self.state[p].get(_FISHER)
+                if buf is None or buf.shape != p.shape:
+                    buf = self.state[p][_FISHER] = torch.zeros_like(p)
+                else:
+                    buf.zero_()
+        take = min(losses.shape[0], self.num_samples - self._collected)
+        fisher = [self.state[p][_FISHER] for p in params]
+        for i in range(take):
+            grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
+            present = [(f, g) for f, g in zip(fisher, grads, strict=True) if g is not None]
+            if present:
+                torch._foreach_addcmul_([f for f, _ in present], [g for _, g in present], [g for _, g in present])
+        self._collected += take
+        self.fisher_samples += take
+
+    @torch.no_grad()
+    def _rebuild_mask(self) -> None:
+        params = self._fisher_params()
+        fisher = [self.state[p][_FISHER] for p in params]
+        if is_distributed():
+            all_reduce_grads_mean_(fisher)  # every rank must perturb the same weights
+        flat = torch.cat([f.reshape(-1).float() for f in fisher])  # one allocation per refresh
+        keep = int(flat.numel() * (1.0 - self.sparsity))
+        chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        chosen[torch.topk(flat, keep, sorted=False).indices] = True
+        for p, part in zip(params, chosen.split([p.numel() for p in params]), strict=True):
+            self._masks([p])[0].copy_(part.view_as(p))
+        for p in params:
+            del self.state[p][_FISHER]
+        self._collected = 0
+        self.mask_updates += 1
+
+    @property
+    def mask_density(self) -> float:
+        """Fraction of weights currently perturbed (one host synchronisation)."""
+        masks = self._masks(self._fisher_params())
+        total = sum(m.numel() for m in masks)
+        return float(sum(m.sum().item() for m in masks)) / total if total else 0.0
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
+        """One SSAM-F step (a Fisher refresh first when due). Returns the mean loss at ``w``."""
+        if not self.needs_per_sample_losses:
+            return super().step(closure)
+        if closure is None or not callable(closure):
+            raise TypeError(
+                f"{type(self).__name__}.step() requires a closure returning per-sample losses; build it with "
+                "sharpness.make_closure(opt, compute_loss)"
+            )
+        local = self._ddp is not None and not self.sync_perturbation and is_distributed()
+        with torch.enable_grad(), self._ddp.no_sync() if local else contextlib.nullcontext():
+            losses = self._per_sample(closure())
+            if self._collected > 0 or self.steps % self.update_freq == 0:
+                self._accumulate_fisher(losses)
+            self._backward(losses.mean())
+        if self._collected >= self.num_samples:
+            self._rebuild_mask()
+        if self.first_step(local_grads=local):
+            with torch.enable_grad():
+                self._backward(self._per_sample(closure()).mean())
+        self.second_step()
+        return losses.detach().mean()
+
+    def _per_sample(self, out: Any) -> Tensor:
+        if not (isinstance(out, Tensor) and out.dim() == 1 and out.requires_grad):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(
+                f"{type(self).__name__} with sparsity > 0 expects the closure to return the per-sample losses "
+                f"(shape [B], with their graph, backward not called); got {shape}. Build the closure with "
+                "sharpness.make_closure(opt, compute_loss), which follows opt.needs_per_sample_losses"
+            )
+        return out
+
+    def _backward(self, loss: Tensor) -> None:
+        if self._scaler_enabled():
+            loss = self.grad_scaler.scale(loss)
+        loss.backward()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        state = super().state_dict()
+        masks, fisher = {}, {}
+        for index, p in enumerate(self._all_params()):
+            saved = self.state.get(p, {})
+            if _MASK in saved:
+                masks[index] = saved[_MASK].clone()
+            if self._collected > 0 and _FISHER in saved:
+                fisher[index] = saved[_FISHER].clone()
+        state["sharpness"]["ssamf"] = {
+            "masks": masks,
+            "fisher_sum": fisher,
+            "collected": self._collected,
+            "fisher_samples": self.fisher_samples,
+            "mask_updates": self.mask_updates,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        super().load_state_dict(state_dict)
+        extra = state_dict["sharpness"].get("ssamf")
+        if extra is None:
+            raise ValueError("This state_dict has no SSAM-F entry (saved by another optimizer); cannot restore masks")
+        params = self._all_params()
+        for p in params:
+            self.state[p].pop(_MASK, None)
+            self.state[p].pop(_FISHER, None)
+        for key, dtype in ((_MASK, torch.bool), (_FISHER, None)):
+            for index, value in extra["masks" if key == _MASK else "fisher_sum"].items():
+                index = int(index)
+                if not 0 <= index < len(params):
+                    raise ValueError(f"Invalid parameter index {index} in state_dict (the optimizer has {len(params)})")
+                p = params[index]
+                self.state[p][key] = value.detach().clone().to(device=p.device, dtype=dtype or p.dtype)
+        self._collected = int(extra["collected"])
+        self.fisher_samples = int(extra["fisher_samples"])
+        self.mask_updates = int(extra["mask_updates"])
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        name = type(self).__name__
+        return text.replace(f"{name}(", f"{name}(sparsity={self.sparsity}, num_samples={self.num_samples}, "
+                                        f"update_freq={self.update_freq}, ", 1)

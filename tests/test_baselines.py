@@ -1,0 +1,406 @@
+"""ESAM, GSAM, SSAM-F and SmoothOut: one step equals the by-hand formula (fixed randomness reproduced from the
+same seed), degenerate settings reduce to SAM / the base optimizer bit for bit, GSAM follows pytorch-optimizer,
+counters match closure calls, checkpoints continue in lockstep, bad input is rejected clearly."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import sharpness
+from helpers import classification_data, make_closure, mlp, params_equal
+
+LR, RHO = 0.1, 0.2
+
+
+# ---------------------------------------------------------------------------------------------- tiny problem
+def softmax_regression(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Linear(4, 3).double()
+
+
+def per_sample_losses(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    weight, bias = params
+    return F.cross_entropy(x @ weight.T + bias, y, reduction="none")
+
+
+def grads_at(params: list[torch.Tensor], x, y, weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+    ps = [p.detach().clone().requires_grad_() for p in params]
+    losses = per_sample_losses(ps, x, y)
+    loss = losses.mean() if weights is None else (losses * weights).sum()
+    return list(torch.autograd.grad(loss, ps))
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def step_with(opt, model, x, y, counter=None):
+    return opt.step(make_closure(opt, model, x, y, counter))
+
+
+# ---------------------------------------------------------------------------------------------- GSAM
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.5])
+def test_gsam_one_step_equals_formula(alpha):
+    model = softmax_regression()
+    x, y = classification_data(0, n=16)
+    w = [p.detach().clone() for p in model.parameters()]
+    opt = sharpness.GSAM(torch.optim.SGD(model.parameters(), lr=LR), rho=RHO, alpha=alpha)
+    step_with(opt, model, x, y)
+
+    g = flat(grads_at(w, x, y))
+    e = RHO * g / (g.norm() + 1e-12)
+    shapes = [t.shape for t in w]
+    w_pert = [t + d.view(s) for t, d, s in zip(w, e.split([t.numel() for t in w]), shapes)]
+    g_s = flat(grads_at(w_pert, x, y))
+    g_perp = g - (g @ g_s) / (g_s @ g_s) * g_s  # component of the clean gradient orthogonal to g_s
+    assert abs(float(g_perp @ g_s)) < 1e-12
+    expected = flat(w) - LR * (g_s - alpha * g_perp)
+    torch.testing.assert_close(flat(model.parameters()).detach(), expected, rtol=0, atol=1e-13)
+
+
+def test_gsam_rho_follows_the_learning_rate():
+    """rho_t = rho_min + (rho - rho_min)(lr_t - lr_min)/(lr_max - lr_min): equals SAM with that rho set by hand."""
+    rho_max, rho_min, lr_max, lr_min = 0.3, 0.02, 0.2, 0.0
+    m1, m2 = mlp(0), mlp(0)
+    x, y = classification_data(1)
+    gsam = sharpness.GSAM(torch.optim.SGD(m1.parameters(), lr=lr_max, momentum=0.9), rho=rho_max, alpha=0.0,
+                          rho_min=rho_min)
+    sam = sharpness.SAM(torch.optim.SGD(m2.parameters(), lr=lr_max, momentum=0.9), rho=rho_max)
+    s1 = torch.optim.lr_scheduler.CosineAnnealingLR(gsam, T_max=12)
+    s2 = torch.optim.lr_scheduler.CosineAnnealingLR(sam, T_max=12)
+    for _ in range(12):
+        lr = sam.param_groups[0]["lr"]
+        sam.param_groups[0]["rho"] = rho_min + (rho_max - rho_min) * (lr - lr_min) / (lr_max - lr_min)
+        step_with(gsam, m1, x, y)
+        step_with(sam, m2, x, y)
+        s1.step()
+        s2.step()
+    assert params_equal(m1, m2)
+    assert gsam.param_groups[0]["rho"] == rho_max  # the schedule does not overwrite the group's rho
+    assert gsam.rule.rho_at(rho_max, 0.1) == pytest.approx(rho_min + (rho_max - rho_min) * 0.5)
+
+
+def test_gsam_alpha_zero_is_sam_bit_for_bit():
+    m1, m2 = mlp(0), mlp(0)
+    x, y = classification_data(2)
+    o1 = sharpness.GSAM(torch.optim.Adam(m1.parameters(), lr=1e-2), rho=0.1, alpha=0.0)
+    o2 = sharpness.SAM(torch.optim.Adam(m2.parameters(), lr=1e-2), rho=0.1)
+    for _ in range(10):
+        step_with(o1, m1, x, y)
+        step_with(o2, m2, x, y)
+    assert params_equal(m1, m2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gsam_trajectory_matches_pytorch_optimizer(dtype):
+    from pytorch_optimizer import GSAM as PeerGSAM
+    from pytorch_optimizer import ProportionScheduler
+
+    rho_max, rho_min, alpha, lr_max, steps = 0.1, 0.01, 0.3, 0.05, 60
+    ours_model, peer_model = mlp(0, dtype, width=16), mlp(0, dtype, width=16)
+    x, y = classification_data(0, n=128, dtype=dtype)
+
+    base = torch.optim.SGD(ours_model.parameters(), lr=lr_max, momentum=0.9, weight_decay=5e-4)
+    ours = sharpness.GSAM(base, rho=rho_max, alpha=alpha, rho_min=rho_min, lr_max=lr_max, lr_min=0.0)
+    ours_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ours, T_max=steps)
+
+    peer_base = torch.optim.SGD(peer_model.parameters(), lr=lr_max, momentum=0.9, weight_decay=5e-4)
+    peer_sched = torch.optim.lr_scheduler.CosineAnnealingLR(peer_base, T_max=steps)
+    rho_sched = ProportionScheduler(peer_sched, max_lr=lr_max, min_lr=0.0, max_value=rho_max, min_value=rho_min)
+    peer = PeerGSAM(peer_model.parameters(), peer_base, peer_model, rho_sched, alpha=alpha)
+
+    for t in range(steps):
+        xb, yb = x[(t * 16) % 128:(t * 16) % 128 + 32], y[(t * 16) % 128:(t * 16) % 128 + 32]
+        ours_loss = step_with(ours, ours_model, xb, yb)
+        peer.set_closure(nn.functional.cross_entropy, xb, yb)
+        _, peer_loss = peer.step()
+        ours_sched.step()
+        peer_sched.step()
+        peer.update_rho_t()
+        assert ours_loss.item() == pytest.approx(peer_loss.item(), abs=1e-5)
+    # The peer restores w by subtracting e (ours restores exactly) and accumulates the global gradient norm in
+    # float32 even for float64 parameters, so float64 agrees to ~1e-9 after 60 steps, not to machine precision.
+    tol = 1e-5 if dtype == torch.float32 else 1e-8
+    for a, b in zip(ours_model.parameters(), peer_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=tol)
+    assert ours.grad_evals == 2 * steps
+
+
+# ---------------------------------------------------------------------------------------------- ESAM
+def _esam_reference(w, x, y, *, beta, gamma, seed, mask):
+    """ESAM's step by hand: the masks are redrawn from a fresh generator with the same seed."""
+    g_list = grads_at(w, x, y)
+    gen = torch.Generator().manual_seed(seed)
+    if mask == "coordinate":
+        masks = [torch.empty_like(t).bernoulli_(beta, generator=gen) for t in w]
+        m_g = [m * g for m, g in zip(masks, g_list)]
+        norm = flat(g_list).norm()  # the full gradient's norm (the paper's unbiased estimate)
+    else:
+        keep = torch.rand(len(w), generator=gen) < beta
+        m_g = [g * float(k) for g, k in zip(g_list, keep)]
+        norm = flat(m_g).norm()  # the public code: norm over the kept tensors
+    e = [RHO / beta * t / (norm + 1e-12) for t in m_g]
+    w_pert = [t + d for t, d in zip(w, e)]
+    with torch.no_grad():
+        increase = per_sample_losses(w_pert, x, y) - per_sample_losses(w, x, y)
+    k = max(1, math.floor(gamma * len(y) + 1e-9))
+    weights = torch.zeros(len(y), dtype=x.dtype)
+    weights[torch.topk(increase, k).indices] = 1.0 / k
+    g_s = grads_at(w_pert, x, y, weights)
+    return [t - LR * g for t, g in zip(w, g_s)], increase, k
+
+
+@pytest.mark.parametrize("mask", ["coordinate", "tensor"])
+@pytest.mark.parametrize("beta, gamma", [(0.5, 0.5), (0.7, 1.0), (1.0, 0.25)])
+def test_esam_one_step_equals_formula(mask, beta, gamma):
+    model = softmax_regression(1)
+    x, y = classification_data(4, n=16)
+    w = [p.detach().clone() for p in model.parameters()]
+    opt = sharpness.ESAM(torch.optim.SGD(model.parameters(), lr=LR), rho=RHO, beta=beta, gamma=gamma, mask=mask,
+                         seed=7)
+    assert opt.needs_per_sample_losses is (gamma < 1)
+    counter = [0]
+    loss = step_with(opt, model, x, y, counter)
+    expected, increase, k = _esam_reference(w, x, y, beta=beta, gamma=gamma, seed=7, mask=mask)
+    if gamma < 1:  # the selected samples are a strict subset and the cut is not a tie
+        top = torch.sort(increase, descending=True).values
+        assert top[k - 1] > top[k] + 1e-12
+    for p, ref in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), ref, rtol=0, atol=1e-13)
+    assert loss.dim() == 0 and loss.item() == pytest.approx(per_sample_losses(w, x, y).mean().item(), abs=1e-14)
+    assert counter[0] == 2 and opt.grad_evals == 2
+
+
+def test_esam_beta_one_gamma_one_is_sam_bit_for_bit():
+    m1, m2 = mlp(0), mlp(0)
+    x, y = classification_data(3)
+    o1 = sharpness.ESAM(torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9), rho=0.1, beta=1.0, gamma=1.0)
+    o2 = sharpness.SAM(torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9), rho=0.1)
+    for _ in range(10):
+        step_with(o1, m1, x, y)
+        step_with(o2, m2, x, y)
+    assert params_equal(m1, m2)
+    assert o1.grad_evals == o2.grad_evals == 20
+
+
+def test_esam_selection_rejects_an_ordinary_closure():
+    model = mlp(0)
+    x, y = classification_data(0)
+    opt = sharpness.ESAM(torch.optim.SGD(model.parameters(), lr=0.1), gamma=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(TypeError, match="per-sample losses"):
+        opt.step(closure)
+
+
+# ---------------------------------------------------------------------------------------------- SSAM-F
+def test_ssamf_one_step_equals_formula():
+    model = softmax_regression(2)
+    x, y = classification_data(5, n=16)
+    w = [p.detach().clone() for p in model.parameters()]
+    sparsity, n = 0.6, 10
+    opt = sharpness.SSAMF(torch.optim.SGD(model.parameters(), lr=LR), rho=RHO, sparsity=sparsity, num_samples=n,
+                          update_freq=5)
+    step_with(opt, model, x, y)
+
+    # Empirical Fisher from the first n examples' own gradients, top (1 - s) fraction over all weights.
+    fisher = sum(flat(grads_at(w, x[i:i + 1], y[i:i + 1])) ** 2 for i in range(n))
+    keep = int(fisher.numel() * (1 - sparsity))
+    mask = torch.zeros_like(fisher, dtype=torch.bool)
+    mask[torch.topk(fisher, keep).indices] = True
+    stored = flat([opt.state[p]["perturbation_mask"] for p in model.parameters()])
+    assert stored.dtype == torch.bool and torch.equal(stored, mask)
+
+    g = flat(grads_at(w, x, y))
+    e = RHO * mask.to(g.dtype) * g / (g.norm() + 1e-12)
+    w_pert = [t + d.view(t.shape) for t, d in zip(w, e.split([t.numel() for t in w]))]
+    expected = flat(w) - LR * flat(grads_at(w_pert, x, y))
+    torch.testing.assert_close(flat(model.parameters()).detach(), expected, rtol=0, atol=1e-13)
+    assert opt.fisher_samples == n and opt.mask_updates == 1
+    assert opt.mask_density == pytest.approx(keep / fisher.numel())
+
+
+def test_ssamf_refresh_schedule_and_collection_across_batches():
+    model = mlp(0)
+    x, y = classification_data(0, n=64)
+    opt = sharpness.SSAMF(torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, num_samples=40, update_freq=4)
+    counter = [0]
+    for t in range(9):
+        xb, yb = x[(t % 4) * 16:(t % 4) * 16 + 16], y[(t % 4) * 16:(t % 4) * 16 + 16]
+        step_with(opt, model, xb, yb, counter)
+        # 40 samples from batches of 16: collected over steps 0-2 and 4-6 (the refresh at step 8 is under way)
+        assert opt.mask_updates == {0: 0, 1: 0, 2: 1, 3: 1, 4: 1, 5: 1, 6: 2, 7: 2, 8: 2}[t]
+    assert opt.fisher_samples == 40 + 40 + 16
+    assert counter[0] == opt.grad_evals == 18  # Fisher gradients are not closure calls
+
+
+def test_ssamf_sparsity_zero_is_sam_bit_for_bit():
+    m1, m2 = mlp(0), mlp(0)
+    x, y = classification_data(3)
+    o1 = sharpness.SSAMF(torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9), rho=0.1, sparsity=0.0)
+    o2 = sharpness.SAM(torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9), rho=0.1)
+    assert o1.needs_per_sample_losses is False
+    for _ in range(10):
+        step_with(o1, m1, x, y)
+        step_with(o2, m2, x, y)
+    assert params_equal(m1, m2)
+
+
+# ---------------------------------------------------------------------------------------------- SmoothOut
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_smoothout_one_step_equals_formula(adaptive):
+    model = softmax_regression(3)
+    x, y = classification_data(6, n=16)
+    w = [p.detach().clone() for p in model.parameters()]
+    a = 0.05
+    opt = sharpness.SmoothOut(torch.optim.SGD(model.parameters(), lr=LR), a=a, adaptive=adaptive, seed=11)
+    counter = [0]
+    loss = step_with(opt, model, x, y, counter)
+
+    gen = torch.Generator().manual_seed(11)
+    noise = [torch.empty_like(t).uniform_(-a, a, generator=gen) for t in w]
+    if adaptive:  # weight [3, 4]: each output row scaled by its norm; bias: each entry by its magnitude
+        noise = [noise[0] * w[0].norm(dim=1, keepdim=True), noise[1] * w[1].abs()]
+    noisy = [t + xi for t, xi in zip(w, noise)]
+    expected = [t - LR * g for t, g in zip(w, grads_at(noisy, x, y))]
+    for p, ref in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), ref, rtol=0, atol=1e-14)
+    assert loss.item() == pytest.approx(per_sample_losses(noisy, x, y).mean().item(), abs=1e-14)
+    assert counter[0] == opt.grad_evals == opt.steps == 1 and opt.sam_steps == 0
+
+
+def test_smoothout_a_zero_is_adam_bit_for_bit():
+    m1, m2 = mlp(0), mlp(0)
+    x, y = classification_data(3)
+    o1 = sharpness.SmoothOut(torch.optim.Adam(m1.parameters(), lr=1e-2), a=0.0, adaptive=True)
+    o2 = torch.optim.Adam(m2.parameters(), lr=1e-2)
+    for _ in range(10):
+        step_with(o1, m1, x, y)
+        o2.zero_grad()
+        F.cross_entropy(m2(x), y).backward()
+        o2.step()
+    assert params_equal(m1, m2)
+
+
+def test_smoothout_has_no_two_phase_api():
+    opt = sharpness.SmoothOut(torch.optim.SGD(mlp(0).parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="step\\(closure\\)"):
+        opt.first_step()
+
+
+# ---------------------------------------------------------------------------------------------- shared checks
+CONFIGS = {
+    "gsam": lambda base: sharpness.GSAM(base, rho=0.1, alpha=0.2, rho_min=0.02),
+    "esam-coordinate": lambda base: sharpness.ESAM(base, rho=0.1, beta=0.6, gamma=0.5, seed=3),
+    "esam-tensor": lambda base: sharpness.ESAM(base, rho=0.1, beta=0.5, gamma=0.75, mask="tensor", seed=3),
+    "ssamf": lambda base: sharpness.SSAMF(base, rho=0.1, sparsity=0.5, num_samples=24, update_freq=3),
+    "smoothout": lambda base: sharpness.SmoothOut(base, a=0.02, seed=5),
+    "adasmoothout": lambda base: sharpness.SmoothOut(base, a=0.05, adaptive=True, seed=5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_grad_evals_count_closure_calls(name):
+    model = mlp(0)
+    x, y = classification_data(0)
+    opt = CONFIGS[name](torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    counter = [0]
+    losses = [step_with(opt, model, x, y, counter).item() for _ in range(30)]
+    assert counter[0] == opt.grad_evals
+    info = sharpness.get_optimizer_info(name.split("-")[0].replace("ada", ""))
+    assert opt.grad_evals == info.max_grad_evals_per_step * opt.steps
+    assert losses[-1] < 0.7 * losses[0]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_state_dict_lockstep_with_generator_and_masks(name):
+    """Save mid-run (SSAM-F in the middle of a Fisher collection), reload into fresh objects, continue equally."""
+    x, y = classification_data(3)
+    model = mlp(0)
+    opt = CONFIGS[name](torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    batches = [(x[i * 16:i * 16 + 16], y[i * 16:i * 16 + 16]) for i in range(4)]
+    for t in range(4):
+        step_with(opt, model, *batches[t % 4])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2 = mlp(9)
+    model2.load_state_dict(saved["model"])
+    opt2 = CONFIGS[name](torch.optim.SGD(model2.parameters(), lr=0.5))
+    opt2.load_state_dict(saved["opt"])
+    for t in range(4, 12):
+        step_with(opt, model, *batches[t % 4])
+        step_with(opt2, model2, *batches[t % 4])
+    assert params_equal(model, model2)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    _nested_equal(s1, s2)
+
+
+def _nested_equal(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _nested_equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            _nested_equal(u, v)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+BAD_ARGUMENTS = [
+    (sharpness.GSAM, {"alpha": -0.1}, ValueError, ["alpha", "-0.1", ">= 0"]),
+    (sharpness.GSAM, {"rho": 0.1, "rho_min": 0.2}, ValueError, ["rho_min", "0.2", "rho_min <= rho"]),
+    (sharpness.GSAM, {"rho_min": -0.01}, ValueError, ["rho_min", "-0.01", ">= 0"]),
+    (sharpness.GSAM, {"rho_min": 0.01, "lr_max": 0.0}, ValueError, ["lr_max", "0.0", "> 0"]),
+    (sharpness.GSAM, {"rho_min": 0.01, "lr_max": 0.1, "lr_min": 0.2}, ValueError, ["lr_max", "lr_max > lr_min"]),
+    (sharpness.GSAM, {"lr_max": 0.1}, ValueError, ["lr_max", "rho_min"]),
+    (sharpness.ESAM, {"beta": 0.0}, ValueError, ["beta", "0.0", "0 < beta <= 1"]),
+    (sharpness.ESAM, {"beta": 1.5}, ValueError, ["beta", "1.5", "0 < beta <= 1"]),
+    (sharpness.ESAM, {"gamma": 0.0}, ValueError, ["gamma", "0.0", "0 < gamma <= 1"]),
+    (sharpness.ESAM, {"gamma": 1.01}, ValueError, ["gamma", "1.01", "0 < gamma <= 1"]),
+    (sharpness.ESAM, {"gamma": "half"}, TypeError, ["gamma", "str"]),
+    (sharpness.ESAM, {"mask": "layer"}, ValueError, ["mask", "'layer'", "'coordinate'", "'tensor'"]),
+    (sharpness.ESAM, {"seed": -1}, ValueError, ["seed", "-1", ">= 0"]),
+    (sharpness.SSAMF, {"sparsity": 1.0}, ValueError, ["sparsity", "1.0", "0 <= sparsity < 1"]),
+    (sharpness.SSAMF, {"sparsity": -0.1}, ValueError, ["sparsity", "-0.1", "0 <= sparsity < 1"]),
+    (sharpness.SSAMF, {"num_samples": 0}, ValueError, ["num_samples", "0", ">= 1"]),
+    (sharpness.SSAMF, {"update_freq": 2.5}, TypeError, ["update_freq", "float", "integer"]),
+    (sharpness.SSAMF, {"rho": -1.0}, ValueError, ["rho", "-1.0", ">= 0"]),
+    (sharpness.SmoothOut, {"a": -0.01}, ValueError, ["a", "-0.01", "a >= 0"]),
+    (sharpness.SmoothOut, {"a": float("nan")}, ValueError, ["a", "nan"]),
+    (sharpness.SmoothOut, {"seed": 1.5}, TypeError, ["seed", "float", "integer"]),
+]
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, exc, fragments", BAD_ARGUMENTS, ids=[f"{c.__name__}-{sorted(k)}" for c, k, _, _ in BAD_ARGUMENTS]
+)
+def test_bad_argument(cls, kwargs, exc, fragments):
+    with pytest.raises(exc) as info:
+        cls(torch.optim.SGD(mlp(0).parameters(), lr=0.1), **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} missing from {info.value}"
+
+
+def test_smoothout_rejects_a_negative_group_a():
+    model = mlp(0)
+    opt = sharpness.SmoothOut(torch.optim.SGD(model[0].parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="a >= 0"):
+        opt.add_param_group({"params": model[2].parameters(), "a": -1.0})
