@@ -47,6 +47,7 @@ from torch import Tensor
 
 from .._foreach import group_by_device_dtype, squared_norm
 from .._validation import check_choice, check_int_at_least, check_non_negative, check_positive
+from ..amp import record_step, unscale_
 from ..distributed import all_reduce_mean_, is_distributed
 from ..measures.universal import SharpnessMeasure, resolve_measure
 from ..policies.always import Always
@@ -110,8 +111,9 @@ class UniversalSAM(SharpnessAwareOptimizer):
         seed: seed of the direction generator (on the parameters' device); ignored when ``generator`` is given.
         generator: a ``torch.Generator`` on the parameters' device to draw the directions from.
         **kwargs: engine options ``model`` (BatchNorm running statistics from the unperturbed pass only) and
-            ``max_grad_norm``; in the davda54 form, the base optimizer's options. ``grad_scaler`` is not
-            supported (the losses of all passes enter the update).
+            ``max_grad_norm`` and ``grad_scaler`` (every pass is unscaled; an inf/NaN in any pass skips the step
+            with the weights restored; the closure must return the *unscaled* loss); in the davda54 form, the
+            base optimizer's options.
 
     Example::
 
@@ -143,11 +145,9 @@ class UniversalSAM(SharpnessAwareOptimizer):
         self.num_samples = measure.check_num_samples(num_samples)
         self.scaling = check_choice("scaling", scaling, SCALINGS)
         seed = check_int_at_least("seed", seed, 0)
-        for key in ("grad_scaler", "reuse_alpha"):
-            if kwargs.get(key) is not None:
-                raise ValueError(f"{type(self).__name__} does not support {key} (the losses of all 1 + m passes "
-                                 "enter the update)")
-            kwargs.pop(key, None)
+        if kwargs.pop("reuse_alpha", None) is not None:
+            raise ValueError(f"{type(self).__name__} does not support reuse_alpha (LookSAM-style reuse of a SAM "
+                             "direction); use a policy to skip the extra passes")
         if policy is None:
             policy = Always()
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -217,22 +217,43 @@ class UniversalSAM(SharpnessAwareOptimizer):
         views = self._views()
         params = [p for view in views for p in view.params]
         grads = [g for view in views for g in view.grads]
+        self._found_inf = None
+        if self._scaler_enabled():
+            self._found_inf = torch.zeros(1, dtype=torch.float32, device=self._grad_device(grads))
+            if self._overflow(grads):
+                return loss
         grad_sq_norm = None
         if self.policy.needs_grad_sq_norm:
             grad_sq_norm = squared_norm(grads).item()
             self.last_grad_sq_norm = grad_sq_norm
         perturb = self.lam != 0 and bool(grads) and bool(self.policy.decide(self.steps, grad_sq_norm))
         if perturb:
-            self._sharpness_gradient(closure, loss, params)
+            if not self._sharpness_gradient(closure, loss, params):
+                return loss  # inf/NaN in a perturbed pass (GradScaler): step skipped, weights restored
             self.sam_steps += 1
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for view in self._views() for p in view.params], self.max_grad_norm)
         self.base_optimizer.step()
         self.steps += 1
+        if self._found_inf is not None:
+            record_step(self.grad_scaler, self, self._found_inf)
         return loss
 
-    def _sharpness_gradient(self, closure: Any, loss: Any, params: list[Tensor]) -> None:
-        """Run the ``m`` perturbed passes and write ``G`` into ``p.grad`` (weights restored bit for bit)."""
+    def _overflow(self, grads: list[Tensor]) -> bool:
+        """Unscale ``grads`` in place; on an inf/NaN record the skipped step and return True (one host sync)."""
+        unscale_(self.grad_scaler, grads, self._found_inf)
+        if is_distributed():
+            all_reduce_mean_(self._found_inf)
+        if self._found_inf.item() > 0:
+            self._skip()
+            return True
+        return False
+
+    def _sharpness_gradient(self, closure: Any, loss: Any, params: list[Tensor]) -> bool:
+        """Run the ``m`` perturbed passes and write ``G`` into ``p.grad`` (weights restored bit for bit).
+
+        Returns False when a pass overflowed under a GradScaler (the step is then skipped).
+        """
         m, n = self.num_samples, self.measure.n
         device = params[0].device
         kappa, gamma = (2.0, 2.0 / self.rho ** 2) if self.scaling == "paper" else (1.0, 1.0)
@@ -259,11 +280,13 @@ class UniversalSAM(SharpnessAwareOptimizer):
                 with torch.enable_grad():
                     perturbed_loss = closure()
                 self.grad_evals += 1
+                perturbed_grads = [_grad_or_zero(p) for p in params]
+                if self._found_inf is not None and self._overflow(perturbed_grads):
+                    return False
                 x = kappa * (self._loss_value(perturbed_loss, device) - base_loss) / self.rho ** 2
                 forms[i] = x
                 derivative = self._psi_derivative(x)  # psi'(x_i), shape [n]
                 psi_derivative_sum += derivative
-                perturbed_grads = [_grad_or_zero(p) for p in params]
                 for j, total in enumerate(sums):
                     for dst, g in group_by_device_dtype(total, perturbed_grads):
                         c = derivative[j].to(device=dst[0].device, dtype=dst[0].dtype)
@@ -288,6 +311,7 @@ class UniversalSAM(SharpnessAwareOptimizer):
             torch._foreach_copy_(dst, g0)
             for j, total in enumerate(totals):
                 torch._foreach_addcmul_(dst, total, [coefficients[j].to(**like)] * len(dst))
+        return True
 
     def _param_views(self, params: list[Tensor]) -> list[ParamGroupView]:
         """Views of ``params`` (those of the first pass) per group, with their current gradient buffers."""
