@@ -89,6 +89,12 @@ def train_command(
     measure: Annotated[Optional[list[str]], typer.Option(
         help="sharpness measure recorded each epoch, repeatable (see `sharpness list measures`)")] = None,
     measure_every: Annotated[int, typer.Option(help="epochs between measurements")] = 1,
+    swa_start: Annotated[Optional[float], typer.Option(
+        help="SWA: start averaging at this fraction of the budget, in (0, 1) (default: no SWA)")] = None,
+    swa_lr: Annotated[Optional[float], typer.Option(help="SWA: cyclic lr at the start of each cycle (alpha_1)")] = None,
+    swa_lr_min: Annotated[Optional[float], typer.Option(
+        help="SWA: cyclic lr at the end of each cycle, where weights are averaged (alpha_2; default swa_lr)")] = None,
+    swa_cycle: Annotated[Optional[int], typer.Option(help="SWA: cycle length in steps (default: one epoch)")] = None,
     db: Annotated[Optional[Path], typer.Option(help="SQLite results store; the run is written once at the end")] = None,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(
         help="directory for per-run checkpoints; an interrupted run resumes from it")] = None,
@@ -105,7 +111,8 @@ def train_command(
             budget_steps=budget_steps, budget_grad_evals=budget_grad_evals, schedule=schedule,
             label_smoothing=label_smoothing, max_grad_norm=max_grad_norm, bf16=bf16, label_noise=label_noise,
             subset=subset, validation=validation, seed=seed, measures=tuple(measure or ()),
-            measure_every=measure_every)
+            measure_every=measure_every, swa_start=swa_start, swa_lr=swa_lr, swa_lr_min=swa_lr_min,
+            swa_cycle=swa_cycle)
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     key = run_key(config.to_dict())

@@ -47,6 +47,13 @@ class TrainConfig:
     measures: tuple[str, ...] = ()  # sharpness measures recorded per epoch (see `sharpness list measures`)
     measure_every: int = 1  # epochs between measurements (the last epoch is always measured)
     measure_examples: int = 512  # first N training examples the measures use
+    # SWA (Izmailov et al., 2018): from `swa_start` (fraction of the budget) the lr follows the cyclic schedule
+    # swa_lr -> swa_lr_min over `swa_cycle` steps (default one epoch) and the weights are averaged at the end of
+    # every cycle; the averaged model (BatchNorm statistics recomputed) is the run's final model.
+    swa_start: float | None = None
+    swa_lr: float | None = None
+    swa_lr_min: float | None = None  # default: swa_lr (a constant SWA rate)
+    swa_cycle: int | None = None  # steps per cycle (default: steps per epoch)
 
     def __post_init__(self) -> None:
         budgets = [name for name in ("epochs", "budget_steps", "budget_grad_evals") if getattr(self, name) is not None]
@@ -83,9 +90,32 @@ class TrainConfig:
                 raise ValueError(f"Unknown measure name(s): {unknown} (expected some of {', '.join(MEASURE_NAMES)})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Invalid seed value: {self.seed!r} (expected an integer >= 0)")
+        self._check_swa()
+
+    _SWA_FIELDS = ("swa_start", "swa_lr", "swa_lr_min", "swa_cycle")
+
+    def _check_swa(self) -> None:
+        if self.swa_start is None:
+            extra = [name for name in self._SWA_FIELDS[1:] if getattr(self, name) is not None]
+            if extra:
+                raise ValueError(f"Invalid SWA options: {extra} set without swa_start (expected swa_start in (0, 1))")
+            return
+        _check_range("swa_start", self.swa_start, 0.0, 1.0, low_open=True, high_open=True)
+        if self.swa_lr is None:
+            raise ValueError("Invalid swa_lr value: None (SWA needs swa_lr > 0, e.g. 5e-3 as in the SALR paper)")
+        _check_range("swa_lr", self.swa_lr, 0.0, math.inf, low_open=True)
+        if self.swa_lr_min is not None:
+            _check_range("swa_lr_min", self.swa_lr_min, 0.0, self.swa_lr, low_open=True)
+        if self.swa_cycle is not None and (isinstance(self.swa_cycle, bool) or not isinstance(self.swa_cycle, int)
+                                           or self.swa_cycle < 1):
+            raise ValueError(f"Invalid swa_cycle value: {self.swa_cycle!r} (expected an integer >= 1 or None)")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.swa_start is None:  # runs without SWA keep the keys (and run ids) they had before SWA existed
+            for name in self._SWA_FIELDS:
+                data.pop(name)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

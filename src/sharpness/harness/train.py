@@ -172,6 +172,11 @@ class _Run:
         self.records: list[dict[str, Any]] = []
         self.elapsed = 0.0
         self._measure_batch: tuple[Tensor, Tensor] | None = None
+        # SWA: the running average of the weights at the end of every cyclic-lr cycle (config.swa_*).
+        self.swa = torch.optim.swa_utils.AveragedModel(model) if config.swa_start is not None else None
+        self.swa_steps = 0  # steps taken in the SWA phase
+        self.swa_finished = False  # the averaged weights have been swapped into the model
+        self._swa_step = False
 
     def progress(self) -> float:
         c, opt = self.config, self.optimizer
@@ -191,6 +196,16 @@ class _Run:
         return self.epoch >= c.epochs
 
     def set_lr(self) -> None:
+        c = self.config
+        self._swa_step = c.swa_start is not None and self.progress() >= c.swa_start
+        if self._swa_step:  # Izmailov et al. eq. (2): alpha(i) = (1 - t(i)) a1 + t(i) a2, t(i) = (((i-1) mod c) + 1) / c
+            cycle = c.swa_cycle or self.steps_per_epoch
+            t = (self.swa_steps % cycle + 1) / cycle
+            low = c.swa_lr if c.swa_lr_min is None else c.swa_lr_min
+            for group in self.optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+                group["lr"] = (1 - t) * c.swa_lr + t * low
+            return
         factor = lr_factor(self.config.schedule, self.progress())
         for group in self.optimizer.param_groups:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
@@ -224,9 +239,31 @@ class _Run:
                 continue
             loss_sum += self.step(x, y) * y.shape[0]
             count += y.shape[0]
+            self.after_step()
         self.epoch += 1
         self.elapsed += time.perf_counter() - start
+        if self.swa is not None and self.done():
+            self.finish_swa()
         self.records.append(self.record(loss_sum / max(count, 1)))
+
+    def after_step(self) -> None:
+        """SWA: average the weights at the end of each cycle (where the cyclic lr reaches ``swa_lr_min``)."""
+        if not self._swa_step:
+            return
+        self.swa_steps += 1
+        if self.swa_steps % (self.config.swa_cycle or self.steps_per_epoch) == 0:
+            self.swa.update_parameters(self.model)
+
+    def finish_swa(self) -> None:
+        """Make the SWA average the final model: copy its weights, recompute BatchNorm statistics (update_bn)."""
+        if self.swa_finished or int(self.swa.n_averaged) == 0:
+            return
+        with torch.no_grad():
+            for p, q in zip(self.model.parameters(), self.swa.module.parameters()):
+                p.copy_(q)
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            torch.optim.swa_utils.update_bn(batches(self.data.train, self.config.batch_size, None), self.model)
+        self.swa_finished = True
 
     def record(self, train_loss: float) -> dict[str, Any]:
         opt = self.optimizer
@@ -263,6 +300,8 @@ class _Run:
             "config": self.config.to_dict(), "epoch": self.epoch, "elapsed": self.elapsed,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "order_rng": self.order.get_state(), "records": self.records,
+            **({"swa": {"model": self.swa.state_dict(), "steps": self.swa_steps, "finished": self.swa_finished}}
+               if self.swa is not None else {}),
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -273,6 +312,9 @@ class _Run:
         torch.set_rng_state(state["torch_rng"])
         self.order.set_state(state["order_rng"])
         self.epoch, self.elapsed, self.records = int(state["epoch"]), float(state["elapsed"]), list(state["records"])
+        if self.swa is not None:
+            self.swa.load_state_dict(state["swa"]["model"])
+            self.swa_steps, self.swa_finished = int(state["swa"]["steps"]), bool(state["swa"]["finished"])
 
 
 def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | None = None,
@@ -315,4 +357,6 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
     summary = {key: last.get(key) for key in ("test_acc", "test_loss", "train_loss", "steps", "sam_steps",
                                               "sam_fraction", "grad_evals", "wall_time")}
     summary.update(finished=True, epochs=run.epoch, planned_steps=run.total_steps, world_size=run.world)
+    if run.swa is not None:  # test_acc/test_loss above are the averaged model's
+        summary.update(swa_snapshots=int(run.swa.n_averaged), swa_steps=run.swa_steps)
     return TrainResult(config, summary, run.records)
