@@ -342,8 +342,9 @@ def test_exact_mode_flags_and_graph_release():
     opt = sharpness.GNR(torch.optim.SGD(model.parameters(), lr=0.1))
     assert opt.needs_graph is True
     assert sharpness.GNR(torch.optim.SGD(model.parameters(), lr=0.1), hvp="finite_difference").needs_graph is False
-    opt.step(make_closure(opt, model, x, y))
+    loss = opt.step(make_closure(opt, model, x, y))
     assert all(p.grad.grad_fn is None and not p.grad.requires_grad for p in model.parameters())
+    assert loss.grad_fn is None  # the returned loss does not pin the forward graph either
 
 
 def test_clipping_applies_to_the_combined_gradient():

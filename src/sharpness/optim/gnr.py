@@ -197,6 +197,8 @@ class GNR(SharpnessAwareOptimizer):
             raise TypeError(f"Invalid closure type: {type(closure).__name__} (expected a callable)")
 
         loss = self._evaluate(closure)  # pass 1 at w: g(w) (with its graph in exact mode)
+        if isinstance(loss, Tensor) and loss.requires_grad:
+            loss = loss.detach()  # the returned loss must not pin the forward graph (create_graph mode)
         groups = self._groups_with_grad()
         params = [p for _, ps in groups for p in ps]
         if not params:
