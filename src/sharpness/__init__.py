@@ -2,12 +2,28 @@
 
 from . import policies, rules
 from .batchnorm import frozen_running_stats
-from .optim import AESAM, ASAM, ERM, GNR, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer, make_closure
-from .optim.esam import ESAM
-from .optim.gsam import GSAM
-from .optim.smoothout import SmoothOut
-from .optim.ssamf import SSAMF
-from .optim.universal_sam import DetSAM, FrobSAM, TraceSAM, UniversalSAM
+from .optim import (
+    AESAM,
+    ASAM,
+    ERM,
+    ESAM,
+    GNR,
+    GSAM,
+    SALR,
+    SAM,
+    SSAMF,
+    SSSAM,
+    AELookSAM,
+    DetSAM,
+    EntropySGD,
+    FrobSAM,
+    LookSAM,
+    SharpnessAwareOptimizer,
+    SmoothOut,
+    TraceSAM,
+    UniversalSAM,
+    make_closure,
+)
 from .registry import OptimizerInfo, create, get_optimizer_info, list_optimizers, register_optimizer
 
 __version__ = "0.1.0"
@@ -16,13 +32,23 @@ __all__ = [
     "AESAM",
     "ASAM",
     "ERM",
+    "ESAM",
     "GNR",
+    "GSAM",
+    "SALR",
     "SAM",
+    "SSAMF",
     "SSSAM",
     "AELookSAM",
+    "DetSAM",
+    "EntropySGD",
+    "FrobSAM",
     "LookSAM",
     "OptimizerInfo",
     "SharpnessAwareOptimizer",
+    "SmoothOut",
+    "TraceSAM",
+    "UniversalSAM",
     "create",
     "frozen_running_stats",
     "get_optimizer_info",
@@ -32,5 +58,3 @@ __all__ = [
     "register_optimizer",
     "rules",
 ]
-__all__ += ["DetSAM", "FrobSAM", "TraceSAM", "UniversalSAM"]
-__all__ += ["ESAM", "GSAM", "SSAMF", "SmoothOut"]

@@ -7,12 +7,25 @@ from typing import Any
 
 import torch
 
-from .optim import AESAM, ASAM, ERM, GNR, SAM, SSSAM, AELookSAM, LookSAM, SharpnessAwareOptimizer
-from .optim.esam import ESAM
-from .optim.gsam import GSAM
-from .optim.smoothout import SmoothOut
-from .optim.ssamf import SSAMF
-from .optim.universal_sam import DetSAM, FrobSAM, TraceSAM
+from .optim import (
+    AESAM,
+    ASAM,
+    ERM,
+    ESAM,
+    GNR,
+    GSAM,
+    SALR,
+    SAM,
+    SSAMF,
+    SSSAM,
+    AELookSAM,
+    DetSAM,
+    EntropySGD,
+    FrobSAM,
+    LookSAM,
+    SmoothOut,
+    TraceSAM,
+)
 
 __all__ = ["OptimizerInfo", "create", "get_optimizer_info", "list_optimizers", "register_optimizer"]
 
@@ -22,7 +35,7 @@ class OptimizerInfo:
     """One registered optimizer: its name, class, one-line description and capability flags."""
 
     name: str
-    cls: type[SharpnessAwareOptimizer]
+    cls: type[torch.optim.Optimizer]
     description: str
     min_grad_evals_per_step: int
     max_grad_evals_per_step: int
@@ -39,7 +52,7 @@ class OptimizerInfo:
 _REGISTRY: dict[str, OptimizerInfo] = {}
 
 
-def register_optimizer(name: str, cls: type[SharpnessAwareOptimizer], *, required: tuple[str, ...] = ()) -> None:
+def register_optimizer(name: str, cls: type[torch.optim.Optimizer], *, required: tuple[str, ...] = ()) -> None:
     """Register ``cls`` under ``name`` (lower case); flags and description are read from the class."""
     key = name.lower()
     if key in _REGISTRY:
@@ -70,7 +83,7 @@ def get_optimizer_info(name: str) -> OptimizerInfo:
     return _REGISTRY[key]
 
 
-def create(name: str, base: torch.optim.Optimizer, **kwargs: Any) -> SharpnessAwareOptimizer:
+def create(name: str, base: torch.optim.Optimizer, **kwargs: Any) -> torch.optim.Optimizer:
     """Build the optimizer registered as ``name`` around the base optimizer instance ``base``.
 
     Example: ``sharpness.create("aesam", torch.optim.SGD(model.parameters(), lr=0.1), total_steps=1000)``.
@@ -93,6 +106,8 @@ register_optimizer("gnr", GNR)
 register_optimizer("tracesam", TraceSAM)
 register_optimizer("frobsam", FrobSAM)
 register_optimizer("detsam", DetSAM)
+register_optimizer("salr", SALR)
+register_optimizer("entropysgd", EntropySGD)
 register_optimizer("gsam", GSAM)
 register_optimizer("esam", ESAM)
 register_optimizer("ssamf", SSAMF)
