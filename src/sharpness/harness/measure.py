@@ -40,6 +40,8 @@ _MEASURES: dict[str, tuple[Callable[..., measures.Measurement], str]] = {
             "GNR sharpness rho * max_{||e||<=rho} ||grad L(w+e)||"),
     "keskar": (lambda m, f, d, o: measures.keskar_sharpness(m, f, d, seed=o["seed"]),
                "Keskar epsilon-sharpness (box, epsilon=1e-3, x100 relative)"),
+    "salr": (lambda m, f, d, o: measures.salr_sharpness_hat(m, f, d, gamma=o["rho"] / 5),
+             "SALR S_hat = L(w+) - L(w-), 5 normalized ascent/descent steps of rho/5"),
 }
 MEASURE_NAMES = tuple(_MEASURES)
 
