@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,27 @@ def make_optimizer(name: str, base: torch.optim.Optimizer, **kwargs: Any) -> sha
         else:
             kwargs.pop(key, None)
     return sharpness.create(name, base, **kwargs)
+
+
+#: keyword arguments a cross-cutting test may pass to every optimizer; dropped for a class that has no such
+#: parameter (e.g. ``rho`` for Entropy-SGD or SALR)
+SOFT_KWARGS = ("rho",)
+
+
+def create_for_test(name: str, base: torch.optim.Optimizer, *, standard_closure: bool = True, **kwargs: Any):
+    """``sharpness.create`` for tests that run every registered optimizer with their own closures.
+
+    Drops soft keywords the class does not take, fills required ones, and (``standard_closure``) merges the
+    class's ``standard_closure_options`` so the test's hand-written closure follows the instance's convention.
+    """
+    info = sharpness.get_optimizer_info(name)
+    accepted = inspect.signature(info.cls.__init__).parameters
+    for key in SOFT_KWARGS:
+        if key in kwargs and key not in accepted:
+            del kwargs[key]
+    if standard_closure:
+        kwargs = {**getattr(info.cls, "standard_closure_options", {}), **kwargs}
+    return make_optimizer(name, base, **kwargs)
 
 
 def mlp(seed: int = 0, dtype: torch.dtype = torch.float64, width: int = 8) -> nn.Module:

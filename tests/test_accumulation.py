@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sharpness
-from helpers import has_both_branches as _has_both_branches
+from helpers import create_for_test, has_both_branches as _has_both_branches
 
 OPTIMIZER_NAMES = [info.name for info in sharpness.list_optimizers()]
 STEPS = 10
@@ -29,7 +29,7 @@ def make_opt(name, model, base_factory):
     kwargs = dict(SETTINGS.get(name, {}))
     if "total_steps" in sharpness.get_optimizer_info(name).required:
         kwargs["total_steps"] = STEPS
-    return sharpness.create(name, base_factory(model.parameters()), rho=0.1, **kwargs)
+    return create_for_test(name, base_factory(model.parameters()), rho=0.1, **kwargs)
 
 
 def data():

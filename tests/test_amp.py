@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import sharpness
-from helpers import has_both_branches as _has_both_branches
+from helpers import create_for_test, has_both_branches as _has_both_branches
 
 OPTIMIZER_NAMES = [info.name for info in sharpness.list_optimizers()]
 # Optimizers that can take a perturbed (second) pass.
@@ -36,7 +36,7 @@ def make_opt(name, model, *, settings=None, lr=0.1, momentum=0.9, **kwargs):
     if "total_steps" in sharpness.get_optimizer_info(name).required:
         kwargs.setdefault("total_steps", 20)
     base = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    return sharpness.create(name, base, rho=0.1, **kwargs)
+    return create_for_test(name, base, rho=0.1, **kwargs)
 
 
 def make_model(dtype=torch.float64, seed=0):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import sharpness
-from helpers import has_both_branches as _has_both_branches
+from helpers import create_for_test, has_both_branches as _has_both_branches
 from helpers import make_closure as closure_for
 
 OPTIMIZER_NAMES = [info.name for info in sharpness.list_optimizers()]
@@ -36,7 +36,7 @@ def make_opt(name, net, steps=6, **kwargs):
     kwargs = {**SETTINGS.get(name, {}), **kwargs}
     if "total_steps" in sharpness.get_optimizer_info(name).required:
         kwargs["total_steps"] = steps
-    return sharpness.create(name, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), rho=0.5, **kwargs)
+    return create_for_test(name, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), rho=0.5, **kwargs)
 
 
 def batches(steps, n=16):

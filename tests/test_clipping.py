@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sharpness
-from helpers import has_both_branches as _has_both_branches
+from helpers import create_for_test, has_both_branches as _has_both_branches
 from helpers import make_closure as closure_for
 
 OPTIMIZER_NAMES = [info.name for info in sharpness.list_optimizers()]
@@ -39,7 +39,7 @@ def make_opt(name, net, **kwargs):
     kwargs = {**SETTINGS.get(name, {}), **kwargs}
     if "total_steps" in sharpness.get_optimizer_info(name).required:
         kwargs["total_steps"] = STEPS
-    return sharpness.create(name, RecordingSGD(net.parameters(), lr=1.0), rho=0.1, **kwargs)
+    return create_for_test(name, RecordingSGD(net.parameters(), lr=1.0), rho=0.1, **kwargs)
 
 
 def batches(steps=STEPS, n=32):

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import sharpness
+from helpers import create_for_test
 
 WORLD = 2
 STEPS_LOCAL = 20  # per-worker perturbation scenario
@@ -75,7 +76,7 @@ def counters(opt: sharpness.SharpnessAwareOptimizer) -> dict[str, int]:
 def train(name: str, net: nn.Module, batches, total_steps: int, **engine_kwargs):
     """SGD + momentum under the named optimizer; the closure is the torch.optim convention."""
     base = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    opt = sharpness.create(name, base, rho=0.1, **optimizer_kwargs(name, total_steps), **engine_kwargs)
+    opt = create_for_test(name, base, rho=0.1, **optimizer_kwargs(name, total_steps), **engine_kwargs)
     for x, y in batches:
         def closure():
             opt.zero_grad()
@@ -105,7 +106,7 @@ def train_scaled_with_one_rank_overflow(name: str, net: nn.Module, rank: int, ba
     """GradScaler run in which only rank 1 overflows, in the first (unsynchronized) pass of one step."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     base = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    opt = sharpness.create(name, base, rho=0.1, **optimizer_kwargs(name, len(batches)), model=net,
+    opt = create_for_test(name, base, rho=0.1, **optimizer_kwargs(name, len(batches)), model=net,
                            grad_scaler=scaler)
     for t, (x, y) in enumerate(batches):
         calls = [0]

@@ -130,6 +130,11 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     needs_per_sample_losses: ClassVar[bool] = False
     #: keyword options under which the method equals its base optimizer bit for bit (used by the property suite)
     neutral_options: ClassVar[dict[str, Any]] = {"rho": 0.0}
+    #: options under which the instance uses the default closure convention (no per-sample losses, no graph);
+    #: loops that write their own closures (micro-batch accumulation, GradScaler) can merge them in
+    standard_closure_options: ClassVar[dict[str, Any]] = {}
+    #: whether ``grad_scaler=`` (fp16 loss scaling) is supported
+    supports_grad_scaler: ClassVar[bool] = True
     description: ClassVar[str] = "Base optimizer + perturbation rule + policy"
 
     def __init__(

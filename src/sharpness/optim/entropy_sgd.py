@@ -80,6 +80,8 @@ class EntropySGD(torch.optim.Optimizer):
     needs_graph: ClassVar[bool] = False
     needs_per_sample_losses: ClassVar[bool] = False
     neutral_options: ClassVar[dict[str, Any]] = {"langevin_steps": 0}
+    standard_closure_options: ClassVar[dict[str, Any]] = {}
+    supports_grad_scaler: ClassVar[bool] = False
     description: ClassVar[str] = "Entropy-SGD: outer step on x - mu of L Langevin steps (Chaudhari et al., 2017)"
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, *, langevin_steps: int = 5, sgld_lr: float = 0.1,

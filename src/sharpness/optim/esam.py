@@ -79,6 +79,7 @@ class ESAM(SharpnessAwareOptimizer):
     max_grad_evals_per_step = 2
     needs_per_sample_losses: ClassVar[bool] = True  # capability; the instance flag is gamma < 1
     neutral_options: ClassVar[dict[str, Any]] = {"rho": 0.0, "gamma": 1.0}
+    standard_closure_options: ClassVar[dict[str, Any]] = {"gamma": 1.0}  # stochastic weight perturbation only
     description = "ESAM: random-subset perturbation (beta) + top-gamma sharpness data selection (Du et al., 2022)"
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, rho: float = 0.05, beta: float = 0.6,

@@ -57,15 +57,11 @@ class GNR(SharpnessAwareOptimizer):
     or one extra backward through a gradient's graph (a double-backward HVP; it costs about one to two
     backward passes). With ``o`` the oracle's passes (1 for ``"sgd"``, 2 for ``"sam"`` or a rule):
 
-    ================================  ==========================================  ==============
-    step                              work                                        ``grad_evals``
-    ================================  ==========================================  ==============
-    no GNR (policy says no / alpha=0)  the oracle alone                            ``o``
-    GNR, ``hvp="exact"``               ``o`` closure calls + 1 at ``w_adv``,       ``o + 3``
-                                      + 2 double backwards (at ``w``, ``w_adv``)
-    GNR, ``hvp="finite_difference"``  ``o`` + 3 closure calls (``w + r v``,        ``o + 3``
-                                      ``w_adv``, ``w_adv + r u``)
-    ================================  ==========================================  ==============
+    * a step without GNR (the policy says no, or ``alpha=0``): the oracle alone, ``o`` evaluations;
+    * a GNR step, ``hvp="exact"``: ``o + 1`` closure calls (``w``, [the oracle's ascent point], ``w_adv``) and
+      2 double backwards (at ``w`` and at ``w_adv``): ``o + 3`` evaluations;
+    * a GNR step, ``hvp="finite_difference"``: ``o + 3`` closure calls (``w``, ``w + r u``, [the oracle's
+      ascent point], ``w_adv``, ``w_adv + r u'``): ``o + 3`` evaluations.
 
     So ``grad_evals == steps * o + gnr_steps * 3``. The oracle gradient ``g(w)`` and the first HVP share the
     first pass. With the SAM oracle the SAM ascent point ``w + rho_o g/||g||`` and ``w_adv`` (along
@@ -124,6 +120,8 @@ class GNR(SharpnessAwareOptimizer):
     max_grad_evals_per_step = 5
     needs_graph = True  # class flag: *can* need the graph; the instance attribute says whether it does
     neutral_options: ClassVar[dict[str, Any]] = {"alpha": 0.0}
+    standard_closure_options: ClassVar[dict[str, Any]] = {"hvp": "finite_difference"}
+    supports_grad_scaler: ClassVar[bool] = False
     description = "GNR: oracle (loss or SAM) gradient + alpha rho grad||g(w_adv)|| via Hessian-vector products"
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, rho: float = 0.1, alpha: float = 0.1,

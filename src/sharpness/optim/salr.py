@@ -135,6 +135,8 @@ class SALR(torch.optim.Optimizer):
     needs_graph: ClassVar[bool] = False
     needs_per_sample_losses: ClassVar[bool] = False
     neutral_options: ClassVar[dict[str, Any]] = {"min_factor": 1.0, "max_factor": 1.0}
+    standard_closure_options: ClassVar[dict[str, Any]] = {}
+    supports_grad_scaler: ClassVar[bool] = False
     description: ClassVar[str] = "SALR: lr = lr_0 * S_hat / median(S_hat) from normalized walks (Yue et al., 2023)"
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, n_descent: int = 5, n_ascent: int = 5,

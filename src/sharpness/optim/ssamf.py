@@ -62,6 +62,7 @@ class SSAMF(SharpnessAwareOptimizer):
     min_grad_evals_per_step = 2
     max_grad_evals_per_step = 2
     needs_per_sample_losses: ClassVar[bool] = True  # capability; the instance flag is sparsity > 0
+    standard_closure_options: ClassVar[dict[str, Any]] = {"sparsity": 0.0}  # the Fisher needs per-sample losses
     description = "SSAM-F: SAM on the top-(1-sparsity) weights by empirical Fisher, refreshed periodically (Mi+ 2022)"
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, rho: float = 0.1, sparsity: float = 0.5,
