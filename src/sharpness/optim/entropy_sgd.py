@@ -63,7 +63,8 @@ class EntropySGD(torch.optim.Optimizer):
         gamma: initial scope ``> 0``; gamma_growth: factor ``>= 1`` per update (scoping).
         alpha: weight ``in (0, 1]`` of the newest Langevin iterate in the running mean ``mu``.
         scale_by_gamma: multiply the outer gradient by ``gamma_t`` (the paper's Algorithm 1).
-        seed: seeds the noise generator (default: drawn from the global torch RNG at construction).
+        seed: seeds the noise generator (integer >= 0; the same on every rank, so DDP replicas draw the same
+            noise and stay identical).
         model: enables the BatchNorm guard (only the first pass updates running statistics).
         max_grad_norm: clip the outer gradient to this L2 norm before the base step.
         foreach: fused ``torch._foreach_*`` list ops (None/True) or one tensor at a time (False; same results).
@@ -86,7 +87,7 @@ class EntropySGD(torch.optim.Optimizer):
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, *, langevin_steps: int = 5, sgld_lr: float = 0.1,
                  noise: float = 1e-4, gamma: float = 0.03, gamma_growth: float = 1.001, alpha: float = 0.25,
-                 scale_by_gamma: bool = False, seed: int | None = None, model: nn.Module | None = None,
+                 scale_by_gamma: bool = False, seed: int = 0, model: nn.Module | None = None,
                  max_grad_norm: float | None = None, foreach: bool | None = None) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"Invalid base_optimizer type: {type(base_optimizer).__name__} (expected a "
@@ -108,8 +109,6 @@ class EntropySGD(torch.optim.Optimizer):
         self.foreach = foreach
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model type: {type(model).__name__} (expected a torch.nn.Module)")
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         self.seed = check_int_at_least("seed", seed, 0)
         self.scale_by_gamma = bool(scale_by_gamma)
         self.base_optimizer = base_optimizer
