@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: 1, the steadiest timings on a shared machine)")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS),
                         help="models to run (default: all)")
+    parser.add_argument("--methods", nargs="+", metavar="NAME",
+                        help="only these methods (names as in the table; SGD and SAM always run); default: all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
@@ -168,7 +170,7 @@ class MethodSpec:
     name: str
     build: Callable[[Any, int], torch.optim.Optimizer]  # (params, total_steps) -> optimizer
     step: Callable[[torch.optim.Optimizer, Closure], None] = closure_step
-    update: Callable[[Any], None] = two_phase_update
+    update: Callable[[Any], None] | None = two_phase_update  # None: no update-only timing (no two-phase API)
     passes: float | None = None  # fixed passes per step, for optimizers without a grad_evals counter
 
 
@@ -192,6 +194,19 @@ def method_specs() -> list[MethodSpec]:
         MethodSpec("SSSAM p=0.5", lambda p, t: sharpness.SSSAM(_sgd(p), p=0.5)),
         MethodSpec("AESAM", lambda p, t: sharpness.AESAM(_sgd(p), total_steps=t)),
         MethodSpec("AELookSAM", lambda p, t: sharpness.AELookSAM(_sgd(p), total_steps=t)),
+        MethodSpec("GSAM", lambda p, t: sharpness.GSAM(_sgd(p), rho=0.05, alpha=0.1)),
+        MethodSpec("ESAM b=0.6 g=0.5", lambda p, t: sharpness.ESAM(_sgd(p), rho=0.05), update=None),
+        MethodSpec("SSAMF s=0.5", lambda p, t: sharpness.SSAMF(_sgd(p), update_freq=10), update=None),
+        MethodSpec("SmoothOut", lambda p, t: sharpness.SmoothOut(_sgd(p)), update=None),
+        MethodSpec("GNR exact", lambda p, t: sharpness.GNR(_sgd(p), hvp="exact"), update=None),
+        MethodSpec("GNR fd", lambda p, t: sharpness.GNR(_sgd(p), hvp="finite_difference"), update=None),
+        MethodSpec("GNR fd every=10", lambda p, t: sharpness.GNR(_sgd(p), hvp="finite_difference", every=10),
+                   update=None),
+        MethodSpec("TraceSAM m=1", lambda p, t: sharpness.TraceSAM(_sgd(p)), update=None),
+        MethodSpec("FrobSAM m=2", lambda p, t: sharpness.FrobSAM(_sgd(p)), update=None),
+        MethodSpec("DetSAM m=1", lambda p, t: sharpness.DetSAM(_sgd(p)), update=None),
+        MethodSpec("SALR c=2", lambda p, t: sharpness.SALR(_sgd(p)), update=None),
+        MethodSpec("EntropySGD L=5", lambda p, t: sharpness.EntropySGD(_sgd(p)), update=None),
     ]
     return specs
 
@@ -204,9 +219,15 @@ def synchronize(device: torch.device) -> None:
 
 def grad_eval_counters(optimizer: torch.optim.Optimizer) -> tuple[int, int] | None:
     """``(grad_evals, steps)`` of our optimizers; None for the others."""
-    if isinstance(optimizer, sharpness.SharpnessAwareOptimizer):
+    if isinstance(optimizer, pytorch_optimizer_classes()):
+        return None
+    if hasattr(optimizer, "grad_evals") and hasattr(optimizer, "steps"):
         return optimizer.grad_evals, optimizer.steps
     return None
+
+
+def pytorch_optimizer_classes() -> tuple[type, ...]:
+    return (pytorch_optimizer.SAM,) if pytorch_optimizer is not None else ()
 
 
 @dataclass(frozen=True)
@@ -229,15 +250,13 @@ class Runner:
     on_closure: Callable[[], None] | None = None  # memory probe hook (never set while timing)
 
     def make_closure(self, x: Tensor, y: Tensor) -> Closure:
-        def closure() -> Tensor:
+        """The closure the optimizer's flags ask for (``sharpness.make_closure``; plain for the others)."""
+        def compute_loss(reduction: str) -> Tensor:
             if self.on_closure is not None:
                 self.on_closure()
-            self.optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(self.model(x), y)
-            loss.backward()
-            return loss
+            return nn.functional.cross_entropy(self.model(x), y, reduction=reduction)
 
-        return closure
+        return sharpness.make_closure(self.optimizer, compute_loss)
 
     def step(self) -> None:
         """One full training step: the passes and the update."""
@@ -394,7 +413,8 @@ def summarize(steps: dict[str, list[Sample]], updates: dict[str, list[Sample]]) 
         }
         for clock in CLOCKS:
             entry[clock] = clock_summary(samples, steps[REFERENCE], clock)
-            entry[clock]["update_only_median_s"] = statistics.median(getattr(s, clock) for s in updates[name])
+            entry[clock]["update_only_median_s"] = (
+                statistics.median(getattr(s, clock) for s in updates[name]) if name in updates else None)
         summary[name] = entry
     return summary
 
@@ -448,9 +468,8 @@ def time_methods(methods: list[MethodSpec], model: nn.Module, batches: list[tupl
     total_steps = (args.warmup + args.repeats) * args.steps_per_repeat
     runners = [make_runner(m, model, batches, total_steps) for m in methods]
     steps = run_interleaved(runners, "step", args, device)
-    fractions = {r.spec.name: r.optimizer.sam_fraction for r in runners
-                 if isinstance(r.optimizer, sharpness.SharpnessAwareOptimizer)}
-    runners = [make_runner(m, model, batches, total_steps) for m in methods]
+    fractions = {r.spec.name: r.optimizer.sam_fraction for r in runners if hasattr(r.optimizer, "sam_fraction")}
+    runners = [make_runner(m, model, batches, total_steps) for m in methods if m.update is not None]
     for runner in runners:
         runner.prime()
     updates = run_interleaved(runners, "update", args, device)
@@ -465,7 +484,8 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     torch.manual_seed(args.seed)
     model = spec.build().to(device)
     batches = make_batches(spec, device, count=8, seed=args.seed)
-    methods = method_specs()
+    methods = [m for m in method_specs() if args.methods is None or m.name in args.methods
+               or m.name in (REFERENCE, OURS)]
     memory = {m.name: measure_memory(m, model, batches, device) for m in methods}
     steps, updates, fractions = time_methods(methods, model, batches, args, device)
     summary = summarize(steps, updates)
@@ -511,7 +531,8 @@ def table_row(name: str, m: dict[str, Any], clocks: tuple[str, ...], cuda: bool)
     row = [name, f"{m['passes_per_step']:.2f}"]
     for clock in clocks:
         c = m[clock]
-        row += [_ms(c["median_s"]), _ms(c["iqr_s"]), f"{c['normalized']:.3f}", _ms(c["update_only_median_s"])]
+        update = c["update_only_median_s"]
+        row += [_ms(c["median_s"]), _ms(c["iqr_s"]), f"{c['normalized']:.3f}", "-" if update is None else _ms(update)]
     row.append(f"{_mib(m['extra_state_bytes_at_rest'])} / {_mib(m['extra_state_bytes_peak'])}")
     if cuda:
         row.append(_mib(m["cuda_peak_bytes"]))
