@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -39,7 +40,14 @@ def make_closure(optimizer: torch.optim.Optimizer, compute_loss: Callable[[str],
             losses = compute_loss("none")
             return losses.reshape(losses.shape[0], -1).mean(1) if losses.dim() > 1 else losses
         loss = compute_loss("mean")
-        loss.backward(create_graph=create_graph)
+        if create_graph:
+            # torch warns that p.grad now references its own graph (a reference cycle); the optimizers that
+            # ask for the graph replace every p.grad by a detached tensor once their HVPs are done.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+                loss.backward(create_graph=True)
+        else:
+            loss.backward()
         return loss
 
     return closure
