@@ -15,6 +15,7 @@ from .._foreach import group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_choice, check_int_at_least, check_positive
 from .._walk import normalized_walk_
 from ..batchnorm import RunningStatsGuard
+from ..distributed import all_reduce_mean_, is_distributed
 
 __all__ = ["SALR"]
 
@@ -402,7 +403,10 @@ class SALR(torch.optim.Optimizer):
                     p.grad.copy_(g)
             if self._bn_guard is not None:
                 self._bn_guard.restore()
-        self._record(float(ends[1] - ends[0]))
+        losses = torch.stack([end.to(torch.float64) for end in ends])
+        if is_distributed():  # the endpoint losses are this rank's: average them so every rank records the same S_k
+            all_reduce_mean_(losses)
+        self._record(float(losses[1] - losses[0]))
 
     def _record(self, sharpness: float) -> None:
         """Append ``S_k`` to the history and set the factor (guards in the class docstring)."""
