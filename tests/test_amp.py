@@ -54,6 +54,15 @@ def batches(steps, n=32, dtype=torch.float64, seed=0):
     return out
 
 
+def skip_without_grad_scaler(name):
+    """Methods with ``supports_grad_scaler = False`` must refuse ``grad_scaler=`` loudly; then the test is skipped."""
+    if sharpness.get_optimizer_info(name).cls.supports_grad_scaler:
+        return
+    with pytest.raises((TypeError, ValueError), match="grad_scaler"):
+        make_opt(name, make_model(), grad_scaler=torch.amp.GradScaler("cpu"))
+    pytest.skip(f"{name}: supports_grad_scaler is False (grad_scaler= is refused with an error)")
+
+
 def snapshot(model):
     return [p.detach().clone() for p in model.parameters()]
 
@@ -93,6 +102,7 @@ def scaled_closure(opt, model, x, y, scaler, *, poison_call=None, calls=None):
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_scaled_steps_equal_unscaled_steps(name, dtype):
+    skip_without_grad_scaler(name)
     data = batches(8, dtype=dtype)
     ref_model, amp_model = make_model(dtype), make_model(dtype)
     ref = make_opt(name, ref_model, settings=MIXED)
@@ -137,6 +147,7 @@ def _warm_up(opt, model, scaler, x, y):
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_inf_in_first_pass_skips_the_step(name):
+    skip_without_grad_scaler(name)
     (x0, y0), (x1, y1) = batches(2)
     model = make_model()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -260,7 +271,9 @@ def test_two_phase_api_with_overflow():
 def test_bf16_autocast_trains(name):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
-    opt = make_opt(name, model, settings=MIXED, lr=0.2, momentum=0.0)
+    # A method stepping on a weight displacement (Entropy-SGD's x - mu) is run at its natural lr scale, 1.
+    displacement = sharpness.get_optimizer_info(name).cls.base_gradient_is_displacement
+    opt = make_opt(name, model, settings=MIXED, lr=1.0 if displacement else 0.2, momentum=0.0)
     x, y = batches(1, n=128, dtype=torch.float32, seed=5)[0]
 
     def closure():

@@ -72,6 +72,8 @@ def reference_stats(model, x):
 @pytest.mark.parametrize("momentum", [0.1, None])  # None: cumulative average driven by num_batches_tracked
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_running_stats_come_from_the_unperturbed_pass(name, momentum):
+    if not sharpness.get_optimizer_info(name).cls.has_unperturbed_pass:
+        pytest.skip(f"{name}: has_unperturbed_pass is False (no pass at w whose statistics could be kept)")
     model = make_model(momentum)
     opt = make_opt(name, model, model=model)
     for x, y in batches(6):
@@ -80,10 +82,31 @@ def test_running_stats_come_from_the_unperturbed_pass(name, momentum):
         assert_stats_equal(bn_stats(model), expected)
         assert model.training and all(m.training for m in model.modules())
     assert model[1].num_batches_tracked.item() == 6
+    # Pass accounting by the instance's flags (multi-pass methods: Langevin chains, HVPs, walks).
+    assert opt.steps * opt.min_grad_evals_per_step <= opt.grad_evals <= opt.steps * opt.max_grad_evals_per_step
+    info = sharpness.get_optimizer_info(name)
     if _has_both_branches(name):
         assert 0 < opt.sam_steps < opt.steps
+    elif info.max_grad_evals_per_step <= 2:  # one pass: no SAM step; two passes every step: all SAM steps
+        assert opt.sam_steps == opt.steps * (info.max_grad_evals_per_step - 1)
     else:
-        assert opt.sam_steps == opt.steps * (sharpness.get_optimizer_info(name).max_grad_evals_per_step - 1)
+        assert 0 <= opt.sam_steps <= opt.steps
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in OPTIMIZER_NAMES if not sharpness.get_optimizer_info(n).cls.has_unperturbed_pass]
+)
+def test_without_an_unperturbed_pass_the_single_pass_updates_the_stats_once(name):
+    """``has_unperturbed_pass = False`` (SmoothOut): the statistics come from the one (noisy) pass per step,
+    exactly one update per step, and they are not those of a pass at the unperturbed weights."""
+    model = make_model()
+    opt = make_opt(name, model, model=model)
+    for step, (x, y) in enumerate(batches(3), start=1):
+        clean = reference_stats(model, x)
+        opt.step(closure_for(opt, model, x, y))
+        assert model[1].num_batches_tracked.item() == step
+        assert not torch.equal(model[1].running_mean, clean[0])
+    assert opt.grad_evals == opt.steps == 3
 
 
 def test_without_model_the_perturbed_pass_updates_the_stats_too():

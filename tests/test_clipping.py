@@ -27,6 +27,7 @@ class RecordingSGD(torch.optim.SGD):
 
     def step(self, closure=None):
         self.seen = [p.grad.detach().clone() for group in self.param_groups for p in group["params"]]
+        self.seen_lr = [group["lr"] for group in self.param_groups]
         return super().step(closure)
 
 
@@ -64,7 +65,8 @@ def flat(tensors):
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_clip_scales_the_final_gradient_only(name):
     """Lockstep with an unclipped twin synced to the same weights before every step: the clipped final
-    gradient is the unclipped one times min(1, max_norm / ||g||); the update is w - clipped (SGD lr=1)."""
+    gradient is the unclipped one times min(1, max_norm / ||g||); the update is w - lr * clipped with the lr the
+    base optimizer was handed: the scheduler's lr=1, or lr=1 times the method's factor (``scales_base_lr``)."""
     max_norm = 0.05
     clipped_model, twin_model = make_model(), make_model()
     clipped = make_opt(name, clipped_model, max_grad_norm=max_norm)
@@ -86,8 +88,12 @@ def test_clip_scales_the_final_gradient_only(name):
         torch.testing.assert_close(flat(g_clip), coef * flat(g_raw), rtol=1e-10, atol=1e-14)
         cos = torch.dot(flat(g_clip), flat(g_raw)) / (global_norm(g_clip) * norm_raw)
         assert cos.item() == pytest.approx(1.0, abs=1e-12)
+        (lr,) = clipped.base_optimizer.seen_lr
+        assert lr == twin.base_optimizer.seen_lr[0]
+        if not clipped.scales_base_lr:
+            assert lr == 1.0
         for p, w, g in zip(clipped_model.parameters(), before, g_clip, strict=True):
-            torch.testing.assert_close(p.detach(), w - g, rtol=0, atol=1e-14)
+            torch.testing.assert_close(p.detach(), w - lr * g, rtol=0, atol=1e-14)
     assert was_clipped == STEPS, "max_norm too large: the test would not exercise the clipping"
     assert (clipped.steps, clipped.sam_steps) == (twin.steps, twin.sam_steps)
     if _has_both_branches(name):

@@ -135,6 +135,18 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
     standard_closure_options: ClassVar[dict[str, Any]] = {}
     #: whether ``grad_scaler=`` (fp16 loss scaling) is supported
     supports_grad_scaler: ClassVar[bool] = True
+    #: a pass at the current weights ``w`` exists and (with ``model=``) is the one whose BatchNorm running
+    #: statistics are kept (False for SmoothOut, whose only pass is at ``w + noise``)
+    has_unperturbed_pass: ClassVar[bool] = True
+    #: the base optimizer steps with ``group["lr"]`` times a factor the method chooses per step (SALR), so the
+    #: update is not ``w - lr * g`` with the scheduler's ``lr``
+    scales_base_lr: ClassVar[bool] = False
+    #: the "gradient" handed to the base optimizer is a weight displacement (Entropy-SGD's ``x - mu``, about
+    #: ``sgld_lr * L`` gradients long), not a loss gradient: its natural ``lr`` is ~1, not plain SGD's
+    base_gradient_is_displacement: ClassVar[bool] = False
+    #: accepts ``sync_perturbation=`` (with a DDP ``model=`` the first pass may run per worker under ``no_sync``);
+    #: False: every pass is all-reduced by DDP, so a DDP run always equals the global batch
+    supports_sync_perturbation: ClassVar[bool] = True
     description: ClassVar[str] = "Base optimizer + perturbation rule + policy"
 
     def __init__(

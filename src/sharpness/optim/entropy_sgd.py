@@ -69,7 +69,8 @@ class EntropySGD(torch.optim.Optimizer):
         max_grad_norm: clip the outer gradient to this L2 norm before the base step.
         foreach: fused ``torch._foreach_*`` list ops (None/True) or one tensor at a time (False; same results).
 
-    Counters: ``steps``, ``grad_evals``, ``sam_steps`` (always 0), ``sam_fraction``, ``scope`` (current gamma).
+    Counters: ``steps``, ``grad_evals``, ``sam_steps`` and ``skipped_steps`` (always 0), ``sam_fraction``,
+    ``scope`` (current gamma).
 
     Reference: P. Chaudhari, A. Choromanska, S. Soatto, Y. LeCun, C. Baldassi, C. Borgs, J. Chayes, L. Sagun,
     R. Zecchina. Entropy-SGD: Biasing Gradient Descent Into Wide Valleys. ICLR 2017.
@@ -83,6 +84,10 @@ class EntropySGD(torch.optim.Optimizer):
     neutral_options: ClassVar[dict[str, Any]] = {"langevin_steps": 0}
     standard_closure_options: ClassVar[dict[str, Any]] = {}
     supports_grad_scaler: ClassVar[bool] = False
+    has_unperturbed_pass: ClassVar[bool] = True  # the training pass at x; the Langevin passes keep no BN statistics
+    scales_base_lr: ClassVar[bool] = False
+    base_gradient_is_displacement: ClassVar[bool] = True  # the base steps on x - mu (authors' code: lr = 1)
+    supports_sync_perturbation: ClassVar[bool] = False  # no per-worker pass: DDP all-reduces every pass
     description: ClassVar[str] = "Entropy-SGD: outer step on x - mu of L Langevin steps (Chaudhari et al., 2017)"
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, *, langevin_steps: int = 5, sgld_lr: float = 0.1,
@@ -120,6 +125,7 @@ class EntropySGD(torch.optim.Optimizer):
         self.steps = 0
         self.grad_evals = 0
         self.sam_steps = 0
+        self.skipped_steps = 0  # the engine's counter set; no GradScaler, so never incremented
         super().__init__(list(base_optimizer.param_groups), dict(base_optimizer.defaults))
 
     # ------------------------------------------------------------------ shared param groups

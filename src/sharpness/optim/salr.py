@@ -115,7 +115,8 @@ class SALR(torch.optim.Optimizer):
         foreach: fused ``torch._foreach_*`` list ops (None/True) or one tensor at a time (False; same results).
 
     Counters: ``steps``, ``grad_evals`` (closure calls with a backward), ``loss_evals`` (forward-only calls),
-    ``estimates``, ``skipped_estimates``, ``sam_steps`` (the inner optimizer's, 0 for a plain one),
+    ``estimates``, ``skipped_estimates``, ``sam_steps`` and ``skipped_steps`` (the inner optimizer's, 0 for a
+    plain one),
     ``sam_fraction``. For plots: ``last_sharpness``, ``last_factor``, ``sharpness_history`` (one per
     estimate), ``factor_history`` and ``lr_history`` (group 0's effective rate, one per step).
 
@@ -138,6 +139,10 @@ class SALR(torch.optim.Optimizer):
     neutral_options: ClassVar[dict[str, Any]] = {"min_factor": 1.0, "max_factor": 1.0}
     standard_closure_options: ClassVar[dict[str, Any]] = {}
     supports_grad_scaler: ClassVar[bool] = False
+    has_unperturbed_pass: ClassVar[bool] = True  # the training pass at w; the walks' passes keep no BN statistics
+    scales_base_lr: ClassVar[bool] = True  # the inner step uses lr * factor (the sharpness-aware rate)
+    base_gradient_is_displacement: ClassVar[bool] = False
+    supports_sync_perturbation: ClassVar[bool] = False  # no per-worker pass: DDP all-reduces every pass
     description: ClassVar[str] = "SALR: lr = lr_0 * S_hat / median(S_hat) from normalized walks (Yue et al., 2023)"
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, n_descent: int = 5, n_ascent: int = 5,
@@ -236,6 +241,11 @@ class SALR(torch.optim.Optimizer):
     def sam_steps(self) -> int:
         """The inner optimizer's perturbed (SAM) steps; 0 for a plain optimizer."""
         return int(getattr(self.optimizer, "sam_steps", 0))
+
+    @property
+    def skipped_steps(self) -> int:
+        """The inner optimizer's skipped steps (GradScaler overflow); 0 for a plain optimizer."""
+        return int(getattr(self.optimizer, "skipped_steps", 0))
 
     @property
     def sam_fraction(self) -> float:

@@ -53,6 +53,7 @@ class SmoothOut(SharpnessAwareOptimizer):
     min_grad_evals_per_step = 1
     max_grad_evals_per_step = 1
     neutral_options: ClassVar[dict[str, Any]] = {"a": 0.0}
+    has_unperturbed_pass: ClassVar[bool] = False  # the only pass is at w + noise (its BN statistics are kept)
     description = "SmoothOut: gradient at w + U(-a, a) noise, applied at w (Wen et al., 2018)"
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, a: float = 0.01, adaptive: bool = False,
