@@ -37,6 +37,7 @@ from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, is_distributed
 from ..policies.base import Policy
 from ..rules.base import ParamGroupView, PerturbationRule
+from ._state import scratch_buffers
 
 __all__ = ["SharpnessAwareOptimizer"]
 
@@ -276,15 +277,7 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
 
     def _scratch(self, params: list[Tensor], key: str) -> list[Tensor]:
         """Preallocated per-parameter buffers (allocated on first use, reused afterwards)."""
-        buffers = []
-        for p in params:
-            state = self.state[p]
-            buf = state.get(key)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                state[key] = buf
-            buffers.append(buf)
-        return buffers
+        return scratch_buffers(self.state, params, key)
 
     def _grad_device(self, grads: list[Tensor]) -> torch.device:
         return grads[0].device if grads else torch.device("cpu")

@@ -13,6 +13,7 @@ from .. import _foreach
 from .._foreach import group_by_device_dtype, uses_foreach_option
 from .._validation import check_int_at_least, check_non_negative, check_positive
 from ..batchnorm import RunningStatsGuard
+from ._state import scratch_buffers
 
 __all__ = ["EntropySGD"]
 
@@ -165,15 +166,7 @@ class EntropySGD(torch.optim.Optimizer):
         return gen
 
     def _scratch(self, params: list[Tensor], key: str) -> list[Tensor]:
-        buffers = []
-        for p in params:
-            state = self.state[p]
-            buf = state.get(key)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                state[key] = buf
-            buffers.append(buf)
-        return buffers
+        return scratch_buffers(self.state, params, key)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()

@@ -16,6 +16,7 @@ from .._validation import check_choice, check_int_at_least, check_positive
 from .._walk import normalized_walk_
 from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_mean_, is_distributed
+from ._state import scratch_buffers
 
 __all__ = ["SALR"]
 
@@ -352,15 +353,7 @@ class SALR(torch.optim.Optimizer):
         return losses.detach().mean()
 
     def _scratch(self, params: list[Tensor], key: str) -> list[Tensor]:
-        buffers = []
-        for p in params:
-            state = self.state[p]
-            buf = state.get(key)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                buf = torch.empty_like(p, memory_format=torch.preserve_format)
-                state[key] = buf
-            buffers.append(buf)
-        return buffers
+        return scratch_buffers(self.state, params, key)
 
     # ------------------------------------------------------------------ the estimate
     def _estimate(self, closure: Closure, params: list[Tensor]) -> None:
