@@ -105,6 +105,20 @@ def addcmul_(tensors: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor]
                 t.add_(x, alpha=y * v)
 
 
+def sub_(tensors: Sequence[Tensor], other: Any, *, alpha: float = 1) -> None:
+    """``t[i] <- t[i] - alpha * other[i]``."""
+    add_(tensors, other, alpha=-alpha) if isinstance(other, (list, tuple)) else add_(tensors, -other * alpha)
+
+
+def zero_(tensors: Sequence[Tensor]) -> None:
+    """``t[i] <- 0``."""
+    if _FOREACH.get():
+        torch._foreach_zero_(tensors)
+    else:
+        for t in tensors:
+            t.zero_()
+
+
 def abs_(tensors: Sequence[Tensor]) -> None:
     """``t[i] <- |t[i]|``."""
     if _FOREACH.get():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import Tensor
 
 from . import _foreach
@@ -45,7 +44,7 @@ def normalized_walk_(offset: list[Tensor], direction_at: Direction, gamma: float
 
 def _zero_(bucket: list[Tensor]) -> None:
     if _foreach.foreach_enabled():
-        torch._foreach_zero_(bucket)
+        _foreach.zero_(bucket)
     else:
         for t in bucket:
             t.zero_()

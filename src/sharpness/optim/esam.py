@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._foreach import uses_foreach_option
 from .._validation import check_choice, check_real
 from ..distributed import is_distributed
 from ..policies.always import Always
@@ -134,6 +135,7 @@ class ESAM(SharpnessAwareOptimizer):
         return weights
 
     @torch.no_grad()
+    @uses_foreach_option
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
         """One ESAM step. With ``gamma < 1`` the closure returns per-sample losses; the mean loss is returned."""
         if not self.needs_per_sample_losses:

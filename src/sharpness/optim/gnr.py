@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .._foreach import group_by_device_dtype, squared_norm
+from .. import _foreach
+from .._foreach import group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_choice, check_int_at_least, check_non_negative, check_positive
 from ..policies.base import Policy
 from ..policies.periodic import Periodic
@@ -184,6 +185,7 @@ class GNR(SharpnessAwareOptimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
+    @uses_foreach_option
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One GNR step (``o`` or ``o + 3`` gradient evaluations, see the class docstring); returns the loss at w."""
         if closure is None:
@@ -227,12 +229,12 @@ class GNR(SharpnessAwareOptimizer):
             )
         backup = self._scratch(params, _BACKUP)
         for dst, src in group_by_device_dtype(backup, params):
-            torch._foreach_copy_(dst, src)
+            _foreach.copy_(dst, src)
         if self._bn_guard is not None:
             self._bn_guard.save()  # running statistics from pass 1 only
         oracle_grad = self._scratch(params, _ORACLE_GRAD)  # g(w) now, h_loss later
         for dst, src in group_by_device_dtype(oracle_grad, grads):
-            torch._foreach_copy_(dst, [g.detach() for g in src])
+            _foreach.copy_(dst, [g.detach() for g in src])
         grad_sq_norm_t = squared_norm(oracle_grad)
 
         # f = H(w) g(w) / (||g(w)|| + xi): shares pass 1 (exact: one double backward; FD: one more pass)
@@ -242,7 +244,7 @@ class GNR(SharpnessAwareOptimizer):
         if self.rule is not None:
             self._oracle_pass(closure, groups, params, oracle_grad, grad_sq_norm=grad_sq_norm_t, restore=False)
             for dst, src in group_by_device_dtype(oracle_grad, [p.grad for p in params]):
-                torch._foreach_copy_(dst, src)
+                _foreach.copy_(dst, src)
             self._restore(params, backup)
 
         # w_adv = w + rho f / (||f|| + xi), per-group rho
@@ -253,8 +255,8 @@ class GNR(SharpnessAwareOptimizer):
             offset += len(ps)
             scale = group["rho"] / (f_norm + self.xi)
             for bucket_p, bucket_f in group_by_device_dtype(ps, fs):
-                torch._foreach_mul_(bucket_f, scale.to(device=bucket_f[0].device, dtype=bucket_f[0].dtype))
-                torch._foreach_add_(bucket_p, bucket_f)
+                _foreach.mul_(bucket_f, scale.to(device=bucket_f[0].device, dtype=bucket_f[0].dtype))
+                _foreach.add_(bucket_p, bucket_f)
 
         # h_norm / rho = H(w_adv) g(w_adv) / (||g(w_adv)|| + xi)
         self._evaluate(closure)
@@ -273,8 +275,8 @@ class GNR(SharpnessAwareOptimizer):
             ls = oracle_grad[offset:offset + len(ps)]
             offset += len(ps)
             for bucket_h, bucket_l in group_by_device_dtype(hs, ls):
-                torch._foreach_mul_(bucket_h, self.alpha * group["rho"])
-                torch._foreach_add_(bucket_h, bucket_l)
+                _foreach.mul_(bucket_h, self.alpha * group["rho"])
+                _foreach.add_(bucket_h, bucket_l)
             for p, h in zip(ps, hs):
                 p.grad = h
         self.sam_steps += 1
@@ -312,7 +314,7 @@ class GNR(SharpnessAwareOptimizer):
 
     def _restore(self, params: list[Tensor], backup: list[Tensor]) -> None:
         for dst, src in group_by_device_dtype(params, backup):
-            torch._foreach_copy_(dst, src)  # back to w, bit-exact
+            _foreach.copy_(dst, src)  # back to w, bit-exact
 
     def _oracle_pass(self, closure: Callable[[], Any], groups: list[tuple[dict[str, Any], list[Tensor]]],
                      params: list[Tensor], direction: list[Tensor], *, grad_sq_norm: Tensor | None = None,
@@ -325,7 +327,7 @@ class GNR(SharpnessAwareOptimizer):
         if restore:
             backup = self._scratch(params, _BACKUP)
             for dst, src in group_by_device_dtype(backup, params):
-                torch._foreach_copy_(dst, src)
+                _foreach.copy_(dst, src)
             if self._bn_guard is not None:
                 self._bn_guard.save()
         views, offset = [], 0
@@ -367,20 +369,20 @@ class GNR(SharpnessAwareOptimizer):
             self.grad_evals += 1
             self._release_graph(params)
             for (bucket,) in group_by_device_dtype(out):
-                torch._foreach_mul_(bucket, inv.to(device=bucket[0].device, dtype=bucket[0].dtype))
+                _foreach.mul_(bucket, inv.to(device=bucket[0].device, dtype=bucket[0].dtype))
             return out
         # finite difference: (g(w + r u) - g(w)) / r, with g(w) = vector (its own gradients)
         shift = self.fd_radius * inv
         for bucket_p, bucket_v in group_by_device_dtype(params, vector):
             s = shift.to(device=bucket_p[0].device, dtype=bucket_p[0].dtype)
-            torch._foreach_addcmul_(bucket_p, bucket_v, [s] * len(bucket_p))
+            _foreach.addcmul_(bucket_p, bucket_v, [s] * len(bucket_p))
         self._evaluate(closure)
         shifted = [self._grad_or_zeros(p) for p in params]
         if backup is not None:
             self._restore(params, backup)
         for bucket_s, bucket_v in group_by_device_dtype(shifted, vector):
-            torch._foreach_sub_(bucket_s, bucket_v)
-            torch._foreach_mul_(bucket_s, 1.0 / self.fd_radius)
+            _foreach.sub_(bucket_s, bucket_v)
+            _foreach.mul_(bucket_s, 1.0 / self.fd_radius)
         return shifted
 
     def _apply(self, params: list[Tensor]) -> None:

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .. import _foreach
 from .._foreach import dot, group_by_device_dtype, squared_norm
 from .._validation import check_non_negative, check_real
 from ..policies.always import Always
@@ -115,8 +116,8 @@ class GSAM(SharpnessAwareOptimizer):
         coef = dot(clean, sam_grads) / squared_norm(sam_grads).clamp_min(torch.finfo(torch.float32).tiny)
         factor = 1.0 + self.alpha * coef  # 0-d tensor: no host synchronisation
         for g_s, g in group_by_device_dtype(sam_grads, clean):
-            torch._foreach_mul_(g_s, factor.to(device=g_s[0].device, dtype=g_s[0].dtype))
-            torch._foreach_add_(g_s, g, alpha=-self.alpha)
+            _foreach.mul_(g_s, factor.to(device=g_s[0].device, dtype=g_s[0].dtype))
+            _foreach.add_(g_s, g, alpha=-self.alpha)
 
     def _apply_reuse_direction(self) -> None:
         """GSAM has no reuse steps (every step is a SAM step)."""

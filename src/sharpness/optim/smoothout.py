@@ -7,8 +7,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._foreach import group_by_device_dtype
-from .._validation import check_non_negative
+from .. import _foreach
+from .._foreach import group_by_device_dtype, uses_foreach_option
+from .._validation import check_int_at_least, check_non_negative
 from ..amp import record_step, unscale_
 from ..policies.never import Never
 from ..rules.sam import SAMPerturbation
@@ -18,6 +19,7 @@ from .engine import _BACKUP, Closure, SharpnessAwareOptimizer
 __all__ = ["SmoothOut"]
 
 _NOISE = "smoothout_noise"  # scratch: this step's noise
+_GRAD_SUM = "smoothout_grad_sum"  # scratch: the sum of the copies' gradients (copies > 1)
 
 
 class SmoothOut(SharpnessAwareOptimizer):
@@ -26,15 +28,16 @@ class SmoothOut(SharpnessAwareOptimizer):
     .. math::
         \xi \sim U(-a, a)^N, \qquad w \leftarrow \mathrm{base\_step}\big(w, \nabla L_B(w + \xi)\big)
 
-    (``a`` per param group as ``group["a"]``). This is the paper's unbiased stochastic SmoothOut: one noisy copy
-    per mini-batch, whose expectation is the gradient of the smoothed loss ``E_xi L(w + xi)`` that the
-    multi-copy average approximates. The de-noising restores ``w`` exactly from a backup (never
+    (``a`` per param group as ``group["a"]``). With ``copies=1`` (default) this is the paper's unbiased
+    stochastic SmoothOut: one noisy copy per mini-batch, whose expectation is the gradient of the smoothed loss
+    ``E_xi L(w + xi)``. With ``copies=m`` the gradient is the average over ``m`` independently perturbed copies,
+    ``(1/m) sum_k grad L_B(w + xi_k)`` (the paper's multi-copy SmoothOut), at ``m`` passes per step. The de-noising restores ``w`` exactly from a backup (never
     ``w + xi - xi``). With ``adaptive=True`` (AdaSmoothOut) the noise of each filter (output unit) is scaled by
     that filter's L2 norm: for a tensor of shape ``[out, ...]`` the bound of row ``j`` is
     ``a * ||w_j||``; one-dimensional tensors (biases, norm weights) use ``a * |w_j|``. With an Adam base this
     is the "AdamSmoothOut" of SALR's appendix. ``a = 0`` is the base optimizer, bit for bit.
 
-    One gradient evaluation per step (at the noisy point); the loss returned is the one at ``w + xi``.
+    ``copies`` gradient evaluations per step (at the noisy points); the loss returned is their mean.
     Noise comes from a private generator on the parameters' device (seeded with ``seed``, same on every
     rank, checkpointed). BatchNorm running statistics are updated by the noisy pass (the only pass).
 
@@ -42,6 +45,7 @@ class SmoothOut(SharpnessAwareOptimizer):
         params_or_base, base_class: as for :class:`SAM`.
         a: noise half-width (>= 0; paper 0.004 to 0.02 plain, about 0.01 to 0.1 relative for AdaSmoothOut).
         adaptive: AdaSmoothOut, noise relative to filter norms.
+        copies: number of perturbed copies averaged per step (integer >= 1; one pass each).
         seed: seed of the noise generator (integer >= 0).
         **kwargs: engine options (``model``, ``grad_scaler``, ``max_grad_norm``) and, in the davda54 form, the
             base optimizer's options.
@@ -57,8 +61,10 @@ class SmoothOut(SharpnessAwareOptimizer):
     description = "SmoothOut: gradient at w + U(-a, a) noise, applied at w (Wen et al., 2018)"
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, a: float = 0.01, adaptive: bool = False,
-                 seed: int = 0, **kwargs: Any) -> None:
+                 copies: int = 1, seed: int = 0, **kwargs: Any) -> None:
         a = check_non_negative("a", a)
+        self.copies = check_int_at_least("copies", copies, 1)
+        self.min_grad_evals_per_step = self.max_grad_evals_per_step = self.copies
         self.adaptive = bool(adaptive)
         self._rng = LazyGenerator(seed)
         super().__init__(params_or_base, base_class, rule=SAMPerturbation(), policy=Never(), rho=0.0, **kwargs)
@@ -93,6 +99,7 @@ class SmoothOut(SharpnessAwareOptimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
+    @uses_foreach_option
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
         """Perturb, run the closure once at ``w + xi``, restore ``w`` exactly, apply the base step."""
         if closure is None or not callable(closure):
@@ -100,27 +107,48 @@ class SmoothOut(SharpnessAwareOptimizer):
                 f"{type(self).__name__}.step() requires a closure that clears the gradients, runs forward and "
                 "backward and returns the loss"
             )
-        noisy = []  # (params, backup) per group with a > 0
+        noisy = []  # (params, backup, noise) per group with a > 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad]
             if not params or group["a"] == 0:
                 continue
             backup = self._scratch(params, _BACKUP)
-            noise = self._scratch(params, _NOISE)
             for dst, src in group_by_device_dtype(backup, params):
-                torch._foreach_copy_(dst, src)
-            self._noise_(params, noise, float(group["a"]))
-            for bucket, xi in group_by_device_dtype(params, noise):
-                torch._foreach_add_(bucket, xi)  # w + xi
-            noisy.append((params, backup))
+                _foreach.copy_(dst, src)
+            noisy.append((params, backup, self._scratch(params, _NOISE), float(group["a"])))
+        losses = []
+        grad_sum: list[tuple[Tensor, Tensor]] = []  # (param, running sum of its gradients) when copies > 1
         try:
-            with torch.enable_grad():
-                loss = closure()
+            for copy_index in range(self.copies):
+                for params, backup, noise, a in noisy:
+                    if copy_index:
+                        for dst, src in group_by_device_dtype(params, backup):
+                            _foreach.copy_(dst, src)
+                    self._noise_(params, noise, a)
+                    for bucket, xi in group_by_device_dtype(params, noise):
+                        _foreach.add_(bucket, xi)  # w + xi_k
+                with torch.enable_grad():
+                    losses.append(closure())
+                if self.copies > 1:
+                    with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+                    if copy_index == 0:
+                        sums = self._scratch(with_grad, _GRAD_SUM)
+                        for dst, p in zip(sums, with_grad, strict=True):
+                            dst.copy_(p.grad)
+                        grad_sum = list(zip(with_grad, sums, strict=True))
+                    else:
+                        for p, total in grad_sum:
+                            if p.grad is not None:
+                                total.add_(p.grad)
         finally:
-            for params, backup in noisy:  # de-noise: back to w, bit-exact
+            for params, backup, _, _ in noisy:  # de-noise: back to w, bit-exact
                 for dst, src in group_by_device_dtype(params, backup):
-                    torch._foreach_copy_(dst, src)
-        self.grad_evals += 1
+                    _foreach.copy_(dst, src)
+        self.grad_evals += len(losses)
+        if grad_sum:  # the average over the copies becomes the gradient the base optimizer sees
+            for p, total in grad_sum:
+                p.grad.copy_(total).div_(self.copies)
+        loss = losses[0] if len(losses) == 1 else torch.stack([torch.as_tensor(x).detach() for x in losses]).mean()
         if self._scaler_enabled():
             grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
             self._found_inf = torch.zeros(1, dtype=torch.float32, device=self._grad_device(grads))
@@ -164,4 +192,5 @@ class SmoothOut(SharpnessAwareOptimizer):
         a = sorted({group["a"] for group in self.param_groups})
         base = "\n    ".join(repr(self.base_optimizer).splitlines())
         return (f"{type(self).__name__}(a={a[0] if len(a) == 1 else a}, adaptive={self.adaptive}, "
+                f"copies={self.copies}, "
                 f"seed={self._rng.seed},\n  base={base})")

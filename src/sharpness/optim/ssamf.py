@@ -8,6 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .. import _foreach
+from .._foreach import uses_foreach_option
 from .._validation import check_int_at_least, check_real
 from ..distributed import all_reduce_grads_mean_, is_distributed
 from ..policies.always import Always
@@ -109,7 +111,7 @@ class SSAMF(SharpnessAwareOptimizer):
             grads = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
             present = [(f, g) for f, g in zip(fisher, grads, strict=True) if g is not None]
             if present:
-                torch._foreach_addcmul_([f for f, _ in present], [g for _, g in present], [g for _, g in present])
+                _foreach.addcmul_([f for f, _ in present], [g for _, g in present], [g for _, g in present])
         self._collected += take
         self.fisher_samples += take
 
@@ -139,6 +141,7 @@ class SSAMF(SharpnessAwareOptimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
+    @uses_foreach_option
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
         """One SSAM-F step (a Fisher refresh first when due). Returns the mean loss at ``w``."""
         if not self.needs_per_sample_losses:

@@ -45,7 +45,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._foreach import group_by_device_dtype, squared_norm
+from .. import _foreach
+from .._foreach import group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_choice, check_int_at_least, check_non_negative, check_positive
 from ..amp import record_step, unscale_
 from ..distributed import all_reduce_mean_, is_distributed
@@ -86,7 +87,7 @@ class RandomDirectionPerturbation(PerturbationRule):
             if rho == 0 or not view.params:
                 continue
             for params, directions in group_by_device_dtype(view.params, view.grads):
-                torch._foreach_add_(params, directions, alpha=rho)
+                _foreach.add_(params, directions, alpha=rho)
 
     def extra_repr(self) -> str:
         return f"sampler={self.sampler!r}"
@@ -206,6 +207,7 @@ class UniversalSAM(SharpnessAwareOptimizer):
         return torch.cat(parts)
 
     @torch.no_grad()
+    @uses_foreach_option
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         """One step: ``1 + m`` closure calls (one when the policy skips or ``lam = 0``). Returns ``L(w)``."""
         if closure is None or not callable(closure):
@@ -262,11 +264,11 @@ class UniversalSAM(SharpnessAwareOptimizer):
         clean = self._scratch(params, _CLEAN_GRAD)
         sums = [self._scratch(params, _SUM.format(j)) for j in range(n)]
         for dst_w, dst_g, p in group_by_device_dtype(backup, clean, params):
-            torch._foreach_copy_(dst_w, p)
-            torch._foreach_copy_(dst_g, [q.grad for q in p])
+            _foreach.copy_(dst_w, p)
+            _foreach.copy_(dst_g, [q.grad for q in p])
         for total in sums:
             for (bucket,) in group_by_device_dtype(total):
-                torch._foreach_zero_(bucket)
+                _foreach.zero_(bucket)
         psi_derivative_sum = torch.zeros(n, dtype=torch.float64, device=device)
         forms = torch.empty(m, dtype=torch.float64, device=device)
         if self._bn_guard is not None:
@@ -275,7 +277,7 @@ class UniversalSAM(SharpnessAwareOptimizer):
             for i in range(m):
                 if i > 0:
                     for dst, src in group_by_device_dtype(params, backup):
-                        torch._foreach_copy_(dst, src)
+                        _foreach.copy_(dst, src)
                 self.rule.perturb_(self._param_views(params))  # w <- w + rho d_i (d_i drawn into p.grad)
                 with torch.enable_grad():
                     perturbed_loss = closure()
@@ -290,10 +292,10 @@ class UniversalSAM(SharpnessAwareOptimizer):
                 for j, total in enumerate(sums):
                     for dst, g in group_by_device_dtype(total, perturbed_grads):
                         c = derivative[j].to(device=dst[0].device, dtype=dst[0].dtype)
-                        torch._foreach_addcmul_(dst, g, [c] * len(dst))  # sum_i psi_j'(x_i) g_i
+                        _foreach.addcmul_(dst, g, [c] * len(dst))  # sum_i psi_j'(x_i) g_i
         finally:
             for dst, src in group_by_device_dtype(params, backup):
-                torch._foreach_copy_(dst, src)  # back to w, bit-exact
+                _foreach.copy_(dst, src)  # back to w, bit-exact
             if self._bn_guard is not None:
                 self._bn_guard.restore()
         self.last_quadratic_forms = forms
@@ -307,10 +309,10 @@ class UniversalSAM(SharpnessAwareOptimizer):
         final = [_grad_or_zero(p) for p in params]
         for dst, g0, *totals in group_by_device_dtype(final, clean, *sums):
             like = {"device": dst[0].device, "dtype": dst[0].dtype}
-            torch._foreach_mul_(g0, clean_coefficient.to(**like))  # the g0 buffer is scratch from here on
-            torch._foreach_copy_(dst, g0)
+            _foreach.mul_(g0, clean_coefficient.to(**like))  # the g0 buffer is scratch from here on
+            _foreach.copy_(dst, g0)
             for j, total in enumerate(totals):
-                torch._foreach_addcmul_(dst, total, [coefficients[j].to(**like)] * len(dst))
+                _foreach.addcmul_(dst, total, [coefficients[j].to(**like)] * len(dst))
         return True
 
     def _param_views(self, params: list[Tensor]) -> list[ParamGroupView]:

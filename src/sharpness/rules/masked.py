@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import _foreach
 from .._foreach import group_by_device_dtype, squared_norm
 from .._validation import check_choice, check_non_negative, check_positive
 from .base import ParamGroupView, PerturbationRule
@@ -59,7 +60,7 @@ class MaskedSAMPerturbation(PerturbationRule):
             if len(masks) != len(grads):
                 raise RuntimeError(f"The mask provider returned {len(masks)} masks for {len(grads)} parameters")
             for bucket_grads, bucket_masks in group_by_device_dtype(grads, masks):
-                torch._foreach_mul_(bucket_grads, bucket_masks)  # g <- m ⊙ g, in place
+                _foreach.mul_(bucket_grads, bucket_masks)  # g <- m ⊙ g, in place
         if self.norm == "masked":
             grad_sq_norm = None  # SAM's rule takes ||m ⊙ g|| from the masked gradients
         if self.scale != 1.0:
