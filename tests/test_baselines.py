@@ -429,3 +429,47 @@ def test_smoothout_rejects_a_negative_group_a():
     opt = sharpness.SmoothOut(torch.optim.SGD(model[0].parameters(), lr=0.1))
     with pytest.raises(ValueError, match="a >= 0"):
         opt.add_param_group({"params": model[2].parameters(), "a": -1.0})
+
+
+# ---------------------------------------------------------------------------------------------- per-sample paths
+PER_SAMPLE = {
+    "esam": lambda base, **kw: sharpness.ESAM(base, rho=0.1, beta=0.6, gamma=0.5, seed=3, **kw),
+    "ssamf": lambda base, **kw: sharpness.SSAMF(base, rho=0.1, sparsity=0.5, num_samples=24, update_freq=3, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_SAMPLE))
+def test_per_sample_path_under_a_grad_scaler_equals_the_unscaled_run(name):
+    """The optimizer scales the losses it back-propagates itself; unscaled weights and gradients match."""
+    x, y = classification_data(4, n=32)
+    ref_model, amp_model = mlp(0), mlp(0)
+    ref = PER_SAMPLE[name](torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    amp = PER_SAMPLE[name](torch.optim.SGD(amp_model.parameters(), lr=0.1, momentum=0.9), grad_scaler=scaler)
+    assert ref.needs_per_sample_losses and amp.needs_per_sample_losses
+    for t in range(6):
+        xb, yb = x[(t % 2) * 16:(t % 2) * 16 + 16], y[(t % 2) * 16:(t % 2) * 16 + 16]
+        step_with(ref, ref_model, xb, yb)
+        step_with(amp, amp_model, xb, yb)
+        scaler.update()
+        for p, q in zip(ref_model.parameters(), amp_model.parameters(), strict=True):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-12)
+    assert (amp.steps, amp.grad_evals, amp.skipped_steps) == (ref.steps, ref.grad_evals, 0)
+    assert scaler.get_scale() > 2.0**12  # the scale grew mid-run and the runs still agree
+
+
+@pytest.mark.parametrize("name", sorted(PER_SAMPLE))
+def test_per_sample_path_skips_an_overflowing_step(name):
+    x, y = classification_data(4, n=16)
+    model = mlp(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt = PER_SAMPLE[name](torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), grad_scaler=scaler)
+    before = [p.detach().clone() for p in model.parameters()]
+    poisoned = x.clone()
+    poisoned[0, 0] = math.inf  # one sample's loss and gradient are not finite
+    step_with(opt, model, poisoned, y)
+    scaler.update()
+    assert opt.skipped_steps == 1 and opt.steps == 0
+    assert params_equal(list(model.parameters()), before)
+    assert scaler.get_scale() < 2.0**12  # backed off
