@@ -43,6 +43,11 @@ OPTIMIZER_KWARGS = {
 }
 
 OPTIMIZER_NAMES = [info.name for info in sharpness.list_optimizers()]
+#: settings under which these optimizers use the per-sample-loss closure (data selection, Fisher mask)
+PER_SAMPLE_OPTIONS = {
+    "esam": {"rho": 0.1, "beta": 0.6, "gamma": 0.5, "seed": 3},
+    "ssamf": {"rho": 0.1, "sparsity": 0.5, "num_samples": 8, "update_freq": 2},
+}
 
 
 def optimizer_kwargs(name: str, total_steps: int) -> dict:
@@ -172,6 +177,19 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             model = nn.parallel.DistributedDataParallel(make_model())
             opt, scale = train_scaled_with_one_rank_overflow(name, model, rank, local_batches(rank, 4), 1)
             result[("amp", name)] = {"params": flat_params(model), "scale": scale, **counters(opt)}
+        # (d) the per-sample-loss closures (ESAM's data selection, SSAM-F's Fisher mask) under DDP.
+        for name, options in PER_SAMPLE_OPTIONS.items():
+            scenario = f"per-sample/{name}"
+            model = nn.parallel.DistributedDataParallel(make_model())
+            opt = sharpness.create(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model=model,
+                                   **options)
+            assert opt.needs_per_sample_losses
+            for x, y in local_batches(rank, STEPS_LOCAL):
+                def compute_loss(reduction, x=x, y=y):
+                    return nn.functional.cross_entropy(model(x), y, reduction=reduction)
+
+                opt.step(sharpness.make_closure(opt, compute_loss))
+            result[("per-sample", name)] = {"params": flat_params(model), **counters(opt)}
         scenario = "barrier"
         dist.barrier()
     except BaseException:  # noqa: BLE001 - reported to the parent process
@@ -233,6 +251,16 @@ def test_per_worker_perturbation_ranks_stay_identical(ddp_results, name):
         lo, hi = r0["min_grad_evals_per_step"], r0["max_grad_evals_per_step"]
         assert r0["steps"] * lo <= r0["grad_evals"] <= r0["steps"] * hi
     # The model actually trained.
+    assert not torch.equal(r0["params"], flat_params(make_model()))
+
+
+@pytest.mark.parametrize("name", sorted(PER_SAMPLE_OPTIONS))
+def test_per_sample_loss_paths_ranks_stay_identical(ddp_results, name):
+    r0, r1 = (res[("per-sample", name)] for res in ddp_results)
+    assert torch.equal(r0["params"], r1["params"]), (
+        f"{name}: parameters diverged across ranks, max diff {(r0['params'] - r1['params']).abs().max():.3e}"
+    )
+    assert r0["steps"] == STEPS_LOCAL and r0["grad_evals"] == r1["grad_evals"] == 2 * STEPS_LOCAL
     assert not torch.equal(r0["params"], flat_params(make_model()))
 
 
