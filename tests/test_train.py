@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 
+import sharpness
 from sharpness.harness import TrainConfig, load_checkpoint, lr_factor, save_checkpoint, train
 
 
@@ -113,6 +114,7 @@ def test_bad_checkpoints(tmp_path):
     ({"label_noise": 1.5}, "label_noise"),
     ({"subset": 0.0}, "subset"),
     ({"seed": -1}, "seed"),
+    ({"subset_strategy": "random"}, "stratified, first"),
 ])
 def test_config_validation(overrides, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -144,3 +146,34 @@ def test_per_epoch_measures_are_recorded_and_do_not_change_training(digits):
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="Unknown measure name"):
         _config(measures=("lambda_min",))
+
+
+def test_subset_strategy_first_takes_the_stored_order_and_keeps_old_run_ids(digits):
+    from sharpness.data import load_dataset
+
+    stratified, first = _config(subset=0.1), _config(subset=0.1, subset_strategy="first")
+    assert "subset_strategy" not in stratified.to_dict()  # default: same keys (and run ids) as before
+    assert first.to_dict()["subset_strategy"] == "first"
+    assert TrainConfig.from_dict(first.to_dict()) == first
+    def inputs(dataset):
+        return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+    data = load_dataset("digits", **first.dataset_options())
+    full = inputs(digits.train)
+    n = len(data.train)
+    assert 0 < n < len(full) and torch.equal(inputs(data.train), full[:n])  # the first 10% in stored order
+    strat = load_dataset("digits", **stratified.dataset_options())
+    assert abs(len(strat.train) - n) <= 10 and not torch.equal(inputs(strat.train)[:n], full[:n])
+
+
+def test_optimizer_random_stream_follows_the_run_seed(digits):
+    """Optimizers with their own generator (SS-SAM, SmoothOut, ...) get the run's seed unless options set it."""
+    from sharpness.harness.train import build_optimizer
+
+    model = torch.nn.Linear(64, 10)
+    opt = build_optimizer(_config(optimizer="smoothout", seed=7), model, total_steps=10)
+    assert opt._rng.seed == 7
+    opt = build_optimizer(_config(optimizer="smoothout", seed=7, optimizer_options={"seed": 3}), model, 10)
+    assert opt._rng.seed == 3
+    opt = build_optimizer(_config(optimizer="sam", seed=7), model, total_steps=10)  # no seed option: none given
+    assert isinstance(opt, sharpness.SAM)

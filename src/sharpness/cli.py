@@ -80,7 +80,9 @@ def train_command(
     max_grad_norm: Annotated[Optional[float], typer.Option(help="clip the final gradient to this L2 norm")] = None,
     bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast for forward passes")] = False,
     label_noise: Annotated[float, typer.Option(help="fraction of training labels flipped to another class")] = 0.0,
-    subset: Annotated[float, typer.Option(help="fraction of the training set kept (stratified)")] = 1.0,
+    subset: Annotated[float, typer.Option(help="fraction of the training set kept")] = 1.0,
+    subset_strategy: Annotated[str, typer.Option(
+        help="how --subset picks: stratified (seeded, per class) or first (in stored order)")] = "stratified",
     validation: Annotated[float, typer.Option(help="fraction of training data held out for validation")] = 0.0,
     seed: Annotated[int, typer.Option(help="seed of initialisation, data order and data transforms")] = 0,
     opt: Annotated[Optional[list[str]], typer.Option(
@@ -110,7 +112,7 @@ def train_command(
             model_options=_parse_options(model_opt, "--model-opt"), batch_size=batch_size, epochs=epochs,
             budget_steps=budget_steps, budget_grad_evals=budget_grad_evals, schedule=schedule,
             label_smoothing=label_smoothing, max_grad_norm=max_grad_norm, bf16=bf16, label_noise=label_noise,
-            subset=subset, validation=validation, seed=seed, measures=tuple(measure or ()),
+            subset=subset, subset_strategy=subset_strategy, validation=validation, seed=seed, measures=tuple(measure or ()),
             measure_every=measure_every, swa_start=swa_start, swa_lr=swa_lr, swa_lr_min=swa_lr_min,
             swa_cycle=swa_cycle)
     except (TypeError, ValueError) as exc:

@@ -42,6 +42,7 @@ class TrainConfig:
     bf16: bool = False
     label_noise: float = 0.0
     subset: float = 1.0
+    subset_strategy: str = "stratified"  # or "first": the first fraction in stored order (the universal-SAM "-S")
     validation: float = 0.0
     seed: int = 0
     measures: tuple[str, ...] = ()  # sharpness measures recorded per epoch (see `sharpness list measures`)
@@ -74,6 +75,11 @@ class TrainConfig:
         _check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
         _check_range("label_noise", self.label_noise, 0.0, 1.0)
         _check_range("subset", self.subset, 0.0, 1.0, low_open=True)
+        from ..data.registry import SUBSET_STRATEGIES
+
+        if self.subset_strategy not in SUBSET_STRATEGIES:
+            raise ValueError(f"Invalid subset_strategy value: {self.subset_strategy!r} "
+                             f"(expected one of {', '.join(SUBSET_STRATEGIES)})")
         _check_range("validation", self.validation, 0.0, 1.0, high_open=True)
         if self.max_grad_norm is not None:
             _check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
@@ -115,7 +121,14 @@ class TrainConfig:
         if self.swa_start is None:  # runs without SWA keep the keys (and run ids) they had before SWA existed
             for name in self._SWA_FIELDS:
                 data.pop(name)
+        if self.subset_strategy == "stratified":  # likewise for the default subset strategy
+            data.pop("subset_strategy")
         return data
+
+    def dataset_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``sharpness.data.load_dataset`` that this run's data depends on."""
+        return {"seed": self.seed, "label_noise": self.label_noise, "subset": self.subset,
+                "subset_strategy": self.subset_strategy, "validation": self.validation}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

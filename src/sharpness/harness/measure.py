@@ -87,8 +87,7 @@ def load_for_measurement(path: str | os.PathLike[str], *, examples: int = 1000, 
         raise ValueError(f"Invalid split value: {split!r} (expected one of {', '.join(SPLITS)})")
     state = load_checkpoint(path)
     config = TrainConfig.from_dict(state["config"])
-    data = load_dataset(config.dataset, seed=config.seed, label_noise=config.label_noise, subset=config.subset,
-                        validation=config.validation)
+    data = load_dataset(config.dataset, **config.dataset_options())
     model = create_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape,
                          **config.model_options)
     model.load_state_dict(state["model"])

@@ -359,11 +359,11 @@ def _load_data(config: TrainConfig, cache: dict[tuple, Any]) -> Any:
     """Load the run's data, reusing the previous load when its settings are the same (one entry kept)."""
     from ..data import load_dataset
 
-    settings = (config.dataset, config.seed, config.label_noise, config.subset, config.validation)
+    options = config.dataset_options()
+    settings = (config.dataset, *sorted(options.items()))
     if settings not in cache:
         cache.clear()
-        cache[settings] = load_dataset(config.dataset, seed=config.seed, label_noise=config.label_noise,
-                                       subset=config.subset, validation=config.validation)
+        cache[settings] = load_dataset(config.dataset, **options)
     return cache[settings]
 
 

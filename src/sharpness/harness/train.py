@@ -7,6 +7,7 @@ bit-identically (model, optimizer, RNG, data order, records, config).
 
 from __future__ import annotations
 
+import inspect
 import math
 import platform
 import time
@@ -112,6 +113,8 @@ def build_optimizer(config: TrainConfig, model: nn.Module, total_steps: int):
     options = dict(config.optimizer_options)
     if "total_steps" in info.required:
         options.setdefault("total_steps", total_steps)
+    if "seed" in inspect.signature(info.cls.__init__).parameters:  # the optimizer's own random stream (SS-SAM,
+        options.setdefault("seed", config.seed)                   # ESAM, SmoothOut, ...) follows the run's seed
     return create(config.optimizer, build_base_optimizer(config, model), model=model,
                   max_grad_norm=config.max_grad_norm, **options)
 
@@ -331,8 +334,7 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
     from ..models import create_model
 
     if data is None:
-        data = load_dataset(config.dataset, seed=config.seed, label_noise=config.label_noise,
-                            subset=config.subset, validation=config.validation)
+        data = load_dataset(config.dataset, **config.dataset_options())
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape,
                          **config.model_options)
