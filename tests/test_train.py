@@ -177,3 +177,16 @@ def test_optimizer_random_stream_follows_the_run_seed(digits):
     assert opt._rng.seed == 3
     opt = build_optimizer(_config(optimizer="sam", seed=7), model, total_steps=10)  # no seed option: none given
     assert isinstance(opt, sharpness.SAM)
+
+
+def test_data_options_reach_the_loader_and_keep_old_run_ids():
+    from sharpness.data import load_dataset
+
+    assert "data_options" not in _config().to_dict()
+    config = _config(dataset="tinyshakespeare", data_options={"block_size": 16})
+    assert config.to_dict()["data_options"] == {"block_size": 16}
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="data_options keys: \\['seed'\\]"):
+        _config(data_options={"seed": 3})
+    with pytest.raises(TypeError, match="block_size"):  # an option the data set does not have is refused
+        load_dataset("digits", **_config(data_options={"block_size": 8}).dataset_options())

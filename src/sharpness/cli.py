@@ -88,6 +88,8 @@ def train_command(
     opt: Annotated[Optional[list[str]], typer.Option(
         help="optimizer option KEY=VALUE, repeatable (e.g. --opt rho=0.1 --opt k=5)")] = None,
     model_opt: Annotated[Optional[list[str]], typer.Option(help="model option KEY=VALUE, repeatable")] = None,
+    data_opt: Annotated[Optional[list[str]], typer.Option(
+        help="data-set option KEY=VALUE, repeatable (e.g. --data-opt block_size=64)")] = None,
     measure: Annotated[Optional[list[str]], typer.Option(
         help="sharpness measure recorded each epoch, repeatable (see `sharpness list measures`)")] = None,
     measure_every: Annotated[int, typer.Option(help="epochs between measurements")] = 1,
@@ -109,7 +111,7 @@ def train_command(
         config = TrainConfig(
             dataset=dataset, model=model, optimizer=optimizer, base=base, lr=lr, momentum=momentum,
             weight_decay=weight_decay, optimizer_options=_parse_options(opt, "--opt"),
-            model_options=_parse_options(model_opt, "--model-opt"), batch_size=batch_size, epochs=epochs,
+            model_options=_parse_options(model_opt, "--model-opt"), data_options=_parse_options(data_opt, "--data-opt"), batch_size=batch_size, epochs=epochs,
             budget_steps=budget_steps, budget_grad_evals=budget_grad_evals, schedule=schedule,
             label_smoothing=label_smoothing, max_grad_norm=max_grad_norm, bf16=bf16, label_noise=label_noise,
             subset=subset, subset_strategy=subset_strategy, validation=validation, seed=seed, measures=tuple(measure or ()),

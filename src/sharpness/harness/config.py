@@ -32,6 +32,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # rho, k, alpha, lambda1, ...
     model_options: dict[str, Any] = field(default_factory=dict)
+    data_options: dict[str, Any] = field(default_factory=dict)  # the data set's own options (e.g. block_size)
     batch_size: int = 64
     epochs: int | None = 20
     budget_steps: int | None = None
@@ -76,6 +77,11 @@ class TrainConfig:
         _check_range("label_noise", self.label_noise, 0.0, 1.0)
         _check_range("subset", self.subset, 0.0, 1.0, low_open=True)
         from ..data.registry import SUBSET_STRATEGIES
+
+        reserved = sorted({"seed", "label_noise", "subset", "subset_strategy", "validation", "root", "download"}
+                          & set(self.data_options))
+        if reserved:
+            raise ValueError(f"Invalid data_options keys: {reserved} (set them as config fields, not data options)")
 
         if self.subset_strategy not in SUBSET_STRATEGIES:
             raise ValueError(f"Invalid subset_strategy value: {self.subset_strategy!r} "
@@ -123,12 +129,14 @@ class TrainConfig:
                 data.pop(name)
         if self.subset_strategy == "stratified":  # likewise for the default subset strategy
             data.pop("subset_strategy")
+        if not self.data_options:  # and for no data-set options
+            data.pop("data_options")
         return data
 
     def dataset_options(self) -> dict[str, Any]:
         """The keyword arguments of ``sharpness.data.load_dataset`` that this run's data depends on."""
         return {"seed": self.seed, "label_noise": self.label_noise, "subset": self.subset,
-                "subset_strategy": self.subset_strategy, "validation": self.validation}
+                "subset_strategy": self.subset_strategy, "validation": self.validation, **self.data_options}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -360,7 +360,7 @@ def _load_data(config: TrainConfig, cache: dict[tuple, Any]) -> Any:
     from ..data import load_dataset
 
     options = config.dataset_options()
-    settings = (config.dataset, *sorted(options.items()))
+    settings = (config.dataset, repr(sorted(options.items())))
     if settings not in cache:
         cache.clear()
         cache[settings] = load_dataset(config.dataset, **options)
