@@ -18,7 +18,6 @@ from .engine import _BACKUP, Closure, SharpnessAwareOptimizer
 
 __all__ = ["SmoothOut"]
 
-_NOISE = "smoothout_noise"  # scratch: this step's noise
 _GRAD_SUM = "smoothout_grad_sum"  # scratch: the sum of the copies' gradients (copies > 1)
 
 
@@ -82,10 +81,10 @@ class SmoothOut(SharpnessAwareOptimizer):
             check_non_negative("a", group["a"])
 
     # ------------------------------------------------------------------ noise
-    def _noise_(self, params: list[Tensor], noise: list[Tensor], a: float) -> None:
-        """Fill ``noise`` with U(-a, a) (AdaSmoothOut: times each filter's norm), in place."""
-        generator = self._rng.get(params[0].device)
-        for p, xi in zip(params, noise, strict=True):
+    def _noise_(self, weights: list[Tensor], noise: list[Tensor], a: float) -> None:
+        """Fill ``noise`` with U(-a, a) (AdaSmoothOut: times each filter's norm of ``weights``), in place."""
+        generator = self._rng.get(weights[0].device)
+        for p, xi in zip(weights, noise, strict=True):
             if xi.device == generator.device:
                 xi.uniform_(-a, a, generator=generator)
             else:
@@ -107,7 +106,7 @@ class SmoothOut(SharpnessAwareOptimizer):
                 f"{type(self).__name__}.step() requires a closure that clears the gradients, runs forward and "
                 "backward and returns the loss"
             )
-        noisy = []  # (params, backup, noise) per group with a > 0
+        noisy = []  # (params, backup, a) per group with a > 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad]
             if not params or group["a"] == 0:
@@ -115,18 +114,17 @@ class SmoothOut(SharpnessAwareOptimizer):
             backup = self._scratch(params, _BACKUP)
             for dst, src in group_by_device_dtype(backup, params):
                 _foreach.copy_(dst, src)
-            noisy.append((params, backup, self._scratch(params, _NOISE), float(group["a"])))
+            noisy.append((params, backup, float(group["a"])))
         losses = []
         grad_sum: list[tuple[Tensor, Tensor]] = []  # (param, running sum of its gradients) when copies > 1
         try:
             for copy_index in range(self.copies):
-                for params, backup, noise, a in noisy:
-                    if copy_index:
-                        for dst, src in group_by_device_dtype(params, backup):
-                            _foreach.copy_(dst, src)
-                    self._noise_(params, noise, a)
-                    for bucket, xi in group_by_device_dtype(params, noise):
-                        _foreach.add_(bucket, xi)  # w + xi_k
+                for params, backup, a in noisy:
+                    # The noise is drawn straight into the parameters and w is added back from the backup:
+                    # xi + w is bit for bit w + xi, and no noise buffer is kept (one parameter-sized buffer less).
+                    self._noise_(backup, params, a)
+                    for bucket, w in group_by_device_dtype(params, backup):
+                        _foreach.add_(bucket, w)  # w + xi_k
                 with torch.enable_grad():
                     losses.append(closure())
                 if self.copies > 1:
@@ -141,7 +139,7 @@ class SmoothOut(SharpnessAwareOptimizer):
                             if p.grad is not None:
                                 total.add_(p.grad)
         finally:
-            for params, backup, _, _ in noisy:  # de-noise: back to w, bit-exact
+            for params, backup, _ in noisy:  # de-noise: back to w, bit-exact
                 for dst, src in group_by_device_dtype(params, backup):
                     _foreach.copy_(dst, src)
         self.grad_evals += len(losses)
