@@ -24,3 +24,32 @@ def scratch_buffers(state: dict[Tensor, dict[str, Any]], params: Iterable[Tensor
             per_param[key] = buf
         buffers.append(buf)
     return buffers
+
+
+class SharesBaseParamGroups:
+    """Mixin for an optimizer that wraps ``self.base_optimizer`` and shares its param-group dicts.
+
+    ``param_groups`` *is* the base optimizer's list (so torch LR schedulers stepping the wrapper drive the base),
+    new groups go to the base, and pickling/deepcopy keep the plain instance ``__dict__`` (torch.optim's own
+    ``__getstate__`` would try to rebuild ``param_groups`` as an attribute). List it before
+    ``torch.optim.Optimizer`` in the bases.
+    """
+
+    base_optimizer: torch.optim.Optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.base_optimizer.param_groups = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.base_optimizer.add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)

@@ -37,7 +37,7 @@ from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, is_distributed
 from ..policies.base import Policy
 from ..rules.base import ParamGroupView, PerturbationRule
-from ._state import scratch_buffers
+from ._state import SharesBaseParamGroups, scratch_buffers
 
 __all__ = ["SharpnessAwareOptimizer"]
 
@@ -92,7 +92,7 @@ def resolve_base_optimizer(
     return base_class(params_or_base, **base_kwargs)
 
 
-class SharpnessAwareOptimizer(torch.optim.Optimizer):
+class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
     r"""Wraps a base optimizer with a perturbation rule and a policy (see the module docstring).
 
     Args:
@@ -213,26 +213,12 @@ class SharpnessAwareOptimizer(torch.optim.Optimizer):
         super().__init__(list(base.param_groups), {**base.defaults, **self._wrapper_defaults})
 
     # ------------------------------------------------------------------ shared param groups and state
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.base_optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.base_optimizer.param_groups = value
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.base_optimizer.add_param_group(param_group)
         group = self.base_optimizer.param_groups[-1]
         for key, value in self._wrapper_defaults.items():
             group.setdefault(key, value)
         check_non_negative("rho", group["rho"])
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
     @property
     def sam_fraction(self) -> float:

@@ -13,7 +13,7 @@ from .. import _foreach
 from .._foreach import group_by_device_dtype, uses_foreach_option
 from .._validation import check_int_at_least, check_non_negative, check_positive
 from ..batchnorm import RunningStatsGuard
-from ._state import scratch_buffers
+from ._state import SharesBaseParamGroups, scratch_buffers
 
 __all__ = ["EntropySGD"]
 
@@ -26,7 +26,7 @@ _DRIFT = "entropy_drift"  # g' + gamma (x' - x)
 _NOISE = "entropy_noise"  # xi ~ N(0, I)
 
 
-class EntropySGD(torch.optim.Optimizer):
+class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
     r"""Entropy-SGD (Algorithm 1 of the paper): an outer step along the gradient of the local entropy.
 
     Per step, with the current weights ``x``, the scope ``gamma_t = gamma * gamma_growth**t`` and
@@ -129,24 +129,7 @@ class EntropySGD(torch.optim.Optimizer):
         self.skipped_steps = 0  # the engine's counter set; no GradScaler, so never incremented
         super().__init__(list(base_optimizer.param_groups), dict(base_optimizer.defaults))
 
-    # ------------------------------------------------------------------ shared param groups
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.base_optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.base_optimizer.param_groups = value
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.base_optimizer.add_param_group(param_group)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-
+    # ------------------------------------------------------------------ counters
     @property
     def sam_fraction(self) -> float:
         return 0.0

@@ -16,7 +16,7 @@ from .._validation import check_choice, check_int_at_least, check_positive
 from .._walk import normalized_walk_
 from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_mean_, is_distributed
-from ._state import scratch_buffers
+from ._state import SharesBaseParamGroups, scratch_buffers
 
 __all__ = ["SALR"]
 
@@ -57,7 +57,7 @@ class _RunningMedian:
         return (-self._low[0] + self._high[0]) / 2
 
 
-class SALR(torch.optim.Optimizer):
+class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
     r"""Sharpness-aware learning rate: scale every group's learning rate by the relative local sharpness.
 
     Every ``every`` steps (the paper's ``c``) the step sharpness ``S_k`` is estimated on the current batch
@@ -215,28 +215,11 @@ class SALR(torch.optim.Optimizer):
         self._median = _RunningMedian()
         super().__init__(list(optimizer.param_groups), dict(optimizer.defaults))
 
-    # ------------------------------------------------------------------ shared param groups
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
+    # ------------------------------------------------------------------ shared param groups (SharesBaseParamGroups)
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:
         """The wrapped optimizer (its ``param_groups`` are this optimizer's)."""
         return self.optimizer
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        self.optimizer.add_param_group(param_group)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
 
     @property
     def sam_steps(self) -> int:
