@@ -282,3 +282,21 @@ def test_kill_9_mid_sweep_then_rerun_stores_every_run_exactly_once(tmp_path):
             record = {r.run_key: r for r in store.runs()}[key]
         assert _strip_times([record.summary]) == _strip_times([full.summary])
         assert _strip_times(record.epochs) == _strip_times(full.epochs)
+
+
+@pytest.mark.parametrize("name", ["mnist1d_equal_budget.toml", "mnist1d_all_methods.toml"])
+def test_shipped_example_sweeps_expand_and_build_every_optimizer(name):
+    """The example files parse, expand to valid configs, and every optimizer in them can be constructed."""
+    import torch
+
+    from sharpness.harness.sweep import load_sweep_file
+    from sharpness.harness.train import build_optimizer
+
+    path = Path(__file__).resolve().parent.parent / "examples" / name
+    configs = expand_sweep(load_sweep_file(path))
+    assert len(configs) == len({c.to_dict()["optimizer"] for c in configs}) * len({c.seed for c in configs}) * len(
+        {c.budget_grad_evals for c in configs})
+    for config in {c.optimizer: c for c in configs}.values():
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 10))
+        opt = build_optimizer(config, model, total_steps=100)
+        assert opt.param_groups[0]["lr"] == config.lr
