@@ -16,6 +16,8 @@ eval mode), gradient evaluations and training wall time.
     python experiments/universal_sam/settings_s_c.py --seeds 0 1 2 3 4            # -S and -C
     python experiments/universal_sam/settings_s_c.py --settings C60 --seeds 0 1 2 \
         --methods SGD SAM Frob-SAM Trace-SAM Det-SAM                                 # -C, 60 epochs
+    python experiments/universal_sam/settings_s_c.py --settings C60 S --seeds 0 1 2 \
+        --methods "Frob-SAM (appendix lam)" "Trace-SAM (appendix lam)" "Det-SAM (appendix lam)"  # paper's lam
 
 Single thread; rows are appended to the JSON file as they finish, so an interrupted sweep resumes (rows already
 there are skipped).
@@ -54,13 +56,32 @@ METHODS = {  # label: (registry name, options); "seed" is filled with the run's 
     "Trace-SAM": ("tracesam", {"rho": 0.01, "lam": 1.0, "num_samples": 1}),
     "Det-SAM": ("detsam", {"rho": 1.0, "half_width": 0.01, "lam": 1.0, "num_samples": 1}),
 }
+# The paper's own per-setting values (appendix Tables 4/5, picked there by sweeps on CIFAR-10-S / CIFAR-10-C; rho
+# for Trace/Det-SAM fixed at 0.01 / 1.0 in the paper's text, as in the README): not tuned here. The -C values serve
+# -C60. Trace-SAM's -C value (lam 1) equals the README value, so that row repeats the README run (a determinism check).
+APPENDIX = {
+    "S": {"Frob-SAM (appendix lam)": ("frobsam", {"rho": 0.01, "lam": 1e-4, "num_samples": 2}),
+          "Trace-SAM (appendix lam)": ("tracesam", {"rho": 0.01, "lam": 0.01, "num_samples": 1}),
+          "Det-SAM (appendix lam)": ("detsam", {"rho": 1.0, "half_width": 0.01, "lam": 0.01, "num_samples": 1})},
+    "C": {"Frob-SAM (appendix lam)": ("frobsam", {"rho": 0.01, "lam": 0.01, "num_samples": 2}),
+          "Trace-SAM (appendix lam)": ("tracesam", {"rho": 0.01, "lam": 1.0, "num_samples": 1}),
+          "Det-SAM (appendix lam)": ("detsam", {"rho": 1.0, "half_width": 0.01, "lam": 0.01, "num_samples": 1})},
+}
+APPENDIX_LABELS = tuple(APPENDIX["S"])
 UNIVERSAL = ("frobsam", "tracesam", "detsam")
+
+
+def method_spec(setting: str, label: str) -> tuple[str, dict]:
+    """Registry name and options of a method label in a setting (appendix labels depend on the setting)."""
+    if label in METHODS:
+        return METHODS[label]
+    return APPENDIX[setting.rstrip("0123456789")][label]
 MEASURE_EXAMPLES = 400
 
 
 def run_one(setting: str, label: str, seed: int, data) -> dict:
     data_options, epochs = SETTINGS[setting]
-    name, options = METHODS[label]
+    name, options = method_spec(setting, label)
     options = {**options, "seed": seed} if name in UNIVERSAL else dict(options)
     config = TrainConfig(dataset="mnist1d", model="cnn1d", optimizer=name, optimizer_options=options,
                          epochs=epochs, seed=seed, label_noise=data_options.get("label_noise", 0.0),
@@ -70,7 +91,7 @@ def run_one(setting: str, label: str, seed: int, data) -> dict:
     result = train(config, data=data, log=None)
     last = result.epochs[-1]
     return {"setting": setting, "method": label, "seed": seed, "epochs": epochs,
-            "test_acc": last["test_acc"], "train_loss": last["train_loss"],
+            "optimizer": name, "options": options, "test_acc": last["test_acc"], "train_loss": last["train_loss"],
             "best_test_acc": max(r["test_acc"] for r in result.epochs),  # reported, never used to choose
             "lambda_max": last.get("sharpness.lambda_max"), "grad_evals": last["grad_evals"], "steps": last["steps"],
             "train_time": last["wall_time"], "total_time": time.perf_counter() - start,
@@ -91,7 +112,7 @@ def summarize(rows: list[dict]) -> str:
     lines = [header, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for setting in SETTINGS:
         base = {r["seed"]: r for r in rows if r["setting"] == setting and r["method"] == "SGD"}
-        for label in METHODS:
+        for label in (*METHODS, *APPENDIX_LABELS):
             rs = sorted((r for r in rows if r["setting"] == setting and r["method"] == label), key=lambda r: r["seed"])
             if not rs:
                 continue
@@ -107,7 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=["S", "C"], choices=list(SETTINGS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *APPENDIX_LABELS])
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("settings_s_c.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -122,10 +143,12 @@ def main() -> None:
 
     def write() -> None:
         args.out.write_text(json.dumps({
-            "rows": rows, "table": summarize(rows), "commit": commit, "torch": torch.__version__,
+            "rows": rows, "table": summarize(rows), "commit": saved.get("commit", commit),  # of the first rows "torch": torch.__version__,
             "sharpness": sharpness.__version__, "python": platform.python_version(),
             "settings": {k: {"data": v[0], "epochs": v[1]} for k, v in SETTINGS.items()},
             "methods": {k: {"optimizer": v[0], "options": v[1]} for k, v in METHODS.items()},
+            "appendix_methods": {s: {k: {"optimizer": v[0], "options": v[1]} for k, v in table.items()}
+                                 for s, table in APPENDIX.items()},
             "base": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 64, "schedule": "cosine"},
         }, indent=1))
 
@@ -136,7 +159,7 @@ def main() -> None:
             for label in args.methods:
                 if (setting, label, seed) in done:
                     continue
-                row = run_one(setting, label, seed, data)
+                row = {**run_one(setting, label, seed, data), "commit": commit}  # rows added later carry their own
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 write()
