@@ -95,7 +95,7 @@ def test_per_sample_and_batch_modes_agree_for_batch_size_one():
     for mode in ("batch", "per_sample"):
         model = mlp(0)
         opt = sharpness.SALR(torch.optim.SGD(model.parameters(), lr=0.1), gamma=0.05, every=1, normalization=mode)
-        assert opt.needs_per_sample_losses is (mode == "per_sample")
+        assert opt.needs_per_sample_losses  # both modes take per-sample-loss closures (forward-only endpoints)
         for _ in range(3):
             opt.step(make_closure(opt, model, x, y))
         results.append((list(opt.sharpness_history), [p.detach().clone() for p in model.parameters()]))
@@ -235,9 +235,36 @@ def test_grad_evals_count_every_closure_call(inner, per_step):
     for _ in range(5):
         opt.step(make_closure(opt, model, x, y, counter))
     assert opt.estimates == 3
-    assert counter[0] == opt.grad_evals == 5 * per_step + 3 * (3 + 4)
+    # per-sample-loss closure (make_closure): the walks' gradients, and the two endpoints forward only
+    assert counter[0] == opt.grad_evals + opt.loss_evals == 5 * per_step + 3 * (3 + 4)
+    assert opt.grad_evals == 5 * per_step + 3 * (3 + 4 - 2) and opt.loss_evals == 3 * 2
     assert opt.grad_evals <= opt.max_grad_evals_per_step * opt.steps
     assert opt.sam_steps == (5 if inner == "sam" else 0)
+
+
+def test_a_standard_closure_gives_the_same_estimates_at_the_papers_count():
+    """A hand-written closure that back-propagates a scalar loss: same S_k (to rounding), endpoints cost a pass."""
+    x, y = classification_data(0)
+    histories, counts = [], []
+    for standard in (False, True):
+        model = mlp(0)
+        opt = sharpness.SALR(torch.optim.SGD(model.parameters(), lr=0.1), n_descent=3, n_ascent=4, every=2)
+        counter = [0]
+
+        def closure(model=model, opt=opt, counter=counter):
+            counter[0] += 1
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        for _ in range(5):
+            opt.step(closure if standard else make_closure(opt, model, x, y, counter))
+        histories.append(opt.sharpness_history)
+        counts.append((counter[0], opt.grad_evals, opt.loss_evals))
+    assert histories[1] == pytest.approx(histories[0], rel=1e-9, abs=1e-15)
+    assert counts[0] == (5 + 3 * 7, 5 + 3 * 5, 3 * 2)  # per-sample closure: the floor
+    assert counts[1] == (5 + 3 * 7, 5 + 3 * 7, 0)  # standard closure: the paper's count
 
 
 def test_per_sample_mode_counts_forward_only_endpoints_separately():

@@ -87,9 +87,12 @@ class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
     ``1 + (n_1 - 1) + (n_2 - 1) + 2 = n_1 + n_2 + 1`` times (the two endpoint losses
     ``L(w_\pm)`` need a pass each; with a standard closure its backward is wasted), i.e. ``(n_1 + n_2) / c``
     extra passes per step on average, as the paper counts -- a literal implementation needs two more
-    gradients (at ``w`` for each walk) plus two forwards. With ``normalization="per_sample"`` the closure
-    returns per-sample losses (``needs_per_sample_losses``), the endpoints cost a forward only and are counted
-    in ``loss_evals``: ``n_1 + n_2 - 1`` gradient evaluations per estimate step (the floor of this design).
+    gradients (at ``w`` for each walk) plus two forwards. SALR sets ``needs_per_sample_losses``: a closure built
+    by :func:`sharpness.make_closure` (and the harness's) returns the per-sample losses without backward, SALR
+    back-propagates their mean where it needs a gradient, and the endpoints cost a forward only (counted in
+    ``loss_evals``): ``n_1 + n_2 - 1`` gradient evaluations per estimate step, the floor of this design, in
+    both normalizations. A hand-written closure that back-propagates a scalar loss is accepted too (batch
+    normalization), at the paper's count.
     Per-sample gradients come from one forward and a ``vmap``-ed backward
     (``torch.autograd.grad(..., is_grads_batched=True)``): memory ``|B| x`` the parameter count per pass.
 
@@ -198,7 +201,9 @@ class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
         inner_max = int(getattr(optimizer, "max_grad_evals_per_step", 1))
         walk = self.n_descent + self.n_ascent - 2  # gradient passes of the walks (first steps reused)
         per_sample = self.normalization == "per_sample"
-        self.needs_per_sample_losses = per_sample
+        # Both normalizations take per-sample-loss closures (forward-only endpoints); the batch one also takes a
+        # standard closure, whose endpoint passes then include a wasted backward (the +2 below).
+        self.needs_per_sample_losses = True
         self.max_grad_evals_per_step = inner_max + walk + (0 if per_sample else 2)
         self.min_grad_evals_per_step = inner_min if self.every > 1 else self.max_grad_evals_per_step
 
