@@ -190,3 +190,15 @@ def test_data_options_reach_the_loader_and_keep_old_run_ids():
         _config(data_options={"seed": 3})
     with pytest.raises(TypeError, match="block_size"):  # an option the data set does not have is refused
         load_dataset("digits", **_config(data_options={"block_size": 8}).dataset_options())
+
+
+def test_result_carries_the_trained_model_and_optimizer(digits):
+    result = train(_config(optimizer="salr", epochs=1), data=digits, log=None)
+    assert result.optimizer.steps == result.summary["steps"] and result.optimizer.grad_evals == result.summary[
+        "grad_evals"]
+    assert len(result.optimizer.factor_history) == result.optimizer.steps  # e.g. SALR's factors, for plots
+    from sharpness.harness.train import evaluate, make_loss
+
+    _, acc = evaluate(result.model, digits.test, make_loss(result.config))
+    assert acc == pytest.approx(result.summary["test_acc"])
+    assert "Linear(" not in repr(result)  # the model object is kept out of the repr

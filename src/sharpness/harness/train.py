@@ -12,7 +12,7 @@ import math
 import platform
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,17 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class TrainResult:
-    """A finished run: its config, the final summary and the per-epoch records."""
+    """A finished run: its config, the final summary and the per-epoch records.
+
+    ``model`` and ``optimizer`` are the trained objects of this process (the final model is SWA's average when
+    SWA is on), for inspection in Python, e.g. SALR's ``factor_history``; they are not stored in the database.
+    """
 
     config: TrainConfig
     summary: dict[str, Any]
     epochs: list[dict[str, Any]]
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
+    optimizer: torch.optim.Optimizer | None = field(default=None, repr=False, compare=False)
 
 
 def lr_factor(schedule: str, progress: float) -> float:
@@ -354,11 +360,11 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
             log(f"epoch {r['epoch']:3d}  train loss {r['train_loss']:.4f}  test acc {r['test_acc']:.4f}  "
                 f"%SAM {100 * r['sam_fraction']:5.1f}  grad evals {r['grad_evals']}  {r['wall_time']:.1f}s{measured}")
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not run.done():
-            return TrainResult(config, {"finished": False}, run.records)
+            return TrainResult(config, {"finished": False}, run.records, run.model, run.optimizer)
     last = run.records[-1] if run.records else {}
     summary = {key: last.get(key) for key in ("test_acc", "test_loss", "train_loss", "steps", "sam_steps",
                                               "sam_fraction", "grad_evals", "wall_time")}
     summary.update(finished=True, epochs=run.epoch, planned_steps=run.total_steps, world_size=run.world)
     if run.swa is not None:  # test_acc/test_loss above are the averaged model's
         summary.update(swa_snapshots=int(run.swa.n_averaged), swa_steps=run.swa_steps)
-    return TrainResult(config, summary, run.records)
+    return TrainResult(config, summary, run.records, run.model, run.optimizer)
