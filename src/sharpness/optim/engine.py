@@ -265,6 +265,12 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         """Preallocated per-parameter buffers (allocated on first use, reused afterwards)."""
         return scratch_buffers(self.state, params, key)
 
+    def _perturb(self, views: list[ParamGroupView], *, grad_sq_norm: Tensor | None = None) -> None:
+        """``w <- w + e(w)`` by the rule, handing it preallocated scratch buffers if it wants them."""
+        if self.rule.needs_scratch:
+            views = [dataclasses.replace(view, scratch=self._scratch(view.params, _RULE_SCRATCH)) for view in views]
+        self.rule.perturb_(views, grad_sq_norm=grad_sq_norm)
+
     def _grad_device(self, grads: list[Tensor]) -> torch.device:
         return grads[0].device if grads else torch.device("cpu")
 
@@ -330,9 +336,7 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         for dst, src in group_by_device_dtype(backup, params):
             _foreach.copy_(dst, src)
         self._perturbed_params = params
-        if self.rule.needs_scratch:
-            views = [dataclasses.replace(view, scratch=self._scratch(view.params, _RULE_SCRATCH)) for view in views]
-        self.rule.perturb_(views, grad_sq_norm=local_sq)  # w <- w + e(w); may overwrite the gradients
+        self._perturb(views, grad_sq_norm=local_sq)  # w <- w + e(w); may overwrite the gradients
         if self._bn_guard is not None:
             self._bn_guard.save()
         self._phase = _Phase.PERTURBED

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -26,7 +25,6 @@ ORACLES = ("sgd", "sam")
 # Scratch buffers (allocated once, reused every step; never checkpointed: nothing outlives a step).
 _BACKUP = "unperturbed_weight"
 _ORACLE_GRAD = "oracle_grad"
-_RULE_SCRATCH = "rule_scratch"
 
 
 class GNR(SharpnessAwareOptimizer):
@@ -199,7 +197,7 @@ class GNR(SharpnessAwareOptimizer):
         loss = self._evaluate(closure)  # pass 1 at w: g(w) (with its graph in exact mode)
         if isinstance(loss, Tensor) and loss.requires_grad:
             loss = loss.detach()  # the returned loss must not pin the forward graph (create_graph mode)
-        groups = self._groups_with_grad()
+        groups = [(view.group, view.params) for view in self._views() if view.params]
         params = [p for _, ps in groups for p in ps]
         if not params:
             self.steps += 1  # nothing to update; the base step is a no-op
@@ -290,17 +288,6 @@ class GNR(SharpnessAwareOptimizer):
         self.grad_evals += 1
         return loss
 
-    def _groups_with_grad(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
-        groups = []
-        for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
-            for p in ps:
-                if p.grad.is_sparse:
-                    raise RuntimeError("GNR does not support sparse gradients")
-            if ps:
-                groups.append((group, ps))
-        return groups
-
     @staticmethod
     def _grad_or_zeros(p: Tensor) -> Tensor:
         return p.grad if p.grad is not None else torch.zeros_like(p)
@@ -333,12 +320,9 @@ class GNR(SharpnessAwareOptimizer):
         views, offset = [], 0
         for group, ps in groups:
             rule_group = group if "oracle_rho" not in group else {**group, "rho": group["oracle_rho"]}
-            view = ParamGroupView(rule_group, ps, direction[offset:offset + len(ps)])
-            if getattr(self.rule, "needs_scratch", False):  # rules that want preallocated buffers (ASAM's T_w)
-                view = dataclasses.replace(view, scratch=self._scratch(ps, _RULE_SCRATCH))
-            views.append(view)
+            views.append(ParamGroupView(rule_group, ps, direction[offset:offset + len(ps)]))
             offset += len(ps)
-        self.rule.perturb_(views, grad_sq_norm=grad_sq_norm)
+        self._perturb(views, grad_sq_norm=grad_sq_norm)
         self._evaluate(closure)
         self._release_graph(params)
         if restore:
