@@ -7,25 +7,7 @@ from typing import Any
 
 import torch
 
-from .optim import (
-    AESAM,
-    ASAM,
-    ERM,
-    ESAM,
-    GNR,
-    GSAM,
-    SALR,
-    SAM,
-    SSAMF,
-    SSSAM,
-    AELookSAM,
-    DetSAM,
-    EntropySGD,
-    FrobSAM,
-    LookSAM,
-    SmoothOut,
-    TraceSAM,
-)
+from . import optim
 
 __all__ = ["OptimizerInfo", "create", "get_optimizer_info", "list_optimizers", "register_optimizer"]
 
@@ -95,20 +77,25 @@ def create(name: str, base: torch.optim.Optimizer, **kwargs: Any) -> torch.optim
     return info.cls(base, **kwargs)
 
 
-register_optimizer("erm", ERM)
-register_optimizer("sam", SAM)
-register_optimizer("asam", ASAM)
-register_optimizer("looksam", LookSAM)
-register_optimizer("sssam", SSSAM)
-register_optimizer("aesam", AESAM, required=("total_steps",))
-register_optimizer("aelooksam", AELookSAM, required=("total_steps",))
-register_optimizer("gnr", GNR)
-register_optimizer("tracesam", TraceSAM)
-register_optimizer("frobsam", FrobSAM)
-register_optimizer("detsam", DetSAM)
-register_optimizer("salr", SALR)
-register_optimizer("entropysgd", EntropySGD)
-register_optimizer("gsam", GSAM)
-register_optimizer("esam", ESAM)
-register_optimizer("ssamf", SSAMF)
-register_optimizer("smoothout", SmoothOut)
+# The built-in methods (a table, not code: name, class, keyword arguments ``create`` must receive).
+_BUILTIN: tuple[tuple[str, type[torch.optim.Optimizer], tuple[str, ...]], ...] = (
+    ("erm", optim.ERM, ()),
+    ("sam", optim.SAM, ()),
+    ("asam", optim.ASAM, ()),
+    ("looksam", optim.LookSAM, ()),
+    ("sssam", optim.SSSAM, ()),
+    ("aesam", optim.AESAM, ("total_steps",)),
+    ("aelooksam", optim.AELookSAM, ("total_steps",)),
+    ("gsam", optim.GSAM, ()),
+    ("esam", optim.ESAM, ()),
+    ("ssamf", optim.SSAMF, ()),
+    ("smoothout", optim.SmoothOut, ()),
+    ("gnr", optim.GNR, ()),
+    ("tracesam", optim.TraceSAM, ()),
+    ("frobsam", optim.FrobSAM, ()),
+    ("detsam", optim.DetSAM, ()),
+    ("salr", optim.SALR, ()),
+    ("entropysgd", optim.EntropySGD, ()),
+)
+for _name, _cls, _required in _BUILTIN:
+    register_optimizer(_name, _cls, required=_required)
