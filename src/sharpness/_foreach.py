@@ -107,7 +107,7 @@ def addcmul_(tensors: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor]
 
 def sub_(tensors: Sequence[Tensor], other: Any, *, alpha: float = 1) -> None:
     """``t[i] <- t[i] - alpha * other[i]``."""
-    add_(tensors, other, alpha=-alpha) if isinstance(other, (list, tuple)) else add_(tensors, -other * alpha)
+    add_(tensors, other, alpha=-alpha)
 
 
 def zero_(tensors: Sequence[Tensor]) -> None:
