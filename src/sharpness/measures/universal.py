@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_int_at_least, check_positive
-from ._common import Batch, LossFn, as_batches, mean_loss, measurement_mode, trainable_parameters
+from ._common import Batch, LossFn, as_batches, mean_loss, measurement_mode, shifted_parameters, trainable_parameters
 from .hessian import dense_hessian
 from .hvp import HVP_METHODS, HessianOperator
 from .result import Measurement
@@ -380,15 +380,15 @@ def universal_sharpness(model: nn.Module, loss_fn: LossFn | None = None, data: B
                 measure.sampler([row], generator)
         x = ((directions @ matrix) * directions).sum(dim=1)
     else:
-        x = torch.empty(num_samples, dtype=torch.float64)
         direction = [torch.empty_like(p) for p in params]
         with measurement_mode(model, mode):
             if rho is None:
                 op = HessianOperator(model, loss_fn, data, method=hvp_method)
+                x = torch.empty(num_samples, dtype=torch.float64, device=params[0].device)  # no sync per sample
                 for i in range(num_samples):
                     measure.sampler(direction, generator)
                     hd = op.matvec(direction)
-                    x[i] = sum((d.double() * h.double()).sum() for d, h in zip(direction, hd)).cpu()
+                    x[i] = sum((d.double() * h.double()).sum() for d, h in zip(direction, hd))
             else:
                 x = _zeroth_order_forms(model, loss_fn, as_batches(data), params, measure, direction, generator,
                                         rho, num_samples)
@@ -404,18 +404,12 @@ def universal_sharpness(model: nn.Module, loss_fn: LossFn | None = None, data: B
 def _zeroth_order_forms(model: nn.Module, loss_fn: LossFn, batches: list, params: list[Tensor],
                         measure: SharpnessMeasure, direction: list[Tensor], generator: torch.Generator,
                         rho: float, num_samples: int) -> Tensor:
-    """``x_i = 2 (L(w + rho d_i) - L(w)) / rho^2`` (float64 losses); ``w`` restored exactly afterwards."""
-    backup = [p.detach().clone() for p in params]
+    """``x_i = 2 (L(w + rho d_i) - L(w)) / rho^2`` (float64 losses); ``w`` restored exactly after each."""
     x = torch.empty(num_samples, dtype=torch.float64)
-    try:
-        base = mean_loss(model, loss_fn, batches)
-        for i in range(num_samples):
-            measure.sampler(direction, generator)
-            for p, w, d in zip(params, backup, direction):
-                torch.add(w, d, alpha=rho, out=p.data)
+    base = mean_loss(model, loss_fn, batches)
+    for i in range(num_samples):
+        measure.sampler(direction, generator)
+        with shifted_parameters(params, direction, rho):
             x[i] = 2.0 * (mean_loss(model, loss_fn, batches) - base) / rho ** 2
-    finally:
-        for p, w in zip(params, backup):
-            p.copy_(w)
     return x
 
