@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -51,3 +51,28 @@ class LazyGenerator:
         saved = state.get("generator")
         self._generator = None
         self._pending = None if saved is None else saved.clone()
+
+
+class GeneratorCheckpoint:
+    """Mixin for an optimizer drawing from ``self._rng`` (a :class:`LazyGenerator`): checkpoints the stream.
+
+    ``state_dict()["sharpness"][_rng_key]`` holds ``{"generator": self._rng.state_dict()}``; loading a
+    state without that entry (saved by another optimizer) raises a ValueError. List it before the engine in
+    the bases, e.g. ``class ESAM(GeneratorCheckpoint, SharpnessAwareOptimizer)``.
+    """
+
+    _rng: LazyGenerator
+    _rng_key: ClassVar[str]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()  # type: ignore[misc]
+        state["sharpness"][self._rng_key] = {"generator": self._rng.state_dict()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        extra = state_dict["sharpness"].get(self._rng_key)
+        if extra is None:
+            raise ValueError(f"This state_dict has no {type(self).__name__} entry (saved by another optimizer); "
+                             "cannot resume the random stream")
+        self._rng.load_state_dict(extra["generator"])

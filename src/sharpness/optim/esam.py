@@ -14,7 +14,7 @@ from .._validation import check_choice, check_real
 from ..distributed import is_distributed
 from ..policies.always import Always
 from ..rules.masked import MaskedSAMPerturbation
-from ._generator import LazyGenerator
+from ._generator import GeneratorCheckpoint, LazyGenerator
 from .engine import Closure, SharpnessAwareOptimizer
 
 __all__ = ["ESAM"]
@@ -29,7 +29,7 @@ def _check_unit_interval(name: str, value: object) -> float:
     return value
 
 
-class ESAM(SharpnessAwareOptimizer):
+class ESAM(GeneratorCheckpoint, SharpnessAwareOptimizer):
     r"""Efficient SAM: perturb a random subset of the weights, descend on the samples the perturbation hurts most.
 
     With ``g = grad L_B(w)``, a Bernoulli(beta) mask ``m`` and per-sample losses ``l_i``:
@@ -81,6 +81,7 @@ class ESAM(SharpnessAwareOptimizer):
     needs_per_sample_losses: ClassVar[bool] = True  # capability; the instance flag is gamma < 1
     neutral_options: ClassVar[dict[str, Any]] = {"rho": 0.0, "gamma": 1.0}
     standard_closure_options: ClassVar[dict[str, Any]] = {"gamma": 1.0}  # stochastic weight perturbation only
+    _rng_key = "esam"  # state_dict()["sharpness"]["esam"]: the mask generator
     description = "ESAM: random-subset perturbation (beta) + top-gamma sharpness data selection (Du et al., 2022)"
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, rho: float = 0.05, beta: float = 0.6,
@@ -158,19 +159,6 @@ class ESAM(SharpnessAwareOptimizer):
                 self._backward(after, self.selection_weights(after.detach() - before))
         self.second_step()
         return before.mean()
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        state = super().state_dict()
-        state["sharpness"]["esam"] = {"generator": self._rng.state_dict()}
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        super().load_state_dict(state_dict)
-        extra = state_dict["sharpness"].get("esam")
-        if extra is None:
-            raise ValueError("This state_dict has no ESAM entry (saved by another optimizer); cannot resume the masks")
-        self._rng.load_state_dict(extra["generator"])
 
     def __repr__(self) -> str:
         text = super().__repr__()

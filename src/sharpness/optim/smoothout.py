@@ -13,7 +13,7 @@ from .._validation import check_int_at_least, check_non_negative
 from ..amp import record_step, unscale_
 from ..policies.never import Never
 from ..rules.sam import SAMPerturbation
-from ._generator import LazyGenerator
+from ._generator import GeneratorCheckpoint, LazyGenerator
 from .engine import _BACKUP, Closure, SharpnessAwareOptimizer
 
 __all__ = ["SmoothOut"]
@@ -21,7 +21,7 @@ __all__ = ["SmoothOut"]
 _GRAD_SUM = "smoothout_grad_sum"  # scratch: the sum of the copies' gradients (copies > 1)
 
 
-class SmoothOut(SharpnessAwareOptimizer):
+class SmoothOut(GeneratorCheckpoint, SharpnessAwareOptimizer):
     r"""Stochastic SmoothOut: inject uniform noise, take the gradient there, de-noise, step.
 
     .. math::
@@ -57,6 +57,7 @@ class SmoothOut(SharpnessAwareOptimizer):
     max_grad_evals_per_step = 1
     neutral_options: ClassVar[dict[str, Any]] = {"a": 0.0}
     has_unperturbed_pass: ClassVar[bool] = False  # the only pass is at w + noise (its BN statistics are kept)
+    _rng_key = "smoothout"  # state_dict()["sharpness"]["smoothout"]: the noise generator
     description = "SmoothOut: gradient at w + U(-a, a) noise, applied at w (Wen et al., 2018)"
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, a: float = 0.01, adaptive: bool = False,
@@ -172,19 +173,6 @@ class SmoothOut(SharpnessAwareOptimizer):
         raise RuntimeError(
             "SmoothOut perturbs before the forward pass, so it has no first_step()/second_step(); use step(closure)"
         )
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        state = super().state_dict()
-        state["sharpness"]["smoothout"] = {"generator": self._rng.state_dict()}
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        super().load_state_dict(state_dict)
-        extra = state_dict["sharpness"].get("smoothout")
-        if extra is None:
-            raise ValueError("This state_dict has no SmoothOut entry (saved by another optimizer); cannot resume noise")
-        self._rng.load_state_dict(extra["generator"])
 
     def __repr__(self) -> str:
         a = sorted({group["a"] for group in self.param_groups})
