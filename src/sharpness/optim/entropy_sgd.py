@@ -13,6 +13,7 @@ from .. import _foreach
 from .._foreach import group_by_device_dtype, uses_foreach_option
 from .._validation import check_int_at_least, check_non_negative, check_positive
 from ..batchnorm import RunningStatsGuard
+from ._generator import LazyGenerator
 from ._state import SharesBaseParamGroups, scratch_buffers
 
 __all__ = ["EntropySGD"]
@@ -115,14 +116,13 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
         self.foreach = foreach
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"Invalid model type: {type(model).__name__} (expected a torch.nn.Module)")
-        self.seed = check_int_at_least("seed", seed, 0)
+        self._rng = LazyGenerator(seed)
         self.scale_by_gamma = bool(scale_by_gamma)
         self.base_optimizer = base_optimizer
         self.model = model
         self.max_grad_norm = max_grad_norm
         self._bn_guard = RunningStatsGuard(model) if model is not None else None
         self.min_grad_evals_per_step = self.max_grad_evals_per_step = max(self.langevin_steps, 1)
-        self._generators: dict[str, torch.Generator] = {}
         self.steps = 0
         self.grad_evals = 0
         self.sam_steps = 0
@@ -139,14 +139,9 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
         """``gamma_t = gamma * gamma_growth**t`` for the next step."""
         return self.gamma * self.gamma_growth ** self.steps
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed + len(self._generators))
-            self._generators[key] = gen
-        return gen
+    @property
+    def seed(self) -> int:
+        return self._rng.seed
 
     def _scratch(self, params: list[Tensor], key: str) -> list[Tensor]:
         return scratch_buffers(self.state, params, key)
@@ -196,7 +191,7 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
                 _foreach.add_(d, g)  # d = g' + gamma (x' - x)
                 _foreach.add_(p, d, alpha=-self.sgld_lr)
                 if noise_scale > 0:
-                    gen = self._generator(p[0].device)
+                    gen = self._rng.get(p[0].device)
                     for buf in xi:
                         buf.normal_(generator=gen)
                     _foreach.add_(p, xi, alpha=noise_scale)
@@ -220,8 +215,7 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
         state["sharpness"] = {
             "version": 1,
             "counters": {"steps": self.steps, "grad_evals": self.grad_evals, "sam_steps": self.sam_steps},
-            "entropy_sgd": {"seed": self.seed,
-                            "noise_rng": {key: gen.get_state() for key, gen in self._generators.items()}},
+            "entropy_sgd": {"generator": self._rng.state_dict()},
         }
         return state
 
@@ -240,13 +234,7 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
         self.steps = int(counters["steps"])
         self.grad_evals = int(counters["grad_evals"])
         self.sam_steps = int(counters.get("sam_steps", 0))
-        own = extra["entropy_sgd"]
-        self.seed = int(own["seed"])
-        self._generators = {}
-        for key, rng_state in own["noise_rng"].items():
-            gen = torch.Generator(device=torch.device(key))
-            gen.set_state(rng_state)
-            self._generators[key] = gen
+        self._rng.load_state_dict(extra["entropy_sgd"]["generator"])
 
     def __repr__(self) -> str:
         parts = [f"langevin_steps={self.langevin_steps}", f"sgld_lr={self.sgld_lr}", f"noise={self.noise}",
