@@ -200,14 +200,15 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
         if self._bn_guard is not None:
             self._bn_guard.restore()
         outer = gamma if self.scale_by_gamma else 1.0
-        for p, a, m in group_by_device_dtype(params, anchor, mean):
-            _foreach.copy_(p, a)  # back to x, bit for bit
-        for p, a, m in zip(params, anchor, mean):
+        for p in params:
             if p.grad is None:
                 p.grad = torch.empty_like(p)
-            torch.sub(a, m, out=p.grad)
+        for p, g, a, m in group_by_device_dtype(params, [p.grad for p in params], anchor, mean):
+            _foreach.copy_(p, a)  # back to x, bit for bit
+            _foreach.copy_(g, a)
+            _foreach.sub_(g, m)
             if outer != 1.0:
-                p.grad.mul_(outer)  # the local-entropy gradient gamma (x - mu)
+                _foreach.mul_(g, outer)  # the local-entropy gradient gamma (x - mu)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
