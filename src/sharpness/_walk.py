@@ -33,18 +33,10 @@ def normalized_walk_(offset: list[Tensor], direction_at: Direction, gamma: float
     Returns ``offset``.
     """
     for (bucket,) in group_by_device_dtype(offset):
-        _zero_(bucket)
+        _foreach.zero_(bucket)
     for i in range(steps):
         d = first if (i == 0 and first is not None) else direction_at(offset)
         for e, x in group_by_device_dtype(offset, list(d)):
             _foreach.add_(e, x, alpha=sign * gamma)
     return offset
 
-
-
-def _zero_(bucket: list[Tensor]) -> None:
-    if _foreach.foreach_enabled():
-        _foreach.zero_(bucket)
-    else:
-        for t in bucket:
-            t.zero_()
