@@ -333,6 +333,38 @@ def test_clipping_and_repr():
     assert "TraceSAM" in text and "measure='trace'" in text and "lam=" in text and "SGD" in text
 
 
+@pytest.mark.parametrize("poison_call", [1, 2, 3])
+def test_grad_scaler_inf_in_any_perturbed_pass_skips_the_step(poison_call):
+    """m = 3: an inf in any of the perturbed passes (checked once, after the m passes) skips the whole step."""
+    model = mlp(0)
+    x, y = classification_data(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    opt = sharpness.FrobSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), num_samples=3,
+                            grad_scaler=scaler)
+    calls = [0]
+
+    def closure(poison=None):
+        index, calls[0] = calls[0], calls[0] + 1
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        scaled = scaler.scale(loss) * (math.inf if index == poison else 1.0)
+        scaled.backward()
+        return loss
+
+    opt.step(closure)
+    scaler.update()
+    weights = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.base_optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    calls[0] = 0
+    opt.step(lambda: closure(poison_call))
+    assert calls[0] == 4 and params_equal(list(model.parameters()), weights)
+    assert params_equal([opt.base_optimizer.state[p]["momentum_buffer"] for p in model.parameters()], momentum)
+    assert (opt.steps, opt.sam_steps, opt.skipped_steps, opt.grad_evals) == (1, 1, 1, 8)
+    scale = scaler.get_scale()
+    scaler.update()
+    assert scaler.get_scale() == scale * 0.5
+
+
 def test_universal_sam_with_a_custom_measure_and_the_two_phase_api():
     model = mlp(0)
     x, y = classification_data(0)

@@ -222,7 +222,8 @@ class UniversalSAM(SharpnessAwareOptimizer):
         self._found_inf = None
         if self._scaler_enabled():
             self._found_inf = torch.zeros(1, dtype=torch.float32, device=self._grad_device(grads))
-            if self._overflow(grads):
+            unscale_(self.grad_scaler, grads, self._found_inf)
+            if self._overflowed():
                 return loss
         grad_sq_norm = None
         if self.policy.needs_grad_sq_norm:
@@ -241,9 +242,8 @@ class UniversalSAM(SharpnessAwareOptimizer):
             record_step(self.grad_scaler, self, self._found_inf)
         return loss
 
-    def _overflow(self, grads: list[Tensor]) -> bool:
-        """Unscale ``grads`` in place; on an inf/NaN record the skipped step and return True (one host sync)."""
-        unscale_(self.grad_scaler, grads, self._found_inf)
+    def _overflowed(self) -> bool:
+        """On an inf/NaN in the passes unscaled so far, record the skipped step and return True (one host sync)."""
         if is_distributed():
             all_reduce_mean_(self._found_inf)
         if self._found_inf.item() > 0:
@@ -283,8 +283,8 @@ class UniversalSAM(SharpnessAwareOptimizer):
                     perturbed_loss = closure()
                 self.grad_evals += 1
                 perturbed_grads = [_grad_or_zero(p) for p in params]
-                if self._found_inf is not None and self._overflow(perturbed_grads):
-                    return False
+                if self._found_inf is not None:  # checked once after the m passes: one host sync, not m
+                    unscale_(self.grad_scaler, perturbed_grads, self._found_inf)
                 x = kappa * (self._loss_value(perturbed_loss, device) - base_loss) / self.rho ** 2
                 forms[i] = x
                 derivative = self._psi_derivative(x)  # psi'(x_i), shape [n]
@@ -298,6 +298,8 @@ class UniversalSAM(SharpnessAwareOptimizer):
                 _foreach.copy_(dst, src)  # back to w, bit-exact
             if self._bn_guard is not None:
                 self._bn_guard.restore()
+        if self._found_inf is not None and self._overflowed():
+            return False
         self.last_quadratic_forms = forms
         # G = g0 + sum_j c_j (sum_i psi_j'(x_i) g_i - (sum_i psi_j'(x_i)) g0), c_j = lam beta gamma phi_j'(s) / m
         s = self.measure.psi_values(forms).mean(dim=0).detach().requires_grad_(True)
