@@ -29,7 +29,66 @@ def _check_unit_interval(name: str, value: object) -> float:
     return value
 
 
-class ESAM(GeneratorCheckpoint, SharpnessAwareOptimizer):
+class PerSampleLossStep:
+    """``step`` of an engine optimizer whose closure returns per-sample losses (ESAM's selection, SSAM-F's Fisher).
+
+    When the instance's ``needs_per_sample_losses`` is True, the closure (from :func:`sharpness.make_closure`)
+    returns the loss vector ``[B]`` without backward, and one step is: pass 1 at ``w`` (under DDP ``no_sync``
+    unless ``sync_perturbation``) then :meth:`_first_backward`; the engine's ``first_step``; pass 2 at
+    ``w + e`` then :meth:`_second_backward`; ``second_step``. Both hooks back-propagate the mean unless
+    overridden. Otherwise the engine's ordinary step runs. List it before the engine in the bases.
+    """
+
+    #: when the instance needs per-sample losses, for the error message (e.g. ``"gamma < 1"``)
+    per_sample_condition: ClassVar[str]
+
+    @torch.no_grad()
+    @uses_foreach_option
+    def step(self, closure: Closure | None = None) -> Any:
+        """One step; with per-sample losses the mean loss at ``w`` is returned."""
+        if not self.needs_per_sample_losses:
+            return super().step(closure)  # type: ignore[misc]
+        if closure is None or not callable(closure):
+            raise TypeError(
+                f"{type(self).__name__}.step() requires a closure returning per-sample losses; build it with "
+                "sharpness.make_closure(opt, compute_loss)"
+            )
+        local = self._ddp is not None and not self.sync_perturbation and is_distributed()
+        with torch.enable_grad(), self._ddp.no_sync() if local else contextlib.nullcontext():
+            losses = self._per_sample(closure())
+            self._first_backward(losses)
+        before = losses.detach()
+        if self.first_step(local_grads=local):
+            with torch.enable_grad():
+                self._second_backward(self._per_sample(closure()), before)
+        self.second_step()
+        return before.mean()
+
+    def _first_backward(self, losses: Tensor) -> None:
+        """Pass 1, at ``w``: back-propagate the mean loss."""
+        self._backward(losses.mean())
+
+    def _second_backward(self, losses: Tensor, before: Tensor) -> None:
+        """Pass 2, at ``w + e`` (``before``: the detached losses at ``w``): back-propagate the mean loss."""
+        self._backward(losses.mean())
+
+    def _per_sample(self, out: Any) -> Tensor:
+        if not (isinstance(out, Tensor) and out.dim() == 1 and out.requires_grad):
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(
+                f"{type(self).__name__} with {self.per_sample_condition} expects the closure to return the "
+                f"per-sample losses (shape [B], with their graph, backward not called); got {shape}. Build the "
+                "closure with sharpness.make_closure(opt, compute_loss), which follows opt.needs_per_sample_losses"
+            )
+        return out
+
+    def _backward(self, loss: Tensor, weights: Tensor | None = None) -> None:
+        if self._scaler_enabled():
+            loss = self.grad_scaler.scale(loss)
+        loss.backward(weights)
+
+
+class ESAM(PerSampleLossStep, GeneratorCheckpoint, SharpnessAwareOptimizer):
     r"""Efficient SAM: perturb a random subset of the weights, descend on the samples the perturbation hurts most.
 
     With ``g = grad L_B(w)``, a Bernoulli(beta) mask ``m`` and per-sample losses ``l_i``:
@@ -81,6 +140,7 @@ class ESAM(GeneratorCheckpoint, SharpnessAwareOptimizer):
     needs_per_sample_losses: ClassVar[bool] = True  # capability; the instance flag is gamma < 1
     neutral_options: ClassVar[dict[str, Any]] = {"rho": 0.0, "gamma": 1.0}
     standard_closure_options: ClassVar[dict[str, Any]] = {"gamma": 1.0}  # stochastic weight perturbation only
+    per_sample_condition = "gamma < 1"
     _rng_key = "esam"  # state_dict()["sharpness"]["esam"]: the mask generator
     description = "ESAM: random-subset perturbation (beta) + top-gamma sharpness data selection (Du et al., 2022)"
 
@@ -114,21 +174,6 @@ class ESAM(GeneratorCheckpoint, SharpnessAwareOptimizer):
         return masks
 
     # ------------------------------------------------------------------ sharpness-sensitive data selection
-    def _per_sample(self, out: Any) -> Tensor:
-        if not (isinstance(out, Tensor) and out.dim() == 1 and out.requires_grad):
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise TypeError(
-                f"{type(self).__name__} with gamma < 1 expects the closure to return the per-sample losses "
-                f"(shape [B], with their graph, backward not called); got {shape}. Build the closure with "
-                "sharpness.make_closure(opt, compute_loss), which follows opt.needs_per_sample_losses"
-            )
-        return out
-
-    def _backward(self, loss: Tensor, weights: Tensor | None = None) -> None:
-        if self._scaler_enabled():
-            loss = self.grad_scaler.scale(loss)
-        loss.backward(weights)
-
     def selection_weights(self, sharpness: Tensor) -> Tensor:
         """``1/k`` on the ``k = max(1, floor(gamma B))`` samples with the largest loss increase, 0 elsewhere."""
         n = sharpness.shape[0]
@@ -137,28 +182,9 @@ class ESAM(GeneratorCheckpoint, SharpnessAwareOptimizer):
         weights.index_fill_(0, torch.topk(sharpness, k).indices, 1.0 / k)
         return weights
 
-    @torch.no_grad()
-    @uses_foreach_option
-    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
-        """One ESAM step. With ``gamma < 1`` the closure returns per-sample losses; the mean loss is returned."""
-        if not self.needs_per_sample_losses:
-            return super().step(closure)
-        if closure is None or not callable(closure):
-            raise TypeError(
-                f"{type(self).__name__}.step() requires a closure returning per-sample losses; build it with "
-                "sharpness.make_closure(opt, compute_loss)"
-            )
-        local = self._ddp is not None and not self.sync_perturbation and is_distributed()
-        with torch.enable_grad(), self._ddp.no_sync() if local else contextlib.nullcontext():
-            losses = self._per_sample(closure())
-            self._backward(losses.mean())
-        before = losses.detach()
-        if self.first_step(local_grads=local):
-            with torch.enable_grad():
-                after = self._per_sample(closure())
-                self._backward(after, self.selection_weights(after.detach() - before))
-        self.second_step()
-        return before.mean()
+    def _second_backward(self, losses: Tensor, before: Tensor) -> None:
+        """Back-propagate the mean over the ``k`` samples whose loss rose most from ``w`` to ``w + e``."""
+        self._backward(losses, self.selection_weights(losses.detach() - before))
 
     def __repr__(self) -> str:
         text = super().__repr__()

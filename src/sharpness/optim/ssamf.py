@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .. import _foreach
-from .._foreach import uses_foreach_option
 from .._validation import check_int_at_least, check_real
 from ..distributed import all_reduce_grads_mean_, is_distributed
 from ..policies.always import Always
 from ..rules.masked import MaskedSAMPerturbation
-from .engine import Closure, SharpnessAwareOptimizer
+from .engine import SharpnessAwareOptimizer
+from .esam import PerSampleLossStep
 
 __all__ = ["SSAMF"]
 
@@ -22,7 +21,7 @@ _MASK = "perturbation_mask"  # persistent: bool, True where the weight is pertur
 _FISHER = "fisher_sum"  # persistent while a mask refresh collects samples: sum of squared per-sample gradients
 
 
-class SSAMF(SharpnessAwareOptimizer):
+class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
     r"""Sparse SAM with a Fisher mask: perturb only the weights with the largest empirical Fisher information.
 
     Every ``update_freq`` steps the mask is rebuilt from ``num_samples`` training examples:
@@ -64,6 +63,7 @@ class SSAMF(SharpnessAwareOptimizer):
     min_grad_evals_per_step = 2
     max_grad_evals_per_step = 2
     needs_per_sample_losses: ClassVar[bool] = True  # capability; the instance flag is sparsity > 0
+    per_sample_condition = "sparsity > 0"
     standard_closure_options: ClassVar[dict[str, Any]] = {"sparsity": 0.0}  # the Fisher needs per-sample losses
     description = "SSAM-F: SAM on the top-(1-sparsity) weights by empirical Fisher, refreshed periodically (Mi+ 2022)"
 
@@ -140,45 +140,13 @@ class SSAMF(SharpnessAwareOptimizer):
         return float(sum(m.sum().item() for m in masks)) / total if total else 0.0
 
     # ------------------------------------------------------------------ the step
-    @torch.no_grad()
-    @uses_foreach_option
-    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
-        """One SSAM-F step (a Fisher refresh first when due). Returns the mean loss at ``w``."""
-        if not self.needs_per_sample_losses:
-            return super().step(closure)
-        if closure is None or not callable(closure):
-            raise TypeError(
-                f"{type(self).__name__}.step() requires a closure returning per-sample losses; build it with "
-                "sharpness.make_closure(opt, compute_loss)"
-            )
-        local = self._ddp is not None and not self.sync_perturbation and is_distributed()
-        with torch.enable_grad(), self._ddp.no_sync() if local else contextlib.nullcontext():
-            losses = self._per_sample(closure())
-            if self._collected > 0 or self.steps % self.update_freq == 0:
-                self._accumulate_fisher(losses)
-            self._backward(losses.mean())
+    def _first_backward(self, losses: Tensor) -> None:
+        """Pass 1: at a refresh the first examples go into the Fisher sum first; a complete sum rebuilds the mask."""
+        if self._collected > 0 or self.steps % self.update_freq == 0:
+            self._accumulate_fisher(losses)
+        self._backward(losses.mean())
         if self._collected >= self.num_samples:
             self._rebuild_mask()
-        if self.first_step(local_grads=local):
-            with torch.enable_grad():
-                self._backward(self._per_sample(closure()).mean())
-        self.second_step()
-        return losses.detach().mean()
-
-    def _per_sample(self, out: Any) -> Tensor:
-        if not (isinstance(out, Tensor) and out.dim() == 1 and out.requires_grad):
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise TypeError(
-                f"{type(self).__name__} with sparsity > 0 expects the closure to return the per-sample losses "
-                f"(shape [B], with their graph, backward not called); got {shape}. Build the closure with "
-                "sharpness.make_closure(opt, compute_loss), which follows opt.needs_per_sample_losses"
-            )
-        return out
-
-    def _backward(self, loss: Tensor) -> None:
-        if self._scaler_enabled():
-            loss = self.grad_scaler.scale(loss)
-        loss.backward()
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
