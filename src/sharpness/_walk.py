@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from . import _foreach
@@ -40,3 +41,9 @@ def normalized_walk_(offset: list[Tensor], direction_at: Direction, gamma: float
             _foreach.add_(e, x, alpha=sign * gamma)
     return offset
 
+
+def per_sample_inverse_norms(grads: Sequence[Tensor]) -> Tensor:
+    """``1 / ||g_j||`` of per-sample gradients (``grads``: one ``[B, *p.shape]`` tensor per parameter), float64,
+    shape ``[B]``; 0 where ``g_j = 0`` (that sample adds nothing to Algorithm 2's mean of normalized gradients)."""
+    sq = sum(g.flatten(1).to(torch.float64).square().sum(1) for g in grads)  # ||g_j||^2
+    return torch.where(sq > 0, sq.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0)

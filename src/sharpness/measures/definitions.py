@@ -41,9 +41,20 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_int_at_least, check_positive
-from .._walk import normalized_walk_
-from ._common import (Batch, LossFn, Vector, as_batches, gradient, mean_loss, check_mode, measurement_mode, norm,
-                      shifted_parameters, trainable_parameters)
+from .._walk import normalized_walk_, per_sample_inverse_norms
+from ._common import (
+    Batch,
+    LossFn,
+    Vector,
+    as_batches,
+    check_mode,
+    gradient,
+    mean_loss,
+    measurement_mode,
+    norm,
+    shifted_parameters,
+    trainable_parameters,
+)
 from ._per_sample import check_per_sample_mode, per_sample_gradients
 from ._search import Ball, Box, Probe, SearchResult, search_with_restarts
 from .hvp import HVP_METHODS, HessianOperator
@@ -413,10 +424,9 @@ def salr_stochastic_sharpness(model: nn.Module, loss_fn: LossFn, data: Batch | A
         with shifted_parameters(params, e):
             for x, y, _ in batches:
                 _, grads = per_sample_gradients(model, loss_fn, x, y, chunk_size=chunk_size)
-                sizes = sum(g.flatten(1).double().pow(2).sum(1) for g in grads).sqrt()  # ||grad f_j||, [n]
-                scale = torch.where(sizes > 0, 1.0 / sizes.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+                scale = per_sample_inverse_norms(grads)  # 1 / ||grad f_j||, [n]
                 for acc, g in zip(out, grads):
-                    acc.add_((g * scale.to(g.dtype).view(-1, *[1] * (g.dim() - 1))).sum(0), alpha=1.0 / total)
+                    acc.add_(torch.tensordot(scale.to(g.dtype), g, dims=1), alpha=1.0 / total)
         return out
 
     extra = {"samples": total, "chunk_size": chunk_size,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .. import _foreach
 from .._foreach import group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_choice, check_int_at_least, check_positive
-from .._walk import normalized_walk_
+from .._walk import normalized_walk_, per_sample_inverse_norms
 from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_mean_, is_distributed
 from ._state import SharesBaseParamGroups, scratch_buffers
@@ -326,18 +326,16 @@ class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
         grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
         grads = [torch.zeros((size, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
                  for g, p in zip(grads, params)]
-        sq = sum(g.flatten(1).to(torch.float64).square().sum(1) for g in grads)  # ||g_j||^2, shape [B]
-        scale = torch.where(sq > 0, sq.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), 0.0) / size
+        scale = per_sample_inverse_norms(grads) / size
         target = out if out is not None else self._scratch(params, _FIRST)
         for dst, g in zip(target, grads):
-            dst.copy_(torch.tensordot(scale.to(g.dtype), g, dims=1))
+            torch.tensordot(scale.to(g.dtype), g, dims=1, out=dst)
         if first:
             for p, g in zip(params, grads):
-                mean = g.mean(0)
                 if p.grad is None:
-                    p.grad = mean
+                    p.grad = g.mean(0)
                 else:
-                    p.grad.copy_(mean)
+                    torch.mean(g, 0, out=p.grad)
         return losses.detach().mean()
 
     def _scratch(self, params: list[Tensor], key: str) -> list[Tensor]:
