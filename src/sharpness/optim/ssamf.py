@@ -137,7 +137,10 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
         """Fraction of weights currently perturbed (one host synchronisation)."""
         masks = self._masks(self._fisher_params())
         total = sum(m.numel() for m in masks)
-        return float(sum(m.sum().item() for m in masks)) / total if total else 0.0
+        if not total:
+            return 0.0
+        kept = torch.stack([m.count_nonzero().to(masks[0].device) for m in masks]).sum()
+        return kept.item() / total
 
     # ------------------------------------------------------------------ the step
     def _first_backward(self, losses: Tensor) -> None:
