@@ -183,6 +183,7 @@ class _Run:
         self._measure_batch: tuple[Tensor, Tensor] | None = None
         # SWA: the running average of the weights at the end of every cyclic-lr cycle (config.swa_*).
         self.swa = torch.optim.swa_utils.AveragedModel(model) if config.swa_start is not None else None
+        self.swa_cycle = config.swa_cycle or self.steps_per_epoch  # steps per cyclic-lr cycle
         self.swa_steps = 0  # steps taken in the SWA phase
         self.swa_finished = False  # the averaged weights have been swapped into the model
         self._swa_step = False
@@ -208,8 +209,7 @@ class _Run:
         c = self.config
         self._swa_step = c.swa_start is not None and self.progress() >= c.swa_start
         if self._swa_step:  # Izmailov et al. eq. (2): alpha(i) = (1 - t(i)) a1 + t(i) a2, t(i) = (((i-1) mod c) + 1) / c
-            cycle = c.swa_cycle or self.steps_per_epoch
-            t = (self.swa_steps % cycle + 1) / cycle
+            t = (self.swa_steps % self.swa_cycle + 1) / self.swa_cycle
             low = c.swa_lr if c.swa_lr_min is None else c.swa_lr_min
             for group in self.optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])
@@ -260,7 +260,7 @@ class _Run:
         if not self._swa_step:
             return
         self.swa_steps += 1
-        if self.swa_steps % (self.config.swa_cycle or self.steps_per_epoch) == 0:
+        if self.swa_steps % self.swa_cycle == 0:
             self.swa.update_parameters(self.model)
 
     def finish_swa(self) -> None:
