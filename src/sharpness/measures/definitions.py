@@ -340,7 +340,7 @@ def _normalized_walk(params: Sequence[Tensor], direction_at: Any, gamma: float, 
                      sign: float) -> Vector:
     """``e_{i+1} = e_i + sign * gamma * d(w + e_i)`` for ``steps`` steps from ``e_0 = 0`` (the walk shared with
     the SALR optimizer, :func:`sharpness._walk.normalized_walk_`)."""
-    return normalized_walk_([torch.zeros_like(p) for p in params], direction_at, gamma, steps, sign)
+    return normalized_walk_([torch.empty_like(p) for p in params], direction_at, gamma, steps, sign)  # zeroed there
 
 
 def _salr_steps_measurement(name: str, model: nn.Module, loss_fn: LossFn, batches: list,
