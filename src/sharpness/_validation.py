@@ -71,3 +71,15 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"Invalid {name} value: {value!r} (expected one of {', '.join(map(repr, choices))})")
     return value  # type: ignore[return-value]
+
+
+def check_wrapper_options(model: object, max_grad_norm: object, foreach: object) -> float | None:
+    """The options every optimizer wrapper takes: ``model`` (an ``nn.Module`` or None), ``max_grad_norm``
+    (> 0 or None) and ``foreach`` (None, True or False). Returns the checked ``max_grad_norm``."""
+    from torch import nn
+
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model type: {type(model).__name__} (expected a torch.nn.Module)")
+    if foreach is not None and not isinstance(foreach, bool):
+        raise TypeError(f"Invalid foreach value: {foreach!r} (expected None, True or False)")
+    return None if max_grad_norm is None else check_positive("max_grad_norm", max_grad_norm)

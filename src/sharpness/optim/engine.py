@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .. import _foreach
 from .._foreach import dot, group_by_device_dtype, squared_norm, uses_foreach_option
-from .._validation import check_non_negative, check_positive
+from .._validation import check_non_negative, check_wrapper_options
 from ..amp import record_step, unscale_
 from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, is_distributed
@@ -175,10 +175,7 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         rho = check_non_negative("rho", rho)
         if reuse_alpha is not None:
             reuse_alpha = check_non_negative("alpha", reuse_alpha)
-        if max_grad_norm is not None:
-            max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"Invalid model type: {type(model).__name__} (expected a torch.nn.Module)")
+        max_grad_norm = check_wrapper_options(model, max_grad_norm, foreach)
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise TypeError(f"Invalid grad_scaler type: {type(grad_scaler).__name__} (expected torch.amp.GradScaler)")
 
@@ -190,8 +187,6 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         self.grad_scaler = grad_scaler
         self.max_grad_norm = max_grad_norm
         self.sync_perturbation = bool(sync_perturbation)
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"Invalid foreach value: {foreach!r} (expected None, True or False)")
         self.foreach = foreach
         self._wrapper_defaults = {"rho": rho}
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import _foreach
 from .._foreach import group_by_device_dtype, uses_foreach_option
-from .._validation import check_int_at_least, check_non_negative, check_positive
+from .._validation import check_int_at_least, check_non_negative, check_positive, check_wrapper_options
 from ..batchnorm import RunningStatsGuard
 from ._generator import LazyGenerator
 from ._state import SharesBaseParamGroups, scratch_buffers
@@ -109,13 +109,8 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
         self.alpha = check_positive("alpha", alpha)
         if self.alpha > 1:
             raise ValueError(f"Invalid alpha value: {alpha} (expected 0 < alpha <= 1)")
-        if max_grad_norm is not None:
-            max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"Invalid foreach value: {foreach!r} (expected None, True or False)")
+        max_grad_norm = check_wrapper_options(model, max_grad_norm, foreach)
         self.foreach = foreach
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"Invalid model type: {type(model).__name__} (expected a torch.nn.Module)")
         self._rng = LazyGenerator(seed)
         self.scale_by_gamma = bool(scale_by_gamma)
         self.base_optimizer = base_optimizer

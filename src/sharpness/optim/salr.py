@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .. import _foreach
 from .._foreach import group_by_device_dtype, squared_norm, uses_foreach_option
-from .._validation import check_choice, check_int_at_least, check_positive
+from .._validation import check_choice, check_int_at_least, check_positive, check_wrapper_options
 from .._walk import normalized_walk_, per_sample_inverse_norms
 from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_mean_, is_distributed
@@ -169,13 +169,8 @@ class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
         if self.min_factor is not None and self.max_factor is not None and self.min_factor > self.max_factor:
             raise ValueError(f"Invalid min_factor/max_factor values: {min_factor} > {max_factor} "
                              "(expected min_factor <= max_factor)")
-        if max_grad_norm is not None:
-            max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
-        if foreach is not None and not isinstance(foreach, bool):
-            raise TypeError(f"Invalid foreach value: {foreach!r} (expected None, True or False)")
+        max_grad_norm = check_wrapper_options(model, max_grad_norm, foreach)
         self.foreach = foreach
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"Invalid model type: {type(model).__name__} (expected a torch.nn.Module)")
         lrs = [group["lr"] for group in optimizer.param_groups]
         if any(not isinstance(lr, (int, float, Tensor)) or float(lr) < 0 or math.isnan(float(lr)) for lr in lrs):
             raise ValueError(f"Invalid lr value: {lrs} (expected lr_0 >= 0 in every param group)")
