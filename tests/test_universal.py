@@ -200,6 +200,8 @@ def _directions(model, seed, m, kind, a=None):
 CASES = [  # (preset, options, scaling)
     ("tracesam", {"rho": 0.05, "lam": 0.7, "num_samples": 2}, "authors"),
     ("tracesam", {"rho": 0.05, "lam": 0.002, "num_samples": 2}, "paper"),
+    ("tracesam", {"rho": 0.05, "lam": 0.4, "num_samples": 4}, "authors"),  # m - 1 > n: running sums
+    ("frobsam", {"rho": 0.05, "lam": 0.2, "num_samples": 5}, "authors"),  # m - 1 > n: running sums
     ("frobsam", {"rho": 0.05, "lam": 0.3, "num_samples": 3}, "authors"),
     ("frobsam", {"rho": 0.05, "lam": 1e-4, "num_samples": 3}, "paper"),
     ("detsam", {"rho": 1.0, "half_width": 0.05, "lam": 0.5, "num_samples": 1}, "authors"),

@@ -48,7 +48,6 @@ Closure = Callable[[], Any]
 _BACKUP = "unperturbed_weight"
 _CLEAN_GRAD = "unperturbed_grad"
 _REUSE = "reuse_direction"
-_RULE_SCRATCH = "rule_scratch"
 _PERSISTENT_KEYS = (_REUSE,)
 
 
@@ -260,11 +259,15 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         """Preallocated per-parameter buffers (allocated on first use, reused afterwards)."""
         return scratch_buffers(self.state, params, key)
 
-    def _perturb(self, views: list[ParamGroupView], *, grad_sq_norm: Tensor | None = None) -> None:
-        """``w <- w + e(w)`` by the rule, handing it preallocated scratch buffers if it wants them."""
-        if self.rule.needs_scratch:
-            views = [dataclasses.replace(view, scratch=self._scratch(view.params, _RULE_SCRATCH)) for view in views]
-        self.rule.perturb_(views, grad_sq_norm=grad_sq_norm)
+    def _perturb(self, views: list[ParamGroupView], origin: list[Tensor], *,
+                 grad_sq_norm: Tensor | None = None) -> None:
+        """``w <- w + e(w)`` by the rule. ``origin``: the backup of the views' parameters (in order) just taken;
+        the rule may use the parameters as scratch memory and rebuild them from it."""
+        with_origin, offset = [], 0
+        for view in views:
+            with_origin.append(dataclasses.replace(view, origin=origin[offset:offset + len(view.params)]))
+            offset += len(view.params)
+        self.rule.perturb_(with_origin, grad_sq_norm=grad_sq_norm)
 
     def _grad_device(self, grads: list[Tensor]) -> torch.device:
         return grads[0].device if grads else torch.device("cpu")
@@ -321,7 +324,7 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
 
         params = [p for view in views for p in view.params]
         if self.reuse_alpha is not None:
-            clean = self._scratch(params, _CLEAN_GRAD)
+            clean = self._scratch(params, self._clean_grad_key())
             for dst, src in group_by_device_dtype(clean, grads):
                 _foreach.copy_(dst, src)
             if self._local_grads:
@@ -331,7 +334,7 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         for dst, src in group_by_device_dtype(backup, params):
             _foreach.copy_(dst, src)
         self._perturbed_params = params
-        self._perturb(views, grad_sq_norm=local_sq)  # w <- w + e(w); may overwrite the gradients
+        self._perturb(views, backup, grad_sq_norm=local_sq)  # w <- w + e(w); may overwrite the gradients
         if self._bn_guard is not None:
             self._bn_guard.save()
         self._phase = _Phase.PERTURBED
@@ -394,6 +397,12 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         self.skipped_steps += 1
         record_step(self.grad_scaler, self, self._found_inf)
 
+    def _clean_grad_key(self) -> str:
+        """Where a LookSAM SAM step keeps ``g`` until ``g_s`` is known: in the reuse buffer itself (``g_v`` is
+        then built over it, so LookSAM keeps two parameter-sized buffers, not three), except under a
+        GradScaler, whose overflow skip must leave the previous ``g_v`` intact."""
+        return _CLEAN_GRAD if self._scaler_enabled() else _REUSE
+
     def _store_reuse_direction(self, params: list[Tensor]) -> None:
         r"""LookSAM: ``g_v = g_s - (<g, g_s> / ||g||^2) g``, the part of the SAM gradient orthogonal to ``g``.
 
@@ -404,14 +413,20 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         params = [p for p in params if p.grad is not None]
         if not params:
             return
-        clean = [self.state[p][_CLEAN_GRAD] for p in params]
+        key = self._clean_grad_key()
+        clean = [self.state[p][key] for p in params]
         sam_grads = [p.grad for p in params]
         coef = dot(clean, sam_grads) / squared_norm(clean).clamp_min(torch.finfo(torch.float32).tiny)
-        direction = self._scratch(params, _REUSE)
+        over_clean = key == _REUSE
+        direction = clean if over_clean else self._scratch(params, _REUSE)
         for dst, g_s, g in group_by_device_dtype(direction, sam_grads, clean):
-            _foreach.copy_(dst, g_s)
             c = coef.to(device=dst[0].device, dtype=dst[0].dtype).neg()
-            _foreach.addcmul_(dst, g, [c] * len(dst))  # dst <- g_s - coef * g, in place
+            if over_clean:
+                _foreach.mul_(dst, c)  # dst <- -coef * g, over g itself
+                _foreach.add_(dst, g_s)  # dst <- g_s - coef * g
+            else:
+                _foreach.copy_(dst, g_s)
+                _foreach.addcmul_(dst, g, [c] * len(dst))  # dst <- g_s - coef * g, in place
         eps = max(torch.finfo(p.dtype).eps for p in params)
         sq = squared_norm(direction)
         keep = (sq > (32 * eps) ** 2 * squared_norm(sam_grads)).to(sq.dtype)

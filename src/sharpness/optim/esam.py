@@ -19,7 +19,6 @@ from .engine import Closure, SharpnessAwareOptimizer
 
 __all__ = ["ESAM"]
 
-_MASK = "perturbation_mask"  # scratch: this step's Bernoulli(beta) coordinate mask
 
 
 def _check_unit_interval(name: str, value: object) -> float:
@@ -157,12 +156,14 @@ class ESAM(PerSampleLossStep, GeneratorCheckpoint, SharpnessAwareOptimizer):
         super().__init__(params_or_base, base_class, rule=rule, policy=Always(), rho=rho, **kwargs)
 
     # ------------------------------------------------------------------ stochastic weight perturbation
-    def _draw_masks(self, params: list[Tensor]) -> list[Tensor]:
+    def _draw_masks(self, params: list[Tensor], scratch: list[Tensor] | None = None) -> list[Tensor]:
+        """This step's masks: per tensor (``mask="tensor"``) or Bernoulli(beta) per coordinate, drawn into
+        ``scratch`` (the engine's backed-up parameters, so SWP keeps no buffer of its own) when given."""
         generator = self._rng.get(params[0].device)
         if self.mask == "tensor":
             keep = torch.rand(len(params), generator=generator, device=generator.device) < self.beta
             return [keep[i].to(p.device) for i, p in enumerate(params)]
-        masks = self._scratch(params, _MASK)  # preallocated, refilled in place
+        masks = scratch if scratch is not None else [torch.empty_like(p) for p in params]
         # Bernoulli(beta) as U(0, 1) < beta: the same distribution, about 2.5x faster than bernoulli_ on CPU
         # (16.9 ms vs 6.6 ms for 670k coordinates, one thread).
         for m in masks:

@@ -311,8 +311,8 @@ class GNR(SharpnessAwareOptimizer):
         With ``restore=True`` the weights are backed up before and restored after (the non-GNR path);
         otherwise the caller restores them.
         """
+        backup = self._scratch(params, _BACKUP)  # without restore: the caller's backup, equal to w now
         if restore:
-            backup = self._scratch(params, _BACKUP)
             for dst, src in group_by_device_dtype(backup, params):
                 _foreach.copy_(dst, src)
             if self._bn_guard is not None:
@@ -322,7 +322,7 @@ class GNR(SharpnessAwareOptimizer):
             rule_group = group if "oracle_rho" not in group else {**group, "rho": group["oracle_rho"]}
             views.append(ParamGroupView(rule_group, ps, direction[offset:offset + len(ps)]))
             offset += len(ps)
-        self._perturb(views, grad_sq_norm=grad_sq_norm)
+        self._perturb(views, backup, grad_sq_norm=grad_sq_norm)
         self._evaluate(closure)
         self._release_graph(params)
         if restore:

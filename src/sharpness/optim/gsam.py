@@ -105,6 +105,10 @@ class GSAM(SharpnessAwareOptimizer):
             self.rule = LRProportionalRho(self.rule.inner, **schedule)
 
     # ------------------------------------------------------------------ the GSAM gradient
+    def _clean_grad_key(self) -> str:
+        """GSAM consumes ``g`` within the step and stores no reuse direction: ``g`` has its own scratch buffer."""
+        return _CLEAN_GRAD
+
     @torch.no_grad()
     def _store_reuse_direction(self, params: list[Tensor]) -> None:
         r"""``p.grad <- g_s - alpha (g - c g_s) = (1 + alpha c) g_s - alpha g`` with ``c = <g, g_s>/||g_s||^2``."""

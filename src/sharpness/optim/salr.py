@@ -348,9 +348,9 @@ class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
         grads_at_w = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         for dst, src in group_by_device_dtype(grad, grads_at_w):
             _foreach.copy_(dst, src)
-        first = self._scratch(params, _FIRST)
-        if not per_sample:  # d(w) = g / ||g||, from the training pass
-            _normalize_into(first, grad)
+        # d(w): per-sample mode has it from the training pass; batch mode rebuilds g / ||g|| into the direction
+        # buffer at the start of each walk (one scaling pass instead of a buffer of its own)
+        first = self._scratch(params, _FIRST) if per_sample else direction
 
         def place(e: list[Tensor]) -> None:  # weights <- w + e
             for p_, w_, e_ in group_by_device_dtype(params, weight, e):
@@ -374,6 +374,8 @@ class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
             with torch.random.fork_rng(devices=devices):
                 ends = []
                 for sign, steps in ((-1.0, self.n_descent), (1.0, self.n_ascent)):
+                    if not per_sample:
+                        _normalize_into(direction, grad)
                     normalized_walk_(offset, direction_at, self.gamma, steps, sign, first=first)
                     place(offset)
                     ends.append(self._pass(closure, backward=False))

@@ -86,7 +86,8 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
     def _fisher_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
-    def _masks(self, params: list[Tensor]) -> list[Tensor]:
+    def _masks(self, params: list[Tensor], scratch: list[Tensor] | None = None) -> list[Tensor]:
+        """The persistent Fisher masks (``scratch`` is not needed: they live in the optimizer state)."""
         masks = []
         for p in params:
             mask = self.state[p].get(_MASK)

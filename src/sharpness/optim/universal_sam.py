@@ -26,7 +26,10 @@ differentiated by the chain rule with ``g_0 = grad L(w)``, ``g_i = grad L(w + rh
 Cost: ``1 + m`` closure calls (forward + backward) per step; steps a policy skips (or all steps with ``lam=0``)
 cost one and equal the base optimizer's step bit for bit. Directions are drawn from a ``torch.Generator`` on the
 parameters' device (its state is in ``state_dict()["sharpness"]["generator"]``), into the gradient buffers, so
-a step needs ``3 + n`` parameter-sized buffers (weights backup, ``g_0``, ``n`` running sums), all preallocated.
+a step needs ``2 + min(m - 1, n)`` parameter-sized buffers, all preallocated: the weights backup, ``g_0``, and for
+passes ``1..m-1`` either their gradients (``m - 1 <= n``) or ``n`` running sums ``sum_i psi_j'(x_i) g_i``; the
+last pass's gradient is combined where it lies. So 2 for Trace-SAM and Det-SAM (``m = 1``), 3 for Frob-SAM
+(``m = 2``).
 A param group's own ``rho`` scales its part of the perturbation (a group with ``rho=0`` is not perturbed), while
 the normalization above uses the optimizer's ``rho``: this measures the sharpness of ``D H D`` with ``D`` the
 diagonal of group ``rho`` ratios, itself a (phi, psi, mu) measure.
@@ -63,7 +66,7 @@ SCALINGS = ("authors", "paper")
 # Scratch buffers (allocated once per parameter, reused every step; not checkpointed).
 _BACKUP = "unperturbed_weight"
 _CLEAN_GRAD = "unperturbed_grad"
-_SUM = "psi_weighted_grad_sum_{}"
+_KEPT = "perturbed_grad_{}"  # g_i of an earlier pass, or a running sum over them
 
 
 class RandomDirectionPerturbation(PerturbationRule):
@@ -262,14 +265,17 @@ class UniversalSAM(SharpnessAwareOptimizer):
         base_loss = self._loss_value(loss, device)
         backup = self._scratch(params, _BACKUP)
         clean = self._scratch(params, _CLEAN_GRAD)
-        sums = [self._scratch(params, _SUM.format(j)) for j in range(n)]
+        # Passes 1..m-1 are kept as their gradients when m - 1 <= n, else as n running sums sum_i psi_j'(x_i) g_i;
+        # the last pass's gradient is combined straight from p.grad (no buffer at all for m = 1).
+        raw = m - 1 <= n
+        kept = [self._scratch(params, _KEPT.format(k)) for k in range(min(m - 1, n))]
         for dst_w, dst_g, p in group_by_device_dtype(backup, clean, params):
             _foreach.copy_(dst_w, p)
             _foreach.copy_(dst_g, [q.grad for q in p])
-        for total in sums:
+        for total in [] if raw else kept:
             for (bucket,) in group_by_device_dtype(total):
                 _foreach.zero_(bucket)
-        psi_derivative_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        derivatives = torch.empty(m, n, dtype=torch.float64, device=device)  # psi_j'(x_i)
         forms = torch.empty(m, dtype=torch.float64, device=device)
         if self._bn_guard is not None:
             self._bn_guard.save()
@@ -287,9 +293,14 @@ class UniversalSAM(SharpnessAwareOptimizer):
                     unscale_(self.grad_scaler, perturbed_grads, self._found_inf)
                 x = kappa * (self._loss_value(perturbed_loss, device) - base_loss) / self.rho ** 2
                 forms[i] = x
-                derivative = self._psi_derivative(x)  # psi'(x_i), shape [n]
-                psi_derivative_sum += derivative
-                for j, total in enumerate(sums):
+                derivative = derivatives[i] = self._psi_derivative(x)  # psi'(x_i), shape [n]
+                if i == m - 1:
+                    break  # the last pass's gradient stays in p.grad for the combination below
+                if raw:
+                    for dst, g in group_by_device_dtype(kept[i], perturbed_grads):
+                        _foreach.copy_(dst, g)
+                    continue
+                for j, total in enumerate(kept):
                     for dst, g in group_by_device_dtype(total, perturbed_grads):
                         c = derivative[j].to(device=dst[0].device, dtype=dst[0].dtype)
                         _foreach.addcmul_(dst, g, [c] * len(dst))  # sum_i psi_j'(x_i) g_i
@@ -301,20 +312,23 @@ class UniversalSAM(SharpnessAwareOptimizer):
         if self._found_inf is not None and self._overflowed():
             return False
         self.last_quadratic_forms = forms
-        # G = g0 + sum_j c_j (sum_i psi_j'(x_i) g_i - (sum_i psi_j'(x_i)) g0), c_j = lam beta gamma phi_j'(s) / m
+        # G = g0 + sum_j c_j (sum_i psi_j'(x_i) g_i - (sum_i psi_j'(x_i)) g0), c_j = lam beta gamma phi_j'(s) / m,
+        # with the i = m term taken from p.grad
         s = self.measure.psi_values(forms).mean(dim=0).detach().requires_grad_(True)
         with torch.enable_grad():
             (phi_grad,) = torch.autograd.grad(self.measure.phi_value(s, m), s, allow_unused=True)
         phi_grad = torch.zeros_like(s) if phi_grad is None else phi_grad
         coefficients = (self.lam * gamma / m) * phi_grad  # phi_value already carries the Bessel factor
-        clean_coefficient = 1.0 - (coefficients * psi_derivative_sum).sum()
-        final = [_grad_or_zero(p) for p in params]
-        for dst, g0, *totals in group_by_device_dtype(final, clean, *sums):
+        clean_coefficient = 1.0 - (coefficients * derivatives.sum(dim=0)).sum()
+        pass_coefficients = derivatives @ coefficients  # sum_j c_j psi_j'(x_i) per pass i
+        kept_coefficients = pass_coefficients[:-1] if raw else coefficients
+        final = [_grad_or_zero(p) for p in params]  # g_m
+        for dst, g0, *totals in group_by_device_dtype(final, clean, *kept):
             like = {"device": dst[0].device, "dtype": dst[0].dtype}
-            _foreach.mul_(g0, clean_coefficient.to(**like))  # the g0 buffer is scratch from here on
-            _foreach.copy_(dst, g0)
-            for j, total in enumerate(totals):
-                _foreach.addcmul_(dst, total, [coefficients[j].to(**like)] * len(dst))
+            _foreach.mul_(dst, pass_coefficients[-1].to(**like))
+            _foreach.addcmul_(dst, g0, [clean_coefficient.to(**like)] * len(dst))
+            for k, total in enumerate(totals):
+                _foreach.addcmul_(dst, total, [kept_coefficients[k].to(**like)] * len(dst))
         return True
 
     def _param_views(self, params: list[Tensor]) -> list[ParamGroupView]:

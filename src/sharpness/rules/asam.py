@@ -33,42 +33,41 @@ class ASAMPerturbation(PerturbationRule):
         self.adaptive_1d = bool(adaptive_1d)
         self.eps = check_non_negative("eps", eps)
 
-    needs_scratch = True
-
-    def _scales(self, params: list[torch.Tensor], out: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        """``T_w = |w| + eta`` written into ``out`` (the engine's preallocated buffers) when given."""
-        if out is None:
-            scales = [p.abs() for p in params]
-        else:
-            scales = list(out)
-            _foreach.copy_(scales, params)
-            _foreach.abs_(scales)
+    def _scales_(self, scales: list[torch.Tensor]) -> None:
+        """``T_w = |w| + eta`` in place: ``scales`` holds a copy of (or is) the weights on entry."""
+        _foreach.abs_(scales)
         if self.eta:
             _foreach.add_(scales, self.eta)
         if not self.adaptive_1d:
-            for i, p in enumerate(params):
-                if p.dim() <= 1:
-                    scales[i].fill_(1)
-        return scales
+            for t in scales:
+                if t.dim() <= 1:
+                    t.fill_(1)
 
     @torch.no_grad()
     def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: torch.Tensor | None = None) -> None:
         # ||g||^2 is not what ASAM normalizes by (it needs ||T_w g||), so grad_sq_norm is unused.
-        buckets = []  # (group, params, grads, T) per (group, device, dtype)
+        # T_w is built in the parameters themselves when the engine hands over its backup (view.origin): the
+        # weights are rebuilt as origin + e at the end, so ASAM keeps no buffer beyond SAM's backup.
+        buckets = []  # (group, params, grads, T, origin) per (group, device, dtype)
         for view in views:
-            scratch = view.scratch if view.scratch is not None else [None] * len(view.params)
-            for params, grads, out in group_by_device_dtype(view.params, view.grads, scratch):
-                scales = self._scales(params, None if out[0] is None else out)
+            origin = view.origin if view.origin is not None else [None] * len(view.params)
+            for params, grads, orig in group_by_device_dtype(view.params, view.grads, origin):
+                if orig[0] is None:  # called on its own: T_w in temporaries, the weights untouched
+                    scales, orig = [p.clone() for p in params], None
+                else:
+                    scales = params
+                self._scales_(scales)
                 _foreach.mul_(grads, scales)  # grads <- T g
-                buckets.append((view.group, params, grads, scales))
+                buckets.append((view.group, params, grads, scales, orig))
         if not buckets:
             return
-        norm = squared_norm([g for _, _, grads, _ in buckets for g in grads]).sqrt_()
-        for group, params, grads, scales in buckets:
+        norm = squared_norm([g for _, _, grads, _, _ in buckets for g in grads]).sqrt_()
+        for group, params, grads, scales, orig in buckets:
             s = (group["rho"] / (norm + self.eps)).to(device=params[0].device, dtype=params[0].dtype)
-            _foreach.mul_(grads, scales)  # grads <- T^2 g
-            _foreach.mul_(grads, s)  # grads <- e(w)
-            _foreach.add_(params, grads)
+            _foreach.mul_(grads, scales)  # grads <- T^2 g (the unnormalized e(w))
+            if orig is not None:
+                _foreach.copy_(params, orig)  # the parameters were T_w: back to w
+            _foreach.addcmul_(params, grads, [s] * len(params))  # w <- w + s T^2 g, fused
 
     def extra_repr(self) -> str:
         return f"eta={self.eta}, adaptive_1d={self.adaptive_1d}, eps={self.eps}"

@@ -15,14 +15,16 @@ __all__ = ["ParamGroupView", "PerturbationRule"]
 class ParamGroupView:
     """The parameters of one param group that have a gradient, with their gradients and the group's options.
 
-    ``scratch``: for a rule with ``needs_scratch``, one preallocated parameter-sized buffer per parameter that
-    the engine keeps in its state (so the rule allocates nothing per step); None when the caller gives none.
+    ``origin``: an exact copy of ``params`` (the engine's backup of ``w``, taken just before the perturbation),
+    or None. When it is given, a rule may use the parameters themselves as scratch memory, as long as it leaves
+    them at ``origin + e``: ASAM's ``|w| + eta`` and ESAM's mask are built there, so neither needs a
+    parameter-sized buffer of its own. Without it (a rule called on its own) the rule allocates temporaries.
     """
 
     group: dict[str, Any]
     params: list[Tensor]
     grads: list[Tensor]
-    scratch: list[Tensor] | None = None
+    origin: list[Tensor] | None = None
 
 
 class PerturbationRule(ABC):
@@ -35,8 +37,6 @@ class PerturbationRule(ABC):
 
     #: Short name used in ``repr`` and the registry.
     name: str = "rule"
-    #: Whether ``perturb_`` wants one parameter-sized scratch buffer per parameter in ``view.scratch``.
-    needs_scratch: bool = False
 
     @abstractmethod
     def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: Tensor | None = None) -> None:

@@ -16,8 +16,10 @@ from .sam import SAMPerturbation
 
 __all__ = ["MaskedSAMPerturbation"]
 
-#: ``masks(params)`` returns one mask per parameter (same shape; bool or 0/1 of any dtype), or None for all ones.
-MaskFn = Callable[[list[Tensor]], list[Tensor] | None]
+#: ``masks(params, scratch)`` returns one mask per parameter (same shape; bool or 0/1 of any dtype), or None for
+#: all ones. ``scratch`` is None or a list of writable tensors shaped like ``params`` (the parameters themselves,
+#: backed up by the engine) that a freshly drawn mask may be written into instead of a buffer of its own.
+MaskFn = Callable[[list[Tensor], list[Tensor] | None], list[Tensor] | None]
 
 
 class MaskedSAMPerturbation(PerturbationRule):
@@ -55,12 +57,18 @@ class MaskedSAMPerturbation(PerturbationRule):
             return
         if self.norm == "full" and grad_sq_norm is None:
             grad_sq_norm = squared_norm(grads)  # ||g||^2 before masking
-        masks = self.masks([p for view in views for p in view.params]) if self.masks is not None else None
+        params = [p for view in views for p in view.params]
+        has_origin = all(view.origin is not None for view in views)
+        masks = self.masks(params, params if has_origin else None) if self.masks is not None else None
         if masks is not None:
             if len(masks) != len(grads):
                 raise RuntimeError(f"The mask provider returned {len(masks)} masks for {len(grads)} parameters")
             for bucket_grads, bucket_masks in group_by_device_dtype(grads, masks):
                 _foreach.mul_(bucket_grads, bucket_masks)  # g <- m ⊙ g, in place
+            if has_origin and any(m is p for m, p in zip(masks, params, strict=True)):
+                origin = [t for view in views for t in view.origin]
+                for dst, src in group_by_device_dtype(params, origin):
+                    _foreach.copy_(dst, src)  # the mask was drawn into the parameters: back to w
         if self.norm == "masked":
             grad_sq_norm = None  # SAM's rule takes ||m ⊙ g|| from the masked gradients
         if self.scale != 1.0:

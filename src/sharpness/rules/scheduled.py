@@ -35,7 +35,6 @@ class LRProportionalRho(PerturbationRule):
         if not isinstance(inner, PerturbationRule):
             raise TypeError(f"Invalid inner rule: {inner!r} (expected a sharpness.rules.PerturbationRule)")
         self.inner = inner
-        self.needs_scratch = inner.needs_scratch  # the engine's scratch buffers are passed through
         self.rho_min = check_non_negative("rho_min", rho_min)
         self.lr_min = check_non_negative("lr_min", lr_min)
         self.lr_max = check_positive("lr_max", lr_max)

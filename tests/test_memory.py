@@ -1,0 +1,164 @@
+"""Memory of every registered optimizer: parameter-sized state at rest, and no parameter-sized allocation per step.
+
+The budgets below are the issue's targets (SAM family: one buffer beyond the base optimizer, the weight backup)
+and, for the methods whose update needs more, the count their docstrings state. A change that adds a buffer
+fails here; one that removes a buffer must lower the budget (and the docs).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from helpers import create_for_test, make_closure, registered_names
+
+#: parameter-sized floating-point buffers the optimizer itself keeps between steps (the base optimizer's
+#: momentum is not counted), with default options
+BUFFERS_AT_REST = {
+    "erm": 0,
+    "sam": 1,  # the weight backup
+    "asam": 1,  # |w| + eta is built in the backed-up parameters
+    "sssam": 1,
+    "aesam": 1,
+    "esam": 1,  # the coordinate mask is drawn into the backed-up parameters
+    "ssamf": 1,  # + the boolean Fisher mask; + the Fisher sum while a refresh collects samples (16 steps here)
+    "smoothout": 1,  # the noise is drawn into the parameters
+    "looksam": 2,  # backup + g_v (the clean gradient is kept in g_v's buffer during a SAM step)
+    "aelooksam": 2,
+    "gsam": 2,  # backup + the clean gradient, which the update combines with g_s
+    "gnr": 2,  # backup + the oracle gradient
+    "tracesam": 2,  # backup + g_0 (m = 1: the one perturbed gradient is used where it lies)
+    "detsam": 2,
+    "frobsam": 3,  # backup + g_0 + g_1 (m = 2)
+    "salr": 4,  # backup, g(w), walk offset, walk direction
+    "entropysgd": 4,  # anchor, running mean, drift and noise of the Langevin loop
+}
+
+#: (name, options) whose budget depends on an option
+BUFFERS_WITH_OPTIONS = [
+    ("tracesam", {"num_samples": 4}, 3),  # m - 1 = 3 > n = 1: one running sum
+    ("frobsam", {"num_samples": 5}, 4),  # m - 1 = 4 > n = 2: two running sums
+    ("frobsam", {"num_samples": 3}, 4),  # m - 1 = 2 <= n = 2: the two earlier gradients
+    ("salr", {"normalization": "per_sample"}, 5),  # + d(w) from the training pass's per-sample gradients
+]
+
+
+def _problem(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 3)).double()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=g)
+    return model, x, y
+
+
+def _state_buffers(name: str, steps: int = 20, **options) -> tuple[float, float]:
+    """(float, bool) bytes of the optimizer's own state after ``steps`` steps, in units of the parameter bytes."""
+    model, x, y = _problem()
+    opt = create_for_test(name, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                          standard_closure=False, **options)
+    closure = make_closure(opt, model, x, y)
+    for _ in range(steps):
+        opt.step(closure)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    floating = boolean = 0
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                size = value.numel() * value.element_size()
+                if value.dtype == torch.bool:
+                    boolean += size
+                else:
+                    floating += size
+    return floating / param_bytes, boolean / param_bytes
+
+
+def test_every_registered_optimizer_has_a_budget():
+    assert sorted(BUFFERS_AT_REST) == sorted(registered_names())
+
+
+@pytest.mark.parametrize("name", registered_names())
+def test_state_at_rest_is_the_methods_buffer_budget(name):
+    floating, boolean = _state_buffers(name)
+    assert floating == BUFFERS_AT_REST[name]
+    assert boolean == (pytest.approx(1 / 8) if name == "ssamf" else 0)  # one byte per float64 weight
+
+
+@pytest.mark.parametrize("name, options, budget", BUFFERS_WITH_OPTIONS)
+def test_state_budget_follows_the_options(name, options, budget):
+    assert _state_buffers(name, **options)[0] == budget
+
+
+class _FreshLargeTensors(TorchDispatchMode):
+    """Records every op whose output is a newly allocated tensor of at least ``threshold`` elements."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.paused = False
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                      if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if (isinstance(t, torch.Tensor) and t.numel() >= self.threshold
+                        and t.untyped_storage().data_ptr() not in inputs):
+                    self.ops[str(func)] += 1
+        return out
+
+
+#: parameter-sized allocations a method makes per step that are not bookkeeping
+ALLOWED_ALLOCATIONS = {
+    # the estimate's last closure clears p.grad (zero_grad); g(w) is handed back in a fresh p.grad, the
+    # allocation a plain backward makes too (every `every` = 2 steps)
+    "salr": {"aten.clone.default": 5},
+}
+
+
+@pytest.mark.parametrize("name", registered_names())
+def test_no_parameter_sized_allocation_in_a_step(name, monkeypatch):
+    """Outside the gradient passes themselves (the closure, and the backward calls an optimizer makes for
+    per-sample losses or Hessian-vector products), a step allocates no tensor as large as the 32x64 weight."""
+    model, x, y = _problem()
+    opt = create_for_test(name, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), standard_closure=False)
+    mode = _FreshLargeTensors(threshold=32 * 64)
+
+    def paused(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            before, mode.paused = mode.paused, True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                mode.paused = before
+        return wrapper
+
+    monkeypatch.setattr(torch.autograd, "backward", paused(torch.autograd.backward))
+    monkeypatch.setattr(torch.autograd, "grad", paused(torch.autograd.grad))
+    closure = paused(make_closure(opt, model, x, y))
+    for _ in range(3):  # scratch buffers are allocated on first use
+        opt.step(closure)
+    with mode:
+        for _ in range(10):
+            opt.step(closure)
+    assert dict(mode.ops) == ALLOWED_ALLOCATIONS.get(name, {})
+
+
+def test_the_allocation_probe_sees_an_allocating_update():
+    """The probe is not blind: an out-of-place update of the weight is one fresh parameter-sized tensor."""
+    model, _, _ = _problem()
+    weight = model[0].weight
+    mode = _FreshLargeTensors(threshold=32 * 64)
+    with torch.no_grad(), mode:
+        weight.add_(weight * 0.5)
+        weight.mul_(0.5)
+    assert dict(mode.ops) == {"aten.mul.Tensor": 1}
