@@ -162,3 +162,24 @@ def test_the_allocation_probe_sees_an_allocating_update():
         weight.add_(weight * 0.5)
         weight.mul_(0.5)
     assert dict(mode.ops) == {"aten.mul.Tensor": 1}
+
+
+def test_scratch_lists_are_reused_and_rebuilt_when_the_parameters_move():
+    from sharpness.optim._state import ScratchLists
+
+    params = [torch.zeros(3), torch.zeros(2, 2)]
+    state: dict = {p: {} for p in params}
+    cache = ScratchLists()
+    first = cache.get(state, params, "k")
+    assert cache.get(state, params, "k") is first  # validated once, then reused
+    assert [b.shape for b in first] == [p.shape for p in params]
+    params[1].data = torch.zeros(5, dtype=torch.float64)  # new storage, shape and dtype: rebuilt
+    second = cache.get(state, params, "k")
+    assert second is not first and second[1].shape == (5,) and second[1].dtype == torch.float64
+    assert second[0] is first[0]  # the unchanged parameter keeps its buffer
+    state[params[0]].clear()  # the state was replaced (e.g. by a load): rebuilt from the state
+    third = cache.get(state, params, "k")
+    assert third is not second and state[params[0]]["k"] is third[0]
+    import copy
+    import pickle
+    assert copy.deepcopy(cache)._lists == {} and pickle.loads(pickle.dumps(cache))._lists == {}

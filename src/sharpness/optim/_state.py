@@ -26,6 +26,40 @@ def scratch_buffers(state: dict[Tensor, dict[str, Any]], params: Iterable[Tensor
     return buffers
 
 
+class ScratchLists:
+    """:func:`scratch_buffers` lists remembered per key, so a step does not re-validate every buffer.
+
+    A list is reused while the same parameters sit in the same storage (their data pointers: ``model.to()``, a
+    dtype change or ``p.data = ...`` all move them) and is rebuilt, validated, otherwise. :meth:`clear` after
+    the optimizer's state is replaced (``load_state_dict``). Copies and pickles of an optimizer start empty.
+    """
+
+    def __init__(self) -> None:
+        self._lists: dict[str, tuple[tuple[int, ...], list[Tensor]]] = {}
+
+    def get(self, state: dict[Tensor, dict[str, Any]], params: list[Tensor], key: str) -> list[Tensor]:
+        signature = tuple(p.data_ptr() for p in params)
+        hit = self._lists.get(key)
+        # (the identity check on the first buffer also catches a state that was cleared or replaced)
+        if hit is not None and hit[0] == signature and (not params or state[params[0]].get(key) is hit[1][0]):
+            return hit[1]
+        buffers = scratch_buffers(state, params, key)
+        self._lists[key] = (signature, buffers)
+        return buffers
+
+    def clear(self) -> None:
+        self._lists.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._lists = {}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ScratchLists:
+        return ScratchLists()
+
+
 class SharesBaseParamGroups:
     """Mixin for an optimizer that wraps ``self.base_optimizer`` and shares its param-group dicts.
 

@@ -37,7 +37,7 @@ from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, is_distributed
 from ..policies.base import Policy
 from ..rules.base import ParamGroupView, PerturbationRule
-from ._state import SharesBaseParamGroups, scratch_buffers
+from ._state import ScratchLists, SharesBaseParamGroups
 
 __all__ = ["SharpnessAwareOptimizer"]
 
@@ -201,6 +201,7 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         self._found_inf: Tensor | None = None
         self._local_grads = False
         self._reuse_norm: Tensor | None = None  # ||g_v|| of the stored LookSAM direction
+        self._scratch_lists = ScratchLists()
 
         # Optimizer.__init__ sets up hooks and calls add_param_group (below) for each of the base's groups,
         # which re-registers the same dicts with the base and adds our defaults: the groups are shared.
@@ -257,7 +258,7 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
 
     def _scratch(self, params: list[Tensor], key: str) -> list[Tensor]:
         """Preallocated per-parameter buffers (allocated on first use, reused afterwards)."""
-        return scratch_buffers(self.state, params, key)
+        return self._scratch_lists.get(self.state, params, key)
 
     def _perturb(self, views: list[ParamGroupView], origin: list[Tensor], *,
                  grad_sq_norm: Tensor | None = None) -> None:
@@ -359,7 +360,7 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
             self.grad_evals += 1
             params = self._perturbed_params
             self._perturbed_params = []
-            backup = [self.state[p][_BACKUP] for p in params]
+            backup = self._scratch(params, _BACKUP)
             for dst, src in group_by_device_dtype(params, backup):
                 _foreach.copy_(dst, src)  # back to w, bit-exact
             if self._bn_guard is not None:
@@ -505,6 +506,7 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         self.policy.load_state_dict(extra["policy"])
         params = self._all_params()
         self._reuse_norm = None
+        self._scratch_lists.clear()
         for p in params:
             for key in _PERSISTENT_KEYS:
                 self.state[p].pop(key, None)
