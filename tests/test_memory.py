@@ -37,7 +37,7 @@ BUFFERS_AT_REST = {
     "detsam": 2,
     "frobsam": 3,  # backup + g_0 + g_1 (m = 2)
     "salr": 4,  # backup, g(w), walk offset, walk direction
-    "entropysgd": 4,  # anchor, running mean, drift and noise of the Langevin loop
+    "entropysgd": 3,  # anchor, running mean, drift (the noise is drawn into the drift once it is applied)
 }
 
 #: (name, options) whose budget depends on an option

@@ -23,8 +23,7 @@ Closure = Callable[[], Any]
 # Scratch buffers per parameter (allocated once, never checkpointed: every step starts them afresh).
 _ANCHOR = "entropy_anchor"  # x, the weights the Langevin chain is tethered to
 _MEAN = "entropy_mean"  # mu, the running average of the chain
-_DRIFT = "entropy_drift"  # g' + gamma (x' - x)
-_NOISE = "entropy_noise"  # xi ~ N(0, I)
+_DRIFT = "entropy_drift"  # g' + gamma (x' - x), then (once applied) the noise xi ~ N(0, I)
 
 
 class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
@@ -166,7 +165,6 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
         anchor = self._scratch(params, _ANCHOR)
         mean = self._scratch(params, _MEAN)
         drift = self._scratch(params, _DRIFT)
-        noise = self._scratch(params, _NOISE)
         for a, m, p in group_by_device_dtype(anchor, mean, params):
             _foreach.copy_(a, p)
             _foreach.copy_(m, p)
@@ -179,7 +177,7 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
                     closure()
                 self.grad_evals += 1
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            for p, a, m, d, xi, g in group_by_device_dtype(params, anchor, mean, drift, noise, grads):
+            for p, a, m, d, g in group_by_device_dtype(params, anchor, mean, drift, grads):
                 _foreach.copy_(d, p)
                 _foreach.add_(d, a, alpha=-1.0)
                 _foreach.mul_(d, gamma)
@@ -187,9 +185,9 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
                 _foreach.add_(p, d, alpha=-self.sgld_lr)
                 if noise_scale > 0:
                     gen = self._rng.get(p[0].device)
-                    for buf in xi:
+                    for buf in d:  # the drift is applied: its buffer takes the noise (no buffer of its own)
                         buf.normal_(generator=gen)
-                    _foreach.add_(p, xi, alpha=noise_scale)
+                    _foreach.add_(p, d, alpha=noise_scale)
                 _foreach.mul_(m, 1.0 - self.alpha)
                 _foreach.add_(m, p, alpha=self.alpha)  # mu = (1 - alpha) mu + alpha x'
         if self._bn_guard is not None:
