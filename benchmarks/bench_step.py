@@ -197,6 +197,8 @@ def method_specs() -> list[MethodSpec]:
         MethodSpec("GSAM", lambda p, t: sharpness.GSAM(_sgd(p), rho=0.05, alpha=0.1)),
         MethodSpec("ESAM b=0.6 g=0.5", lambda p, t: sharpness.ESAM(_sgd(p), rho=0.05), update=None),
         MethodSpec("SSAMF s=0.5", lambda p, t: sharpness.SSAMF(_sgd(p), update_freq=10), update=None),
+        MethodSpec("SSAMF s=0.5 sketch K=16", lambda p, t: sharpness.SSAMF(_sgd(p), update_freq=10, fisher="sketch"),
+                   update=None),
         MethodSpec("SmoothOut", lambda p, t: sharpness.SmoothOut(_sgd(p)), update=None),
         MethodSpec("GNR exact", lambda p, t: sharpness.GNR(_sgd(p), hvp="exact"), update=None),
         MethodSpec("GNR fd", lambda p, t: sharpness.GNR(_sgd(p), hvp="finite_difference"), update=None),
