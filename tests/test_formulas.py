@@ -169,6 +169,30 @@ def test_looksam_sam_and_reuse_branches():
     assert opt.sam_steps == 3 and opt.steps == 7 and opt.grad_evals == 10
 
 
+def test_looksam_parameter_missing_from_the_perturbed_pass_stores_no_direction():
+    """g is kept in g_v's buffer during a SAM step: a parameter with a gradient in pass 1 but none in pass 2
+    (a branch the perturbed pass skips) must end with g_v = 0 there, not with its clean gradient."""
+    torch.manual_seed(0)
+    used, skipped = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    opt = sharpness.LookSAM(torch.optim.SGD([*used.parameters(), *skipped.parameters()], lr=0.1), rho=0.1, k=2)
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    calls = [0]
+
+    def closure():
+        opt.zero_grad()
+        calls[0] += 1
+        out = used(x) + (skipped(x) if calls[0] % 2 == 1 else 0.0)  # pass 2 of a SAM step skips `skipped`
+        loss = torch.nn.functional.mse_loss(out, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # t = 0: a SAM step
+    assert opt.sam_steps == 1
+    for q in skipped.parameters():
+        assert torch.count_nonzero(opt.state[q]["reuse_direction"]) == 0
+    assert any(torch.count_nonzero(opt.state[q]["reuse_direction"]) > 0 for q in used.parameters())
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
 def test_sssam_branches_follow_seeded_bernoulli(p):
     model = Quadratic()

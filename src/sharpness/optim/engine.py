@@ -411,10 +411,14 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         stored as exactly zero: normalizing rounding noise to ``alpha ||g||`` would inject a random direction.
         ``||g_v||`` is cached for the reuse steps (recomputed after a checkpoint load).
         """
+        key = self._clean_grad_key()
+        if key == _REUSE:  # a parameter without a perturbed gradient holds g, not a g_v: it adds no direction
+            for p in params:
+                if p.grad is None:
+                    self.state[p][_REUSE].zero_()
         params = [p for p in params if p.grad is not None]
         if not params:
             return
-        key = self._clean_grad_key()
         clean = [self.state[p][key] for p in params]
         sam_grads = [p.grad for p in params]
         coef = dot(clean, sam_grads) / squared_norm(clean).clamp_min(torch.finfo(torch.float32).tiny)
