@@ -101,6 +101,7 @@ def environment(*, packages: Iterable[str] = (), extra: Mapping[str, Any] | None
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         **(extra or {}),
         "git": git_info(untracked=git_untracked),
     }

@@ -25,6 +25,11 @@ Usage::
     python benchmarks/bench_hessian.py                                      # about 5 minutes, 1 CPU thread
     python benchmarks/bench_hessian.py --json benchmarks/results/hessian-cpu.json
     python benchmarks/bench_hessian.py --models mlp --repeats 9 --tols 1e-3 1e-4 1e-5
+    python benchmarks/bench_hessian.py --device cuda --json benchmarks/results/hessian-cuda.json
+
+On CUDA every call is bracketed by ``torch.cuda.synchronize`` and PyHessian runs with ``cuda=True``; its probes
+then come from the CUDA generator, so the two trace estimates are no longer identical (only equal in
+distribution).
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ POWER_MAX_ITER = 1000  # both power iterations (PyHessian's default is 100)
 # ---------------------------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (default: 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of every case first (default: 1)")
     parser.add_argument("--threads", type=int, default=1,
@@ -84,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--repeats must be >= 1, --trace-samples >= 2, --warmup and --threads >= 0")
     if any(not (0 < t < 1) for t in args.tols + args.targets):
         parser.error("--tols and --targets must be in (0, 1)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
     return args
 
 
@@ -114,13 +122,18 @@ MODELS = {
 }
 
 
-def make_problem(spec: ModelSpec, seed: int) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
+def make_problem(spec: ModelSpec, seed: int, device: torch.device) -> tuple[nn.Module, tuple[Tensor, Tensor]]:
     torch.manual_seed(seed)
     model = spec.build()
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(spec.batch_size, 1, 28, 28, generator=generator)
     y = torch.randint(10, (spec.batch_size,), generator=generator)
-    return model, (x, y)
+    return model.to(device), (x.to(device), y.to(device))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------- the calls
@@ -159,7 +172,7 @@ def _pyhessian(model: nn.Module, data: tuple[Tensor, Tensor]) -> Any:
     _release_grads(model)  # else its backward(create_graph=True) accumulates onto an old gradient
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # its reference-cycle warning
-        return pyhessian.hessian(model, LOSS, data=data, cuda=False)
+        return pyhessian.hessian(model, LOSS, data=data, cuda=data[0].is_cuda)
 
 
 def ours_eigenvalue(method: str, tol: float) -> Callable[[nn.Module, Any, int], Outcome]:
@@ -234,8 +247,11 @@ class Sample:
 
 
 def timed(case: Case, model: nn.Module, data: Any, seed: int) -> Sample:
+    device = data[0].device
+    synchronize(device)
     wall, cpu = time.perf_counter(), time.process_time()
     outcome = case.call(model, data, seed)
+    synchronize(device)
     return Sample(time.perf_counter() - wall, time.process_time() - cpu, outcome)
 
 
@@ -309,7 +325,7 @@ def reference_eigenvalue(model: nn.Module, data: tuple[Tensor, Tensor]) -> dict[
 
 def bench_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
     spec = MODELS[key]
-    model, data = make_problem(spec, args.seed)
+    model, data = make_problem(spec, args.seed, torch.device(args.device))
     reference = reference_eigenvalue(model, data)
     all_cases = cases(args)
     print(f"{spec.name}: {sum(p.numel() for p in model.parameters()):,} parameters, timing {len(all_cases)} cases "
@@ -339,6 +355,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
                       "benchmarks/bench_hessian.py": os.path.abspath(__file__)},
         options={"repeats": args.repeats, "warmup_rounds": args.warmup, "tols": args.tols,
                  "targets": args.targets, "trace_samples": args.trace_samples, "seed": args.seed,
+                 "device": args.device,
                  "power_max_iter": POWER_MAX_ITER, "reference_tol": REFERENCE_TOL},
     )
 
