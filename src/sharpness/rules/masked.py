@@ -25,7 +25,7 @@ MaskFn = Callable[[list[Tensor], list[Tensor] | None], list[Tensor] | None]
 class MaskedSAMPerturbation(PerturbationRule):
     r"""``e(w) = scale * rho * (m ⊙ g) / (||g_N|| + eps)``: SAM's ascent on the coordinates where ``m = 1``.
 
-    ``m`` comes from ``masks(params)`` at each perturbation (random for ESAM, a Fisher mask for SSAM-F).
+    ``m`` comes from ``masks(params, scratch)`` at each perturbation (random for ESAM, a Fisher mask for SSAM-F).
     ``norm`` picks the normalizer: ``"full"`` uses ``||g||`` over every parameter (then ``E[e] = scale * beta *
     e_SAM`` for a Bernoulli(beta) mask, so ``scale = 1/beta`` makes the perturbation unbiased: ESAM's paper);
     ``"masked"`` uses ``||m ⊙ g||`` (ESAM's public code with per-tensor masks). With all-ones masks and
