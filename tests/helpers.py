@@ -84,3 +84,19 @@ def has_both_branches(name: str) -> bool:
     """Whether the optimizer can take both SAM (two-pass) and ERM (one-pass) steps."""
     info = sharpness.get_optimizer_info(name)
     return info.min_grad_evals_per_step == 1 and info.max_grad_evals_per_step == 2
+
+
+def assert_nested_equal(a: Any, b: Any) -> None:
+    """Dicts (same keys), lists/tuples (same type and length), tensors (``torch.equal``) and plain values, recursively."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_nested_equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for u, v in zip(a, b):
+            assert_nested_equal(u, v)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    else:
+        assert a == b

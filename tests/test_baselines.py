@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import sharpness
-from helpers import classification_data, make_closure, mlp, params_equal
+from helpers import assert_nested_equal, classification_data, make_closure, mlp, params_equal
 
 LR, RHO = 0.1, 0.2
 
@@ -402,22 +402,7 @@ def test_state_dict_lockstep_with_generator_and_masks(name):
         step_with(opt2, model2, *batches[t % 4])
     assert params_equal(model, model2)
     s1, s2 = opt.state_dict(), opt2.state_dict()
-    _nested_equal(s1, s2)
-
-
-def _nested_equal(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _nested_equal(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for u, v in zip(a, b):
-            _nested_equal(u, v)
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b
+    assert_nested_equal(s1, s2)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

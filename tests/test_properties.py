@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sharpness
-from helpers import classification_data, make_closure, make_optimizer, mlp, params_equal, registered_names
+from helpers import (
+    assert_nested_equal,
+    classification_data,
+    make_closure,
+    make_optimizer,
+    mlp,
+    params_equal,
+    registered_names,
+)
 
 NAMES = registered_names()
 
@@ -130,23 +138,8 @@ def test_state_dict_lockstep(name):
         assert getattr(opt, key) == getattr(opt2, key)
     s1, s2 = opt.state_dict(), opt2.state_dict()
     assert s1["param_groups"] == s2["param_groups"]
-    _assert_nested_equal(s1["state"], s2["state"])
-    _assert_nested_equal(s1["sharpness"], s2["sharpness"])
-
-
-def _assert_nested_equal(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_nested_equal(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b)
-        for u, v in zip(a, b):
-            _assert_nested_equal(u, v)
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b
+    assert_nested_equal(s1["state"], s2["state"])
+    assert_nested_equal(s1["sharpness"], s2["sharpness"])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -263,5 +256,5 @@ def test_foreach_and_single_tensor_paths_agree(name):
         models.append(model)
         opts.append(opt)
     assert params_equal(*models)
-    _assert_nested_equal(opts[0].state_dict()["state"], opts[1].state_dict()["state"])
-    _assert_nested_equal(opts[0].state_dict()["sharpness"], opts[1].state_dict()["sharpness"])
+    assert_nested_equal(opts[0].state_dict()["state"], opts[1].state_dict()["state"])
+    assert_nested_equal(opts[0].state_dict()["sharpness"], opts[1].state_dict()["sharpness"])
