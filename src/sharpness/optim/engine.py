@@ -404,6 +404,17 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         GradScaler, whose overflow skip must leave the previous ``g_v`` intact."""
         return _CLEAN_GRAD if self._scaler_enabled() else _REUSE
 
+    def _gradient_pair(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor] | None:
+        """After a SAM step's restore: ``(params, g, g_s, <g, g_s>)`` over the parameters with a perturbed gradient,
+        ``g`` as first_step kept it and ``g_s`` in ``p.grad`` (None when no parameter has one)."""
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return None
+        key = self._clean_grad_key()
+        clean = [self.state[p][key] for p in params]
+        sam_grads = [p.grad for p in params]
+        return params, clean, sam_grads, dot(clean, sam_grads)
+
     def _store_reuse_direction(self, params: list[Tensor]) -> None:
         r"""LookSAM: ``g_v = g_s - (<g, g_s> / ||g||^2) g``, the part of the SAM gradient orthogonal to ``g``.
 
@@ -411,18 +422,16 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         stored as exactly zero: normalizing rounding noise to ``alpha ||g||`` would inject a random direction.
         ``||g_v||`` is cached for the reuse steps (recomputed after a checkpoint load).
         """
-        key = self._clean_grad_key()
-        if key == _REUSE:  # a parameter without a perturbed gradient holds g, not a g_v: it adds no direction
+        over_clean = self._clean_grad_key() == _REUSE
+        if over_clean:  # a parameter without a perturbed gradient holds g, not a g_v: it adds no direction
             for p in params:
                 if p.grad is None:
                     self.state[p][_REUSE].zero_()
-        params = [p for p in params if p.grad is not None]
-        if not params:
+        pair = self._gradient_pair(params)
+        if pair is None:
             return
-        clean = [self.state[p][key] for p in params]
-        sam_grads = [p.grad for p in params]
-        coef = dot(clean, sam_grads) / squared_norm(clean).clamp_min(torch.finfo(torch.float32).tiny)
-        over_clean = key == _REUSE
+        params, clean, sam_grads, inner = pair
+        coef = inner / squared_norm(clean).clamp_min(torch.finfo(torch.float32).tiny)
         direction = clean if over_clean else self._scratch(params, _REUSE)
         for dst, g_s, g in group_by_device_dtype(direction, sam_grads, clean):
             c = coef.to(device=dst[0].device, dtype=dst[0].dtype).neg()

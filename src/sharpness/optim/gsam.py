@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _foreach
-from .._foreach import dot, group_by_device_dtype, squared_norm
+from .._foreach import group_by_device_dtype, squared_norm
 from .._validation import check_non_negative, check_real
 from ..policies.always import Always
 from ..rules.sam import SAMPerturbation
@@ -112,12 +112,11 @@ class GSAM(SharpnessAwareOptimizer):
     @torch.no_grad()
     def _store_reuse_direction(self, params: list[Tensor]) -> None:
         r"""``p.grad <- g_s - alpha (g - c g_s) = (1 + alpha c) g_s - alpha g`` with ``c = <g, g_s>/||g_s||^2``."""
-        params = [p for p in params if p.grad is not None]
-        if not params:
+        pair = self._gradient_pair(params)
+        if pair is None:
             return
-        clean = [self.state[p][_CLEAN_GRAD] for p in params]
-        sam_grads = [p.grad for p in params]
-        coef = dot(clean, sam_grads) / squared_norm(sam_grads).clamp_min(torch.finfo(torch.float32).tiny)
+        _, clean, sam_grads, inner = pair
+        coef = inner / squared_norm(sam_grads).clamp_min(torch.finfo(torch.float32).tiny)
         factor = 1.0 + self.alpha * coef  # 0-d tensor: no host synchronisation
         for g_s, g in group_by_device_dtype(sam_grads, clean):
             _foreach.mul_(g_s, factor.to(device=g_s[0].device, dtype=g_s[0].dtype))
