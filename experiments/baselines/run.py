@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from sharpness._io import write_text_atomically
 from sharpness.harness.config import TrainConfig
 from sharpness.harness.train import train
 
@@ -52,8 +53,7 @@ def main() -> None:
                          "options": options})
             print(f"{label:36s} seed {seed}: test acc {100 * s['test_acc']:.2f}%  grad evals {s['grad_evals']}  "
                   f"{wall:.1f}s", flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"epochs": args.epochs, "runs": runs}, f, indent=1)
+    write_text_atomically(args.out, json.dumps({"epochs": args.epochs, "runs": runs}, indent=1))
     print()
     print("| Method | Test acc (%) | Grad evals | Wall time (s) |")
     print("|---|---|---|---|")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import sharpness
+from sharpness._io import write_text_atomically
 from sharpness.data import load_dataset
 from sharpness.harness.config import TrainConfig
 from sharpness.harness.train import train
@@ -92,7 +93,7 @@ def main() -> None:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = None
-    args.out.write_text(json.dumps({
+    write_text_atomically(args.out, json.dumps({
         "rows": rows, "table": table, "epochs": args.epochs, "seeds": args.seeds, "commit": commit,
         "torch": torch.__version__, "sharpness": sharpness.__version__, "python": platform.python_version(),
         "methods": {k: {"optimizer": v[0], "options": v[1]} for k, v in METHODS.items()},

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from sharpness._io import write_text_atomically
 from sharpness.data import load_dataset
 from sharpness.harness.config import TrainConfig
 from sharpness.harness.train import train
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> None:
                 except FloatingPointError as exc:  # recorded, not hidden: the table counts it
                     print(f"{label:17s} {model:6s} seed {seed}: DIVERGED ({exc})", flush=True)
                     results["runs"].append({"method": label, "model": model, "seed": seed, "diverged": str(exc)})
-                    out.write_text(json.dumps(results, indent=1))
+                    write_text_atomically(out, json.dumps(results, indent=1))
                     continue
                 wall = time.perf_counter() - start
                 last, s = r.epochs[-1], r.summary
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> None:
                        "steps": s["steps"], "epochs": s["epochs"], "train_time": s["wall_time"], "wall_time": wall,
                        "config": c.to_dict()}
                 results["runs"].append(row)
-                out.write_text(json.dumps(results, indent=1))
+                write_text_atomically(out, json.dumps(results, indent=1))
                 print(f"{label:17s} {model:6s} seed {seed}: test acc {100 * s['test_acc']:.2f}%  "
                       f"S-hat {row['s_hat']:.4f}  lambda_max {row['lambda_max']:.2f}  grad evals {s['grad_evals']}  "
                       f"steps {s['steps']}  {wall:.1f}s", flush=True)

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from sharpness._io import write_text_atomically
 from sharpness.data import load_dataset
 from sharpness.harness.config import TrainConfig
 from sharpness.harness.train import train
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
             except FloatingPointError as exc:  # recorded, not hidden: the table counts it
                 print(f"{label:18s} seed {seed}: DIVERGED ({exc})", flush=True)
                 results["runs"].append({"method": label, "seed": seed, "diverged": str(exc)})
-                out.write_text(json.dumps(results, indent=1))
+                write_text_atomically(out, json.dumps(results, indent=1))
                 continue
             wall = time.perf_counter() - start
             last, s = r.epochs[-1], r.summary
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> None:
                    "grad_evals": s["grad_evals"], "steps": s["steps"], "train_time": s["wall_time"],
                    "wall_time": wall, "config": c.to_dict()}
             results["runs"].append(row)
-            out.write_text(json.dumps(results, indent=1))
+            write_text_atomically(out, json.dumps(results, indent=1))
             print(f"{label:18s} seed {seed}: test ppl {row['test_ppl']:.3f} (CE {s['test_loss']:.4f})  "
                   f"S-hat {row['s_hat']:.4f}  grad evals {s['grad_evals']}  steps {s['steps']}  {wall:.1f}s",
                   flush=True)

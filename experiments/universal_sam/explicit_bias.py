@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import sharpness
+from sharpness._io import write_text_atomically
 from sharpness.data import load_dataset
 from sharpness.measures import hessian_frobenius
 from sharpness.models import create_model
@@ -98,8 +99,8 @@ def main() -> None:
               f"{rec['seconds']:.0f} s", flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                         "runs": records}, indent=1))
+    saved = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": records}
+    write_text_atomically(args.out.with_suffix(".json"), json.dumps(saved, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")

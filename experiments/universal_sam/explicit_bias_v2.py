@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import sharpness
+from sharpness._io import write_text_atomically
 from sharpness.data import load_dataset
 from sharpness.measures import hessian_frobenius
 from sharpness.models import create_model
@@ -198,7 +199,7 @@ def main() -> None:
                     continue
                 rec = run(lam, seed, data, args)
                 records.append(rec)
-                path.write_text(json.dumps({"args": config, "versions": {"torch": torch.__version__},
+                write_text_atomically(path, json.dumps({"args": config, "versions": {"torch": torch.__version__},
                                             "runs": records}, indent=1))
                 print(f"lam={lam:g} seed={seed}: final ||H||_F^2 = {rec['frob_sq'][-1]:.4g}, "
                       f"loss {rec['train_loss'][-1]:.4f}, test acc {rec['test_accuracy']:.3f}, "

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import sharpness
+from sharpness._io import write_text_atomically
 from sharpness.data import load_dataset
 from sharpness.harness.config import TrainConfig
 from sharpness.harness.train import train
@@ -142,8 +143,9 @@ def main() -> None:
         commit = None
 
     def write() -> None:
-        args.out.write_text(json.dumps({
-            "rows": rows, "table": summarize(rows), "commit": saved.get("commit", commit),  # of the first rows "torch": torch.__version__,
+        write_text_atomically(args.out, json.dumps({
+            "rows": rows, "table": summarize(rows), "commit": saved.get("commit", commit),  # of the first rows
+            "torch": torch.__version__,
             "sharpness": sharpness.__version__, "python": platform.python_version(),
             "settings": {k: {"data": v[0], "epochs": v[1]} for k, v in SETTINGS.items()},
             "methods": {k: {"optimizer": v[0], "options": v[1]} for k, v in METHODS.items()},
