@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from _runs import add_run, load_results, mean_sd, train_recorded
 
-from sharpness._io import write_text_atomically
 from sharpness.data import load_dataset
 from sharpness.harness.config import TrainConfig
 from sharpness.harness.train import train
@@ -87,9 +86,7 @@ def pilot(budget: int) -> None:
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {"budget_grad_evals": args.budget, "runs": []}
-    if results["budget_grad_evals"] != args.budget:
-        raise SystemExit(f"{out} holds budget {results['budget_grad_evals']}, not {args.budget}; use another --out")
+    results = load_results(out, args.budget)
     done = {(r["method"], r["model"], r["seed"]) for r in results["runs"]}
     families = [SGD_FAMILY] + ([ADAM_FAMILY] if args.adam else []) + ([GUARDED] if args.guarded else [])
     for labels, model in [(labels, model) for labels in families for model in args.models]:  # drop order: Adam, MLP
@@ -98,32 +95,22 @@ def run(args: argparse.Namespace) -> None:
                 if (label, model, seed) in done:
                     continue
                 c = config(label, model, seed, args.budget, measures=("salr", "lambda_max"), measure_every=10_000)
-                start = time.perf_counter()
-                try:
-                    r = train(c, log=None)
-                except FloatingPointError as exc:  # recorded, not hidden: the table counts it
-                    print(f"{label:17s} {model:6s} seed {seed}: DIVERGED ({exc})", flush=True)
-                    results["runs"].append({"method": label, "model": model, "seed": seed, "diverged": str(exc)})
-                    write_text_atomically(out, json.dumps(results, indent=1))
+                outcome = train_recorded(c, results, out, {"method": label, "model": model, "seed": seed},
+                                         f"{label:17s} {model:6s} seed {seed}")
+                if outcome is None:
                     continue
-                wall = time.perf_counter() - start
+                r, wall = outcome
                 last, s = r.epochs[-1], r.summary
                 row = {"method": label, "model": model, "seed": seed, "test_acc": s["test_acc"],
                        "train_loss": s["train_loss"], "s_hat": last["sharpness.salr"],
                        "lambda_max": last["sharpness.lambda_max"], "grad_evals": s["grad_evals"],
                        "steps": s["steps"], "epochs": s["epochs"], "train_time": s["wall_time"], "wall_time": wall,
                        "config": c.to_dict()}
-                results["runs"].append(row)
-                write_text_atomically(out, json.dumps(results, indent=1))
+                add_run(results, out, row)
                 print(f"{label:17s} {model:6s} seed {seed}: test acc {100 * s['test_acc']:.2f}%  "
                       f"S-hat {row['s_hat']:.4f}  lambda_max {row['lambda_max']:.2f}  grad evals {s['grad_evals']}  "
                       f"steps {s['steps']}  {wall:.1f}s", flush=True)
     print(table(results))
-
-
-def _ms(values: list[float], fmt: str) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
 
 
 def table(results: dict) -> str:
@@ -138,13 +125,13 @@ def table(results: dict) -> str:
                 lines.append(f"| {model} | {label} | diverged in {diverged} of {diverged + len(rows)} seeds ||||||||")
             if not rows:
                 continue
-            lines.append(f"| {model} | {label} | {_ms([100 * r['test_acc'] for r in rows], '.2f')} | "
-                         f"{_ms([1e3 * r['s_hat'] for r in rows], '.1f')} | "
-                         f"{_ms([r['lambda_max'] for r in rows], '.2f')} | "
+            lines.append(f"| {model} | {label} | {mean_sd([100 * r['test_acc'] for r in rows], '.2f')} | "
+                         f"{mean_sd([1e3 * r['s_hat'] for r in rows], '.1f')} | "
+                         f"{mean_sd([r['lambda_max'] for r in rows], '.2f')} | "
                          f"{statistics.mean(r['grad_evals'] for r in rows):.0f} | "
                          f"{statistics.mean(r['steps'] for r in rows):.0f} | "
-                         f"{_ms([r['train_time'] for r in rows], '.1f')} | "
-                         f"{_ms([r['wall_time'] for r in rows], '.1f')} | {len(rows)} |")
+                         f"{mean_sd([r['train_time'] for r in rows], '.1f')} | "
+                         f"{mean_sd([r['wall_time'] for r in rows], '.1f')} | {len(rows)} |")
     return "\n".join(lines)
 
 

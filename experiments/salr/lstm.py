@@ -34,13 +34,12 @@ import dataclasses
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from _runs import add_run, load_results, mean_sd, train_recorded
 from torch.utils.data import Dataset, TensorDataset
 
-from sharpness._io import write_text_atomically
 from sharpness.data import load_dataset
 from sharpness.harness.config import TrainConfig
 from sharpness.harness.train import train
@@ -125,9 +124,7 @@ def factors(budget: int) -> None:
 
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {"budget_grad_evals": args.budget, "runs": []}
-    if results["budget_grad_evals"] != args.budget:
-        raise SystemExit(f"{out} holds budget {results['budget_grad_evals']}, not {args.budget}; use another --out")
+    results = load_results(out, args.budget)
     done = {(r["method"], r["seed"]) for r in results["runs"]}
     data = load()
     for label in args.methods:
@@ -135,31 +132,21 @@ def run(args: argparse.Namespace) -> None:
             if (label, seed) in done:
                 continue
             c = config(label, seed, args.budget, measures=("salr",), measure_examples=256, measure_every=10_000)
-            start = time.perf_counter()
-            try:
-                r = train(c, data=data, log=None)
-            except FloatingPointError as exc:  # recorded, not hidden: the table counts it
-                print(f"{label:18s} seed {seed}: DIVERGED ({exc})", flush=True)
-                results["runs"].append({"method": label, "seed": seed, "diverged": str(exc)})
-                write_text_atomically(out, json.dumps(results, indent=1))
+            outcome = train_recorded(c, results, out, {"method": label, "seed": seed}, f"{label:18s} seed {seed}",
+                                     data=data)
+            if outcome is None:
                 continue
-            wall = time.perf_counter() - start
+            r, wall = outcome
             last, s = r.epochs[-1], r.summary
             row = {"method": label, "seed": seed, "test_loss": s["test_loss"], "test_ppl": math.exp(s["test_loss"]),
                    "test_acc": s["test_acc"], "train_loss": s["train_loss"], "s_hat": last["sharpness.salr"],
                    "grad_evals": s["grad_evals"], "steps": s["steps"], "train_time": s["wall_time"],
                    "wall_time": wall, "config": c.to_dict()}
-            results["runs"].append(row)
-            write_text_atomically(out, json.dumps(results, indent=1))
+            add_run(results, out, row)
             print(f"{label:18s} seed {seed}: test ppl {row['test_ppl']:.3f} (CE {s['test_loss']:.4f})  "
                   f"S-hat {row['s_hat']:.4f}  grad evals {s['grad_evals']}  steps {s['steps']}  {wall:.1f}s",
                   flush=True)
     print(table(results))
-
-
-def _ms(values: list[float], fmt: str) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
 
 
 def table(results: dict) -> str:
@@ -173,14 +160,14 @@ def table(results: dict) -> str:
             lines.append(f"| {label} | diverged in {diverged} of {diverged + len(rows)} seeds |||||||||")
         if not rows:
             continue
-        lines.append(f"| {label} | {_ms([r['test_ppl'] for r in rows], '.3f')} | "
-                     f"{_ms([r['test_loss'] for r in rows], '.4f')} | "
-                     f"{_ms([100 * r['test_acc'] for r in rows], '.2f')} | "
-                     f"{_ms([1e3 * r['s_hat'] for r in rows], '.1f')} | "
+        lines.append(f"| {label} | {mean_sd([r['test_ppl'] for r in rows], '.3f')} | "
+                     f"{mean_sd([r['test_loss'] for r in rows], '.4f')} | "
+                     f"{mean_sd([100 * r['test_acc'] for r in rows], '.2f')} | "
+                     f"{mean_sd([1e3 * r['s_hat'] for r in rows], '.1f')} | "
                      f"{statistics.mean(r['grad_evals'] for r in rows):.0f} | "
                      f"{statistics.mean(r['steps'] for r in rows):.0f} | "
-                     f"{_ms([r['train_time'] for r in rows], '.1f')} | "
-                     f"{_ms([r['wall_time'] for r in rows], '.1f')} | {len(rows)} |")
+                     f"{mean_sd([r['train_time'] for r in rows], '.1f')} | "
+                     f"{mean_sd([r['wall_time'] for r in rows], '.1f')} | {len(rows)} |")
     return "\n".join(lines)
 
 
