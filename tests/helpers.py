@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -100,3 +101,11 @@ def assert_nested_equal(a: Any, b: Any) -> None:
         assert torch.equal(a, b)
     else:
         assert a == b
+
+
+def checkpoint_round_trip(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """``{"model": ..., "opt": ...}`` state dicts through ``torch.save`` / ``torch.load(weights_only=True)`` in memory."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)

@@ -4,7 +4,6 @@ counters match closure calls, checkpoints continue in lockstep, bad input is rej
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -13,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import sharpness
-from helpers import assert_nested_equal, classification_data, make_closure, mlp, params_equal
+from helpers import assert_nested_equal, checkpoint_round_trip, classification_data, make_closure, mlp, params_equal
 
 LR, RHO = 0.1, 0.2
 
@@ -389,10 +388,7 @@ def test_state_dict_lockstep_with_generator_and_masks(name):
     batches = [(x[i * 16:i * 16 + 16], y[i * 16:i * 16 + 16]) for i in range(4)]
     for t in range(4):
         step_with(opt, model, *batches[t % 4])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = checkpoint_round_trip(model, opt)
     model2 = mlp(9)
     model2.load_state_dict(saved["model"])
     opt2 = CONFIGS[name](torch.optim.SGD(model2.parameters(), lr=0.5))

@@ -7,7 +7,6 @@ NumPy, and ``torch.func.grad`` / ``torch.func.hessian`` of a functional MLP in f
 
 from __future__ import annotations
 
-import io
 import itertools
 
 import numpy as np
@@ -17,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 import sharpness
-from helpers import classification_data, make_closure, mlp, params_equal
+from helpers import checkpoint_round_trip, classification_data, make_closure, mlp, params_equal
 
 LR, RHO, ALPHA, XI = 0.1, 0.2, 0.3, 1e-12
 
@@ -276,10 +275,7 @@ def test_state_dict_lockstep_with_policy_state(hvp):
     opt = make(model)
     for _ in range(5):
         opt.step(make_closure(opt, model, x, y))
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = checkpoint_round_trip(model, opt)
     model2 = mlp(7)
     model2.load_state_dict(saved["model"])
     opt2 = make(model2)

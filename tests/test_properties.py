@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import pytest
@@ -15,6 +14,7 @@ from torch import nn
 import sharpness
 from helpers import (
     assert_nested_equal,
+    checkpoint_round_trip,
     classification_data,
     make_closure,
     make_optimizer,
@@ -120,10 +120,7 @@ def test_state_dict_lockstep(name):
     opt = make_optimizer(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), total_steps=30)
     _train(opt, model, x[:32], y[:32], 7)
 
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = checkpoint_round_trip(model, opt)
     model2 = mlp(5)  # different init: everything must come from the checkpoint
     model2.load_state_dict(saved["model"])
     opt2 = make_optimizer(name, torch.optim.SGD(model2.parameters(), lr=0.5), total_steps=30)

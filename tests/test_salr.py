@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import sharpness
-from helpers import classification_data, make_closure, mlp
+from helpers import checkpoint_round_trip, classification_data, make_closure, mlp
 from sharpness.optim.salr import _RunningMedian
 
 
@@ -319,18 +319,13 @@ def test_step_lr_scheduler_owns_the_base_rate_and_salr_the_factor():
 
 
 def test_state_dict_lockstep_with_inner_sam_and_per_sample_mode():
-    import io
-
     x, y = classification_data(3)
     for kwargs in ({"inner": "sam", "rho": 0.1}, {"normalization": "per_sample"}):
         model = mlp(0)
         opt = sharpness.SALR(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), every=2, **kwargs)
         for _ in range(3):
             opt.step(make_closure(opt, model, x, y))
-        buffer = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-        buffer.seek(0)
-        saved = torch.load(buffer, weights_only=True)
+        saved = checkpoint_round_trip(model, opt)
         model2 = mlp(4)
         model2.load_state_dict(saved["model"])
         opt2 = sharpness.SALR(torch.optim.SGD(model2.parameters(), lr=0.5), every=2, **kwargs)
