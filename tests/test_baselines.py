@@ -279,6 +279,75 @@ def test_ssamf_fisher_estimates_against_the_per_example_sum(fisher):
         assert opt.fisher_backward_passes == probes
 
 
+def test_ssamf_vmap_update_mask_is_the_exact_fisher_and_equals_the_per_sample_mode():
+    """fisher="vmap": update_mask builds the mask of the by-hand per-example sum over the first num_samples
+    examples (chunked: 10 examples in chunks of 3), and the step then equals the paper's per_sample mode."""
+    x, y = classification_data(5, n=16)
+    sparsity, n = 0.6, 10
+    m1, m2 = softmax_regression(2), softmax_regression(2)
+    w = [p.detach().clone() for p in m1.parameters()]
+    o1 = sharpness.SSAMF(torch.optim.SGD(m1.parameters(), lr=LR), rho=RHO, sparsity=sparsity, num_samples=n,
+                         update_freq=5, fisher="vmap", fisher_chunk_size=3)
+    o2 = sharpness.SSAMF(torch.optim.SGD(m2.parameters(), lr=LR), rho=RHO, sparsity=sparsity, num_samples=n,
+                         update_freq=5)
+    assert o1.needs_per_sample_losses is False and o1.mask_due
+    o1.update_mask(m1, F.cross_entropy, x, y)  # uses x[:10]
+    fisher = sum(flat(grads_at(w, x[i:i + 1], y[i:i + 1])) ** 2 for i in range(n))
+    keep = int(fisher.numel() * (1 - sparsity))
+    mask = torch.zeros_like(fisher, dtype=torch.bool)
+    mask[torch.topk(fisher, keep).indices] = True
+    assert torch.equal(flat([o1.state[p]["perturbation_mask"] for p in m1.parameters()]), mask)
+    assert o1.fisher_samples == n and o1.mask_updates == 1 and o1.fisher_backward_passes == 0
+
+    counter = [0]
+    step_with(o1, m1, x, y, counter)
+    step_with(o2, m2, x, y)
+    assert counter[0] == 2 and not o1.mask_due  # the ordinary closure: two passes, no collection
+    torch.testing.assert_close(flat(m1.parameters()), flat(m2.parameters()), rtol=0, atol=1e-13)
+
+
+def test_ssamf_vmap_schedule_and_harness_refresh(tmp_path):
+    model = mlp(0)
+    x, y = classification_data(0, n=32)
+    opt = sharpness.SSAMF(torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, num_samples=8, update_freq=3,
+                          fisher="vmap")
+    due = []
+    for _ in range(7):
+        due.append(opt.mask_due)
+        if opt.mask_due:
+            opt.update_mask(model, F.cross_entropy, x, y)
+        step_with(opt, model, x, y)
+    assert due == [True, False, False, True, False, False, True]
+    assert opt.mask_updates == 3 and opt.fisher_samples == 24 and opt.mask_density == 33 / 67
+    # without update_mask the mask stays empty: the steps are the base optimizer's, at two passes each
+    plain = sharpness.SSAMF(torch.optim.SGD(mlp(0).parameters(), lr=0.1), sparsity=0.5, fisher="vmap")
+    step_with(plain, mlp(0), x, y)
+    assert plain.mask_updates == 0 and plain.mask_density == 0.0
+
+
+def test_ssamf_update_mask_errors():
+    model = mlp(0)
+    x, y = classification_data(0, n=8)
+    opt = sharpness.SSAMF(torch.optim.SGD(model.parameters(), lr=0.1), fisher="vmap")
+    with pytest.raises(ValueError, match="not trainable parameters of the model"):
+        opt.update_mask(mlp(1), F.cross_entropy, x, y)
+    with pytest.raises(ValueError, match="at least one example"):
+        opt.update_mask(model, F.cross_entropy, x[:0], y[:0])
+    with pytest.raises(TypeError, match="loss_fn"):
+        opt.update_mask(model, None, x, y)
+    with pytest.raises(ValueError, match="fisher_chunk_size"):
+        sharpness.SSAMF(torch.optim.SGD(mlp(0).parameters(), lr=0.1), fisher="vmap", fisher_chunk_size=0)
+    bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    train_mode = sharpness.SSAMF(torch.optim.SGD(bn.parameters(), lr=0.1), fisher="vmap", fisher_mode="train")
+    with pytest.raises(ValueError, match="BatchNorm"):
+        train_mode.update_mask(bn, F.cross_entropy, x, y)
+    eval_mode = sharpness.SSAMF(torch.optim.SGD(bn.parameters(), lr=0.1), fisher="vmap")
+    stats = bn[1].running_mean.clone()
+    bn.train()
+    eval_mode.update_mask(bn, F.cross_entropy, x, y)  # eval mode: running statistics untouched, flags restored
+    assert torch.equal(bn[1].running_mean, stats) and bn.training and eval_mode.mask_updates == 1
+
+
 def test_ssamf_bad_fisher_options():
     params = mlp(0).parameters()
     with pytest.raises(ValueError, match="fisher"):

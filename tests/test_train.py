@@ -202,3 +202,17 @@ def test_result_carries_the_trained_model_and_optimizer(digits):
     _, acc = evaluate(result.model, digits.test, make_loss(result.config))
     assert acc == pytest.approx(result.summary["test_acc"])
     assert "Linear(" not in repr(result)  # the model object is kept out of the repr
+
+
+def test_ssamf_vmap_refreshes_in_the_harness_like_the_per_sample_mode(digits):
+    """The harness calls update_mask when the optimizer says mask_due; on a model without dropout or BatchNorm
+    the vectorized exact Fisher of the first 32 examples of the batch gives the per_sample mode's training."""
+    options = {"sparsity": 0.5, "num_samples": 32, "update_freq": 5}
+    stream = train(_config(optimizer="ssamf", optimizer_options=options, epochs=1), data=digits, log=None)
+    vmap = train(_config(optimizer="ssamf", optimizer_options={**options, "fisher": "vmap"}, epochs=1), data=digits,
+                 log=None)
+    steps = vmap.summary["steps"]
+    assert vmap.optimizer.mask_updates == stream.optimizer.mask_updates == -(-steps // 5)
+    assert vmap.optimizer.fisher_samples == stream.optimizer.fisher_samples == 32 * vmap.optimizer.mask_updates
+    assert vmap.summary["grad_evals"] == 2 * steps
+    assert vmap.summary["test_loss"] == pytest.approx(stream.summary["test_loss"], rel=1e-4)
