@@ -14,13 +14,13 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 import sharpness
+from sharpness._io import write_text_atomically
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -113,19 +113,7 @@ def environment(*, packages: Iterable[str] = (), extra: Mapping[str, Any] | None
 
 
 # ---------------------------------------------------------------------------------------------- output
-def write_json_atomically(path: str, payload: dict[str, Any], prefix: str = ".bench.") -> None:
-    """Write ``payload`` as indented JSON to ``path`` via a temporary file in the same folder and a rename,
-    so a reader never sees a half-written file. ``prefix`` names the temporary file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as indented JSON to ``path`` atomically (a reader never sees a half-written file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomically(path, json.dumps(payload, indent=2) + "\n")

@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(bench_model(key, args))
         print(format_table(results[-1]), flush=True)
     if args.json:
-        write_json_atomically(args.json, {"environment": env, "results": results}, prefix=".bench_hessian.")
+        write_json_atomically(args.json, {"environment": env, "results": results})
         print(f"\nwrote {args.json}")
     return 0
 

@@ -199,6 +199,8 @@ def method_specs() -> list[MethodSpec]:
         MethodSpec("SSAMF s=0.5", lambda p, t: sharpness.SSAMF(_sgd(p), update_freq=10), update=None),
         MethodSpec("SSAMF s=0.5 sketch K=16", lambda p, t: sharpness.SSAMF(_sgd(p), update_freq=10, fisher="sketch"),
                    update=None),
+        MethodSpec("SSAMF s=0.5 vmap", lambda p, t: sharpness.SSAMF(_sgd(p), update_freq=10, fisher="vmap"),
+                   update=None),
         MethodSpec("SmoothOut", lambda p, t: sharpness.SmoothOut(_sgd(p)), update=None),
         MethodSpec("GNR exact", lambda p, t: sharpness.GNR(_sgd(p), hvp="exact"), update=None),
         MethodSpec("GNR fd", lambda p, t: sharpness.GNR(_sgd(p), hvp="finite_difference"), update=None),
@@ -263,6 +265,8 @@ class Runner:
     def step(self) -> None:
         """One full training step: the passes and the update."""
         x, y = next(self.batches)
+        if getattr(self.optimizer, "mask_due", False):  # SSAM-F fisher="vmap" refreshes its mask as the harness does
+            self.optimizer.update_mask(self.model, nn.functional.cross_entropy, x, y)
         self.spec.step(self.optimizer, self.make_closure(x, y))
 
     def update(self) -> None:
@@ -589,7 +593,7 @@ def format_ratios(ratios: dict[str, Any], device: str) -> str:
 
 def print_report(env: dict[str, Any], results: list[dict[str, Any]]) -> None:
     print(f"torch {env['torch']}, python {env['python']}, {env['cpu']}, {env['torch_threads']} threads, "
-          f"device {env['device']}{', ' + env['gpu'] if 'gpu' in env else ''}, {env['date']}, "
+          f"device {env['device']}{', ' + env['gpu'] if env.get('gpu') else ''}, {env['date']}, "
           f"commit {env['git']['commit']}{' (dirty)' if env['git']['dirty'] else ''}")
     opts = env["options"]
     print(f"{opts['repeats']} repeats x {opts['steps_per_repeat']} steps per method (interleaved), "
@@ -610,9 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     env = environment(args, device)
     results = [bench_model(MODELS[key], args, device) for key in args.models]
+    if args.json:  # first, so that the measurements survive a failure below
+        write_json_atomically(args.json, {"environment": env, "results": results})
     print_report(env, results)
     if args.json:
-        write_json_atomically(args.json, {"environment": env, "results": results}, prefix=".bench_step.")
         print(f"\nwrote {args.json}")
     return 0
 

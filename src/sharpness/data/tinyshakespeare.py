@@ -9,8 +9,6 @@ sorted set of characters of the whole text; token ``i`` is character ``classes[i
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -19,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .._io import atomic_open
 from .._validation import check_int_at_least, check_real
 from .paths import missing_data_error
 from .record import SourceSplits
@@ -68,14 +67,8 @@ def _download(destination: Path) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     with urlopen(URL, timeout=60) as response:
         payload = response.read()
-    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=".download-")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_open(destination, "wb") as file:
+        file.write(payload)
 
 
 def text_path(root: Path, download: bool) -> Path:

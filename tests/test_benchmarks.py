@@ -1,0 +1,66 @@
+"""The benchmark scripts run end to end at toy sizes and write consistent JSON (speed itself is never asserted).
+
+Each script runs in a subprocess exactly as documented (``python benchmarks/<script>.py ...``), with one
+repeat of one step, so a crash in the report or the JSON (such as a CPU-only environment field) fails here
+rather than at the end of an hour of timing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str, out: Path) -> dict:
+    completed = subprocess.run([sys.executable, str(BENCHMARKS / name), "--json", str(out), *args],
+                               capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def test_bench_step_rows_and_pass_counts(tmp_path):
+    data = run_script("bench_step.py", "--models", "mlp", "--methods", "LookSAM k=5", "SSAMF s=0.5 vmap",
+                      "--repeats", "1", "--steps-per-repeat", "5", "--warmup", "0", out=tmp_path / "step.json")
+    assert data["environment"]["device"] == "cpu" and data["environment"]["git"]["commit"]
+    (result,) = data["results"]
+    methods = result["methods"]
+    assert set(methods) >= {"SGD", "SAM", "LookSAM k=5", "SSAMF s=0.5 vmap"}
+    passes = {name: entry["passes_per_step"] for name, entry in methods.items()}
+    assert passes["SGD"] == 1 and passes["SAM"] == 2 and passes["SSAMF s=0.5 vmap"] == 2
+    assert passes["LookSAM k=5"] == pytest.approx(1 + 1 / 5)  # 5 steps: one perturbed pass
+    for entry in methods.values():
+        assert positive(entry["wall"]["median_s"]) and positive(entry["cpu"]["median_s"])
+    sgd = methods["SGD"]["wall"]
+    assert sgd["normalized"] == 1.0
+    ratio = result["ratios"]["wall"]["sam_over_2x_sgd"]["value"]
+    assert ratio == pytest.approx(methods["SAM"]["wall"]["median_s"] / (2 * sgd["median_s"]))
+
+
+def test_bench_hessian_reaches_its_target(tmp_path):
+    data = run_script("bench_hessian.py", "--models", "mlp", "--repeats", "1", "--warmup", "0", "--tols", "1e-3",
+                      "--targets", "1e-2", "--trace-samples", "4", out=tmp_path / "hessian.json")
+    (result,) = data["results"]
+    reference = result["reference_top_eigenvalue"]
+    assert reference["converged"] and positive(reference["value"])
+    lanczos = [c for c in result["cases"] if c["implementation"] == "ours lanczos" and c["tol"] == 1e-3]
+    assert lanczos and lanczos[0]["max_rel_error"] < 1e-2  # tolerance 1e-3 on the eigenvalue estimate
+
+
+def test_bench_scaling_writes_json_and_plot(tmp_path):
+    plot = tmp_path / "scaling.png"
+    data = run_script("bench_scaling.py", "--widths", "16", "32", "--repeats", "1", "--steps-per-repeat", "1",
+                      "--warmup", "0", "--plot", str(plot), out=tmp_path / "scaling.json")
+    assert [r["width"] for r in data["results"]] == [16, 32]
+    assert data["results"][0]["parameters"] < data["results"][1]["parameters"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
