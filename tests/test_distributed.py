@@ -139,6 +139,14 @@ def train_scaled_with_one_rank_overflow(name: str, net: nn.Module, rank: int, ba
     return opt, scaler.get_scale()
 
 
+def ssamf_vmap(params) -> sharpness.SSAMF:
+    return sharpness.SSAMF(torch.optim.SGD(params, lr=0.1), sparsity=0.5, fisher="vmap")
+
+
+def fisher_mask(opt: sharpness.SSAMF, model: nn.Module) -> torch.Tensor:
+    return torch.cat([opt.state[p]["perturbation_mask"].reshape(-1) for p in model.parameters()])
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     """Runs in a spawned process; writes its results (or its traceback) to ``out_dir/rank{rank}.pt``."""
     torch.set_num_threads(1)
@@ -190,6 +198,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
                 opt.step(sharpness.make_closure(opt, compute_loss))
             result[("per-sample", name)] = {"params": flat_params(model), **counters(opt)}
+        # (e) SSAM-F's vectorized exact Fisher: each rank its half of a global batch, through the DDP wrapper.
+        scenario = "fisher-vmap/ssamf"
+        model = nn.parallel.DistributedDataParallel(make_model())
+        opt = ssamf_vmap(model.parameters())
+        (x, y), = split(global_batches(1), rank)
+        opt.update_mask(model, nn.functional.cross_entropy, x, y)
+        result[("fisher-vmap", "ssamf")] = {"mask": fisher_mask(opt, model)}
         scenario = "barrier"
         dist.barrier()
     except BaseException:  # noqa: BLE001 - reported to the parent process
@@ -316,3 +331,16 @@ def test_overflow_on_one_rank_skips_the_step_on_every_rank(ddp_results, name):
         assert (res["steps"], res["skipped_steps"]) == (3, 1)
         assert res["scale"] == 2.0**9  # one backoff, no growth
     assert r0["sam_steps"] == r1["sam_steps"] and r0["grad_evals"] == r1["grad_evals"]
+
+
+def test_fisher_vmap_mask_averaged_across_ranks_equals_the_global_batch_mask(ddp_results):
+    """Each rank's Fisher sum over its half of the batch, averaged by update_mask, ranks the weights as the
+    single-process sum over the whole batch does (the mask is a top-k: the factor 1/2 does not matter)."""
+    model = make_model()
+    opt = ssamf_vmap(model.parameters())
+    (x, y), = global_batches(1)
+    opt.update_mask(model, nn.functional.cross_entropy, x, y)
+    expected = fisher_mask(opt, model)
+    assert 0 < int(expected.sum()) < expected.numel()
+    for res in ddp_results:
+        assert torch.equal(res[("fisher-vmap", "ssamf")]["mask"], expected)
