@@ -153,6 +153,65 @@ def test_no_parameter_sized_allocation_in_a_step(name, monkeypatch):
     assert dict(mode.ops) == ALLOWED_ALLOCATIONS.get(name, {})
 
 
+class _ScalarReads(TorchDispatchMode):
+    """Counts tensor-to-Python scalar reads (``.item()``, ``float(t)``, ``bool(t)``): a host synchronisation
+    when the tensor lives on a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+#: scalar reads per step a method needs (everything else must stay on the device); 10 steps below
+SCALAR_READS_PER_10_STEPS = {
+    "aesam": 10,  # ||g||^2 against the running normal model: the SAM-or-not decision, once per step
+    "aelooksam": 10,
+    "salr": 5,  # the sharpness estimate (every 2 steps) joins the host-side history whose median scales the LR
+    "sssam": 10,  # the coin, from a private *CPU* generator: a host read, never a device synchronisation
+}
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+@pytest.mark.parametrize("name", registered_names())
+def test_scalar_reads_per_step_are_the_methods_own(name, max_grad_norm):
+    """No host synchronisation beyond the method's own decision (#9): counted at the dispatcher, outside the
+    closure, over 10 steps (with and without gradient clipping)."""
+    model, x, y = _problem()
+    opt = create_for_test(name, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), standard_closure=False,
+                          max_grad_norm=max_grad_norm)
+    mode = _ScalarReads()
+    inner = make_closure(opt, model, x, y)
+
+    def closure():
+        before, mode.paused = mode.paused, True
+        try:
+            return inner()
+        finally:
+            mode.paused = before
+
+    for _ in range(3):
+        opt.step(closure)
+    with mode:
+        for _ in range(10):
+            opt.step(closure)
+    assert mode.count == SCALAR_READS_PER_10_STEPS.get(name, 0)
+
+
+def test_the_scalar_read_probe_sees_an_item_call():
+    mode = _ScalarReads()
+    t = torch.ones(3)
+    with mode:
+        t.sum().item()
+        bool(t.any())
+    assert mode.count == 2
+
+
 def test_the_allocation_probe_sees_an_allocating_update():
     """The probe is not blind: an out-of-place update of the weight is one fresh parameter-sized tensor."""
     model, _, _ = _problem()
