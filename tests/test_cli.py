@@ -147,3 +147,22 @@ optimizer = "sam"
         assert len(store) == 4
     bad = runner.invoke(app, ["sweep", str(tmp_path / "missing.toml")])
     assert bad.exit_code == 2
+
+
+def test_train_download_flag_fetches_a_missing_data_set(tmp_path, monkeypatch):
+    """The error names --download, and --download fetches the file (urlopen faked) into $SHARPNESS_DATA."""
+    import io
+
+    from sharpness.data import tinyshakespeare as module
+
+    text = "to be or not to be, that is the question. " * 40
+    monkeypatch.setenv("SHARPNESS_DATA", str(tmp_path))
+    args = ["train", "--dataset", "tinyshakespeare", "--model", "char_lstm", "--data-opt", "block_size=8",
+            "--batch-size", "32", "--optimizer", "sam", "--budget-grad-evals", "4", "-q"]
+    missing = runner.invoke(app, args)
+    assert missing.exit_code == 2 and "sharpness train --download" in " ".join(missing.output.split())
+    monkeypatch.setattr(module, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
+    fetched = runner.invoke(app, [*args, "--download"])
+    assert fetched.exit_code == 0, fetched.output
+    assert (tmp_path / "tinyshakespeare.txt").read_text() == text
+    assert int(SUMMARY.search(fetched.output)["evals"]) == 4

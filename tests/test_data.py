@@ -307,7 +307,7 @@ def test_tinyshakespeare_windows_from_a_small_text(tmp_path):
 
 
 def test_tinyshakespeare_missing_file_says_how_to_fetch_it(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=r"download=True \(command line: --download\)"):
+    with pytest.raises(FileNotFoundError, match=r"download=True \(command line: `sharpness train --download`\)"):
         load_dataset("tinyshakespeare", root=tmp_path)
 
     def fake_urlopen(url, timeout):

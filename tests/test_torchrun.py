@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sharpness.harness import Store, TrainConfig, train
+from sharpness.harness import Store, TrainConfig, run_key, train
 
 # 22 full batches of 64: no uneven last batch, so DDP's mean of shard means is the global mean.
 ARGS = ["train", "--dataset", "digits", "--model", "mlp", "--batch-size", "64", "--budget-steps", "22", "-q"]
@@ -32,6 +32,9 @@ def test_two_process_run_completes_and_is_stored_once(tmp_path, optimizer):
     with Store(db) as store:
         (run,) = store.runs()
     assert run.summary["world_size"] == 2 and run.summary["steps"] == 22
+    # the same command on one process is another run: DDP perturbs per worker, so its own id in the store
+    assert run.config["world_size"] == 2
+    assert run.run_key != run_key({k: v for k, v in run.config.items() if k != "world_size"})
     assert run.summary["grad_evals"] == run.summary["steps"] + run.summary["sam_steps"]
     if optimizer == "erm":
         # DDP averages the two half-batch gradients: the same trajectory as one process on the global batch,

@@ -216,3 +216,14 @@ def test_ssamf_vmap_refreshes_in_the_harness_like_the_per_sample_mode(digits):
     assert vmap.optimizer.fisher_samples == stream.optimizer.fisher_samples == 32 * vmap.optimizer.mask_updates
     assert vmap.summary["grad_evals"] == 2 * steps
     assert vmap.summary["test_loss"] == pytest.approx(stream.summary["test_loss"], rel=1e-4)
+
+
+def test_world_size_is_part_of_the_run_only_when_distributed(digits):
+    config = _config(epochs=None, budget_steps=2)
+    assert "world_size" not in config.to_dict()  # single-process runs keep their ids
+    assert _config(world_size=2).to_dict()["world_size"] == 2
+    with pytest.raises(ValueError, match=r"Invalid world_size value: 2 \(this run has 1 process; launch it with "
+                                         r"torchrun --nproc_per_node 2\)"):
+        train(_config(epochs=None, budget_steps=2, world_size=2), data=digits, log=None)
+    with pytest.raises(ValueError, match="Invalid world_size value: 0"):
+        _config(world_size=0)

@@ -102,6 +102,8 @@ def train_command(
     db: Annotated[Optional[Path], typer.Option(help="SQLite results store; the run is written once at the end")] = None,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(
         help="directory for per-run checkpoints; an interrupted run resumes from it")] = None,
+    download: Annotated[bool, typer.Option(
+        "--download", help="fetch the data set if it is not on disk ($SHARPNESS_DATA or ~/.cache/sharpness/data)")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the final summary line")] = False,
 ) -> None:
     """Train one run and print its test accuracy, %SAM and gradient evaluations."""
@@ -116,7 +118,7 @@ def train_command(
             label_smoothing=label_smoothing, max_grad_norm=max_grad_norm, bf16=bf16, label_noise=label_noise,
             subset=subset, subset_strategy=subset_strategy, validation=validation, seed=seed, measures=tuple(measure or ()),
             measure_every=measure_every, swa_start=swa_start, swa_lr=swa_lr, swa_lr_min=swa_lr_min,
-            swa_cycle=swa_cycle)
+            swa_cycle=swa_cycle, world_size=distributed_context()[1])
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     key = run_key(config.to_dict())
@@ -129,7 +131,7 @@ def train_command(
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = checkpoint_dir / f"{key}.pt"
     try:
-        result = train(config, checkpoint=checkpoint, log=None if quiet else typer.echo)
+        result = train(config, checkpoint=checkpoint, log=None if quiet else typer.echo, download=download)
     except (TypeError, ValueError, FileNotFoundError, FloatingPointError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
@@ -192,6 +194,7 @@ def sweep_command(
     keep_going: Annotated[bool, typer.Option("--keep-going/--stop-on-error",
                                              help="record a failing run and continue")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the planned runs and exit")] = False,
+    download: Annotated[bool, typer.Option("--download", help="fetch data sets that are not on disk")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or per-run lines")] = False,
 ) -> None:
     """Run every configuration of a sweep that is not yet in the store (rerun after a kill to finish it)."""
@@ -208,7 +211,8 @@ def sweep_command(
                        f"seed {run_config.seed}")
         typer.echo(f"{len(plan)} runs planned into {plan.db}")
         return
-    result = run_sweep(plan, log=None if quiet else typer.echo, progress=not quiet, keep_going=keep_going)
+    result = run_sweep(plan, log=None if quiet else typer.echo, progress=not quiet, keep_going=keep_going,
+                       download=download)
     typer.echo(f"{result.total} runs: {result.done_before} already done, {result.trained} trained, "
                f"{len(result.failed)} failed; store {plan.db}")
     for key, error in result.failed:

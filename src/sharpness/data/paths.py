@@ -29,7 +29,7 @@ def missing_data_error(title: str, expected: Path | str, *, detail: str = "") ->
     """The error for data that is not on disk: where it was expected, and the fix (``download=True``)."""
     detail = f" ({detail})" if detail else ""
     return FileNotFoundError(
-        f"{title} data not found at {expected}{detail}. Pass download=True (command line: --download) to "
+        f"{title} data not found at {expected}{detail}. Pass download=True (command line: `sharpness train --download`) to "
         f"fetch it, or root=... pointing at the folder that holds it (default: ${DATA_ENV} or "
         "~/.cache/sharpness/data)."
     )

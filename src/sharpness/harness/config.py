@@ -56,6 +56,9 @@ class TrainConfig:
     swa_lr: float | None = None
     swa_lr_min: float | None = None  # default: swa_lr (a constant SWA rate)
     swa_cycle: int | None = None  # steps per cycle (default: steps per epoch)
+    # processes under torchrun: DDP perturbs per worker by default, so the same config on 2 processes is another
+    # run (another id); train() fills it in from the process group when it is left at 1
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         budgets = [name for name in ("epochs", "budget_steps", "budget_grad_evals") if getattr(self, name) is not None]
@@ -100,6 +103,8 @@ class TrainConfig:
             unknown = [m for m in self.measures if m not in MEASURE_NAMES]
             if unknown:
                 raise ValueError(f"Unknown measure name(s): {unknown} (expected some of {', '.join(MEASURE_NAMES)})")
+        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
+            raise ValueError(f"Invalid world_size value: {self.world_size!r} (expected an integer >= 1)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Invalid seed value: {self.seed!r} (expected an integer >= 0)")
         self._check_swa()
@@ -131,6 +136,8 @@ class TrainConfig:
             data.pop("subset_strategy")
         if not self.data_options:  # and for no data-set options
             data.pop("data_options")
+        if self.world_size == 1:  # and for single-process runs
+            data.pop("world_size")
         return data
 
     def dataset_options(self) -> dict[str, Any]:

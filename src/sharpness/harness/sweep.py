@@ -301,7 +301,7 @@ def _check_names(config: TrainConfig) -> None:
 
 # ------------------------------------------------------------------------------------------------ running
 def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True,
-              keep_going: bool = False) -> SweepResult:
+              keep_going: bool = False, download: bool = False) -> SweepResult:
     """Train every run of ``plan`` that is not yet in its store; safe to kill and rerun at any moment.
 
     For each config: skip it if ``store.has(run_key)`` (deleting a stale checkpoint); otherwise train with
@@ -313,6 +313,7 @@ def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True
         progress: show a progress bar (``rich``, if installed).
         keep_going: record a run that raises (e.g. diverges) in ``SweepResult.failed`` and go on to the next;
             by default the error stops the sweep (finished runs stay stored).
+        download: fetch a data set that is not on disk (``load_dataset(download=True)``).
     """
     plan.db.parent.mkdir(parents=True, exist_ok=True)
     plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -335,7 +336,7 @@ def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True
                 continue
             resuming = checkpoint.exists()
             try:
-                result = train(config, data=_load_data(config, cache), checkpoint=checkpoint, log=None)
+                result = train(config, data=_load_data(config, cache, download), checkpoint=checkpoint, log=None)
             except Exception as exc:
                 if not keep_going:
                     raise
@@ -355,7 +356,7 @@ def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True
     return SweepResult(total, done_before, trained, tuple(failed))
 
 
-def _load_data(config: TrainConfig, cache: dict[tuple, Any]) -> Any:
+def _load_data(config: TrainConfig, cache: dict[tuple, Any], download: bool = False) -> Any:
     """Load the run's data, reusing the previous load when its settings are the same (one entry kept)."""
     from ..data import load_dataset
 
@@ -363,7 +364,7 @@ def _load_data(config: TrainConfig, cache: dict[tuple, Any]) -> Any:
     settings = (config.dataset, repr(sorted(options.items())))
     if settings not in cache:
         cache.clear()
-        cache[settings] = load_dataset(config.dataset, **options)
+        cache[settings] = load_dataset(config.dataset, download=download, **options)
     return cache[settings]
 
 

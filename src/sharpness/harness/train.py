@@ -12,7 +12,7 @@ import math
 import platform
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -330,7 +330,7 @@ class _Run:
 
 
 def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | None = None,
-          log: Log | None = print, stop_after_epochs: int | None = None) -> TrainResult:
+          log: Log | None = print, stop_after_epochs: int | None = None, download: bool = False) -> TrainResult:
     """Train ``config`` to the end of its budget and return the records.
 
     Args:
@@ -338,12 +338,19 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
         checkpoint: a file path; written after every epoch and, if it exists, resumed from.
         log: called with one line per epoch (``None``: quiet).
         stop_after_epochs: stop after this many epochs of this call (for tests of resuming).
+        download: fetch ``config.dataset`` if it is not on disk (not part of the run's identity).
     """
     from ..data import load_dataset
     from ..models import create_model
 
+    world = distributed_context()[1]
+    if config.world_size != world:
+        if config.world_size != 1:
+            raise ValueError(f"Invalid world_size value: {config.world_size} (this run has {world} process"
+                             f"{'es' if world > 1 else ''}; launch it with torchrun --nproc_per_node {config.world_size})")
+        config = replace(config, world_size=world)
     if data is None:
-        data = load_dataset(config.dataset, **config.dataset_options())
+        data = load_dataset(config.dataset, download=download, **config.dataset_options())
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape,
                          **config.model_options)
