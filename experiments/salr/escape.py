@@ -2,12 +2,15 @@
 
 f(t) = 0.5 a (t - 4)^2 - h exp(-t^2 / (2 s^2)): a wide basin at t = 4 and a sharp well at t ~ 0 (curvature
 about h / s^2). Both runs use the same lr_0, below 2 / curvature of the well, so GD is trapped there.
-Run: python experiments/salr/escape.py  (writes docs/figures/salr_escape.png, prints the outcomes)
+Run: python experiments/salr/escape.py [--out PNG] [--no-plot]  (writes docs/figures/salr_escape.png by default,
+prints the outcomes)
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,7 +43,10 @@ def run(t0: float, lr: float, steps: int, salr: bool, **kwargs):
     return path, opt
 
 
-def main(plot: bool = True) -> dict:
+FIGURE = Path(__file__).resolve().parents[2] / "docs" / "figures" / "salr_escape.png"
+
+
+def main(plot: bool = True, out: Path = FIGURE) -> dict:
     lr, steps = 0.03, 600
     results = {}
     cases = (("start left of the well", -1.0, 0.02), ("start inside the well", 0.02, 0.02),
@@ -76,10 +82,14 @@ def main(plot: bool = True) -> dict:
         axes[2].set(xlabel="step", title="GD-SALR: lr and S_hat")
         axes[2].legend()
         fig.tight_layout()
-        fig.savefig("docs/figures/salr_escape.png", dpi=110)
+        fig.savefig(out, dpi=110)
     return results
 
 
 if __name__ == "__main__":
-    main(plot="--no-plot" not in sys.argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=FIGURE, help=f"figure path (default: {FIGURE})")
+    parser.add_argument("--no-plot", action="store_true", help="print the outcomes only")
+    args = parser.parse_args()
+    main(plot=not args.no_plot, out=args.out)
     print("curvature of the well ~", H / S ** 2 + A, " 2/curvature ~", round(2 / (H / S ** 2 + A), 4), file=sys.stderr)

@@ -150,7 +150,7 @@ def train_command(
 def measure_command(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint written by `sharpness train --checkpoint-dir`")],
     measures: Annotated[str, typer.Option(
-        help="comma-separated: lambda_max, trace, frobenius, sam, gnr, keskar")] = "lambda_max,trace",
+        help="comma-separated names from `sharpness list measures`")] = "lambda_max,trace",
     examples: Annotated[int, typer.Option(help="examples measured (the first N of --split, in order)")] = 1000,
     split: Annotated[str, typer.Option(
         help="which split of the run's data set to measure on: train or test")] = "train",
