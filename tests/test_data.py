@@ -418,7 +418,7 @@ def test_cifar_checksum_mismatch_and_missing_files_explain_the_fix(tmp_path, mon
     with pytest.raises(FileNotFoundError) as missing:
         load_dataset("cifar10", root=tmp_path)
     assert "CIFAR-10 data not found at" in str(missing.value) and "cifar-10-batches-py" in str(missing.value)
-    assert "download=True (command line: --download)" in str(missing.value)
+    assert "download=True (command line: `sharpness train --download`)" in str(missing.value)
     write_cifar(tmp_path, monkeypatch, register_md5=False)  # torchvision's own checksums: our files fail them
     with pytest.raises(FileNotFoundError, match="failing its checksum"):
         load_dataset("cifar10", root=tmp_path)

@@ -177,14 +177,15 @@ SCALAR_READS_PER_10_STEPS = {
 }
 
 
+@pytest.mark.parametrize("check_finite", [False, True])
 @pytest.mark.parametrize("max_grad_norm", [None, 1.0])
 @pytest.mark.parametrize("name", registered_names())
-def test_scalar_reads_per_step_are_the_methods_own(name, max_grad_norm):
-    """No host synchronisation beyond the method's own decision (#9): counted at the dispatcher, outside the
-    closure, over 10 steps (with and without gradient clipping)."""
+def test_scalar_reads_per_step_are_the_methods_own(name, max_grad_norm, check_finite):
+    """No host synchronisation beyond the method's own decision (#9), counted at the dispatcher outside the
+    closure over 10 steps, with and without clipping; the non-finite-loss check (default) adds exactly one."""
     model, x, y = _problem()
     opt = create_for_test(name, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), standard_closure=False,
-                          max_grad_norm=max_grad_norm)
+                          max_grad_norm=max_grad_norm, check_finite=check_finite)
     mode = _ScalarReads()
     inner = make_closure(opt, model, x, y)
 
@@ -200,7 +201,7 @@ def test_scalar_reads_per_step_are_the_methods_own(name, max_grad_norm):
     with mode:
         for _ in range(10):
             opt.step(closure)
-    assert mode.count == SCALAR_READS_PER_10_STEPS.get(name, 0)
+    assert mode.count == SCALAR_READS_PER_10_STEPS.get(name, 0) + (10 if check_finite else 0)
 
 
 def test_the_scalar_read_probe_sees_an_item_call():

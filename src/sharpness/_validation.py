@@ -57,6 +57,13 @@ def check_probability(name: str, value: object) -> float:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """A flag must be a real bool: ``"False"``, ``None`` or ``nan`` would otherwise read as a truth value."""
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name} type: {type(value).__name__} (expected bool)")
+    return value
+
+
 def check_int_at_least(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"Invalid {name} type: {type(value).__name__} (expected an integer >= {minimum})")

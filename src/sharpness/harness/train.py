@@ -236,7 +236,10 @@ class _Run:
                 out.float(), target, label_smoothing=self.config.label_smoothing), x, y)
         # The closure follows the optimizer's convention (create_graph for exact HVPs, per-sample losses for
         # data selection); a per-sample loss vector is reported as its mean.
-        loss = float(opt.step(make_closure(opt, compute_loss)).detach().mean())
+        try:
+            loss = float(opt.step(make_closure(opt, compute_loss)).detach().mean())
+        except FloatingPointError as error:  # a non-finite pass (the optimizers' check_finite), weights unchanged
+            raise FloatingPointError(f"Training diverged at step {opt.steps}: {error}") from error
         if not math.isfinite(loss):
             raise FloatingPointError(f"Training diverged: loss {loss} at step {opt.steps} (lower --lr or rho)")
         return loss

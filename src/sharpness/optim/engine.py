@@ -31,12 +31,13 @@ from torch import Tensor, nn
 
 from .. import _foreach
 from .._foreach import dot, group_by_device_dtype, squared_norm, uses_foreach_option
-from .._validation import check_non_negative, check_wrapper_options
+from .._validation import check_bool, check_non_negative, check_wrapper_options
 from ..amp import record_step, unscale_
 from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, is_distributed
 from ..policies.base import Policy
 from ..rules.base import ParamGroupView, PerturbationRule
+from ._finite import FiniteLossCheck
 from ._state import ScratchLists, SharesBaseParamGroups
 
 __all__ = ["SharpnessAwareOptimizer"]
@@ -91,7 +92,7 @@ def resolve_base_optimizer(
     return base_class(params_or_base, **base_kwargs)
 
 
-class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
+class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     r"""Wraps a base optimizer with a perturbation rule and a policy (see the module docstring).
 
     Args:
@@ -112,6 +113,11 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         max_grad_norm: clip the final gradient to this global L2 norm (magnitude only) before the base step.
         sync_perturbation: with a DDP ``model``, all-reduce the first pass too, so every rank uses the global
             perturbation (equals single-process training on the global batch).
+        check_finite: with ``step(closure)``, check the losses of all the step's passes once before the
+            update (one host read per step); a NaN or inf raises ``FloatingPointError`` with the weights and the
+            base optimizer's state unchanged (a non-finite perturbed-pass loss would otherwise reach the
+            weights although ``step`` returns the finite loss at ``w``). Not applied under an enabled
+            GradScaler (which skips such steps) or in the two-phase API (the caller has the losses).
         foreach: the wrapper's own list operations (perturb, restore, norms, combinations) as fused
             ``torch._foreach_*`` kernels (None or True, the default) or one tensor at a time (False; same
             results, for debugging). The base optimizer keeps its own ``foreach`` setting.
@@ -162,6 +168,7 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         max_grad_norm: float | None = None,
         sync_perturbation: bool = False,
+        check_finite: bool = True,
         foreach: bool | None = None,
         **base_kwargs: Any,
     ) -> None:
@@ -185,7 +192,8 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
         self.model = model
         self.grad_scaler = grad_scaler
         self.max_grad_norm = max_grad_norm
-        self.sync_perturbation = bool(sync_perturbation)
+        self.sync_perturbation = check_bool("sync_perturbation", sync_perturbation)
+        self.check_finite = check_bool("check_finite", check_finite)
         self.foreach = foreach
         self._wrapper_defaults = {"rho": rho}
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
@@ -232,6 +240,7 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
             )
         if not callable(closure):
             raise TypeError(f"Invalid closure type: {type(closure).__name__} (expected a callable)")
+        closure = self._watch_losses(closure)
         local = self._ddp is not None and not self.sync_perturbation and is_distributed()
         with torch.enable_grad():
             if local:
@@ -240,8 +249,12 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
             else:
                 loss = closure()
         if self.first_step(local_grads=local):
-            with torch.enable_grad():
-                closure()
+            try:
+                with torch.enable_grad():
+                    closure()
+            except BaseException:
+                self.abort_step()  # e.g. out of memory in the perturbed pass: back at w, ready for the next step
+                raise
         self.second_step()
         return loss
 
@@ -345,6 +358,28 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
 
     @torch.no_grad()
     @uses_foreach_option
+    def abort_step(self) -> None:
+        """Abandon the step begun by :meth:`first_step` (e.g. the perturbed pass raised): the weights go back
+        to ``w`` bit for bit, BatchNorm statistics to those of the first pass, nothing is applied or counted
+        beyond the passes already spent. A no-op between steps."""
+        phase, self._phase = self._phase, _Phase.IDLE
+        self._step_losses = None
+        if phase is _Phase.PERTURBED:
+            self._restore_perturbed()
+
+    def _restore_perturbed(self) -> list[Tensor]:
+        """Back to ``w`` from the backup (bit-exact) and the first pass's BatchNorm statistics."""
+        params = self._perturbed_params
+        self._perturbed_params = []
+        backup = self._scratch(params, _BACKUP)
+        for dst, src in group_by_device_dtype(params, backup):
+            _foreach.copy_(dst, src)
+        if self._bn_guard is not None:
+            self._bn_guard.restore()
+        return params
+
+    @torch.no_grad()
+    @uses_foreach_option
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w`` exactly (after a SAM step) and apply the base optimizer's update."""
         phase = self._phase
@@ -358,13 +393,7 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
 
         if phase is _Phase.PERTURBED:
             self.grad_evals += 1
-            params = self._perturbed_params
-            self._perturbed_params = []
-            backup = self._scratch(params, _BACKUP)
-            for dst, src in group_by_device_dtype(params, backup):
-                _foreach.copy_(dst, src)  # back to w, bit-exact
-            if self._bn_guard is not None:
-                self._bn_guard.restore()
+            params = self._restore_perturbed()  # back to w, bit-exact
             grads = [g for view in self._views() for g in view.grads]
             if self._scaler_enabled():
                 unscale_(self.grad_scaler, grads, self._found_inf)
@@ -373,11 +402,14 @@ class SharpnessAwareOptimizer(SharesBaseParamGroups, torch.optim.Optimizer):
                 if self._found_inf.item() > 0:
                     self._skip()
                     return
+            self._check_losses()  # before any state (LookSAM's direction) takes the gradients in
             if self.reuse_alpha is not None:
                 self._store_reuse_direction(params)
             self.sam_steps += 1
-        elif self.reuse_alpha is not None:
-            self._apply_reuse_direction()
+        else:
+            self._check_losses()
+            if self.reuse_alpha is not None:
+                self._apply_reuse_direction()
 
         if self.max_grad_norm is not None:
             params_with_grad = [p for view in self._views() for p in view.params]

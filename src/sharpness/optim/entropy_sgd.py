@@ -11,8 +11,9 @@ from torch import Tensor, nn
 
 from .. import _foreach
 from .._foreach import group_by_device_dtype, uses_foreach_option
-from .._validation import check_int_at_least, check_non_negative, check_positive, check_wrapper_options
+from .._validation import check_bool, check_int_at_least, check_non_negative, check_positive, check_wrapper_options
 from ..batchnorm import RunningStatsGuard
+from ._finite import FiniteLossCheck
 from ._generator import LazyGenerator
 from ._state import SharesBaseParamGroups, scratch_buffers
 
@@ -26,7 +27,7 @@ _MEAN = "entropy_mean"  # mu, the running average of the chain
 _DRIFT = "entropy_drift"  # g' + gamma (x' - x), then (once applied) the noise xi ~ N(0, I)
 
 
-class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
+class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     r"""Entropy-SGD (Algorithm 1 of the paper): an outer step along the gradient of the local entropy.
 
     Per step, with the current weights ``x``, the scope ``gamma_t = gamma * gamma_growth**t`` and
@@ -68,6 +69,8 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
             noise and stay identical).
         model: enables the BatchNorm guard (only the first pass updates running statistics).
         max_grad_norm: clip the outer gradient to this L2 norm before the base step.
+        check_finite: check the losses of the step's passes once before the update (one host read per step); a
+            NaN or inf raises ``FloatingPointError`` with the weights and the inner state unchanged.
         foreach: fused ``torch._foreach_*`` list ops (None/True) or one tensor at a time (False; same results).
 
     Counters: ``steps``, ``grad_evals``, ``sam_steps`` and ``skipped_steps`` (always 0), ``sam_fraction``,
@@ -94,7 +97,8 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
     def __init__(self, base_optimizer: torch.optim.Optimizer, *, langevin_steps: int = 5, sgld_lr: float = 0.1,
                  noise: float = 1e-4, gamma: float = 0.03, gamma_growth: float = 1.001, alpha: float = 0.25,
                  scale_by_gamma: bool = False, seed: int = 0, model: nn.Module | None = None,
-                 max_grad_norm: float | None = None, foreach: bool | None = None) -> None:
+                 max_grad_norm: float | None = None, check_finite: bool = True,
+                 foreach: bool | None = None) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"Invalid base_optimizer type: {type(base_optimizer).__name__} (expected a "
                             "torch.optim.Optimizer instance such as torch.optim.SGD(params, lr=0.01))")
@@ -111,7 +115,9 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
         max_grad_norm = check_wrapper_options(model, max_grad_norm, foreach)
         self.foreach = foreach
         self._rng = LazyGenerator(seed)
-        self.scale_by_gamma = bool(scale_by_gamma)
+        self.scale_by_gamma = check_bool("scale_by_gamma", scale_by_gamma)
+        self.check_finite = check_bool("check_finite", check_finite)
+        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self.base_optimizer = base_optimizer
         self.model = model
         self.max_grad_norm = max_grad_norm
@@ -148,12 +154,21 @@ class EntropySGD(SharesBaseParamGroups, torch.optim.Optimizer):
         if closure is None or not callable(closure):
             raise TypeError("EntropySGD.step() requires a closure that clears the gradients, runs forward and "
                             "backward and returns the loss")
+        closure = self._watch_losses(closure)
         with torch.enable_grad():
             loss = closure()
         self.grad_evals += 1
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if self.langevin_steps > 0 and params:
-            self._langevin(closure, params)
+            try:
+                self._langevin(closure, params)
+            except BaseException:  # a Langevin pass raised: back to x, bit for bit (the anchor holds it)
+                for p, a in group_by_device_dtype(params, self._scratch(params, _ANCHOR)):
+                    _foreach.copy_(p, a)
+                if self._bn_guard is not None:
+                    self._bn_guard.restore()
+                raise
+        self._check_losses()
         if self.max_grad_norm is not None and params:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.base_optimizer.step()

@@ -52,14 +52,19 @@ class PerSampleLossStep:
                 f"{type(self).__name__}.step() requires a closure returning per-sample losses; build it with "
                 "sharpness.make_closure(opt, compute_loss)"
             )
+        closure = self._watch_losses(closure)
         local = self._ddp is not None and not self.sync_perturbation and is_distributed()
         with torch.enable_grad(), self._ddp.no_sync() if local else contextlib.nullcontext():
             losses = self._per_sample(closure())
             self._first_backward(losses)
         before = losses.detach()
         if self.first_step(local_grads=local):
-            with torch.enable_grad():
-                self._second_backward(self._per_sample(closure()), before)
+            try:
+                with torch.enable_grad():
+                    self._second_backward(self._per_sample(closure()), before)
+            except BaseException:
+                self.abort_step()
+                raise
         self.second_step()
         return before.mean()
 

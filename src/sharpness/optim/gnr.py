@@ -194,6 +194,19 @@ class GNR(SharpnessAwareOptimizer):
         if not callable(closure):
             raise TypeError(f"Invalid closure type: {type(closure).__name__} (expected a callable)")
 
+        closure = self._watch_losses(closure)
+        self._displaced = None
+        try:
+            return self._step(closure)
+        except BaseException:
+            if self._displaced is not None:  # a pass raised while the weights were moved: back to w
+                params, self._displaced = self._displaced, None
+                self._restore(params, self._scratch(params, _BACKUP))
+                if self._bn_guard is not None:
+                    self._bn_guard.restore()
+            raise
+
+    def _step(self, closure: Callable[[], Any]) -> Any:
         loss = self._evaluate(closure)  # pass 1 at w: g(w) (with its graph in exact mode)
         if isinstance(loss, Tensor) and loss.requires_grad:
             loss = loss.detach()  # the returned loss must not pin the forward graph (create_graph mode)
@@ -230,6 +243,7 @@ class GNR(SharpnessAwareOptimizer):
             _foreach.copy_(dst, src)
         if self._bn_guard is not None:
             self._bn_guard.save()  # running statistics from pass 1 only
+        self._displaced = params  # from here until the final restore, an exception restores w
         oracle_grad = self._scratch(params, _ORACLE_GRAD)  # g(w) now, h_loss later
         for dst, src in group_by_device_dtype(oracle_grad, grads):
             _foreach.copy_(dst, [g.detach() for g in src])
@@ -265,6 +279,7 @@ class GNR(SharpnessAwareOptimizer):
         self._restore(params, backup)
         if self._bn_guard is not None:
             self._bn_guard.restore()
+        self._displaced = None
 
         # p.grad <- h_loss + alpha * rho * h_norm / rho, per-group rho
         offset = 0
@@ -317,6 +332,7 @@ class GNR(SharpnessAwareOptimizer):
                 _foreach.copy_(dst, src)
             if self._bn_guard is not None:
                 self._bn_guard.save()
+            self._displaced = params
         views, offset = [], 0
         for group, ps in groups:
             rule_group = group if "oracle_rho" not in group else {**group, "rho": group["oracle_rho"]}
@@ -329,6 +345,7 @@ class GNR(SharpnessAwareOptimizer):
             self._restore(params, backup)
             if self._bn_guard is not None:
                 self._bn_guard.restore()
+            self._displaced = None
 
     def _normalized_hvp(self, closure: Callable[[], Any], params: list[Tensor], grads: list[Tensor],
                         vector: list[Tensor], vector_norm: Tensor, backup: list[Tensor] | None) -> list[Tensor]:
@@ -370,6 +387,7 @@ class GNR(SharpnessAwareOptimizer):
         return shifted
 
     def _apply(self, params: list[Tensor]) -> None:
+        self._check_losses()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.base_optimizer.step()

@@ -12,10 +12,11 @@ from torch import Tensor, nn
 
 from .. import _foreach
 from .._foreach import group_by_device_dtype, squared_norm, uses_foreach_option
-from .._validation import check_choice, check_int_at_least, check_positive, check_wrapper_options
+from .._validation import check_bool, check_choice, check_int_at_least, check_positive, check_wrapper_options
 from .._walk import normalized_walk_, per_sample_inverse_norms
 from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_mean_, is_distributed
+from ._finite import FiniteLossCheck
 from ._state import SharesBaseParamGroups, scratch_buffers
 
 __all__ = ["SALR"]
@@ -57,7 +58,7 @@ class _RunningMedian:
         return (-self._low[0] + self._high[0]) / 2
 
 
-class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
+class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     r"""Sharpness-aware learning rate: scale every group's learning rate by the relative local sharpness.
 
     Every ``every`` steps (the paper's ``c``) the step sharpness ``S_k`` is estimated on the current batch
@@ -116,6 +117,8 @@ class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
         model: the model; enables the BatchNorm guard (the walks' passes leave the running statistics as the
             training pass left them).
         max_grad_norm: clip the training gradient (plain inner optimizers) or passed to ``inner``.
+        check_finite: check the losses of the step's passes once before the update (one host read per step); a
+            NaN or inf raises ``FloatingPointError`` with the weights and the inner state unchanged.
         foreach: fused ``torch._foreach_*`` list ops (None/True) or one tensor at a time (False; same results).
 
     Counters: ``steps``, ``grad_evals`` (closure calls with a backward), ``loss_evals`` (forward-only calls),
@@ -153,7 +156,7 @@ class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
                  gamma: float = 0.002, every: int = 2, normalization: str = "batch",
                  min_factor: float | None = None, max_factor: float | None = None, inner: str | None = None,
                  model: nn.Module | None = None, max_grad_norm: float | None = None,
-                 foreach: bool | None = None, **inner_options: Any) -> None:
+                 check_finite: bool = True, foreach: bool | None = None, **inner_options: Any) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Invalid optimizer type: {type(optimizer).__name__} (expected a torch.optim.Optimizer "
                             "instance, e.g. torch.optim.SGD(model.parameters(), lr=0.01))")
@@ -171,6 +174,8 @@ class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
                              "(expected min_factor <= max_factor)")
         max_grad_norm = check_wrapper_options(model, max_grad_norm, foreach)
         self.foreach = foreach
+        self.check_finite = check_bool("check_finite", check_finite)
+        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         lrs = [group["lr"] for group in optimizer.param_groups]
         if any(not isinstance(lr, (int, float, Tensor)) or float(lr) < 0 or math.isnan(float(lr)) for lr in lrs):
             raise ValueError(f"Invalid lr value: {lrs} (expected lr_0 >= 0 in every param group)")
@@ -249,6 +254,7 @@ class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
             raise TypeError("SALR.step() requires a closure (clear grads, forward, backward, return the loss; with "
                             "normalization='per_sample' return the per-sample losses without backward: build it "
                             "with sharpness.make_closure(opt, compute_loss))")
+        closure = self._watch_losses(closure)
         estimate = self.steps % self.every == 0
         per_sample = self.normalization == "per_sample"
         if per_sample and estimate:
@@ -260,6 +266,7 @@ class SALR(SharesBaseParamGroups, torch.optim.Optimizer):
         if estimate and params:
             self._estimate(closure, params)
 
+        self._check_losses()  # the training pass and the estimate's walks, before the factor or the update is used
         factor = self.last_factor
         base_lrs = [group["lr"] for group in self.param_groups]
         replayed = False

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _foreach
 from .._foreach import group_by_device_dtype, uses_foreach_option
-from .._validation import check_int_at_least, check_non_negative
+from .._validation import check_bool, check_int_at_least, check_non_negative
 from ..amp import record_step, unscale_
 from ..policies.never import Never
 from ..rules.sam import SAMPerturbation
@@ -65,7 +65,7 @@ class SmoothOut(GeneratorCheckpoint, SharpnessAwareOptimizer):
         a = check_non_negative("a", a)
         self.copies = check_int_at_least("copies", copies, 1)
         self.min_grad_evals_per_step = self.max_grad_evals_per_step = self.copies
-        self.adaptive = bool(adaptive)
+        self.adaptive = check_bool("adaptive", adaptive)
         self._rng = LazyGenerator(seed)
         super().__init__(params_or_base, base_class, rule=SAMPerturbation(), policy=Never(), rho=0.0, **kwargs)
         self._wrapper_defaults["a"] = a
@@ -107,6 +107,7 @@ class SmoothOut(GeneratorCheckpoint, SharpnessAwareOptimizer):
                 f"{type(self).__name__}.step() requires a closure that clears the gradients, runs forward and "
                 "backward and returns the loss"
             )
+        closure = self._watch_losses(closure)
         noisy = []  # (params, backup, a) per group with a > 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.requires_grad]
@@ -155,6 +156,7 @@ class SmoothOut(GeneratorCheckpoint, SharpnessAwareOptimizer):
             if self._found_inf.item() > 0:
                 self._skip()
                 return loss
+        self._check_losses()
         if self.max_grad_norm is not None:
             params_with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params_with_grad, self.max_grad_norm)

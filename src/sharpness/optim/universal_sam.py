@@ -216,6 +216,7 @@ class UniversalSAM(SharpnessAwareOptimizer):
         if closure is None or not callable(closure):
             raise TypeError(f"{type(self).__name__}.step() requires a closure that clears the gradients, runs "
                             "forward and backward and returns the loss")
+        closure = self._watch_losses(closure)
         with torch.enable_grad():
             loss = closure()
         self.grad_evals += 1
@@ -237,6 +238,7 @@ class UniversalSAM(SharpnessAwareOptimizer):
             if not self._sharpness_gradient(closure, loss, params):
                 return loss  # inf/NaN in a perturbed pass (GradScaler): step skipped, weights restored
             self.sam_steps += 1
+        self._check_losses()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for view in self._views() for p in view.params], self.max_grad_norm)
         self.base_optimizer.step()

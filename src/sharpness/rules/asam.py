@@ -6,7 +6,7 @@ import torch
 
 from .. import _foreach
 from .._foreach import group_by_device_dtype, squared_norm
-from .._validation import check_non_negative
+from .._validation import check_bool, check_non_negative
 from .base import ParamGroupView, PerturbationRule
 
 __all__ = ["ASAMPerturbation"]
@@ -30,7 +30,7 @@ class ASAMPerturbation(PerturbationRule):
 
     def __init__(self, *, eta: float = 0.01, adaptive_1d: bool = True, eps: float = 1e-12) -> None:
         self.eta = check_non_negative("eta", eta)
-        self.adaptive_1d = bool(adaptive_1d)
+        self.adaptive_1d = check_bool("adaptive_1d", adaptive_1d)
         self.eps = check_non_negative("eps", eps)
 
     def _scales_(self, scales: list[torch.Tensor]) -> None:

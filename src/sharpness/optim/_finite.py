@@ -1,0 +1,71 @@
+"""The non-finite-loss guard shared by every optimizer's ``step(closure)``.
+
+A NaN or inf loss in any pass of a step (the perturbed pass included, whose loss ``step`` does not return)
+would otherwise flow through the gradients into the weights and the base optimizer's state. The losses the
+closure returns during a step are kept on their device (no host read while the step runs) and checked once,
+right before the base optimizer's update, when every method has already put the weights back at ``w``: a bad
+step raises ``FloatingPointError`` with the weights and the base optimizer's state unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..distributed import is_distributed
+
+__all__: list[str] = []
+
+
+class FiniteLossCheck:
+    """Mixin: ``_watch_losses(closure)`` at the start of ``step``, ``_check_losses()`` before the base update.
+
+    The instance sets ``check_finite`` (bool) and, under DDP, ``_ddp`` (the wrapped model or None): with a
+    DDP model the verdict is reduced over the ranks, so every rank raises together (no rank waits alone in
+    the next collective). Costs one host read of a few scalars per step; ``check_finite=False`` removes it.
+    """
+
+    check_finite: bool
+    _ddp: Any = None
+    _step_losses: list[Tensor] | None = None
+
+    def _watch_losses(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """``closure``, recording the loss of each call (detached; floats as tensors) for :meth:`_check_losses`."""
+        self._step_losses = losses = []
+        if not self.check_finite:
+            return closure
+
+        def watched() -> Any:
+            out = closure()
+            if isinstance(out, Tensor):
+                losses.append(out.detach().float().sum())  # a per-sample loss vector is finite iff its sum is
+            elif isinstance(out, (int, float)):
+                losses.append(torch.tensor(float(out)))
+            return out
+
+        return watched
+
+    def _check_losses(self) -> None:
+        """Raise ``FloatingPointError`` if a loss recorded in this step is NaN or inf (one host read)."""
+        losses, self._step_losses = self._step_losses, None
+        scaler = getattr(self, "grad_scaler", None)
+        if not losses or (scaler is not None and scaler.is_enabled()):  # the scaler skips such steps itself
+            return
+        device = losses[0].device
+        finite = torch.isfinite(torch.stack([loss.to(device) for loss in losses])).to(torch.float32)
+        if self._ddp is not None and is_distributed():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # a bad pass on any rank stops every rank
+        if bool(finite.all()):  # the one host read
+            return
+        bad = finite.tolist().index(0.0)
+        values = ", ".join(f"{loss.item():.4g}" for loss in losses)
+        raise FloatingPointError(
+            f"{type(self).__name__}: non-finite loss in pass {bad + 1} of this step (losses {values}"
+            f"{', or on another rank' if self._ddp is not None and is_distributed() else ''}); the update was "
+            "not applied and the weights are unchanged. Lower the learning rate or rho, or pass "
+            "check_finite=False to let the base optimizer see the non-finite gradients"
+        )

@@ -1,0 +1,125 @@
+"""A failed pass never leaves a mark: a non-finite loss in any pass raises before the update, and an exception in
+a later pass (e.g. out of memory) leaves the weights at ``w`` and the optimizer ready for the next step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sharpness
+from helpers import create_for_test, registered_names
+
+
+def _setup(name: str, **options):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(3, (16,), generator=g)
+    opt = create_for_test(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **options)
+    return model, x, y, opt
+
+
+def _closure(opt, model, x, y, calls, fault=None):
+    """The standard closure; on call number ``fault[0]`` it applies ``fault[1]`` (NaN loss or an exception)."""
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if fault is not None and calls[0] == fault[0]:
+            if fault[1] == "nan":
+                loss = loss * float("nan")
+            else:
+                calls[0] += 1
+                raise RuntimeError("out of memory (simulated)")
+        calls[0] += 1
+        loss.backward(create_graph=bool(getattr(opt, "needs_graph", False)))
+        return loss
+    return closure
+
+
+def _snapshot(model, opt):
+    weights = [p.detach().clone() for p in model.parameters()]
+    base = opt.base_optimizer if hasattr(opt, "base_optimizer") else opt.optimizer
+    momentum = [s["momentum_buffer"].clone() for s in base.state.values() if s.get("momentum_buffer") is not None]
+    return weights, momentum
+
+
+def _passes_in_step(name: str, step: int) -> int:
+    """Closure calls in step number ``step`` (0-based) of a clean run (LookSAM, SS-SAM, SALR vary by step)."""
+    model, x, y, opt = _setup(name)
+    for _ in range(step):
+        opt.step(_closure(opt, model, x, y, [0]))
+    calls = [0]
+    opt.step(_closure(opt, model, x, y, calls))
+    return calls[0]
+
+
+@pytest.mark.parametrize("step", [0, 1])
+@pytest.mark.parametrize("name", registered_names())
+def test_a_non_finite_loss_in_any_pass_raises_and_changes_nothing(name, step):
+    """Every pass of the first and the second step (LookSAM: a SAM step, then a reuse step)."""
+    passes = _passes_in_step(name, step)
+    for bad_pass in range(passes):
+        model, x, y, opt = _setup(name)
+        for _ in range(step):  # after one good step the momentum buffers exist
+            opt.step(_closure(opt, model, x, y, [0]))
+        before = _snapshot(model, opt)
+        steps = opt.steps
+        calls = [0]
+        with pytest.raises(FloatingPointError, match=rf"non-finite loss in pass {bad_pass + 1} of this step"):
+            opt.step(_closure(opt, model, x, y, calls, fault=(bad_pass, "nan")))
+        after = _snapshot(model, opt)
+        assert all(torch.equal(a, b) for a, b in zip(before[0], after[0])), f"{name}: weights changed"
+        assert all(torch.equal(a, b) for a, b in zip(before[1], after[1])), f"{name}: momentum changed"
+        assert opt.steps == steps
+        opt.step(_closure(opt, model, x, y, [0]))  # and it goes on
+        assert opt.steps == steps + 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["sam", "looksam", "gnr", "entropysgd"])
+def test_check_finite_false_lets_the_base_optimizer_see_it(name):
+    """The guard is what keeps the weights finite: without it the perturbed pass's NaN reaches them."""
+    model, x, y, opt = _setup(name, check_finite=False)
+    opt.step(_closure(opt, model, x, y, [0], fault=(1, "nan")))
+    assert not all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", registered_names())
+def test_an_exception_in_a_later_pass_restores_w_and_the_next_step_is_unaffected(name):
+    """Pass 2 raises: the weights are w bit for bit, and the retried step equals an uninterrupted one."""
+    if _passes_in_step(name, 0) < 2:
+        pytest.skip(f"{name}: one pass per step with default options")
+    model, x, y, opt = _setup(name)
+    ref_model, _, _, ref_opt = _setup(name)
+    before = _snapshot(model, opt)[0]
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step(_closure(opt, model, x, y, [0], fault=(1, "raise")))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), f"{name}: weights displaced"
+    opt.step(_closure(opt, model, x, y, [0]))
+    ref_opt.step(_closure(ref_opt, ref_model, x, y, [0]))
+    if name in ("sssam", "esam", "smoothout", "tracesam", "frobsam", "detsam", "entropysgd"):
+        return  # their random streams advanced in the failed step: the retry draws other numbers
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_abort_step_in_the_two_phase_api():
+    model, x, y, opt = _setup("sam")
+    w = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    assert opt.first_step(zero_grad=True)
+    assert not all(torch.equal(a, b) for a, b in zip(w, model.parameters()))  # at w + e
+    opt.abort_step()
+    assert all(torch.equal(a, b) for a, b in zip(w, model.parameters()))
+    opt.abort_step()  # a no-op between steps
+    F.cross_entropy(model(x), y).backward()
+    assert opt.first_step(zero_grad=True)  # not "called twice"
+
+
+@pytest.mark.parametrize("cls, option", [(sharpness.SAM, "check_finite"), (sharpness.SAM, "sync_perturbation"),
+                                         (sharpness.SmoothOut, "adaptive"), (sharpness.ASAM, "adaptive_1d")])
+@pytest.mark.parametrize("value", ["False", None, float("nan"), 1])
+def test_flags_must_be_bools(cls, option, value):
+    params = torch.nn.Linear(2, 2).parameters()
+    with pytest.raises(TypeError, match=rf"Invalid {option} type: \w+ \(expected bool\)"):
+        cls(torch.optim.SGD(params, lr=0.1), **{option: value})
