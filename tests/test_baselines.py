@@ -348,6 +348,21 @@ def test_ssamf_update_mask_errors():
     assert torch.equal(bn[1].running_mean, stats) and bn.training and eval_mode.mask_updates == 1
 
 
+@pytest.mark.parametrize("fisher", ["per_sample", "sketch"])
+def test_ssamf_parameter_unfrozen_during_a_collection(fisher):
+    """Progressive unfreezing while the Fisher sum is collected over several batches: the new parameter's sum
+    starts at zero and the mask is built over every trainable weight."""
+    model = mlp(0)
+    x, y = classification_data(0, n=64)
+    model[0].weight.requires_grad_(False)
+    opt = sharpness.SSAMF(torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, num_samples=48, update_freq=1,
+                          fisher=fisher)
+    step_with(opt, model, x[:32], y[:32])  # 32 of 48 examples collected
+    model[0].weight.requires_grad_(True)
+    step_with(opt, model, x[32:], y[32:])  # completes the sum, with the unfrozen weight
+    assert opt.mask_updates == 1 and opt.state[model[0].weight]["perturbation_mask"].shape == (8, 4)
+
+
 def test_ssamf_bad_fisher_options():
     params = mlp(0).parameters()
     with pytest.raises(ValueError, match="fisher"):

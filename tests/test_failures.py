@@ -123,3 +123,19 @@ def test_flags_must_be_bools(cls, option, value):
     params = torch.nn.Linear(2, 2).parameters()
     with pytest.raises(TypeError, match=rf"Invalid {option} type: \w+ \(expected bool\)"):
         cls(torch.optim.SGD(params, lr=0.1), **{option: value})
+
+
+@pytest.mark.parametrize("source, target", [("sam", "aesam"), ("aesam", "aelooksam"), ("esam", "sam"),
+                                            ("sam", "asam"), ("salr", "sam"), ("entropysgd", "sam"),
+                                            ("sam", "entropysgd"), ("sam", "salr"), ("tracesam", "frobsam")])
+def test_loading_another_optimizers_state_is_refused_before_anything_changes(source, target):
+    model, x, y, src = _setup(source)
+    for _ in range(2):
+        src.step(_closure(src, model, x, y, [0]))
+    saved = src.state_dict()
+    _, _, _, dst = _setup(target)
+    base = dst.base_optimizer if hasattr(dst, "base_optimizer") else dst.optimizer
+    lr = base.param_groups[0]["lr"]
+    with pytest.raises(ValueError, match="saved by|not saved by|no SALR entry"):
+        dst.load_state_dict(saved)
+    assert dst.steps == 0 and not base.state and base.param_groups[0]["lr"] == lr  # untouched

@@ -425,3 +425,16 @@ def _bad_inputs():
 def test_bad_inputs(error, match, call):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("spectrum", ["eigenvalues", "density"])
+def test_a_non_finite_hessian_vector_product_is_a_clear_error(spectrum):
+    """A NaN in the data used to surface as eigh's 'ill-conditioned input'."""
+    from helpers import classification_data, mlp
+    from sharpness.measures import hessian_density, hessian_eigenvalues
+
+    x, y = classification_data(0, n=8)
+    x[3, 1] = float("nan")
+    fn = hessian_eigenvalues if spectrum == "eigenvalues" else hessian_density
+    with pytest.raises(ValueError, match="Hessian-vector product is not finite"):
+        fn(mlp(0), torch.nn.functional.cross_entropy, (x, y))

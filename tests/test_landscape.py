@@ -186,6 +186,13 @@ def test_plots_of_several_curves(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- local extrema
+def test_local_extrema_refuses_a_non_finite_landscape():
+    """NaN compares False both ways, so a NaN curve would count as having no extrema: refused instead."""
+    model = Toy(lambda t: torch.where(t.sum() > 0.5, torch.tensor(float("nan")), torch.cos(10 * t).sum()))
+    with pytest.raises(ValueError, match="non-finite values along a direction"):
+        count_local_extrema(model, identity_loss, DUMMY, 1.0, directions=2, points=21)
+
+
 def test_local_extrema_of_cos_k_t_along_the_only_direction():
     """L(t) = cos(k t), k = 10, rho = 1: interior extrema at t = m pi / k for m = 1, 2, 3 (3 pi/10 < 1)."""
     k, rho = 10.0, 1.0

@@ -88,8 +88,9 @@ def gradient_variance(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, p
     weights, squares, deviations, full_sq = _gradient_moments(model, loss_fn, data, per_sample, mode,
                                                               chunk_size)
     if len(weights) < 2:
-        raise ValueError("Invalid data: 1 batch (expected at least 2 batches, or per_sample=True, to "
-                         "estimate a variance)")
+        unit = "sample (per_sample=True)" if per_sample else "batch"
+        raise ValueError(f"Invalid data: 1 {unit} (expected at least 2 {'samples' if per_sample else 'batches'}"
+                         f"{'' if per_sample else ', or per_sample=True'} to estimate a variance)")
     value, stderr = _weighted_mean_and_stderr(deviations, weights)
     msq, _ = _weighted_mean_and_stderr(squares, weights)
     return Measurement(name="gradient_variance", value=value, stderr=stderr, samples=len(weights),

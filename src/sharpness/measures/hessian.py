@@ -193,6 +193,9 @@ def _eigh_tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> tuple[
     CPU time, and slower on a shared machine).
     """
     m = len(alphas)
+    if not (np.all(np.isfinite(alphas)) and np.all(np.isfinite(betas[:m - 1]))):
+        raise ValueError("Invalid loss: a Hessian-vector product is not finite (NaN or inf in the data, the "
+                         "weights or the loss); no spectrum to compute")
     t = np.diag(np.asarray(alphas, dtype=np.float64))
     if m > 1:
         off = np.asarray(betas[:m - 1], dtype=np.float64)

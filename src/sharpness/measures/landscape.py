@@ -353,6 +353,9 @@ def count_local_extrema(model: nn.Module, loss_fn: LossFn, data: Batch | Any, rh
             for t in ts:
                 with shifted_parameters(params, d, float(t)):
                     values.append(mean_loss(model, loss_fn, batches))
+            if not all(math.isfinite(v) for v in values):  # a NaN compares False: it would read as "no extremum"
+                raise ValueError(f"Invalid loss: non-finite values along a direction ({values}); the landscape "
+                                 "has no extrema count (check the data for NaN or lower rho)")
             low, high = _count_strict_extrema(values)
             minima.append(low)
             maxima.append(high)

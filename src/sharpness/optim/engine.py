@@ -516,6 +516,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
                 param_state[index] = kept
         state["sharpness"] = {
             "version": 1,
+            "optimizer": type(self).__name__,  # a load into another class is refused before anything changes
             "counters": {
                 "steps": self.steps,
                 "sam_steps": self.sam_steps,
@@ -539,6 +540,16 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             )
         if extra.get("version") != 1:
             raise ValueError(f"Unsupported sharpness state_dict version: {extra.get('version')!r} (expected 1)")
+        name = type(self).__name__
+        saved_by = "SALR" if "salr" in extra else "EntropySGD" if "entropy_sgd" in extra else extra.get("optimizer")
+        if saved_by is not None and saved_by != name:
+            raise ValueError(f"This state_dict was saved by {saved_by}, not {name}; nothing was loaded (build the "
+                             f"same optimizer class to resume, or load the base state with "
+                             f"{name}.base_optimizer.load_state_dict())")
+        missing = [key for key in ("counters", "policy", "param_state") if key not in extra]
+        if missing:
+            raise ValueError(f"Invalid state_dict: its 'sharpness' entry has no {missing} (saved by another "
+                             "optimizer?); nothing was loaded")
         self.base_optimizer.load_state_dict(state_dict)
         for group in self.param_groups:
             for key, value in self._wrapper_defaults.items():

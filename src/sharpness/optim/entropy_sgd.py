@@ -223,6 +223,7 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         state = self.base_optimizer.state_dict()
         state["sharpness"] = {
             "version": 1,
+            "optimizer": "EntropySGD",
             "counters": {"steps": self.steps, "grad_evals": self.grad_evals, "sam_steps": self.sam_steps},
             "entropy_sgd": {"generator": self._rng.state_dict()},
         }

@@ -147,6 +147,9 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
         if self._collected == 0:
             self._start_fisher(params)
         take = min(losses.shape[0], self.num_samples - self._collected)
+        for p in params:  # a parameter that became trainable during the collection starts from zero
+            if _FISHER not in self.state[p]:
+                self.state[p][_FISHER] = torch.zeros_like(p)
         fisher = [self.state[p][_FISHER] for p in params]
 
         def add_squares(grads: tuple[Tensor | None, ...], value: float) -> None:
