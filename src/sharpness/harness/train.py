@@ -232,8 +232,7 @@ class _Run:
 
         self.set_lr()
         if getattr(opt, "mask_due", False):  # SSAM-F fisher="vmap": refresh the mask from this batch first
-            opt.update_mask(self.model, lambda out, target: nn.functional.cross_entropy(
-                out.float(), target, label_smoothing=self.config.label_smoothing), x, y)
+            opt.update_mask(self.model, self.loss_fn, x, y)
         # The closure follows the optimizer's convention (create_graph for exact HVPs, per-sample losses for
         # data selection); a per-sample loss vector is reported as its mean.
         try:

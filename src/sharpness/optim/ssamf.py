@@ -144,13 +144,8 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
     def _accumulate_fisher(self, losses: Tensor) -> None:
         """Add the squared gradients of the first examples of this batch to the running Fisher sum."""
         params = self._fisher_params()
-        if self._collected == 0:
-            self._start_fisher(params)
+        fisher = self._fisher_sums(params, restart=self._collected == 0)
         take = min(losses.shape[0], self.num_samples - self._collected)
-        for p in params:  # a parameter that became trainable during the collection starts from zero
-            if _FISHER not in self.state[p]:
-                self.state[p][_FISHER] = torch.zeros_like(p)
-        fisher = [self.state[p][_FISHER] for p in params]
 
         def add_squares(grads: tuple[Tensor | None, ...], value: float) -> None:
             present = [(f, g) for f, g in zip(fisher, grads, strict=True) if g is not None]
@@ -212,7 +207,7 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
         def head(data: Any, start: int, stop: int) -> Any:
             return type(data)(t[start:stop] for t in data) if isinstance(data, (tuple, list)) else data[start:stop]
 
-        fisher = self._start_fisher(params)
+        fisher = self._fisher_sums(params, restart=True)
         with measurement_mode(model, self.fisher_mode):
             for start in range(0, take, self.fisher_chunk_size):
                 stop = min(start + self.fisher_chunk_size, take)
@@ -225,14 +220,15 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
         self.fisher_samples += take
         self._rebuild_mask()
 
-    def _start_fisher(self, params: list[Tensor]) -> list[Tensor]:
-        """The running Fisher sums, zeroed (buffers kept from the last refresh when the shapes still match)."""
+    def _fisher_sums(self, params: list[Tensor], *, restart: bool) -> list[Tensor]:
+        """The running Fisher sums: zeroed when a collection (re)starts, else kept; a parameter without one (it
+        became trainable during the collection) starts from zero. Buffers are reused while the shapes match."""
         fisher = []
         for p in params:
             buf = self.state[p].get(_FISHER)
             if buf is None or buf.shape != p.shape:
                 buf = self.state[p][_FISHER] = torch.zeros_like(p)
-            else:
+            elif restart:
                 buf.zero_()
             fisher.append(buf)
         return fisher
