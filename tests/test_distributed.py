@@ -6,7 +6,8 @@ One spawn (two ranks) runs every scenario; the tests below check its results:
   its own data, ends with bit-identical parameters and counters on both ranks and no hang;
   (also with ``gradient_as_bucket_view=True``);
 * ``sync_perturbation=True``: two ranks with half a global batch each equal one process on the global batch;
-* a GradScaler overflow on one rank only skips the step on every rank.
+* a GradScaler overflow on one rank only skips the step on every rank;
+* a NaN loss on one rank only raises FloatingPointError on every rank, weights unchanged.
 
 A hang fails the test (hard join timeout, collective timeout) instead of blocking the run.
 """
@@ -139,6 +140,32 @@ def train_scaled_with_one_rank_overflow(name: str, net: nn.Module, rank: int, ba
     return opt, scaler.get_scale()
 
 
+def train_with_one_rank_nan(name: str, net: nn.Module, rank: int, batches) -> dict:
+    """Step 0 normal; in step 1 rank 1's second pass returns NaN. Records the error and the weights."""
+    base = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    opt = create_for_test(name, base, rho=0.1, model=net)
+    out: dict = {"error": None}
+    for t, (x, y) in enumerate(batches):
+        calls = [0]
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(x), y)
+            if rank == 1 and t == 1 and calls[0] == 1:
+                loss = loss * float("nan")
+            calls[0] += 1
+            loss.backward()
+            return loss
+
+        out["before"] = flat_params(net)
+        try:
+            opt.step(closure)
+        except FloatingPointError as error:
+            out["error"] = str(error)
+    out["after"], out["steps"] = flat_params(net), opt.steps
+    return out
+
+
 def ssamf_vmap(params) -> sharpness.SSAMF:
     return sharpness.SSAMF(torch.optim.SGD(params, lr=0.1), sparsity=0.5, fisher="vmap")
 
@@ -205,6 +232,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         (x, y), = split(global_batches(1), rank)
         opt.update_mask(model, nn.functional.cross_entropy, x, y)
         result[("fisher-vmap", "ssamf")] = {"mask": fisher_mask(opt, model)}
+        # (f) a NaN loss in rank 1's perturbed pass only: every rank refuses the update (the verdict is reduced).
+        for name in ("sam", "gnr"):
+            scenario = f"nan/{name}"
+            model = nn.parallel.DistributedDataParallel(make_model())
+            result[("nan", name)] = train_with_one_rank_nan(name, model, rank, local_batches(rank, 2))
         scenario = "barrier"
         dist.barrier()
     except BaseException:  # noqa: BLE001 - reported to the parent process
@@ -331,6 +363,19 @@ def test_overflow_on_one_rank_skips_the_step_on_every_rank(ddp_results, name):
         assert (res["steps"], res["skipped_steps"]) == (3, 1)
         assert res["scale"] == 2.0**9  # one backoff, no growth
     assert r0["sam_steps"] == r1["sam_steps"] and r0["grad_evals"] == r1["grad_evals"]
+
+
+@pytest.mark.parametrize("name", ["sam", "gnr"])
+def test_nan_on_one_rank_stops_every_rank_with_weights_unchanged(ddp_results, name):
+    r0, r1 = (res[("nan", name)] for res in ddp_results)
+    assert r0["error"] is not None, "rank 0 applied the update"
+    if name == "sam":  # GNR's later passes on rank 0 start from the NaN-averaged gradient: its own NaN
+        assert "a pass of this step on another rank" in r0["error"], r0["error"]
+    assert r1["error"] is not None and "pass 2 of this step" in r1["error"], r1["error"]
+    for res in (r0, r1):
+        assert torch.equal(res["after"], res["before"])  # step 1 not applied
+        assert torch.isfinite(res["after"]).all() and res["steps"] == 1
+    assert torch.equal(r0["after"], r1["after"])
 
 
 def test_fisher_vmap_mask_averaged_across_ranks_equals_the_global_batch_mask(ddp_results):

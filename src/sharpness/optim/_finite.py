@@ -9,6 +9,7 @@ step raises ``FloatingPointError`` with the weights and the base optimizer's sta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ class FiniteLossCheck:
 
     The instance sets ``check_finite`` (bool) and, under DDP, ``_ddp`` (the wrapped model or None): with a
     DDP model the verdict is reduced over the ranks, so every rank raises together (no rank waits alone in
-    the next collective). Costs one host read of a few scalars per step; ``check_finite=False`` removes it.
+    the next collective). Costs two small kernels and one host read per step; ``check_finite=False`` removes it.
     """
 
     check_finite: bool
@@ -42,7 +43,7 @@ class FiniteLossCheck:
         def watched() -> Any:
             out = closure()
             if isinstance(out, Tensor):
-                losses.append(out.detach().float().sum())  # a per-sample loss vector is finite iff its sum is
+                losses.append(out.detach())  # a reference: no kernel while the step runs
             elif isinstance(out, (int, float)):
                 losses.append(torch.tensor(float(out)))
             return out
@@ -50,22 +51,31 @@ class FiniteLossCheck:
         return watched
 
     def _check_losses(self) -> None:
-        """Raise ``FloatingPointError`` if a loss recorded in this step is NaN or inf (one host read)."""
+        """Raise ``FloatingPointError`` if a loss recorded in this step is NaN or inf (one host read).
+
+        Every loss recorded is finite iff their sum is (NaN and inf propagate through a sum; it is taken in
+        float64, so finite float32 losses cannot overflow it): two kernels (concatenate, sum) and one read,
+        whatever the number of passes. The per-pass values are only looked at on the error path.
+        """
         losses, self._step_losses = self._step_losses, None
         scaler = getattr(self, "grad_scaler", None)
         if not losses or (scaler is not None and scaler.is_enabled()):  # the scaler skips such steps itself
             return
         device = losses[0].device
-        finite = torch.isfinite(torch.stack([loss.to(device) for loss in losses])).to(torch.float32)
-        if self._ddp is not None and is_distributed():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # a bad pass on any rank stops every rank
-        if bool(finite.all()):  # the one host read
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        total = torch.cat([loss.reshape(-1).to(device) for loss in losses]).sum(dtype=dtype)
+        distributed = self._ddp is not None and is_distributed()
+        if distributed:
+            dist.all_reduce(total)  # a bad pass on any rank stops every rank
+        if math.isfinite(total.item()):  # the one host read
             return
-        bad = finite.tolist().index(0.0)
-        values = ", ".join(f"{loss.item():.4g}" for loss in losses)
+        bad = next((i for i, loss in enumerate(losses) if not bool(torch.isfinite(loss).all())), None)
+        if bad is None and not distributed:
+            return  # finite float64 losses whose sum overflowed
+        values = ", ".join(f"{loss.float().sum().item():.4g}" for loss in losses)
+        where = f"pass {bad + 1} of this step" if bad is not None else "a pass of this step on another rank"
         raise FloatingPointError(
-            f"{type(self).__name__}: non-finite loss in pass {bad + 1} of this step (losses {values}"
-            f"{', or on another rank' if self._ddp is not None and is_distributed() else ''}); the update was "
+            f"{type(self).__name__}: non-finite loss in {where} (losses {values}); the update was "
             "not applied and the weights are unchanged. Lower the learning rate or rho, or pass "
             "check_finite=False to let the base optimizer see the non-finite gradients"
         )
