@@ -139,3 +139,22 @@ def test_loading_another_optimizers_state_is_refused_before_anything_changes(sou
     with pytest.raises(ValueError, match="saved by|not saved by|no SALR entry"):
         dst.load_state_dict(saved)
     assert dst.steps == 0 and not base.state and base.param_groups[0]["lr"] == lr  # untouched
+
+
+@pytest.mark.parametrize("name", ["tracesam", "frobsam", "detsam"])
+def test_a_direction_stream_from_another_device_type_is_refused_before_anything_changes(name):
+    """A CUDA generator's state (16 bytes) does not fit a CPU generator: the load says so and changes nothing
+    (it used to load the counters and base state, then fail inside ``Generator.set_state``)."""
+    model, x, y, src = _setup(name)
+    for _ in range(2):
+        src.step(_closure(src, model, x, y, [0]))
+    saved = src.state_dict()
+    saved["sharpness"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator saves
+    _, _, _, dst = _setup(name)
+    generator_state = dst.generator.get_state()
+    with pytest.raises(ValueError, match="another device type.*nothing was loaded"):
+        dst.load_state_dict(saved)
+    assert dst.steps == 0 and not dst.base_optimizer.state and torch.equal(dst.generator.get_state(), generator_state)
+    good = src.state_dict()
+    dst.load_state_dict(good)  # the same checkpoint with its own generator state loads
+    assert dst.steps == 2 and torch.equal(dst.generator.get_state(), src.generator.get_state())

@@ -1,8 +1,8 @@
 """Grouped ``torch._foreach_*`` helpers: tensors are bucketed by (device, dtype) so each call is one fused op.
 
-The in-place list ops below (``copy_``, ``mul_``, ``add_``, ``addcmul_``, ``abs_``) and the reductions
-(``squared_norm``, ``dot``) have two implementations with one signature, as torch.optim's ``_foreach_*`` and
-``_single_tensor_*`` kernels: the fused ``torch._foreach_*`` path (the default) and a per-tensor loop. Which one
+The in-place list ops below (``copy_``, ``mul_``, ``div_``, ``add_``, ``addcmul_``, ``abs_``) and the
+reductions (``squared_norm``, ``global_norm``, ``dot``) have two implementations with one signature, as
+torch.optim's ``_foreach_*`` and ``_single_tensor_*`` kernels: the fused ``torch._foreach_*`` path (the default) and a per-tensor loop. Which one
 runs is a context setting (:func:`foreach_mode`) that the optimizers set from their ``foreach`` option, so
 both paths run the same algorithm code and their parity is testable.
 """
@@ -105,6 +105,15 @@ def addcmul_(tensors: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor]
                 t.add_(x, alpha=y * v)
 
 
+def div_(tensors: Sequence[Tensor], other: Tensor) -> None:
+    """``t[i] <- t[i] / other`` (``other``: one 0-d tensor on the tensors' device, no host synchronisation)."""
+    if _FOREACH.get():
+        torch._foreach_div_(tensors, other)
+    else:
+        for t in tensors:
+            t.div_(other)
+
+
 def sub_(tensors: Sequence[Tensor], other: Any, *, alpha: float = 1) -> None:
     """``t[i] <- t[i] - alpha * other[i]``."""
     add_(tensors, other, alpha=-alpha)
@@ -153,15 +162,9 @@ def group_by_device_dtype(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Te
     return list(buckets.values())
 
 
-def squared_norm(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
-    """Sum of squared L2 norms of ``tensors`` as a float32/float64 0-d tensor (no host sync).
-
-    The result lives on ``device`` (default: the first tensor's device). An empty list gives 0.
-    """
-    if not tensors:
-        return torch.zeros((), device=device or "cpu")
-    device = device or tensors[0].device
-    parts = []
+def _norm_stacks(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """Per (device, dtype) bucket: the 1-d tensor of the bucket's L2 norms, on ``device``, in float32 or wider."""
+    stacks = []
     for (bucket,) in group_by_device_dtype(tensors):
         # Norms of bf16/fp16 tensors are computed in float32: a low-precision result loses ~3 digits.
         acc = torch.promote_types(bucket[0].dtype, torch.float32)
@@ -174,11 +177,36 @@ def squared_norm(tensors: Sequence[Tensor], device: torch.device | None = None) 
                 norms = torch._foreach_norm(bucket, 2, dtype=acc)
             except TypeError:  # torch without the dtype argument
                 norms = [t.to(acc).norm() for t in bucket]
-        parts.append(torch.stack(norms).to(device=device, dtype=acc).square().sum())
+        stacks.append(torch.stack(norms).to(device=device, dtype=acc))
+    return stacks
+
+
+def _sum_parts(parts: list[Tensor]) -> Tensor:
     total = parts[0]
     for part in parts[1:]:
         total = total + part.to(total.dtype)
     return total
+
+
+def squared_norm(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """Sum of squared L2 norms of ``tensors`` as a float32/float64 0-d tensor (no host sync).
+
+    The result lives on ``device`` (default: the first tensor's device). An empty list gives 0.
+    """
+    if not tensors:
+        return torch.zeros((), device=device or "cpu")
+    return _sum_parts([stack.square().sum() for stack in _norm_stacks(tensors, device or tensors[0].device)])
+
+
+def global_norm(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """The L2 norm of all ``tensors`` together, ``sqrt(squared_norm(tensors))``, in one kernel fewer per bucket
+    (three kernels in all for one (device, dtype): the per-tensor norms, their stack, the norm of the stack)."""
+    if not tensors:
+        return torch.zeros((), device=device or "cpu")
+    stacks = _norm_stacks(tensors, device or tensors[0].device)
+    if len(stacks) == 1:
+        return torch.linalg.vector_norm(stacks[0])
+    return _sum_parts([stack.square().sum() for stack in stacks]).sqrt()
 
 
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
@@ -195,7 +223,4 @@ def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device | None 
             products = [torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
                         for x, y in zip(bucket_x, bucket_y, strict=True)]
         parts.append(torch.stack(products).sum().to(device))
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part.to(total.dtype)
-    return total
+    return _sum_parts(parts)

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS epochs (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_OPEN_TIMEOUT_S = 60.0  # how long opening waits for other processes creating or writing the store
 _SCHEMA_VERSION = "1"
 
 
@@ -72,21 +73,42 @@ class Store:
             parent = Path(self.path).parent
             if not parent.exists():
                 raise FileNotFoundError(f"Store directory does not exist: {parent}")
-        try:
-            self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-            self._conn.execute("PRAGMA journal_mode=WAL" if self.path != ":memory:" else "PRAGMA journal_mode=MEMORY")
-            self._conn.execute("PRAGMA foreign_keys=ON")
-            with self._transaction():
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    self._conn.execute(statement)
-                row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                if row is None:
-                    self._conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (_SCHEMA_VERSION,))
-                elif row[0] != _SCHEMA_VERSION:
-                    raise ValueError(f"Unsupported store schema version {row[0]!r} in {self.path} "
-                                     f"(expected {_SCHEMA_VERSION})")
-        except sqlite3.DatabaseError as exc:
-            raise ValueError(f"Not a sharpness results store (or a corrupted one): {self.path}: {exc}") from exc
+        deadline = time.monotonic() + _OPEN_TIMEOUT_S
+        delay = 0.01
+        while True:
+            try:
+                self._open()
+                return
+            except sqlite3.OperationalError as exc:
+                # Processes opening a new store together (torchrun ranks, sweep workers) race for the switch to
+                # WAL, for which SQLite reports "database is locked" at once instead of waiting: retry.
+                self._close_quietly()
+                if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise ValueError(f"Cannot open the results store {self.path}: {exc}") from exc
+                time.sleep(delay)
+                delay = min(2 * delay, 0.5)
+            except sqlite3.DatabaseError as exc:
+                self._close_quietly()
+                raise ValueError(f"Not a sharpness results store (or a corrupted one): {self.path}: {exc}") from exc
+
+    def _close_quietly(self) -> None:
+        conn, self._conn = getattr(self, "_conn", None), None
+        if conn is not None:
+            conn.close()
+
+    def _open(self) -> None:
+        self._conn = sqlite3.connect(self.path, timeout=_OPEN_TIMEOUT_S, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL" if self.path != ":memory:" else "PRAGMA journal_mode=MEMORY")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        with self._transaction():
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._conn.execute(statement)
+            row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                self._conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (_SCHEMA_VERSION,))
+            elif row[0] != _SCHEMA_VERSION:
+                raise ValueError(f"Unsupported store schema version {row[0]!r} in {self.path} "
+                                 f"(expected {_SCHEMA_VERSION})")
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

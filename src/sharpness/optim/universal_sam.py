@@ -349,10 +349,22 @@ class UniversalSAM(SharpnessAwareOptimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        super().load_state_dict(state_dict)
-        saved = state_dict["sharpness"].get("generator")
+        """Also resumes the direction stream; a generator state saved on another device type (a CUDA
+        checkpoint loaded into a CPU optimizer, say) is refused before anything is loaded."""
+        saved = state_dict.get("sharpness", {}).get("generator")
         if saved is not None:
-            self.generator.set_state(saved.detach().to("cpu", torch.uint8))
+            saved = saved.detach().to("cpu", torch.uint8)
+            probe = torch.Generator(device=self.generator.device)
+            try:
+                probe.set_state(saved)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"Cannot resume the direction stream on {self.generator.device}: the checkpoint's generator "
+                    f"state was saved on another device type ({error}); nothing was loaded"
+                ) from error
+        super().load_state_dict(state_dict)
+        if saved is not None:
+            self.generator.set_state(saved)
 
     def __repr__(self) -> str:
         parts = [f"measure={self.measure.name!r}", f"rho={self.rho}", f"lam={self.lam}",

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import _foreach
-from .._foreach import group_by_device_dtype, squared_norm
+from .._foreach import global_norm, group_by_device_dtype
 from .._validation import check_choice, check_non_negative, check_positive
 from .base import ParamGroupView, PerturbationRule
 from .sam import SAMPerturbation
@@ -55,8 +55,9 @@ class MaskedSAMPerturbation(PerturbationRule):
         grads = [g for view in views for g in view.grads]
         if not grads:
             return
-        if self.norm == "full" and grad_sq_norm is None:
-            grad_sq_norm = squared_norm(grads)  # ||g||^2 before masking
+        norm = None
+        if self.norm == "full":  # ||g|| before masking
+            norm = global_norm(grads) if grad_sq_norm is None else grad_sq_norm.sqrt()
         params = [p for view in views for p in view.params]
         has_origin = all(view.origin is not None for view in views)
         masks = self.masks(params, params if has_origin else None) if self.masks is not None else None
@@ -69,13 +70,13 @@ class MaskedSAMPerturbation(PerturbationRule):
                 origin = [t for view in views for t in view.origin]
                 for dst, src in group_by_device_dtype(params, origin):
                     _foreach.copy_(dst, src)  # the mask was drawn into the parameters: back to w
-        if self.norm == "masked":
-            grad_sq_norm = None  # SAM's rule takes ||m ⊙ g|| from the masked gradients
+        if norm is None:  # norm="masked": ||m ⊙ g|| from the masked gradients
+            norm = global_norm(grads)
         if self.scale != 1.0:
             views = [dataclasses.replace(view, group={**view.group, "rho": view.group["rho"] * self.scale})
                      for view in views]
         # SAM's own step on the masked gradients: with all-ones masks and scale 1 it is SAM, bit for bit.
-        self._sam.perturb_(views, grad_sq_norm=grad_sq_norm)
+        self._sam.climb_(views, norm)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, norm={self.norm!r}, eps={self.eps}"
