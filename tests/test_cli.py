@@ -166,3 +166,20 @@ def test_train_download_flag_fetches_a_missing_data_set(tmp_path, monkeypatch):
     assert fetched.exit_code == 0, fetched.output
     assert (tmp_path / "tinyshakespeare.txt").read_text() == text
     assert int(SUMMARY.search(fetched.output)["evals"]) == 4
+
+
+def test_device_option(tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setenv("COLUMNS", "240")  # the error box would cut the message
+    bad = runner.invoke(app, ["train", *TINY, "--device", "cuda"])
+    assert bad.exit_code == 2 and "CUDA is not available on this machine" in " ".join(bad.output.split())
+    db = tmp_path / "r.sqlite"
+    ok = runner.invoke(app, ["train", *TINY, "--device", "cpu", "--db", str(db)])
+    assert ok.exit_code == 0, ok.output
+    with Store(db) as store:
+        (run,) = store.runs()
+    assert run.environment["device"] == "cpu" and run.summary["device"] == "cpu"
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('db = "s.sqlite"\n[base]\ndataset = "digits"\n')
+    bad_sweep = runner.invoke(app, ["sweep", str(sweep), "--device", "cuda:0"])
+    assert bad_sweep.exit_code == 2 and "CUDA is not available" in " ".join(bad_sweep.output.split())

@@ -499,7 +499,7 @@ def test_autocast_with_a_grad_scaler_through_sam(device, poison_call):
     model, opt, scaler, closure, calls = _amp_setup(device, scaler=True, autocast=True)
     losses = []
     for _ in range(20):
-        losses.append(float(opt.step(closure())))
+        losses.append(float(opt.step(closure()).detach()))
         scaler.update()
     assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.9 * losses[0], losses
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
@@ -518,3 +518,36 @@ def test_autocast_with_a_grad_scaler_through_sam(device, poison_call):
     opt.step(closure())  # and it goes on
     scaler.update()
     assert opt.steps == counters[0] + 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- 6. the harness
+def _harness_config(**overrides):
+    from sharpness.harness import TrainConfig
+
+    options = dict(dataset="digits", model="mlp", model_options={"depth": 3}, optimizer="sam", lr=0.1,
+                   batch_size=64, epochs=2, seed=0)
+    return TrainConfig(**{**options, **overrides})
+
+
+def test_harness_trains_on_the_device_like_on_cpu(device, tmp_path):
+    """``train(device=...)``: the same run on the device and on CPU (float32; matmuls without TF32 by torch's
+    default) gives the same records at rounding level; a device checkpoint resumes on CPU."""
+    from sharpness.data import load_dataset
+    from sharpness.harness import train
+
+    data = load_dataset("digits", seed=0)
+    config = _harness_config()
+    on_device = train(config, data=data, log=None, device=device)
+    on_cpu = train(config, data=data, log=None, device="cpu")
+    assert on_device.summary["device"] == device.type
+    assert next(on_device.model.parameters()).device.type == device.type
+    for a, b in zip(on_device.epochs, on_cpu.epochs, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+        assert abs(a["test_acc"] - b["test_acc"]) <= 2 / len(data.test)  # an argmax tie may flip
+        assert (a["steps"], a["sam_steps"], a["grad_evals"]) == (b["steps"], b["sam_steps"], b["grad_evals"])
+    path = tmp_path / "run.pt"
+    train(config, data=data, log=None, device=device, checkpoint=path, stop_after_epochs=1)
+    resumed = train(config, data=data, log=None, device="cpu", checkpoint=path)
+    assert resumed.epochs[-1]["test_loss"] == pytest.approx(on_cpu.epochs[-1]["test_loss"], rel=1e-4)
+    assert resumed.summary["device"] == "cpu"

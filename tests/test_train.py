@@ -227,3 +227,35 @@ def test_world_size_is_part_of_the_run_only_when_distributed(digits):
         train(_config(epochs=None, budget_steps=2, world_size=2), data=digits, log=None)
     with pytest.raises(ValueError, match="Invalid world_size value: 0"):
         _config(world_size=0)
+
+
+def test_device_resolution_and_refusals(monkeypatch):
+    from sharpness.harness import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"Invalid device value: 'cuda' \(CUDA is not available on this machine"):
+        resolve_device("cuda")
+    for bad in ("tpu0", "gpu", 3.5):
+        with pytest.raises(ValueError, match="Invalid device value"):
+            resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1)  # under torchrun: this process's GPU
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+
+
+def test_the_run_records_its_device_but_keeps_its_id(digits):
+    config = _config(epochs=None, budget_steps=3)
+    auto = train(config, data=digits, log=None)
+    cpu = train(config, data=digits, log=None, device="cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert auto.summary["device"] == expected and cpu.summary["device"] == "cpu"
+    assert "device" not in config.to_dict()
+    if expected == "cpu":
+        assert _strip_times(auto.epochs) == _strip_times(cpu.epochs)
+    assert sharpness.harness.environment("cpu")["device"] == "cpu"

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .harness import Store, TrainConfig, environment, run_key, train
-from .harness.train import distributed_context
+from .harness.train import distributed_context, resolve_device
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sharpness-aware training and measurement.")
 
@@ -104,11 +104,17 @@ def train_command(
         help="directory for per-run checkpoints; an interrupted run resumes from it")] = None,
     download: Annotated[bool, typer.Option(
         "--download", help="fetch the data set if it is not on disk ($SHARPNESS_DATA or ~/.cache/sharpness/data)")] = False,
+    device: Annotated[str, typer.Option(
+        help="auto (CUDA when available), cpu, cuda, cuda:N or mps; under torchrun cuda is each rank's GPU")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the final summary line")] = False,
 ) -> None:
     """Train one run and print its test accuracy, %SAM and gradient evaluations."""
     if epochs is None and budget_steps is None and budget_grad_evals is None:
         epochs = 30
+    try:
+        resolved = resolve_device(device)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from exc
     try:
         config = TrainConfig(
             dataset=dataset, model=model, optimizer=optimizer, base=base, lr=lr, momentum=momentum,
@@ -118,7 +124,7 @@ def train_command(
             label_smoothing=label_smoothing, max_grad_norm=max_grad_norm, bf16=bf16, label_noise=label_noise,
             subset=subset, subset_strategy=subset_strategy, validation=validation, seed=seed, measures=tuple(measure or ()),
             measure_every=measure_every, swa_start=swa_start, swa_lr=swa_lr, swa_lr_min=swa_lr_min,
-            swa_cycle=swa_cycle, world_size=distributed_context()[1])
+            swa_cycle=swa_cycle, world_size=distributed_context(resolved)[1])
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     key = run_key(config.to_dict())
@@ -131,7 +137,8 @@ def train_command(
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = checkpoint_dir / f"{key}.pt"
     try:
-        result = train(config, checkpoint=checkpoint, log=None if quiet else typer.echo, download=download)
+        result = train(config, checkpoint=checkpoint, log=None if quiet else typer.echo, download=download,
+                       device=resolved)
     except (TypeError, ValueError, FileNotFoundError, FloatingPointError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
@@ -142,7 +149,7 @@ def train_command(
                f"%SAM {100 * s['sam_fraction']:.1f}  gradient evaluations {s['grad_evals']}  steps {s['steps']}  "
                f"wall time {s['wall_time']:.1f}s  run {key}")
     if store is not None:  # under torchrun only rank 0 gets here and writes the run
-        store.write_run(config.to_dict(), s, result.epochs, environment())
+        store.write_run(config.to_dict(), s, result.epochs, environment(resolved))
         store.close()
 
 
@@ -195,6 +202,7 @@ def sweep_command(
                                              help="record a failing run and continue")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the planned runs and exit")] = False,
     download: Annotated[bool, typer.Option("--download", help="fetch data sets that are not on disk")] = False,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N or mps")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or per-run lines")] = False,
 ) -> None:
     """Run every configuration of a sweep that is not yet in the store (rerun after a kill to finish it)."""
@@ -211,8 +219,12 @@ def sweep_command(
                        f"seed {run_config.seed}")
         typer.echo(f"{len(plan)} runs planned into {plan.db}")
         return
+    try:
+        resolved = resolve_device(device)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from exc
     result = run_sweep(plan, log=None if quiet else typer.echo, progress=not quiet, keep_going=keep_going,
-                       download=download)
+                       download=download, device=resolved)
     typer.echo(f"{result.total} runs: {result.done_before} already done, {result.trained} trained, "
                f"{len(result.failed)} failed; store {plan.db}")
     for key, error in result.failed:

