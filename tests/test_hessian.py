@@ -438,3 +438,17 @@ def test_a_non_finite_hessian_vector_product_is_a_clear_error(spectrum):
     fn = hessian_eigenvalues if spectrum == "eigenvalues" else hessian_density
     with pytest.raises(ValueError, match="Hessian-vector product is not finite"):
         fn(mlp(0), torch.nn.functional.cross_entropy, (x, y))
+
+
+def test_flat_rademacher_probes_are_the_per_parameter_draws():
+    """Hutchinson draws a whole Rademacher probe at once (one host-to-device copy); the numbers must be those of
+    per-parameter draws from the same generator (the documented probes, the same on every device)."""
+    from sharpness.measures._common import random_vector
+    from sharpness.measures.hessian import _flat_operator
+
+    model, x, y = _mlp()
+    with _flat_operator(model, nn.functional.cross_entropy, (x, y), "eval", "double_backward") as op:
+        flat = op.random(torch.Generator().manual_seed(5), "rademacher")
+        per_parameter = op.flatten(random_vector(op.params, torch.Generator().manual_seed(5), "rademacher"))
+    assert flat.dtype == per_parameter.dtype == torch.float64 and flat.shape == (93,)
+    assert torch.equal(flat, per_parameter) and set(flat.unique().tolist()) == {-1.0, 1.0}

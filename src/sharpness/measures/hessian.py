@@ -108,6 +108,11 @@ class _FlatOperator:
         return self.flatten(self.operator.matvec(self.unflatten(flat)))
 
     def random(self, generator: torch.Generator, kind: str) -> Tensor:
+        if kind == "rademacher":
+            # One host draw of every entry (the numbers per-parameter draws give, in order) and one copy of a
+            # byte per entry to the device: no per-parameter copies, each of which waits for the device.
+            signs = torch.randint(0, 2, (sum(self.sizes),), generator=generator, dtype=torch.int8).mul_(2).sub_(1)
+            return signs.to(self.device).to(self.dtype)
         return self.flatten(random_vector(self.params, generator, kind))
 
     @property
