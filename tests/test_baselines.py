@@ -493,6 +493,7 @@ BAD_ARGUMENTS = [
     (sharpness.GSAM, {"rho_min": 0.01, "lr_max": 0.0}, ValueError, ["lr_max", "0.0", "> 0"]),
     (sharpness.GSAM, {"rho_min": 0.01, "lr_max": 0.1, "lr_min": 0.2}, ValueError, ["lr_max", "lr_max > lr_min"]),
     (sharpness.GSAM, {"lr_max": 0.1}, ValueError, ["lr_max", "rho_min"]),
+    (sharpness.GSAM, {"lr_min": 0.001}, ValueError, ["GSAM got lr_min without rho_min"]),
     (sharpness.ESAM, {"beta": 0.0}, ValueError, ["beta", "0.0", "0 < beta <= 1"]),
     (sharpness.ESAM, {"beta": 1.5}, ValueError, ["beta", "1.5", "0 < beta <= 1"]),
     (sharpness.ESAM, {"gamma": 0.0}, ValueError, ["gamma", "0.0", "0 < gamma <= 1"]),

@@ -133,9 +133,38 @@ def test_salr_wraps_entropy_sgd():
     ({"alpha": 1.5}, "alpha"),
     ({"alpha": 0.0}, "alpha"),
     ({"seed": -1}, "seed"),
+    ({"gamma_max": 0.0}, "gamma_max"),
+    ({"gamma": 0.1, "gamma_max": 0.05}, r"gamma_max value: 0.05 \(expected gamma_max >= gamma = 0.1\)"),
 ])
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sharpness.EntropySGD(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), **kwargs)
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         sharpness.EntropySGD([nn.Parameter(torch.zeros(2))])
+
+
+def test_gamma_max_caps_the_scope_and_the_steps_follow_it():
+    """With gamma_max the scope is min(gamma * growth**t, gamma_max), and the step is Algorithm 1's at that
+    capped gamma; without it the paper's schedule overflows with a clear error instead of a bare OverflowError."""
+    settings = {"L": 3, "eta": 0.1, "eps": 1e-2, "gamma0": 0.03, "growth": 1.5, "alpha": 0.25, "scale": True}
+    x = torch.tensor([1.0, -1.5], dtype=torch.float64)
+    param = nn.Parameter(x.clone())
+    opt = sharpness.EntropySGD(torch.optim.SGD([param], lr=0.5), langevin_steps=3, sgld_lr=0.1, noise=1e-2,
+                               gamma=0.03, gamma_growth=1.5, gamma_max=0.05, alpha=0.25, scale_by_gamma=True, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    scopes = []
+    for t in range(4):
+        scopes.append(opt.scope)
+        opt.step(closure_for(opt, param))
+        capped = {**settings, "gamma0": min(0.03 * 1.5 ** t, 0.05), "growth": 1.0}
+        x = x - 0.5 * by_hand_direction(x, t, gen=gen, **capped)
+        torch.testing.assert_close(param.detach(), x, rtol=0, atol=1e-13)
+    assert scopes == [0.03, 0.045, 0.05, 0.05]
+    opt.steps = 10**9  # a very long run: still the cap, no overflow
+    assert opt.scope == 0.05 and "gamma_max=0.05" in repr(opt)
+    uncapped = sharpness.EntropySGD(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1))
+    uncapped.steps = 6000
+    assert uncapped.scope == pytest.approx(0.03 * 1.001 ** 6000)
+    uncapped.steps = 720_000  # 0.03 * 1.001**t passes 1e300 near t = 694k
+    with pytest.raises(FloatingPointError, match="overflows; pass gamma_max"):
+        uncapped.scope

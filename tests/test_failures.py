@@ -158,3 +158,19 @@ def test_a_direction_stream_from_another_device_type_is_refused_before_anything_
     good = src.state_dict()
     dst.load_state_dict(good)  # the same checkpoint with its own generator state loads
     assert dst.steps == 2 and torch.equal(dst.generator.get_state(), src.generator.get_state())
+
+
+@pytest.mark.parametrize("name", [n for n in registered_names() if n != "smoothout"])
+def test_sparse_gradients_are_refused_with_a_clear_message(name):
+    """nn.Embedding(sparse=True): every method but SmoothOut (one pass at noisy weights, then the base step,
+    which takes sparse gradients) refuses them by name before touching the weights (Entropy-SGD and SALR used to
+    fail inside torch with 'copy_() between dense and sparse Tensors')."""
+    torch.manual_seed(0)
+    emb, lin = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 2)
+    params = [*emb.parameters(), *lin.parameters()]
+    opt = create_for_test(name, torch.optim.SGD(params, lr=0.1))
+    x, y = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 0])
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step(sharpness.make_closure(opt, lambda r: F.cross_entropy(lin(emb(x)), y, reduction=r)))
+    assert all(torch.equal(p, q) for p, q in zip(params, before))

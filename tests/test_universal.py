@@ -134,8 +134,9 @@ def test_scale_invariance_det_equal_trace_and_frobenius_not():
     for point in ((1.0, 0.6), (2.0, 0.3)):  # x y = 0.6: det H = -4 (3 * 0.6 - 1)(0.6 - 1) = 1.28
         model = ParameterFunction(loss, torch.tensor(point, dtype=F64))
         values[point] = {
-            name: universal_sharpness(model, measure=name, hessian="dense", half_width=14.0, seed=5,
-                                      num_samples=2_000_000 if name == "det" else 200_000)
+            name: universal_sharpness(model, measure=name, hessian="dense", seed=5,
+                                      **({"half_width": 14.0, "num_samples": 2_000_000} if name == "det"
+                                         else {"num_samples": 200_000}))
             for name in ("det", "trace", "frobenius")
         }
     a, b = values[(1.0, 0.6)], values[(2.0, 0.3)]
@@ -400,6 +401,12 @@ BAD = [
      ValueError, r"Invalid rho value: 0.0 \(expected rho > 0"),
     (lambda params: sharpness_measure("det", half_width=-1.0), ValueError, r"Invalid half_width value: -1.0"),
     (lambda params: sharpness_measure("worst", q=3), ValueError, r"Invalid q value: 3 \(expected an even"),
+    (lambda params: sharpness.TraceSAM(torch.optim.SGD(params, lr=0.1), half_width=0.5), ValueError,
+     r"Invalid half_width value: 0.5 \(half_width configures only measure='det', not measure='trace'\)"),
+    (lambda params: sharpness.UniversalSAM(torch.optim.SGD(params, lr=0.1), measure="det", q=4), ValueError,
+     r"Invalid q value: 4 \(q configures only measure='worst', not measure='det'\)"),
+    (lambda params: universal_sharpness(ParameterFunction(lambda w: w.sum(), torch.zeros(2)), measure="frobenius",
+                                        half_width=2.0), ValueError, r"half_width configures only measure='det'"),
     (lambda params: universal_sharpness(ParameterFunction(lambda w: w.sum(), torch.zeros(2)), measure="frobenius",
                                         num_samples=1), ValueError, r"num_samples >= 2"),
     (lambda params: SharpnessMeasure("x", phi=1.0, psi=lambda t: t, sampler=sharpness.measures.GaussianSampler()),

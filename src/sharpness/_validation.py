@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 __all__: list[str] = []
 
@@ -90,3 +91,10 @@ def check_wrapper_options(model: object, max_grad_norm: object, foreach: object)
     if foreach is not None and not isinstance(foreach, bool):
         raise TypeError(f"Invalid foreach value: {foreach!r} (expected None, True or False)")
     return None if max_grad_norm is None else check_positive("max_grad_norm", max_grad_norm)
+
+
+def check_dense_grads(owner: str, params: Sequence[Any]) -> None:
+    """Refuse sparse gradients (``nn.Embedding(sparse=True)``): the perturbations are dense tensor algebra."""
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            raise RuntimeError(f"{owner} does not support sparse gradients (use nn.Embedding(..., sparse=False))")

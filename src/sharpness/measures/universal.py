@@ -245,11 +245,22 @@ def sharpness_measure(name: str, *, half_width: float = 1.0, q: int = 8) -> Shar
                             sampler=SphereSampler(), target=f"(E (d^T H d)^{q})^(1/{q}) -> max |lambda| (q -> inf)")
 
 
-def resolve_measure(measure: str | SharpnessMeasure, *, half_width: float = 1.0, q: int = 8) -> SharpnessMeasure:
+def resolve_measure(measure: str | SharpnessMeasure, *, half_width: float | None = None,
+                    q: int | None = None) -> SharpnessMeasure:
+    """The measure object for a preset name or an instance. ``half_width`` configures only the ``det`` preset
+    and ``q`` only ``worst`` (defaults 1.0 and 8): given anywhere else they would be silently ignored, so they
+    are refused."""
+    name = measure if isinstance(measure, str) else None
+    for option, value, preset in (("half_width", half_width, "det"), ("q", q, "worst")):
+        if value is not None and name != preset:
+            where = f"measure={name!r}" if name is not None else "a SharpnessMeasure instance (it carries its own)"
+            raise ValueError(f"Invalid {option} value: {value!r} ({option} configures only measure={preset!r}, "
+                             f"not {where})")
     if isinstance(measure, SharpnessMeasure):
         return measure
     if isinstance(measure, str):
-        return sharpness_measure(measure, half_width=half_width, q=q)
+        options = {key: value for key, value in (("half_width", half_width), ("q", q)) if value is not None}
+        return sharpness_measure(measure, **options)
     raise TypeError(f"Invalid measure type: {type(measure).__name__} (expected one of {', '.join(MEASURES)} "
                     "or a SharpnessMeasure)")
 
@@ -326,7 +337,7 @@ def _check_rho(rho: object) -> float | None:
 def universal_sharpness(model: nn.Module, loss_fn: LossFn | None = None, data: Batch | Any = None,
                         measure: str | SharpnessMeasure = "trace", *, rho: float | None = None,
                         num_samples: int = 1000, seed: int = 0, generator: torch.Generator | None = None,
-                        half_width: float = 1.0, q: int = 8, hessian: str = "hvp", mode: str = "eval",
+                        half_width: float | None = None, q: int | None = None, hessian: str = "hvp", mode: str = "eval",
                         hvp_method: str = "double_backward") -> Measurement:
     r"""Estimate the ``(phi, psi, mu)``-sharpness ``phi(E_mu psi(d^T H d))`` of the loss at the current weights.
 

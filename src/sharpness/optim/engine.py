@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .. import _foreach
 from .._foreach import dot, group_by_device_dtype, squared_norm, uses_foreach_option
-from .._validation import check_bool, check_non_negative, check_wrapper_options
+from .._validation import check_bool, check_dense_grads, check_non_negative, check_wrapper_options
 from ..amp import record_step, unscale_
 from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, is_distributed
@@ -263,9 +263,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         views = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            check_dense_grads(type(self).__name__, params)
             views.append(ParamGroupView(group, params, [p.grad for p in params]))
         return views
 

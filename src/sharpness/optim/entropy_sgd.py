@@ -11,11 +11,20 @@ from torch import Tensor, nn
 
 from .. import _foreach
 from .._foreach import group_by_device_dtype, uses_foreach_option
-from .._validation import check_bool, check_int_at_least, check_non_negative, check_positive, check_wrapper_options
+from .._validation import (
+    check_bool,
+    check_dense_grads,
+    check_int_at_least,
+    check_non_negative,
+    check_positive,
+    check_wrapper_options,
+)
 from ..batchnorm import RunningStatsGuard
 from ._finite import FiniteLossCheck
 from ._generator import LazyGenerator
 from ._state import SharesBaseParamGroups, scratch_buffers
+
+_LOG_MAX_SCOPE = math.log(1e300)  # beyond this the scope times a weight difference is no longer a float
 
 __all__ = ["EntropySGD"]
 
@@ -63,6 +72,9 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         sgld_lr: ``eta' > 0``, the Langevin step size.
         noise: thermal noise ``eps >= 0``.
         gamma: initial scope ``> 0``; gamma_growth: factor ``>= 1`` per update (scoping).
+        gamma_max: cap of the scope (default None: the paper's unbounded schedule). The Langevin loop is a
+            gradient step on a term of curvature ``gamma_t``, stable only while ``sgld_lr * gamma_t < 2``: with
+            the defaults (0.03, 1.001, 0.1) that ends near step 6,500, so long runs want e.g. ``1 / sgld_lr``.
         alpha: weight ``in (0, 1]`` of the newest Langevin iterate in the running mean ``mu``.
         scale_by_gamma: multiply the outer gradient by ``gamma_t`` (the paper's Algorithm 1).
         seed: seeds the noise generator (integer >= 0; the same on every rank, so DDP replicas draw the same
@@ -96,8 +108,8 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, *, langevin_steps: int = 5, sgld_lr: float = 0.1,
                  noise: float = 1e-4, gamma: float = 0.03, gamma_growth: float = 1.001, alpha: float = 0.25,
-                 scale_by_gamma: bool = False, seed: int = 0, model: nn.Module | None = None,
-                 max_grad_norm: float | None = None, check_finite: bool = True,
+                 gamma_max: float | None = None, scale_by_gamma: bool = False, seed: int = 0,
+                 model: nn.Module | None = None, max_grad_norm: float | None = None, check_finite: bool = True,
                  foreach: bool | None = None) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"Invalid base_optimizer type: {type(base_optimizer).__name__} (expected a "
@@ -109,6 +121,11 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         self.gamma_growth = check_positive("gamma_growth", gamma_growth)
         if self.gamma_growth < 1:
             raise ValueError(f"Invalid gamma_growth value: {gamma_growth} (expected gamma_growth >= 1)")
+        if gamma_max is not None:
+            gamma_max = check_positive("gamma_max", gamma_max)
+            if gamma_max < self.gamma:
+                raise ValueError(f"Invalid gamma_max value: {gamma_max} (expected gamma_max >= gamma = {self.gamma})")
+        self.gamma_max = gamma_max
         self.alpha = check_positive("alpha", alpha)
         if self.alpha > 1:
             raise ValueError(f"Invalid alpha value: {alpha} (expected 0 < alpha <= 1)")
@@ -136,8 +153,16 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
 
     @property
     def scope(self) -> float:
-        """``gamma_t = gamma * gamma_growth**t`` for the next step."""
-        return self.gamma * self.gamma_growth ** self.steps
+        """``gamma_t = min(gamma * gamma_growth**t, gamma_max)`` for the next step (the cap is decided in log
+        space: no overflow however long the run; without a cap, a clear error where the power overflows)."""
+        log_scope = math.log(self.gamma) + self.steps * math.log(self.gamma_growth)
+        if self.gamma_max is not None and log_scope >= math.log(self.gamma_max):
+            return self.gamma_max
+        if log_scope > _LOG_MAX_SCOPE:
+            raise FloatingPointError(
+                f"EntropySGD: the scope gamma * gamma_growth**t = {self.gamma} * {self.gamma_growth}**{self.steps} "
+                "overflows; pass gamma_max (e.g. 1 / sgld_lr, where the Langevin loop is still stable)")
+        return min(self.gamma * self.gamma_growth ** self.steps, self.gamma_max or math.inf)
 
     @property
     def seed(self) -> int:
@@ -159,6 +184,7 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
             loss = closure()
         self.grad_evals += 1
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        check_dense_grads(type(self).__name__, params)
         if self.langevin_steps > 0 and params:
             try:
                 self._langevin(closure, params)
@@ -249,6 +275,8 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     def __repr__(self) -> str:
         parts = [f"langevin_steps={self.langevin_steps}", f"sgld_lr={self.sgld_lr}", f"noise={self.noise}",
                  f"gamma={self.gamma}", f"gamma_growth={self.gamma_growth}", f"alpha={self.alpha}"]
+        if self.gamma_max is not None:
+            parts.append(f"gamma_max={self.gamma_max}")
         if self.scale_by_gamma:
             parts.append("scale_by_gamma=True")
         base = "\n    ".join(repr(self.base_optimizer).splitlines())

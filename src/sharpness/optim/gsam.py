@@ -64,7 +64,7 @@ class GSAM(SharpnessAwareOptimizer):
     description = "GSAM: SAM gradient minus alpha x the clean gradient's part orthogonal to it (Zhuang et al., 2022)"
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, rho: float = 0.05, alpha: float = 0.1,
-                 rho_min: float | None = None, lr_max: float | None = None, lr_min: float = 0.0,
+                 rho_min: float | None = None, lr_max: float | None = None, lr_min: float | None = None,
                  eps: float = 1e-12, **kwargs: Any) -> None:
         alpha = check_non_negative("alpha", alpha)
         rule = SAMPerturbation(eps=eps)
@@ -77,9 +77,11 @@ class GSAM(SharpnessAwareOptimizer):
                 lr_max = first["lr"] if first is not None else kwargs.get("lr")
                 if lr_max is None:
                     raise TypeError("GSAM with rho_min needs lr_max (the learning rate at which rho_t = rho)")
-            rule = LRProportionalRho(rule, rho_min=rho_min, lr_max=check_real("lr_max", lr_max), lr_min=lr_min)
-        elif lr_max is not None:
-            raise ValueError("GSAM got lr_max without rho_min; give rho_min to schedule rho with the lr")
+            rule = LRProportionalRho(rule, rho_min=rho_min, lr_max=check_real("lr_max", lr_max),
+                                     lr_min=0.0 if lr_min is None else lr_min)
+        elif lr_max is not None or lr_min is not None:
+            raise ValueError(f"GSAM got {'lr_max' if lr_max is not None else 'lr_min'} without rho_min; give rho_min "
+                             "to schedule rho with the lr")
         self.alpha = alpha
         # The engine's LookSAM path keeps the clean gradient g (unscaled, averaged across ranks) in a preallocated
         # buffer; GSAM replaces the LookSAM hook that consumes it. alpha = 0 skips the copy (plain SAM).

@@ -12,7 +12,14 @@ from torch import Tensor, nn
 
 from .. import _foreach
 from .._foreach import group_by_device_dtype, squared_norm, uses_foreach_option
-from .._validation import check_bool, check_choice, check_int_at_least, check_positive, check_wrapper_options
+from .._validation import (
+    check_bool,
+    check_choice,
+    check_dense_grads,
+    check_int_at_least,
+    check_positive,
+    check_wrapper_options,
+)
 from .._walk import normalized_walk_, per_sample_inverse_norms
 from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_mean_, is_distributed
@@ -263,6 +270,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         else:
             loss = self._pass(closure, backward=True)
             params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        check_dense_grads(type(self).__name__, params)
         if estimate and params:
             self._estimate(closure, params)
 

@@ -109,7 +109,8 @@ class UniversalSAM(SharpnessAwareOptimizer):
         lam: regularization strength ``lam >= 0``; ``lam = 0`` is the base optimizer (one pass per step).
         num_samples: directions ``m`` per step (>= the measure's ``min_samples``, 2 for Frobenius).
         scaling: ``"authors"`` (default) or ``"paper"``, see the module docstring.
-        half_width, q: options of the ``det`` and ``worst`` presets.
+        half_width, q: options of the ``det`` and ``worst`` presets (defaults 1.0 and 8); refused with any
+            other measure, where they would do nothing.
         policy: when to take the ``m`` extra passes (default :class:`~sharpness.policies.Always`); any engine
             policy works, e.g. ``Periodic`` or ``Adaptive``; skipped steps cost one pass.
         seed: seed of the direction generator (on the parameters' device); ignored when ``generator`` is given.
@@ -136,8 +137,8 @@ class UniversalSAM(SharpnessAwareOptimizer):
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, measure: str | SharpnessMeasure = "trace",
                  phi: Any = None, psi: Any = None, sampler: Any = None, n: int | None = None, rho: float = 0.01,
-                 lam: float = 1.0, num_samples: int = 1, scaling: str = "authors", half_width: float = 1.0,
-                 q: int = 8, policy: Policy | None = None, seed: int = 0, generator: torch.Generator | None = None,
+                 lam: float = 1.0, num_samples: int = 1, scaling: str = "authors", half_width: float | None = None,
+                 q: int | None = None, policy: Policy | None = None, seed: int = 0, generator: torch.Generator | None = None,
                  **kwargs: Any) -> None:
         measure = resolve_measure(measure, half_width=half_width, q=q)
         overrides = {key: value for key, value in (("phi", phi), ("psi", psi), ("sampler", sampler), ("n", n))
