@@ -108,6 +108,17 @@ def test_sam_one_step_equals_formula():
     assert calls == 2 and opt.grad_evals == 2 and opt.sam_steps == 1
 
 
+def test_sam_with_a_tensor_valued_rho_equals_formula():
+    """A group's rho may be a 0-d tensor (scheduled like a tensor lr); the climb takes it without a host read."""
+    model = Quadratic()
+    A, b, w = numpy_problem(model)
+    opt = sharpness.SAM(sgd(model), rho=RHO)
+    opt.param_groups[0]["rho"] = torch.tensor(RHO, dtype=torch.float64)
+    run(opt, model, [torch.zeros(7)])
+    _, gs = sam_grad(A, b, w, RHO)
+    np.testing.assert_allclose(model.flat().detach().numpy(), w - LR * gs, rtol=0, atol=1e-12)
+
+
 def test_sam_returns_loss_at_unperturbed_weights():
     model = Quadratic()
     A, b, w = numpy_problem(model)

@@ -185,7 +185,7 @@ def evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable, batch_size: 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
     for x, y in batches(dataset, batch_size, None):
@@ -193,7 +193,7 @@ def evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable, batch_size: 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(x)
         out = out.float()
-        loss_sum += loss_fn(out, y).double() * y.numel()
+        loss_sum += loss_fn(out, y).to(loss_sum.dtype) * y.numel()
         correct += (out.argmax(1) == y).sum()
         count += y.numel()
     model.train(was_training)
