@@ -37,8 +37,10 @@ def test_trajectory_matches_pytorch_optimizer(adaptive, base, dtype):
         peer.step(peer_closure)
         assert ours_loss.item() == pytest.approx(peer_loss.item(), abs=1e-6)
     # The peer accumulates the global gradient norm in float32 even for float64 parameters, so float64
-    # agrees to ~1e-10 rather than machine precision; float32 agrees bit-for-bit or to rounding.
-    tol = 1e-6
+    # agrees to ~1e-10 rather than machine precision. In float32 the rounding order differs (we divide g by
+    # ||g|| + eps and add rho times it; the peer multiplies g by rho / (||g|| + eps)), and the trajectories drift
+    # apart by a few ulp: 1.4e-6 at most was seen (torch 2.11 on a Xeon host), under 1e-6 on the CI machine.
+    tol = 1e-6 if dtype == torch.float64 else 3e-6
     for a, b in zip(ours_model.parameters(), peer_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=tol)
     assert ours.grad_evals == 2 * steps and ours.sam_fraction == 1.0

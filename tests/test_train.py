@@ -243,7 +243,14 @@ def test_device_resolution_and_refusals(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert resolve_device("auto") == torch.device("cuda", 1)  # under torchrun: this process's GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # more processes than GPUs: every rank on CPU (gloo), not a mix
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"this machine has 2 CUDA device"):
+        monkeypatch.setenv("LOCAL_RANK", "3")
+        resolve_device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ValueError, match=r"this machine has 2 CUDA device"):
         resolve_device("cuda:2")

@@ -79,13 +79,17 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """The device a run trains on: ``"auto"`` (or None) is CUDA when available, else CPU; ``"cuda"`` under
-    torchrun is this process's GPU (``cuda:LOCAL_RANK``). Refuses a device this machine does not have."""
+    """The device a run trains on: ``"auto"`` (or None) is CUDA when available (under torchrun: when each local
+    process gets a GPU of its own), else CPU; ``"cuda"`` under torchrun is this process's GPU
+    (``cuda:LOCAL_RANK``). Refuses a device this machine does not have."""
     import os
 
     spec = "auto" if device is None else device
     if isinstance(spec, str) and spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
+        # CUDA only if every process on this node gets a GPU of its own (torchrun's LOCAL_WORLD_SIZE), so all
+        # ranks agree on the device and the backend
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        spec = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "cpu"
     try:
         resolved = torch.device(spec)
     except (RuntimeError, TypeError) as error:
