@@ -80,15 +80,17 @@ def counters(opt):
     return (opt.steps, opt.sam_steps, opt.grad_evals, opt.skipped_steps)
 
 
-def scaled_closure(opt, model, x, y, scaler, *, poison_call=None, calls=None):
-    """``scaler.scale(loss).backward()``; on call ``poison_call`` (0-based) the loss is multiplied by inf."""
+def scaled_closure(opt, model, x, y, scaler, *, poison_call=None, calls=None, autocast_dtype=None):
+    """``scaler.scale(loss).backward()``; on call ``poison_call`` (0-based) the loss is multiplied by inf. With
+    ``autocast_dtype`` the forward runs under ``torch.autocast`` on ``x``'s device."""
     calls = calls if calls is not None else [0]
 
     def closure():
         index = calls[0]
         calls[0] += 1
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = nn.functional.cross_entropy(model(x), y)
         scaled = scaler.scale(loss) if scaler is not None else loss
         if index == poison_call:
             scaled = scaled * math.inf

@@ -31,7 +31,7 @@ from torch.func import functional_call
 import sharpness
 from helpers import classification_data, create_for_test, make_closure, mlp, registered_names
 from sharpness.measures import dense_hessian, hessian_eigenvalues, hessian_trace
-from test_amp import MIXED
+from test_amp import MIXED, scaled_closure
 from test_hessian import _mlp as float64_mlp
 from test_memory import SCALAR_READS_PER_10_STEPS, _problem
 
@@ -461,20 +461,11 @@ def _amp_setup(device, *, scaler: bool, autocast: bool):
     opt = sharpness.SAM(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), rho=0.05,
                         grad_scaler=grad_scaler)
     calls = [0]
+    x, y = x.to(device), y.to(device)
 
     def closure(poison_call=None):
-        def run():
-            index, calls[0] = calls[0], calls[0] + 1
-            opt.zero_grad()
-            with torch.autocast(device.type, dtype=AMP_DTYPE, enabled=autocast):
-                logits = model(x.to(device))
-                loss = nn.functional.cross_entropy(logits, y.to(device))
-            scaled = grad_scaler.scale(loss) if grad_scaler is not None else loss
-            if index == poison_call:
-                scaled = scaled * math.inf
-            scaled.backward()
-            return loss
-        return run
+        return scaled_closure(opt, model, x, y, grad_scaler, poison_call=poison_call, calls=calls,
+                              autocast_dtype=AMP_DTYPE if autocast else None)
 
     return model, opt, grad_scaler, closure, calls
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_int_at_least, check_positive
-from ._common import Batch, LossFn, Vector, measurement_mode, random_vector, trainable_parameters
+from ._common import Batch, LossFn, Vector, measurement_mode, rademacher, random_vector, trainable_parameters
 from .hvp import HessianOperator
 from .result import Measurement
 
@@ -111,8 +111,7 @@ class _FlatOperator:
         if kind == "rademacher":
             # One host draw of every entry (the numbers per-parameter draws give, in order) and one copy of a
             # byte per entry to the device: no per-parameter copies, each of which waits for the device.
-            signs = torch.randint(0, 2, (sum(self.sizes),), generator=generator, dtype=torch.int8).mul_(2).sub_(1)
-            return signs.to(self.device).to(self.dtype)
+            return rademacher((sum(self.sizes),), generator).to(self.device).to(self.dtype)
         return self.flatten(random_vector(self.params, generator, kind))
 
     @property

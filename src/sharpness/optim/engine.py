@@ -21,6 +21,7 @@ One step with a closure (the torch.optim convention: clear grads, forward, backw
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 from collections.abc import Callable
@@ -242,21 +243,25 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             raise TypeError(f"Invalid closure type: {type(closure).__name__} (expected a callable)")
         closure = self._watch_losses(closure)
         local = self._ddp is not None and not self.sync_perturbation and is_distributed()
-        with torch.enable_grad():
-            if local:
-                with self._ddp.no_sync():
-                    loss = closure()
-            else:
-                loss = closure()
+        with torch.enable_grad(), self._ddp.no_sync() if local else contextlib.nullcontext():
+            loss = self._first_pass(closure)
         if self.first_step(local_grads=local):
             try:
                 with torch.enable_grad():
-                    closure()
+                    self._second_pass(closure, loss)
             except BaseException:
                 self.abort_step()  # e.g. out of memory in the perturbed pass: back at w, ready for the next step
                 raise
         self.second_step()
         return loss
+
+    def _first_pass(self, closure: Closure) -> Any:
+        """Pass 1, at ``w``: gradients in ``p.grad``; returns what ``step`` returns (the loss)."""
+        return closure()
+
+    def _second_pass(self, closure: Closure, first: Any) -> None:
+        """Pass 2, at ``w + e(w)`` (``first``: what pass 1 returned)."""
+        closure()
 
     # ------------------------------------------------------------------ the two-phase API
     def _views(self) -> list[ParamGroupView]:
@@ -342,13 +347,8 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             if self._local_grads:
                 # Every rank must store the same reuse direction, so average g before decomposing.
                 all_reduce_grads_mean_(clean)
-        backup = self._scratch(params, _BACKUP)
-        for dst, src in group_by_device_dtype(backup, params):
-            _foreach.copy_(dst, src)
-        self._perturbed_params = params
+        backup = self._displace(params)
         self._perturb(views, backup, grad_sq_norm=local_sq)  # w <- w + e(w); may overwrite the gradients
-        if self._bn_guard is not None:
-            self._bn_guard.save()
         self._phase = _Phase.PERTURBED
         if zero_grad:
             self.zero_grad()
@@ -364,6 +364,17 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         self._step_losses = None
         if phase is _Phase.PERTURBED:
             self._restore_perturbed()
+
+    def _displace(self, params: list[Tensor]) -> list[Tensor]:
+        """Before the weights leave ``w``: back them up (returned) and the first pass's BatchNorm statistics;
+        :meth:`_restore_perturbed` undoes both."""
+        backup = self._scratch(params, _BACKUP)
+        for dst, src in group_by_device_dtype(backup, params):
+            _foreach.copy_(dst, src)
+        if self._bn_guard is not None:
+            self._bn_guard.save()
+        self._perturbed_params = params
+        return backup
 
     def _restore_perturbed(self) -> list[Tensor]:
         """Back to ``w`` from the backup (bit-exact) and the first pass's BatchNorm statistics."""

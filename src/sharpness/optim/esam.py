@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .._foreach import uses_foreach_option
 from .._validation import check_choice, check_real
-from ..distributed import is_distributed
 from ..policies.always import Always
 from ..rules.masked import MaskedSAMPerturbation
 from ._generator import GeneratorCheckpoint, LazyGenerator
@@ -34,39 +31,39 @@ class PerSampleLossStep:
     When the instance's ``needs_per_sample_losses`` is True, the closure (from :func:`sharpness.make_closure`)
     returns the loss vector ``[B]`` without backward, and one step is: pass 1 at ``w`` (under DDP ``no_sync``
     unless ``sync_perturbation``) then :meth:`_first_backward`; the engine's ``first_step``; pass 2 at
-    ``w + e`` then :meth:`_second_backward`; ``second_step``. Both hooks back-propagate the mean unless
-    overridden. Otherwise the engine's ordinary step runs. List it before the engine in the bases.
+    ``w + e`` then :meth:`_second_backward`; ``second_step`` (the engine's step, through its pass hooks).
+    Both backward hooks back-propagate the mean unless overridden. Otherwise the engine's ordinary passes run.
+    List it before the engine in the bases.
     """
 
     #: when the instance needs per-sample losses, for the error message (e.g. ``"gamma < 1"``)
     per_sample_condition: ClassVar[str]
 
-    @torch.no_grad()
-    @uses_foreach_option
     def step(self, closure: Closure | None = None) -> Any:
-        """One step; with per-sample losses the mean loss at ``w`` is returned."""
-        if not self.needs_per_sample_losses:
-            return super().step(closure)  # type: ignore[misc]
-        if closure is None or not callable(closure):
+        """The engine's step; with per-sample losses its passes are :meth:`_first_pass` / :meth:`_second_pass`
+        below and the mean loss at ``w`` is returned."""
+        if self.needs_per_sample_losses and (closure is None or not callable(closure)):
             raise TypeError(
                 f"{type(self).__name__}.step() requires a closure returning per-sample losses; build it with "
                 "sharpness.make_closure(opt, compute_loss)"
             )
-        closure = self._watch_losses(closure)
-        local = self._ddp is not None and not self.sync_perturbation and is_distributed()
-        with torch.enable_grad(), self._ddp.no_sync() if local else contextlib.nullcontext():
-            losses = self._per_sample(closure())
-            self._first_backward(losses)
-        before = losses.detach()
-        if self.first_step(local_grads=local):
-            try:
-                with torch.enable_grad():
-                    self._second_backward(self._per_sample(closure()), before)
-            except BaseException:
-                self.abort_step()
-                raise
-        self.second_step()
-        return before.mean()
+        per_sample = self.needs_per_sample_losses
+        loss = super().step(closure)  # type: ignore[misc]
+        return loss.mean() if per_sample else loss
+
+    def _first_pass(self, closure: Closure) -> Any:
+        """With per-sample losses: pass 1 and :meth:`_first_backward`; returns the detached losses at ``w``."""
+        if not self.needs_per_sample_losses:
+            return super()._first_pass(closure)  # type: ignore[misc]
+        losses = self._per_sample(closure())
+        self._first_backward(losses)
+        return losses.detach()
+
+    def _second_pass(self, closure: Closure, first: Any) -> None:
+        """With per-sample losses: pass 2 and :meth:`_second_backward` (``first``: the losses at ``w``)."""
+        if not self.needs_per_sample_losses:
+            return super()._second_pass(closure, first)  # type: ignore[misc]
+        self._second_backward(self._per_sample(closure()), first)
 
     def _first_backward(self, losses: Tensor) -> None:
         """Pass 1, at ``w``: back-propagate the mean loss."""

@@ -15,15 +15,15 @@ from ..policies.base import Policy
 from ..policies.periodic import Periodic
 from ..rules.base import ParamGroupView, PerturbationRule
 from ..rules.sam import SAMPerturbation
-from .engine import SharpnessAwareOptimizer
+from .engine import _BACKUP, SharpnessAwareOptimizer
 
 __all__ = ["GNR"]
 
 HVP_MODES = ("exact", "finite_difference")
 ORACLES = ("sgd", "sam")
 
-# Scratch buffers (allocated once, reused every step; never checkpointed: nothing outlives a step).
-_BACKUP = "unperturbed_weight"
+# Scratch buffer (allocated once, reused every step; never checkpointed: nothing outlives a step); the backup of w
+# is the engine's (_displace / _restore_perturbed).
 _ORACLE_GRAD = "oracle_grad"
 
 
@@ -195,15 +195,12 @@ class GNR(SharpnessAwareOptimizer):
             raise TypeError(f"Invalid closure type: {type(closure).__name__} (expected a callable)")
 
         closure = self._watch_losses(closure)
-        self._displaced = None
+        self._perturbed_params = []
         try:
             return self._step(closure)
         except BaseException:
-            if self._displaced is not None:  # a pass raised while the weights were moved: back to w
-                params, self._displaced = self._displaced, None
-                self._restore(params, self._scratch(params, _BACKUP))
-                if self._bn_guard is not None:
-                    self._bn_guard.restore()
+            if self._perturbed_params:  # a pass raised while the weights were moved: back to w
+                self._restore_perturbed()
             raise
 
     def _step(self, closure: Callable[[], Any]) -> Any:
@@ -238,12 +235,7 @@ class GNR(SharpnessAwareOptimizer):
                 "loss.backward(create_graph=True) when optimizer.needs_graph is True (sharpness.make_closure does), "
                 "or use hvp='finite_difference'"
             )
-        backup = self._scratch(params, _BACKUP)
-        for dst, src in group_by_device_dtype(backup, params):
-            _foreach.copy_(dst, src)
-        if self._bn_guard is not None:
-            self._bn_guard.save()  # running statistics from pass 1 only
-        self._displaced = params  # from here until the final restore, an exception restores w
+        backup = self._displace(params)  # w and pass 1's BatchNorm statistics; an exception restores them
         oracle_grad = self._scratch(params, _ORACLE_GRAD)  # g(w) now, h_loss later
         for dst, src in group_by_device_dtype(oracle_grad, grads):
             _foreach.copy_(dst, [g.detach() for g in src])
@@ -276,10 +268,7 @@ class GNR(SharpnessAwareOptimizer):
         adv_norm = squared_norm([g.detach() for g in adv_grads]).sqrt()
         adv_plain = [g.detach() for g in adv_grads]
         h_norm = self._normalized_hvp(closure, params, adv_grads, adv_plain, adv_norm, None)
-        self._restore(params, backup)
-        if self._bn_guard is not None:
-            self._bn_guard.restore()
-        self._displaced = None
+        self._restore_perturbed()
 
         # p.grad <- h_loss + alpha * rho * h_norm / rho, per-group rho
         offset = 0
@@ -326,13 +315,8 @@ class GNR(SharpnessAwareOptimizer):
         With ``restore=True`` the weights are backed up before and restored after (the non-GNR path);
         otherwise the caller restores them.
         """
-        backup = self._scratch(params, _BACKUP)  # without restore: the caller's backup, equal to w now
-        if restore:
-            for dst, src in group_by_device_dtype(backup, params):
-                _foreach.copy_(dst, src)
-            if self._bn_guard is not None:
-                self._bn_guard.save()
-            self._displaced = params
+        # without restore: the caller's backup, equal to w now
+        backup = self._displace(params) if restore else self._scratch(params, _BACKUP)
         views, offset = [], 0
         for group, ps in groups:
             rule_group = group if "oracle_rho" not in group else {**group, "rho": group["oracle_rho"]}
@@ -342,10 +326,7 @@ class GNR(SharpnessAwareOptimizer):
         self._evaluate(closure)
         self._release_graph(params)
         if restore:
-            self._restore(params, backup)
-            if self._bn_guard is not None:
-                self._bn_guard.restore()
-            self._displaced = None
+            self._restore_perturbed()
 
     def _normalized_hvp(self, closure: Callable[[], Any], params: list[Tensor], grads: list[Tensor],
                         vector: list[Tensor], vector_norm: Tensor, backup: list[Tensor] | None) -> list[Tensor]:
