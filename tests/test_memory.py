@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from helpers import create_for_test, make_closure, registered_names
+from sharpness import _foreach
 
 #: parameter-sized floating-point buffers the optimizer itself keeps between steps (the base optimizer's
 #: momentum is not counted), with default options
@@ -180,9 +181,11 @@ SCALAR_READS_PER_10_STEPS = {
 @pytest.mark.parametrize("check_finite", [False, True])
 @pytest.mark.parametrize("max_grad_norm", [None, 1.0])
 @pytest.mark.parametrize("name", registered_names())
-def test_scalar_reads_per_step_are_the_methods_own(name, max_grad_norm, check_finite):
+def test_scalar_reads_per_step_are_the_methods_own(name, max_grad_norm, check_finite, monkeypatch):
     """No host synchronisation beyond the method's own decision (#9), counted at the dispatcher outside the
-    closure over 10 steps, with and without clipping; the non-finite-loss check (default) adds exactly one."""
+    closure over 10 steps, with and without clipping; the non-finite-loss check (default) adds exactly one.
+    The CPU-only fast paths (a free read of a 0-d scale) are turned off: this counts what a GPU step reads."""
+    monkeypatch.setattr(_foreach, "host_read_is_free", lambda tensor: False)
     model, x, y = _problem()
     opt = create_for_test(name, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), standard_closure=False,
                           max_grad_norm=max_grad_norm, check_finite=check_finite)

@@ -223,6 +223,29 @@ def test_perturbation_lies_on_the_sphere(rho, eta, seed):
     assert scaled.norm().item() == pytest.approx(rho, rel=1e-7)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_cpu_host_read_fast_paths_agree_with_the_device_paths(name, monkeypatch):
+    """On the CPU a 0-d scale is read for free and the climb is one fused pass (``_foreach.host_read_is_free``);
+    the device path (no read) gives the same trajectory up to float64 rounding."""
+    x, y = classification_data(1)
+    models = []
+    for free in (True, False):
+        monkeypatch.setattr(sharpness._foreach, "host_read_is_free", lambda tensor, free=free: free)
+        model = mlp(0).double()
+        opt = make_optimizer(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), total_steps=12)
+        _train(opt, model, x.double(), y, 12)
+        models.append(model)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+def test_sam_climb_on_the_cpu_with_eps_zero_and_a_zero_gradient_stays_put():
+    w = [torch.randn(4), torch.randn(3)]
+    view = sharpness.rules.ParamGroupView({"rho": 0.5}, [t.clone() for t in w], [torch.zeros(4), torch.zeros(3)])
+    sharpness.rules.SAMPerturbation(eps=0.0).perturb_([view])
+    assert all(torch.equal(p, q) for p, q in zip(view.params, w))
+
+
 def test_composition_any_policy_with_any_rule():
     """The generic engine composes ASAM's rule with AE-SAM's policy and LookSAM's reuse."""
     model = mlp(0)

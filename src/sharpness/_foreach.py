@@ -137,6 +137,35 @@ def abs_(tensors: Sequence[Tensor]) -> None:
             t.abs_()
 
 
+def host_read_is_free(tensor: Tensor) -> bool:
+    """Whether reading ``tensor`` into Python waits for nothing: a CPU tensor (on CUDA or MPS a read is a host
+    synchronisation). Fast paths that read a 0-d scale on the CPU ask this; ``tests/test_memory.py`` turns it
+    off to count, on the CPU, the reads a GPU step would make."""
+    return tensor.device.type == "cpu"
+
+
+def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], scale: Tensor) -> None:
+    """``t[i] <- t[i] + scale * o[i]`` for a 0-d tensor ``scale`` (any device and dtype), in place.
+
+    On the CPU the scale is read (free there) and passed as ``alpha``: one fused add. Elsewhere it stays on the
+    device, broadcast as a 0-d factor of ``addcmul_``: no host synchronisation.
+    """
+    if not tensors:
+        return
+    if host_read_is_free(scale) and host_read_is_free(tensors[0]):
+        add_(tensors, others, alpha=float(scale))
+    else:
+        addcmul_(tensors, others, [like(scale, tensors[0])] * len(tensors))
+
+
+def like(scalar: Tensor, tensor: Tensor) -> Tensor:
+    """``scalar`` (a 0-d tensor) on ``tensor``'s device and in its dtype; itself when it already is (a no-op
+    ``.to()`` still costs a dispatch, which counts in a host-bound step)."""
+    if scalar.device == tensor.device and scalar.dtype == tensor.dtype:
+        return scalar
+    return scalar.to(device=tensor.device, dtype=tensor.dtype)
+
+
 def _one_device_and_dtype(tensors: Sequence[Tensor]) -> bool:
     """Whether all ``tensors`` share one (device, dtype): torch's C++ grouping (what torch.optim's foreach paths
     use) when available, 2x faster than the Python check for hundreds of tensors."""
@@ -177,7 +206,8 @@ def _norm_stacks(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor
                 norms = torch._foreach_norm(bucket, 2, dtype=acc)
             except TypeError:  # torch without the dtype argument
                 norms = [t.to(acc).norm() for t in bucket]
-        stacks.append(torch.stack(norms).to(device=device, dtype=acc))
+        stack = torch.stack(norms)
+        stacks.append(stack if stack.device == device and stack.dtype == acc else stack.to(device=device, dtype=acc))
     return stacks
 
 

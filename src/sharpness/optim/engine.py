@@ -22,7 +22,6 @@ One step with a closure (the torch.optim convention: clear grads, forward, backw
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -207,6 +206,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         self.last_grad_sq_norm: float | None = None
         self._phase = _Phase.IDLE
         self._perturbed_params: list[Tensor] = []
+        self._backup_buckets: list[tuple[list[Tensor], ...]] = []
         self._found_inf: Tensor | None = None
         self._local_grads = False
         self._reuse_norm: Tensor | None = None  # ||g_v|| of the stored LookSAM direction
@@ -245,14 +245,15 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         local = self._ddp is not None and not self.sync_perturbation and is_distributed()
         with torch.enable_grad(), self._ddp.no_sync() if local else contextlib.nullcontext():
             loss = self._first_pass(closure)
-        if self.first_step(local_grads=local):
+        # (the undecorated bodies of first_step/second_step: step already holds no_grad and the foreach mode)
+        if self._first_step(False, local):
             try:
                 with torch.enable_grad():
                     self._second_pass(closure, loss)
             except BaseException:
                 self.abort_step()  # e.g. out of memory in the perturbed pass: back at w, ready for the next step
                 raise
-        self.second_step()
+        self._second_step(False)
         return loss
 
     def _first_pass(self, closure: Closure) -> Any:
@@ -282,8 +283,9 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         the rule may use the parameters as scratch memory and rebuild them from it."""
         with_origin, offset = [], 0
         for view in views:
-            with_origin.append(dataclasses.replace(view, origin=origin[offset:offset + len(view.params)]))
-            offset += len(view.params)
+            end = offset + len(view.params)
+            with_origin.append(ParamGroupView(view.group, view.params, view.grads, origin[offset:end]))
+            offset = end
         self.rule.perturb_(with_origin, grad_sq_norm=grad_sq_norm)
 
     def _grad_device(self, grads: list[Tensor]) -> torch.device:
@@ -302,6 +304,9 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             local_grads: the first pass ran under DDP ``no_sync``; the engine averages the policy statistic
                 across ranks and, on ERM steps, the gradients themselves.
         """
+        return self._first_step(zero_grad, local_grads)
+
+    def _first_step(self, zero_grad: bool, local_grads: bool) -> bool:
         if self._phase is not _Phase.IDLE:
             raise RuntimeError(
                 f"{type(self).__name__}.first_step() called twice without second_step() in between"
@@ -369,7 +374,8 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         """Before the weights leave ``w``: back them up (returned) and the first pass's BatchNorm statistics;
         :meth:`_restore_perturbed` undoes both."""
         backup = self._scratch(params, _BACKUP)
-        for dst, src in group_by_device_dtype(backup, params):
+        self._backup_buckets = group_by_device_dtype(backup, params)
+        for dst, src in self._backup_buckets:
             _foreach.copy_(dst, src)
         if self._bn_guard is not None:
             self._bn_guard.save()
@@ -380,9 +386,9 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         """Back to ``w`` from the backup (bit-exact) and the first pass's BatchNorm statistics."""
         params = self._perturbed_params
         self._perturbed_params = []
-        backup = self._scratch(params, _BACKUP)
-        for dst, src in group_by_device_dtype(params, backup):
+        for src, dst in self._backup_buckets:  # the (backup, params) buckets _displace copied
             _foreach.copy_(dst, src)
+        self._backup_buckets = []
         if self._bn_guard is not None:
             self._bn_guard.restore()
         return params
@@ -391,6 +397,9 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
     @uses_foreach_option
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w`` exactly (after a SAM step) and apply the base optimizer's update."""
+        self._second_step(zero_grad)
+
+    def _second_step(self, zero_grad: bool) -> None:
         phase = self._phase
         if phase is _Phase.IDLE:
             raise RuntimeError(f"{type(self).__name__}.second_step() called without first_step()")
@@ -403,8 +412,8 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         if phase is _Phase.PERTURBED:
             self.grad_evals += 1
             params = self._restore_perturbed()  # back to w, bit-exact
-            grads = [g for view in self._views() for g in view.grads]
             if self._scaler_enabled():
+                grads = [g for view in self._views() for g in view.grads]
                 unscale_(self.grad_scaler, grads, self._found_inf)
                 if self._local_grads:
                     all_reduce_mean_(self._found_inf)
@@ -481,7 +490,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
                 _foreach.add_(dst, g_s)  # dst <- g_s - coef * g
             else:
                 _foreach.copy_(dst, g_s)
-                _foreach.addcmul_(dst, g, [c] * len(dst))  # dst <- g_s - coef * g, in place
+                _foreach.add_scaled_(dst, g, c)  # dst <- g_s - coef * g, in place
         eps = max(torch.finfo(p.dtype).eps for p in params)
         sq = squared_norm(direction)
         keep = (sq > (32 * eps) ** 2 * squared_norm(sam_grads)).to(sq.dtype)
@@ -500,8 +509,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             self._reuse_norm = squared_norm(direction).sqrt()
         scale = self.reuse_alpha * squared_norm(grads).sqrt() / (self._reuse_norm + 1e-12)
         for g, v in group_by_device_dtype(grads, direction):
-            s = scale.to(device=g[0].device, dtype=g[0].dtype)
-            _foreach.addcmul_(g, v, [s] * len(g))  # g <- g + scale * g_v, in place
+            _foreach.add_scaled_(g, v, scale)  # g <- g + scale * g_v, in place
 
     # ------------------------------------------------------------------ checkpoints
     def _all_params(self) -> list[Tensor]:

