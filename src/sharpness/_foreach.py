@@ -43,8 +43,27 @@ def uses_foreach_option(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with foreach_mode(getattr(self, "foreach", None)):
+        enabled = getattr(self, "foreach", None)
+        token = _FOREACH.set(True if enabled is None else bool(enabled))  # (foreach_mode, without its generator)
+        try:
             return method(self, *args, **kwargs)
+        finally:
+            _FOREACH.reset(token)
+
+    return wrapper
+
+
+def no_grad(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``@torch.no_grad()`` for the step path: enters no context when gradients are already off (the rules and
+    the two-phase methods run inside ``step``, where a context would cost a few microseconds each, which a
+    host-bound step notices)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return function(*args, **kwargs)
+        with torch.no_grad():
+            return function(*args, **kwargs)
 
     return wrapper
 
@@ -141,7 +160,7 @@ def host_read_is_free(tensor: Tensor) -> bool:
     """Whether reading ``tensor`` into Python waits for nothing: a CPU tensor (on CUDA or MPS a read is a host
     synchronisation). Fast paths that read a 0-d scale on the CPU ask this; ``tests/test_memory.py`` turns it
     off to count, on the CPU, the reads a GPU step would make."""
-    return tensor.device.type == "cpu"
+    return tensor.is_cpu
 
 
 def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], scale: Tensor) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import _foreach
 from ..distributed import is_distributed
 
 __all__: list[str] = []
@@ -55,19 +56,24 @@ class FiniteLossCheck:
 
         Every loss recorded is finite iff their sum is (NaN and inf propagate through a sum; it is taken in
         float64, so finite float32 losses cannot overflow it): two kernels (concatenate, sum) and one read,
-        whatever the number of passes. The per-pass values are only looked at on the error path.
+        whatever the number of passes. Scalar losses on the CPU, where a read waits for nothing, are read and
+        summed in Python instead (no kernel). The per-pass values are only looked at on the error path.
         """
         losses, self._step_losses = self._step_losses, None
         scaler = getattr(self, "grad_scaler", None)
         if not losses or (scaler is not None and scaler.is_enabled()):  # the scaler skips such steps itself
             return
-        device = losses[0].device
-        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        total = torch.cat([loss.reshape(-1).to(device) for loss in losses]).sum(dtype=dtype)
         distributed = self._ddp is not None and is_distributed()
-        if distributed:
-            dist.all_reduce(total)  # a bad pass on any rank stops every rank
-        if math.isfinite(total.item()):  # the one host read
+        if not distributed and all(loss.dim() == 0 and _foreach.host_read_is_free(loss) for loss in losses):
+            total = sum(loss.item() for loss in losses)  # CPU scalars: reading them is free, no kernel needed
+        else:
+            device = losses[0].device
+            dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+            total = torch.cat([loss.reshape(-1).to(device) for loss in losses]).sum(dtype=dtype)
+            if distributed:
+                dist.all_reduce(total)  # a bad pass on any rank stops every rank
+            total = total.item()  # the one host read
+        if math.isfinite(total):
             return
         bad = next((i for i, loss in enumerate(losses) if not bool(torch.isfinite(loss).all())), None)
         if bad is None and not distributed:

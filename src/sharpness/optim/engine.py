@@ -230,7 +230,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         return self.sam_steps / self.steps if self.steps else 0.0
 
     # ------------------------------------------------------------------ the closure API
-    @torch.no_grad()
+    @_foreach.no_grad
     @uses_foreach_option
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
         """Run one full step; the closure is called once or twice. Returns the loss at the unperturbed weights."""
@@ -291,7 +291,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
     def _grad_device(self, grads: list[Tensor]) -> torch.device:
         return grads[0].device if grads else torch.device("cpu")
 
-    @torch.no_grad()
+    @_foreach.no_grad
     @uses_foreach_option
     def first_step(self, zero_grad: bool = False, *, local_grads: bool = False) -> bool:
         """After the first pass (gradients at ``w``): decide and, for a SAM step, climb to ``w + e(w)``.
@@ -359,7 +359,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             self.zero_grad()
         return True
 
-    @torch.no_grad()
+    @_foreach.no_grad
     @uses_foreach_option
     def abort_step(self) -> None:
         """Abandon the step begun by :meth:`first_step` (e.g. the perturbed pass raised): the weights go back
@@ -393,7 +393,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             self._bn_guard.restore()
         return params
 
-    @torch.no_grad()
+    @_foreach.no_grad
     @uses_foreach_option
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w`` exactly (after a SAM step) and apply the base optimizer's update."""

@@ -43,7 +43,7 @@ class ASAMPerturbation(PerturbationRule):
                 if t.dim() <= 1:
                     t.fill_(1)
 
-    @torch.no_grad()
+    @_foreach.no_grad
     def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: torch.Tensor | None = None) -> None:
         # ||g||^2 is not what ASAM normalizes by (it needs ||T_w g||), so grad_sq_norm is unused.
         # T_w is built in the parameters themselves when the engine hands over its backup (view.origin): the

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
 from .. import _foreach
@@ -50,7 +49,7 @@ class MaskedSAMPerturbation(PerturbationRule):
         self.eps = check_non_negative("eps", eps)
         self._sam = SAMPerturbation(eps=self.eps)
 
-    @torch.no_grad()
+    @_foreach.no_grad
     def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: Tensor | None = None) -> None:
         grads = [g for view in views for g in view.grads]
         if not grads:

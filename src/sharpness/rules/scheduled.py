@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import Tensor
 
+from .. import _foreach
 from .._validation import check_non_negative, check_positive
 from .base import ParamGroupView, PerturbationRule
 
@@ -46,7 +46,7 @@ class LRProportionalRho(PerturbationRule):
         rho = self.rho_min + (rho_max - self.rho_min) * (lr - self.lr_min) / (self.lr_max - self.lr_min)
         return max(rho, 0.0)  # an lr below lr_min never flips the ascent into a descent
 
-    @torch.no_grad()
+    @_foreach.no_grad
     def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: Tensor | None = None) -> None:
         scheduled = [
             dataclasses.replace(view, group={**view.group, "rho": self.rho_at(view.group["rho"], view.group["lr"])})
