@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _foreach
-from .._foreach import dot, group_by_device_dtype, squared_norm, uses_foreach_option
+from .._foreach import dot, global_norm, group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_bool, check_dense_grads, check_non_negative, check_wrapper_options
 from ..amp import record_step, unscale_
 from ..batchnorm import RunningStatsGuard
@@ -505,9 +505,11 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             return
         grads = [p.grad for p in params]
         direction = [self.state[p][_REUSE] for p in params]
-        if self._reuse_norm is None:
+        if self._reuse_norm is None:  # after a checkpoint load: the same formula as _store_reuse_direction's
             self._reuse_norm = squared_norm(direction).sqrt()
-        scale = self.reuse_alpha * squared_norm(grads).sqrt() / (self._reuse_norm + 1e-12)
+        # numbers on the CPU, 0-d tensors (no host read) elsewhere
+        reuse_norm = _foreach.read_if_free(self._reuse_norm)
+        scale = self.reuse_alpha * _foreach.read_if_free(global_norm(grads)) / (reuse_norm + 1e-12)
         for g, v in group_by_device_dtype(grads, direction):
             _foreach.add_scaled_(g, v, scale)  # g <- g + scale * g_v, in place
 

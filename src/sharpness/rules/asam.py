@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _foreach
-from .._foreach import group_by_device_dtype, squared_norm
+from .._foreach import global_norm, group_by_device_dtype
 from .._validation import check_bool, check_non_negative
 from .base import ParamGroupView, PerturbationRule
 
@@ -61,9 +61,10 @@ class ASAMPerturbation(PerturbationRule):
                 buckets.append((view.group, params, grads, scales, orig))
         if not buckets:
             return
-        norm = squared_norm([g for _, _, grads, _, _ in buckets for g in grads]).sqrt_()
+        denom = _foreach.read_if_free(global_norm([g for _, _, grads, _, _ in buckets for g in grads])) + self.eps
         for group, params, grads, scales, orig in buckets:
-            s = group["rho"] / (norm + self.eps)
+            # a float on the CPU (0 only for eps = 0 and T g = 0, where e = 0), else a 0-d tensor
+            s = group["rho"] / denom if isinstance(denom, torch.Tensor) or denom > 0 else 0.0
             _foreach.mul_(grads, scales)  # grads <- T^2 g (the unnormalized e(w))
             if orig is not None:
                 _foreach.copy_(params, orig)  # the parameters were T_w: back to w

@@ -42,21 +42,16 @@ class SAMPerturbation(PerturbationRule):
         climb is one fused pass, ``w <- w + (rho / (norm + eps)) g``, with the gradients left as they are (one
         read and one write of every gradient less: 1.8-2.5 x faster for the benchmark MLP's climb).
         """
-        if _foreach.host_read_is_free(norm):
-            denom, host_denom = None, float(norm) + self.eps
-        else:  # a 0-d tensor: the division below needs no host read
-            denom, host_denom = norm + self.eps, None
+        denom = _foreach.read_if_free(norm) + self.eps  # a float on the CPU, else a 0-d tensor: no host read
         for view in views:
             if not view.params:
                 continue
             rho = view.group["rho"]
             for params, group_grads in group_by_device_dtype(view.params, view.grads):
-                if host_denom is not None and _foreach.host_read_is_free(params[0]) and not isinstance(rho, torch.Tensor):
-                    if host_denom > 0:  # (0 only for eps = 0 and g = 0, where e = 0)
-                        _foreach.add_(params, group_grads, alpha=rho / host_denom)
+                if not isinstance(denom, torch.Tensor):
+                    if denom > 0:  # (0 only for eps = 0 and g = 0, where e = 0)
+                        _foreach.add_scaled_(params, group_grads, rho / denom)
                     continue
-                if denom is None:  # CPU norm, parameters elsewhere
-                    denom = norm + self.eps
                 _foreach.div_(group_grads, _foreach.like(denom, params[0]))
                 if isinstance(rho, torch.Tensor):  # a tensor-valued rho (scheduled like a tensor lr)
                     _foreach.mul_(group_grads, _foreach.like(rho, params[0]))
