@@ -1,11 +1,15 @@
 """Step time and memory of the sharpness-aware optimizers, against plain SGD and pytorch-optimizer's SAM.
 
 For an MLP (784-512-512-10, batch 128) and a small CNN (two conv layers + linear on 1x28x28, batch 64) it
-times one full training step (closure: zero_grad, forward, backward; plus the update) of
+times one full training step (closure: zero_grad, forward, backward; plus the update); ``--models tiny deep``
+adds two host-bound models (an MLP 64-32-32-10 and a 24-block residual MLP with 100 tensors, batch 16), whose
+kernels take microseconds, so that their steps cost what a GPU step of a small model costs: dispatch and Python.
+The methods timed are
 
 * plain SGD (momentum 0.9), the reference;
 * our SAM and pytorch-optimizer's SAM (both wrapping the same SGD);
-* our ASAM, LookSAM (k=5), SSSAM (p=0.5), AESAM and AELookSAM.
+* every other optimizer of the package: ASAM, LookSAM (k=5), SSSAM (p=0.5), AESAM, AELookSAM, GSAM, ESAM,
+  SSAM-F (three Fisher modes), SmoothOut, GNR, Trace/Frob/Det-SAM, SALR and Entropy-SGD.
 
 Methods are interleaved: every repeat runs one block of ``--steps-per-repeat`` steps of each method (the order
 rotates between repeats), so slow drifts of the machine hit all methods alike. Warm-up blocks are not timed.
@@ -123,7 +127,7 @@ def build_tiny() -> nn.Module:
 
 
 def build_deep() -> nn.Module:
-    """24 residual blocks of LayerNorm + Linear 32x32 (98 tensors): the per-tensor cost of a deep network."""
+    """24 residual blocks of LayerNorm + Linear 32x32 (100 tensors): the per-tensor cost of a deep network."""
     return nn.Sequential(nn.Linear(64, 32), *(Residual(32) for _ in range(24)), nn.Linear(32, 10))
 
 
@@ -142,7 +146,7 @@ MODELS = {
     # Host-bound: each kernel takes microseconds, so the step is dispatch and Python, as a GPU step of a model
     # this size is (the host issues kernels more slowly than the GPU runs them): the GPU regime, on a CPU.
     "tiny": ModelSpec("host-bound MLP 64-32-32-10", build_tiny, (64,), batch_size=16),
-    "deep": ModelSpec("host-bound residual MLP, 24 blocks (98 tensors)", build_deep, (64,), batch_size=16),
+    "deep": ModelSpec("host-bound residual MLP, 24 blocks (100 tensors)", build_deep, (64,), batch_size=16),
 }
 
 

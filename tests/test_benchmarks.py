@@ -47,6 +47,19 @@ def test_bench_step_rows_and_pass_counts(tmp_path):
     assert ratio == pytest.approx(methods["SAM"]["wall"]["median_s"] / (2 * sgd["median_s"]))
 
 
+def test_bench_step_host_bound_models(tmp_path):
+    """The host-bound models (the GPU regime on a CPU): their sizes as documented, SAM's row present."""
+    data = run_script("bench_step.py", "--models", "tiny", "deep", "--methods", "SAM", "--repeats", "1",
+                      "--steps-per-repeat", "2", "--warmup", "0", out=tmp_path / "host.json")
+    tiny, deep = data["results"]
+    assert tiny["parameters"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    assert deep["parameters"] == 64 * 32 + 32 + 24 * (32 * 32 + 32 + 2 * 32) + 32 * 10 + 10
+    assert "100 tensors" in deep["model"]
+    for result in (tiny, deep):
+        assert result["methods"]["SAM"]["passes_per_step"] == 2
+        assert positive(result["ratios"]["wall"]["sam_over_2x_sgd"]["value"])
+
+
 def test_bench_hessian_reaches_its_target(tmp_path):
     data = run_script("bench_hessian.py", "--models", "mlp", "--repeats", "1", "--warmup", "0", "--tols", "1e-3",
                       "--targets", "1e-2", "--trace-samples", "4", out=tmp_path / "hessian.json")
