@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -209,7 +210,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         self._backup_buckets: list[tuple[list[Tensor], ...]] = []
         self._found_inf: Tensor | None = None
         self._local_grads = False
-        self._reuse_norm: Tensor | None = None  # ||g_v|| of the stored LookSAM direction
+        self._reuse_norm: Tensor | float | None = None  # ||g_v|| of the stored LookSAM direction (float on CPU)
         self._scratch_lists = ScratchLists()
 
         # Optimizer.__init__ sets up hooks and calls add_param_group (below) for each of the base's groups,
@@ -481,22 +482,39 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         if pair is None:
             return
         params, clean, sam_grads, inner = pair
-        coef = inner / squared_norm(clean).clamp_min(torch.finfo(torch.float32).tiny)
+        tiny = torch.finfo(torch.float32).tiny
+        inner, clean_sq = _foreach.read_if_free(inner), _foreach.read_if_free(squared_norm(clean))
+        # numbers on the CPU (no 0-d kernels), 0-d tensors elsewhere (no host synchronisation)
+        coef = inner / (clean_sq.clamp_min(tiny) if isinstance(clean_sq, Tensor) else max(clean_sq, tiny))
         direction = clean if over_clean else self._scratch(params, _REUSE)
         for dst, g_s, g in group_by_device_dtype(direction, sam_grads, clean):
-            c = coef.to(device=dst[0].device, dtype=dst[0].dtype).neg()
+            c = -coef if not isinstance(coef, Tensor) else _foreach.like(coef, dst[0]).neg()
             if over_clean:
                 _foreach.mul_(dst, c)  # dst <- -coef * g, over g itself
                 _foreach.add_(dst, g_s)  # dst <- g_s - coef * g
             else:
                 _foreach.copy_(dst, g_s)
                 _foreach.add_scaled_(dst, g, c)  # dst <- g_s - coef * g, in place
-        eps = max(torch.finfo(p.dtype).eps for p in params)
-        sq = squared_norm(direction)
-        keep = (sq > (32 * eps) ** 2 * squared_norm(sam_grads)).to(sq.dtype)
+        eps = max(torch.finfo(dtype).eps for dtype in {p.dtype for p in params})
+        sq, sam_sq, level = squared_norm(direction), squared_norm(sam_grads), (32 * eps) ** 2
+        if _foreach.host_read_is_free(sq) and _foreach.host_read_is_free(sam_sq):
+            if float(sq) > level * float(sam_sq):
+                self._reuse_norm = self._norm_from_squared(sq)
+            else:  # rounding noise: no pass over the direction unless it must be zeroed
+                for (bucket,) in group_by_device_dtype(direction):
+                    _foreach.zero_(bucket)
+                self._reuse_norm = 0.0
+            return
+        keep = (sq > level * sam_sq).to(sq.dtype)
         for (bucket,) in group_by_device_dtype(direction):
-            _foreach.mul_(bucket, keep.to(device=bucket[0].device, dtype=bucket[0].dtype))
-        self._reuse_norm = (sq * keep).sqrt()
+            _foreach.mul_(bucket, _foreach.like(keep, bucket[0]))
+        self._reuse_norm = self._norm_from_squared(sq * keep)
+
+    @staticmethod
+    def _norm_from_squared(sq: Tensor) -> Tensor | float:
+        """``||g_v||`` from ``||g_v||^2`` for the reuse steps: a number on the CPU, a 0-d tensor elsewhere (one
+        formula for a step and for a checkpoint load, so a resumed run stays bit-identical)."""
+        return math.sqrt(float(sq)) if _foreach.host_read_is_free(sq) else sq.sqrt()
 
     def _apply_reuse_direction(self) -> None:
         r"""LookSAM reuse step: ``g <- g + alpha * ||g|| / ||g_v|| * g_v`` (no-op before the first SAM step)."""
@@ -506,10 +524,9 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         grads = [p.grad for p in params]
         direction = [self.state[p][_REUSE] for p in params]
         if self._reuse_norm is None:  # after a checkpoint load: the same formula as _store_reuse_direction's
-            self._reuse_norm = squared_norm(direction).sqrt()
+            self._reuse_norm = self._norm_from_squared(squared_norm(direction))
         # numbers on the CPU, 0-d tensors (no host read) elsewhere
-        reuse_norm = _foreach.read_if_free(self._reuse_norm)
-        scale = self.reuse_alpha * _foreach.read_if_free(global_norm(grads)) / (reuse_norm + 1e-12)
+        scale = self.reuse_alpha * _foreach.read_if_free(global_norm(grads)) / (self._reuse_norm + 1e-12)
         for g, v in group_by_device_dtype(grads, direction):
             _foreach.add_scaled_(g, v, scale)  # g <- g + scale * g_v, in place
 

@@ -111,17 +111,20 @@ class GSAM(SharpnessAwareOptimizer):
         """GSAM consumes ``g`` within the step and stores no reuse direction: ``g`` has its own scratch buffer."""
         return _CLEAN_GRAD
 
-    @torch.no_grad()
+    @_foreach.no_grad
     def _store_reuse_direction(self, params: list[Tensor]) -> None:
         r"""``p.grad <- g_s - alpha (g - c g_s) = (1 + alpha c) g_s - alpha g`` with ``c = <g, g_s>/||g_s||^2``."""
         pair = self._gradient_pair(params)
         if pair is None:
             return
         _, clean, sam_grads, inner = pair
-        coef = inner / squared_norm(sam_grads).clamp_min(torch.finfo(torch.float32).tiny)
-        factor = 1.0 + self.alpha * coef  # 0-d tensor: no host synchronisation
+        sq, tiny = squared_norm(sam_grads), torch.finfo(torch.float32).tiny
+        if _foreach.host_read_is_free(sq) and _foreach.host_read_is_free(inner):  # numbers: no 0-d kernels
+            factor = 1.0 + self.alpha * float(inner) / max(float(sq), tiny)
+        else:
+            factor = 1.0 + self.alpha * inner / sq.clamp_min(tiny)  # 0-d tensor: no host synchronisation
         for g_s, g in group_by_device_dtype(sam_grads, clean):
-            _foreach.mul_(g_s, factor.to(device=g_s[0].device, dtype=g_s[0].dtype))
+            _foreach.mul_(g_s, factor if isinstance(factor, float) else _foreach.like(factor, g_s[0]))
             _foreach.add_(g_s, g, alpha=-self.alpha)
 
     def _apply_reuse_direction(self) -> None:
