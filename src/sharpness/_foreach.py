@@ -24,10 +24,14 @@ __all__: list[str] = []
 _FOREACH: contextvars.ContextVar[bool] = contextvars.ContextVar("sharpness_foreach", default=True)
 
 
+def _mode(enabled: bool | None) -> bool:
+    return True if enabled is None else bool(enabled)
+
+
 @contextlib.contextmanager
 def foreach_mode(enabled: bool | None) -> Iterator[None]:
     """Run the list ops fused (``True``, also for ``None``: the default) or one tensor at a time (``False``)."""
-    token = _FOREACH.set(True if enabled is None else bool(enabled))
+    token = _FOREACH.set(_mode(enabled))
     try:
         yield
     finally:
@@ -43,8 +47,7 @@ def uses_foreach_option(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        enabled = getattr(self, "foreach", None)
-        token = _FOREACH.set(True if enabled is None else bool(enabled))  # (foreach_mode, without its generator)
+        token = _FOREACH.set(_mode(getattr(self, "foreach", None)))  # (foreach_mode, without its generator)
         try:
             return method(self, *args, **kwargs)
         finally:
