@@ -22,7 +22,9 @@ jobs hold the cores. Reported per method and clock:
   pytorch-optimizer's SAM) and the normalized cost ``time per step / (passes per step x SGD step)``
   (1.0 = no cost beyond the passes themselves);
 * the median time of the update alone (``first_step(); second_step()`` or ``step()`` on fixed gradients,
-  timed the same way with fresh copies), which isolates the optimizer's own bookkeeping;
+  timed the same way with fresh copies), which isolates the optimizer's own bookkeeping. The gradients are put
+  back before every update, outside the timed region (the rules may overwrite them, and ASAM's ``T^2 g``
+  compounded over repeated updates would reach denormal or non-finite numbers); each update is timed on its own;
 * the optimizer state beyond the base SGD's (tensor bytes, between steps and the peak seen during a step)
   and, on CUDA, ``torch.cuda.max_memory_allocated`` over a short training run.
 
@@ -46,7 +48,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -279,6 +281,7 @@ class Runner:
     optimizer: torch.optim.Optimizer
     batches: Iterator[tuple[Tensor, Tensor]]
     on_closure: Callable[[], None] | None = None  # memory probe hook (never set while timing)
+    primed: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (parameter, its primed gradient)
 
     def make_closure(self, x: Tensor, y: Tensor) -> Closure:
         """The closure the optimizer's flags ask for (``sharpness.make_closure``; plain for the others)."""
@@ -301,17 +304,40 @@ class Runner:
         self.spec.update(self.optimizer)
 
     def prime(self) -> None:
-        """Fill the gradients once, for update-only timing."""
+        """Fill the gradients once, for update-only timing, and keep a copy for :meth:`refresh`."""
         self.make_closure(*next(self.batches))()
+        self.primed = [(p, p.grad.clone()) for p in self.model.parameters() if p.grad is not None]
 
-    def run_block(self, action: Callable[[], None], steps: int, device: torch.device) -> Sample:
+    def refresh(self) -> None:
+        """Put the primed gradients back (between timed updates)."""
+        for p, saved in self.primed:
+            if p.grad is None:
+                p.grad = saved.clone()
+            else:
+                p.grad.copy_(saved)
+
+    def run_block(self, action: Callable[[], None], steps: int, device: torch.device,
+                  between: Callable[[], None] | None = None) -> Sample:
+        """``steps`` calls of ``action``, timed as one block; with ``between``, it runs before every call,
+        untimed, and each call is timed on its own."""
         before = grad_eval_counters(self.optimizer)
-        synchronize(device)
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(steps):
-            action()
-        synchronize(device)
-        wall, cpu = (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+        if between is None:
+            synchronize(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                action()
+            synchronize(device)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        else:
+            wall = cpu = 0.0
+            for _ in range(steps):
+                between()
+                synchronize(device)
+                wall0, cpu0 = time.perf_counter(), time.process_time()
+                action()
+                synchronize(device)
+                wall, cpu = wall + time.perf_counter() - wall0, cpu + time.process_time() - cpu0
+        wall, cpu = wall / steps, cpu / steps
         after = grad_eval_counters(self.optimizer)
         if before is None or after is None or after[1] == before[1]:
             return Sample(wall, cpu, float(self.spec.passes or 0.0))
@@ -335,16 +361,20 @@ def run_interleaved(runners: list[Runner], action: str, args: argparse.Namespace
                     device: torch.device) -> dict[str, list[Sample]]:
     """Round-robin blocks of ``runner.<action>``, one per method per repeat; the order rotates per repeat."""
     samples: dict[str, list[Sample]] = {runner.spec.name: [] for runner in runners}
+    def block(runner: Runner) -> Sample:
+        between = runner.refresh if action == "update" else None
+        return runner.run_block(getattr(runner, action), args.steps_per_repeat, device, between)
+
     for runner in runners:
         for _ in range(args.warmup):
-            runner.run_block(getattr(runner, action), args.steps_per_repeat, device)
+            block(runner)
     gc.collect()
     gc.disable()  # no collector pauses inside timed blocks (as timeit does)
     try:
         for repeat in range(args.repeats):
             shift = repeat % len(runners)
             for runner in runners[shift:] + runners[:shift]:
-                sample = runner.run_block(getattr(runner, action), args.steps_per_repeat, device)
+                sample = block(runner)
                 samples[runner.spec.name].append(sample)
     finally:
         gc.enable()
