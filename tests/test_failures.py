@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import sharpness
 from helpers import create_for_test, registered_names
+from sharpness import _foreach
 
 
 def _setup(name: str, **options):
@@ -54,10 +55,14 @@ def _passes_in_step(name: str, step: int) -> int:
     return calls[0]
 
 
+@pytest.mark.parametrize("read", ["cpu", "device"])
 @pytest.mark.parametrize("step", [0, 1])
 @pytest.mark.parametrize("name", registered_names())
-def test_a_non_finite_loss_in_any_pass_raises_and_changes_nothing(name, step):
-    """Every pass of the first and the second step (LookSAM: a SAM step, then a reuse step)."""
+def test_a_non_finite_loss_in_any_pass_raises_and_changes_nothing(name, step, read, monkeypatch):
+    """Every pass of the first and the second step (LookSAM: a SAM step, then a reuse step); with the CPU's
+    free scalar reads and with the device path (stacked losses, one read) that a GPU step takes."""
+    if read == "device":
+        monkeypatch.setattr(_foreach, "host_read_is_free", lambda tensor: False)
     passes = _passes_in_step(name, step)
     for bad_pass in range(passes):
         model, x, y, opt = _setup(name)

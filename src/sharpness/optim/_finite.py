@@ -69,7 +69,10 @@ class FiniteLossCheck:
         else:
             device = losses[0].device
             dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-            total = torch.cat([loss.reshape(-1).to(device) for loss in losses]).sum(dtype=dtype)
+            if all(loss.dim() == 0 and loss.device == device for loss in losses):  # the usual: scalars, one device
+                total = torch.stack(losses).sum(dtype=dtype)
+            else:
+                total = torch.cat([loss.reshape(-1).to(device) for loss in losses]).sum(dtype=dtype)
             if distributed:
                 dist.all_reduce(total)  # a bad pass on any rank stops every rank
             total = total.item()  # the one host read
