@@ -270,8 +270,10 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         views = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            check_dense_grads(type(self).__name__, params)
-            views.append(ParamGroupView(group, params, [p.grad for p in params]))
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                check_dense_grads(type(self).__name__, params)  # raises, naming the optimizer
+            views.append(ParamGroupView(group, params, grads))
         return views
 
     def _scratch(self, params: list[Tensor], key: str) -> list[Tensor]:
