@@ -22,9 +22,10 @@ jobs hold the cores. Reported per method and clock:
   pytorch-optimizer's SAM) and the normalized cost ``time per step / (passes per step x SGD step)``
   (1.0 = no cost beyond the passes themselves);
 * the median time of the update alone (``first_step(); second_step()`` or ``step()`` on fixed gradients,
-  timed the same way with fresh copies), which isolates the optimizer's own bookkeeping. The gradients are put
-  back before every update, outside the timed region (the rules may overwrite them, and ASAM's ``T^2 g``
-  compounded over repeated updates would reach denormal or non-finite numbers); each update is timed on its own;
+  timed the same way with fresh copies), which isolates the optimizer's own bookkeeping. The weights and the
+  gradients are put back before every update, outside the timed region (the rules may overwrite the gradients,
+  and with no second pass in between, ASAM's ``T^2 g`` compounded over repeated updates reached non-finite
+  weights on the deep model); each update is timed on its own;
 * the optimizer state beyond the base SGD's (tensor bytes, between steps and the peak seen during a step)
   and, on CUDA, ``torch.cuda.max_memory_allocated`` over a short training run.
 
@@ -281,7 +282,7 @@ class Runner:
     optimizer: torch.optim.Optimizer
     batches: Iterator[tuple[Tensor, Tensor]]
     on_closure: Callable[[], None] | None = None  # memory probe hook (never set while timing)
-    primed: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # (parameter, its primed gradient)
+    primed: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (parameter, weight, gradient)
 
     def make_closure(self, x: Tensor, y: Tensor) -> Closure:
         """The closure the optimizer's flags ask for (``sharpness.make_closure``; plain for the others)."""
@@ -304,17 +305,21 @@ class Runner:
         self.spec.update(self.optimizer)
 
     def prime(self) -> None:
-        """Fill the gradients once, for update-only timing, and keep a copy for :meth:`refresh`."""
+        """Fill the gradients once, for update-only timing, and keep a copy of them and of the weights for
+        :meth:`refresh`."""
         self.make_closure(*next(self.batches))()
-        self.primed = [(p, p.grad.clone()) for p in self.model.parameters() if p.grad is not None]
+        self.primed = [(p, p.detach().clone(), p.grad.clone()) for p in self.model.parameters() if p.grad is not None]
 
     def refresh(self) -> None:
-        """Put the primed gradients back (between timed updates)."""
-        for p, saved in self.primed:
-            if p.grad is None:
-                p.grad = saved.clone()
-            else:
-                p.grad.copy_(saved)
+        """Put the primed weights and gradients back (between timed updates): with no second pass in between, an
+        update applies whatever a rule left in ``p.grad`` (ASAM: ``T^2 g``, which grows with ``|w|``)."""
+        with torch.no_grad():
+            for p, weight, grad in self.primed:
+                p.copy_(weight)
+                if p.grad is None:
+                    p.grad = grad.clone()
+                else:
+                    p.grad.copy_(grad)
 
     def run_block(self, action: Callable[[], None], steps: int, device: torch.device,
                   between: Callable[[], None] | None = None) -> Sample:
