@@ -246,3 +246,50 @@ def test_scratch_lists_are_reused_and_rebuilt_when_the_parameters_move():
     import copy
     import pickle
     assert copy.deepcopy(cache)._lists == {} and pickle.loads(pickle.dumps(cache))._lists == {}
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the ops that reach the dispatcher (one per kernel launch on a GPU; a fused ``_foreach_*`` op is one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+#: SAM's update beyond its base optimizer's step, by hand: back up w; ||g|| as per-tensor norms, their stack and
+#: the norm of the stack; then on a device ``+ eps``, ``g /= ...``, ``w += rho g`` (no read), on the CPU one read
+#: of the norm and ``w += (rho / (||g|| + eps)) g``; restore w
+SAM_UPDATE_OPS = {
+    "device": {"_foreach_copy_": 2, "_foreach_norm": 1, "stack": 1, "linalg_vector_norm": 1, "add": 1,
+               "_foreach_div_": 1, "_foreach_add_": 1},
+    "cpu": {"_foreach_copy_": 2, "_foreach_norm": 1, "stack": 1, "linalg_vector_norm": 1, "_local_scalar_dense": 1,
+            "_foreach_add_": 1},
+}
+
+
+@pytest.mark.parametrize("read", ["device", "cpu"])
+def test_sam_update_dispatches_exactly_its_kernels(read, monkeypatch):
+    """The bookkeeping of a SAM update is the algorithm's own kernels and nothing else (#9: in a host-bound GPU
+    step every extra dispatch costs a launch): counted at the dispatcher, minus one step of the same base
+    optimizer alone."""
+    if read == "device":
+        monkeypatch.setattr(_foreach, "host_read_is_free", lambda tensor: False)
+    model, x, y = _problem()
+    opt = create_for_test("sam", torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), standard_closure=False)
+    reference = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # the same base step, on its own
+    closure = make_closure(opt, model, x, y)
+    for _ in range(2):
+        opt.step(closure)
+    closure()
+    reference.step()  # its momentum buffers exist before counting, as the wrapped base's do
+    with _Ops() as ours:
+        opt.first_step()
+        opt.second_step()
+    with _Ops() as base:
+        reference.step()
+    assert dict(ours.ops - base.ops) == SAM_UPDATE_OPS[read]
+    assert not base.ops - ours.ops  # the base step itself runs unchanged inside second_step

@@ -196,6 +196,14 @@ def like(scalar: Tensor, tensor: Tensor) -> Tensor:
     return scalar.to(device=tensor.device, dtype=tensor.dtype)
 
 
+@functools.cache
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 or wider: the dtype norms and inner products of ``dtype`` tensors are accumulated in (bf16/fp16
+    results would lose about 3 digits). Cached: ``torch.promote_types`` is a dispatched op, a few microseconds
+    a call."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _one_device_and_dtype(tensors: Sequence[Tensor]) -> bool:
     """Whether all ``tensors`` share one (device, dtype): torch's C++ grouping (what torch.optim's foreach paths
     use) when available, 2x faster than the Python check for hundreds of tensors."""
@@ -226,7 +234,7 @@ def _norm_stacks(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor
     stacks = []
     for (bucket,) in group_by_device_dtype(tensors):
         # Norms of bf16/fp16 tensors are computed in float32: a low-precision result loses ~3 digits.
-        acc = torch.promote_types(bucket[0].dtype, torch.float32)
+        acc = accumulation_dtype(bucket[0].dtype)
         if not _FOREACH.get():
             norms = [torch.linalg.vector_norm(t, dtype=acc) for t in bucket]
         elif bucket[0].dtype == acc:
@@ -276,7 +284,7 @@ def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device | None 
     device = device or xs[0].device
     parts = []
     for bucket_x, bucket_y in group_by_device_dtype(xs, ys):
-        acc = torch.promote_types(bucket_x[0].dtype, torch.float32)
+        acc = accumulation_dtype(bucket_x[0].dtype)
         if bucket_x[0].dtype == acc:
             products = [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(bucket_x, bucket_y, strict=True)]
         else:  # low precision: accumulate in float32
