@@ -261,25 +261,31 @@ class _Ops(TorchDispatchMode):
 
 
 #: SAM's update beyond its base optimizer's step, by hand: back up w; ||g|| as per-tensor norms, their stack and
-#: the norm of the stack; then on a device ``+ eps``, ``g /= ...``, ``w += rho g`` (no read), on the CPU one read
-#: of the norm and ``w += (rho / (||g|| + eps)) g``; restore w
-SAM_UPDATE_OPS = {
-    "device": {"_foreach_copy_": 2, "_foreach_norm": 1, "stack": 1, "linalg_vector_norm": 1, "add": 1,
-               "_foreach_div_": 1, "_foreach_add_": 1},
-    "cpu": {"_foreach_copy_": 2, "_foreach_norm": 1, "stack": 1, "linalg_vector_norm": 1, "_local_scalar_dense": 1,
-            "_foreach_add_": 1},
+#: the norm of the stack; then the climb, on a device ``+ eps``, ``g /= ...``, ``w += rho g`` (no read), on the
+#: CPU one read of the norm and ``w += (rho / (||g|| + eps)) g``; restore w
+_CLIMB = {"device": {"add": 1, "_foreach_div_": 1, "_foreach_add_": 1},
+          "cpu": {"_local_scalar_dense": 1, "_foreach_add_": 1}}
+_NORM = {"_foreach_norm": 1, "stack": 1, "linalg_vector_norm": 1}
+#: ASAM adds: T_w = |w| + eta built in the parameters (abs, add), T g and T^2 g (two muls), w back from the
+#: backup before the climb (a third copy)
+UPDATE_OPS = {
+    ("sam", read): dict(Counter({"_foreach_copy_": 2, **_NORM}) + Counter(_CLIMB[read])) for read in _CLIMB
+} | {
+    ("asam", read): dict(Counter({"_foreach_copy_": 3, "_foreach_abs_": 1, "_foreach_add_": 1, "_foreach_mul_": 2,
+                                  **_NORM}) + Counter(_CLIMB[read])) for read in _CLIMB
 }
 
 
 @pytest.mark.parametrize("read", ["device", "cpu"])
-def test_sam_update_dispatches_exactly_its_kernels(read, monkeypatch):
-    """The bookkeeping of a SAM update is the algorithm's own kernels and nothing else (#9: in a host-bound GPU
-    step every extra dispatch costs a launch): counted at the dispatcher, minus one step of the same base
+@pytest.mark.parametrize("name", ["sam", "asam"])
+def test_the_update_dispatches_exactly_its_kernels(name, read, monkeypatch):
+    """The bookkeeping of a SAM/ASAM update is the algorithm's own kernels and nothing else (#9: in a host-bound
+    GPU step every extra dispatch costs a launch): counted at the dispatcher, minus one step of the same base
     optimizer alone."""
     if read == "device":
         monkeypatch.setattr(_foreach, "host_read_is_free", lambda tensor: False)
     model, x, y = _problem()
-    opt = create_for_test("sam", torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), standard_closure=False)
+    opt = create_for_test(name, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), standard_closure=False)
     reference = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # the same base step, on its own
     closure = make_closure(opt, model, x, y)
     for _ in range(2):
@@ -291,5 +297,5 @@ def test_sam_update_dispatches_exactly_its_kernels(read, monkeypatch):
         opt.second_step()
     with _Ops() as base:
         reference.step()
-    assert dict(ours.ops - base.ops) == SAM_UPDATE_OPS[read]
+    assert dict(ours.ops - base.ops) == UPDATE_OPS[name, read]
     assert not base.ops - ours.ops  # the base step itself runs unchanged inside second_step

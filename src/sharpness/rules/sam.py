@@ -35,29 +35,35 @@ class SAMPerturbation(PerturbationRule):
             self.climb_(views, global_norm(grads) if grad_sq_norm is None else grad_sq_norm.sqrt())
 
     def climb_(self, views: list[ParamGroupView], norm: torch.Tensor) -> None:
-        """``w <- w + rho g / (norm + eps)`` for a given ``norm`` (a 0-d tensor); may overwrite the gradients.
-
-        On a device (CUDA, ...): ``g <- g / (norm + eps)``, then ``w <- w + rho g``: two fused list kernels
-        and no host read. On the CPU, where reading the 0-d norm waits for nothing, the scale is read and the
-        climb is one fused pass, ``w <- w + (rho / (norm + eps)) g``, with the gradients left as they are (one
-        read and one write of every gradient less: 1.8-2.5 x faster for the benchmark MLP's climb).
-        """
-        denom = _foreach.read_if_free(norm) + self.eps  # a float on the CPU, else a 0-d tensor: no host read
-        for view in views:
-            if not view.params:
-                continue
-            rho = view.group["rho"]
-            for params, group_grads in group_by_device_dtype(view.params, view.grads):
-                if not isinstance(denom, torch.Tensor):
-                    if denom > 0:  # (0 only for eps = 0 and g = 0, where e = 0)
-                        _foreach.add_scaled_(params, group_grads, rho / denom)
-                    continue
-                _foreach.div_(group_grads, _foreach.like(denom, params[0]))
-                if isinstance(rho, torch.Tensor):  # a tensor-valued rho (scheduled like a tensor lr)
-                    _foreach.mul_(group_grads, _foreach.like(rho, params[0]))
-                    _foreach.add_(params, group_grads)
-                else:
-                    _foreach.add_(params, group_grads, alpha=rho)
+        """``w <- w + rho g / (norm + eps)`` for a given ``norm`` (a 0-d tensor); see :func:`climb_`."""
+        climb_(views, norm, self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
+
+
+def climb_(views: list[ParamGroupView], norm: torch.Tensor, eps: float) -> None:
+    """``w <- w + rho g / (norm + eps)`` for each view (``rho`` its group's) and a given ``norm`` (a 0-d tensor);
+    may overwrite the gradients. Shared by SAM, the masked rules and ASAM (which climbs along ``T^2 g``).
+
+    On a device (CUDA, ...): ``g <- g / (norm + eps)``, then ``w <- w + rho g``: two fused list kernels
+    and no host read. On the CPU, where reading the 0-d norm waits for nothing, the scale is read and the
+    climb is one fused pass, ``w <- w + (rho / (norm + eps)) g``, with the gradients left as they are (one
+    read and one write of every gradient less: 1.8-2.5 x faster for the benchmark MLP's climb).
+    """
+    denom = _foreach.read_if_free(norm) + eps  # a float on the CPU, else a 0-d tensor: no host read
+    for view in views:
+        if not view.params:
+            continue
+        rho = view.group["rho"]
+        for params, group_grads in group_by_device_dtype(view.params, view.grads):
+            if not isinstance(denom, torch.Tensor):
+                if denom > 0:  # (0 only for eps = 0 and g = 0, where e = 0)
+                    _foreach.add_scaled_(params, group_grads, rho / denom)
+                continue
+            _foreach.div_(group_grads, _foreach.like(denom, params[0]))
+            if isinstance(rho, torch.Tensor):  # a tensor-valued rho (scheduled like a tensor lr)
+                _foreach.mul_(group_grads, _foreach.like(rho, params[0]))
+                _foreach.add_(params, group_grads)
+            else:
+                _foreach.add_(params, group_grads, alpha=rho)
