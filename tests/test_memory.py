@@ -154,19 +154,24 @@ def test_no_parameter_sized_allocation_in_a_step(name, monkeypatch):
     assert dict(mode.ops) == ALLOWED_ALLOCATIONS.get(name, {})
 
 
-class _ScalarReads(TorchDispatchMode):
-    """Counts tensor-to-Python scalar reads (``.item()``, ``float(t)``, ``bool(t)``): a host synchronisation
-    when the tensor lives on a GPU."""
+class _Ops(TorchDispatchMode):
+    """Counts the ops that reach the dispatcher by name, unless ``paused`` (one per kernel launch on a GPU; a fused
+    ``_foreach_*`` op is one). ``_local_scalar_dense`` is a tensor-to-Python read (``.item()``, ``float(t)``,
+    ``bool(t)``): a host synchronisation when the tensor lives on a GPU."""
 
     def __init__(self) -> None:
         super().__init__()
         self.paused = False
-        self.count = 0
+        self.ops: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused and func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
+        if not self.paused:
+            self.ops[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
+
+    @property
+    def reads(self) -> int:
+        return self.ops["_local_scalar_dense"]
 
 
 #: scalar reads per step a method needs (everything else must stay on the device); 10 steps below
@@ -189,7 +194,7 @@ def test_scalar_reads_per_step_are_the_methods_own(name, max_grad_norm, check_fi
     model, x, y = _problem()
     opt = create_for_test(name, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), standard_closure=False,
                           max_grad_norm=max_grad_norm, check_finite=check_finite)
-    mode = _ScalarReads()
+    mode = _Ops()
     inner = make_closure(opt, model, x, y)
 
     def closure():
@@ -204,16 +209,16 @@ def test_scalar_reads_per_step_are_the_methods_own(name, max_grad_norm, check_fi
     with mode:
         for _ in range(10):
             opt.step(closure)
-    assert mode.count == SCALAR_READS_PER_10_STEPS.get(name, 0) + (10 if check_finite else 0)
+    assert mode.reads == SCALAR_READS_PER_10_STEPS.get(name, 0) + (10 if check_finite else 0)
 
 
 def test_the_scalar_read_probe_sees_an_item_call():
-    mode = _ScalarReads()
+    mode = _Ops()
     t = torch.ones(3)
     with mode:
         t.sum().item()
         bool(t.any())
-    assert mode.count == 2
+    assert mode.reads == 2
 
 
 def test_the_allocation_probe_sees_an_allocating_update():
@@ -246,18 +251,6 @@ def test_scratch_lists_are_reused_and_rebuilt_when_the_parameters_move():
     import copy
     import pickle
     assert copy.deepcopy(cache)._lists == {} and pickle.loads(pickle.dumps(cache))._lists == {}
-
-
-class _Ops(TorchDispatchMode):
-    """Counts the ops that reach the dispatcher (one per kernel launch on a GPU; a fused ``_foreach_*`` op is one)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 #: SAM's update beyond its base optimizer's step, by hand: back up w; ||g|| as per-tensor norms, their stack and

@@ -166,11 +166,22 @@ def host_read_is_free(tensor: Tensor) -> bool:
     return tensor.is_cpu
 
 
-def read_if_free(scalar: Tensor) -> Tensor | float:
+def read_if_free(scalar: Tensor | float) -> Tensor | float:
     """``float(scalar)`` where reading the 0-d tensor waits for nothing (:func:`host_read_is_free`), else the
-    tensor itself. Scalar arithmetic (``rho / (norm + eps)``) is then Python arithmetic on the CPU, a few
-    microseconds less per operation than a 0-d kernel, and stays on the device elsewhere."""
-    return float(scalar) if host_read_is_free(scalar) else scalar
+    tensor itself (a number stays a number). Scalar arithmetic (``rho / (norm + eps)``) is then Python
+    arithmetic on the CPU, a few microseconds less per operation than a 0-d kernel, and stays on the device
+    elsewhere."""
+    return float(scalar) if isinstance(scalar, Tensor) and host_read_is_free(scalar) else scalar
+
+
+def divide_floored(numerator: Tensor | float, denominator: Tensor | float) -> Tensor | float:
+    """``numerator / max(denominator, tiny)`` (``tiny``: float32's smallest normal number), for a coefficient
+    ``<x, y> / ||y||^2`` whose ``y`` may be zero: numbers where both read for free, else a 0-d tensor."""
+    numerator, denominator = read_if_free(numerator), read_if_free(denominator)
+    tiny = torch.finfo(torch.float32).tiny
+    if isinstance(denominator, Tensor):
+        return numerator / denominator.clamp_min(tiny)
+    return numerator / max(denominator, tiny)
 
 
 def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], scale: Tensor | float) -> None:
@@ -181,17 +192,17 @@ def add_scaled_(tensors: Sequence[Tensor], others: Sequence[Tensor], scale: Tens
     """
     if not tensors:
         return
-    scale = read_if_free(scale) if isinstance(scale, Tensor) else scale
+    scale = read_if_free(scale)
     if isinstance(scale, Tensor):
         addcmul_(tensors, others, [like(scale, tensors[0])] * len(tensors))
     else:
         add_(tensors, others, alpha=scale)
 
 
-def like(scalar: Tensor, tensor: Tensor) -> Tensor:
-    """``scalar`` (a 0-d tensor) on ``tensor``'s device and in its dtype; itself when it already is (a no-op
-    ``.to()`` still costs a dispatch, which counts in a host-bound step)."""
-    if scalar.device == tensor.device and scalar.dtype == tensor.dtype:
+def like(scalar: Tensor | float, tensor: Tensor) -> Tensor | float:
+    """``scalar`` (a 0-d tensor) on ``tensor``'s device and in its dtype; itself when it already is, or when it
+    is a number (a no-op ``.to()`` still costs a dispatch, which counts in a host-bound step)."""
+    if not isinstance(scalar, Tensor) or (scalar.device == tensor.device and scalar.dtype == tensor.dtype):
         return scalar
     return scalar.to(device=tensor.device, dtype=tensor.dtype)
 

@@ -93,8 +93,8 @@ def check_wrapper_options(model: object, max_grad_norm: object, foreach: object)
     return None if max_grad_norm is None else check_positive("max_grad_norm", max_grad_norm)
 
 
-def check_dense_grads(owner: str, params: Sequence[Any]) -> None:
-    """Refuse sparse gradients (``nn.Embedding(sparse=True)``): the perturbations are dense tensor algebra."""
-    for p in params:
-        if p.grad is not None and p.grad.is_sparse:
-            raise RuntimeError(f"{owner} does not support sparse gradients (use nn.Embedding(..., sparse=False))")
+def check_dense_grads(owner: str, grads: Sequence[Any]) -> None:
+    """Refuse sparse gradients (``nn.Embedding(sparse=True)``; ``None`` entries are skipped): the perturbations
+    are dense tensor algebra."""
+    if any(g is not None and g.is_sparse for g in grads):
+        raise RuntimeError(f"{owner} does not support sparse gradients (use nn.Embedding(..., sparse=False))")

@@ -271,8 +271,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             grads = [p.grad for p in params]
-            if any(g.is_sparse for g in grads):
-                check_dense_grads(type(self).__name__, params)  # raises, naming the optimizer
+            check_dense_grads(type(self).__name__, grads)
             views.append(ParamGroupView(group, params, grads))
         return views
 
@@ -484,13 +483,11 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         if pair is None:
             return
         params, clean, sam_grads, inner = pair
-        tiny = torch.finfo(torch.float32).tiny
-        inner, clean_sq = _foreach.read_if_free(inner), _foreach.read_if_free(squared_norm(clean))
-        # numbers on the CPU (no 0-d kernels), 0-d tensors elsewhere (no host synchronisation)
-        coef = inner / (clean_sq.clamp_min(tiny) if isinstance(clean_sq, Tensor) else max(clean_sq, tiny))
+        # a number on the CPU (no 0-d kernels), a 0-d tensor elsewhere (no host synchronisation)
+        neg_coef = -_foreach.divide_floored(inner, squared_norm(clean))
         direction = clean if over_clean else self._scratch(params, _REUSE)
         for dst, g_s, g in group_by_device_dtype(direction, sam_grads, clean):
-            c = -coef if not isinstance(coef, Tensor) else _foreach.like(coef, dst[0]).neg()
+            c = _foreach.like(neg_coef, dst[0])
             if over_clean:
                 _foreach.mul_(dst, c)  # dst <- -coef * g, over g itself
                 _foreach.add_(dst, g_s)  # dst <- g_s - coef * g

@@ -184,7 +184,7 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
             loss = closure()
         self.grad_evals += 1
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        check_dense_grads(type(self).__name__, params)
+        check_dense_grads(type(self).__name__, [p.grad for p in params])
         if self.langevin_steps > 0 and params:
             try:
                 self._langevin(closure, params)

@@ -118,13 +118,10 @@ class GSAM(SharpnessAwareOptimizer):
         if pair is None:
             return
         _, clean, sam_grads, inner = pair
-        sq, tiny = squared_norm(sam_grads), torch.finfo(torch.float32).tiny
-        if _foreach.host_read_is_free(sq) and _foreach.host_read_is_free(inner):  # numbers: no 0-d kernels
-            factor = 1.0 + self.alpha * float(inner) / max(float(sq), tiny)
-        else:
-            factor = 1.0 + self.alpha * inner / sq.clamp_min(tiny)  # 0-d tensor: no host synchronisation
+        # a number on the CPU (no 0-d kernels), a 0-d tensor elsewhere (no host synchronisation)
+        factor = 1.0 + _foreach.divide_floored(self.alpha * inner, squared_norm(sam_grads))
         for g_s, g in group_by_device_dtype(sam_grads, clean):
-            _foreach.mul_(g_s, factor if isinstance(factor, float) else _foreach.like(factor, g_s[0]))
+            _foreach.mul_(g_s, _foreach.like(factor, g_s[0]))
             _foreach.add_(g_s, g, alpha=-self.alpha)
 
     def _apply_reuse_direction(self) -> None:

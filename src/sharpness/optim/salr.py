@@ -270,7 +270,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         else:
             loss = self._pass(closure, backward=True)
             params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        check_dense_grads(type(self).__name__, params)
+        check_dense_grads(type(self).__name__, [p.grad for p in params])
         if estimate and params:
             self._estimate(closure, params)
 

@@ -11,7 +11,7 @@ from .. import _foreach
 from .._foreach import global_norm, group_by_device_dtype
 from .._validation import check_choice, check_non_negative, check_positive
 from .base import ParamGroupView, PerturbationRule
-from .sam import SAMPerturbation
+from .sam import climb_
 
 __all__ = ["MaskedSAMPerturbation"]
 
@@ -47,7 +47,6 @@ class MaskedSAMPerturbation(PerturbationRule):
         self.scale = check_positive("scale", scale)
         self.norm = check_choice("norm", norm, ("full", "masked"))
         self.eps = check_non_negative("eps", eps)
-        self._sam = SAMPerturbation(eps=self.eps)
 
     @_foreach.no_grad
     def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: Tensor | None = None) -> None:
@@ -75,7 +74,7 @@ class MaskedSAMPerturbation(PerturbationRule):
             views = [dataclasses.replace(view, group={**view.group, "rho": view.group["rho"] * self.scale})
                      for view in views]
         # SAM's own step on the masked gradients: with all-ones masks and scale 1 it is SAM, bit for bit.
-        self._sam.climb_(views, norm)
+        climb_(views, norm, self.eps)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, norm={self.norm!r}, eps={self.eps}"

@@ -29,14 +29,10 @@ class SAMPerturbation(PerturbationRule):
 
     @_foreach.no_grad
     def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: torch.Tensor | None = None) -> None:
-        """``w <- w + rho g / (||g|| + eps)`` in place (see :meth:`climb_`); no host synchronisation."""
+        """``w <- w + rho g / (||g|| + eps)`` in place (see :func:`climb_`); no host synchronisation."""
         grads = [g for view in views for g in view.grads]
         if grads:
-            self.climb_(views, global_norm(grads) if grad_sq_norm is None else grad_sq_norm.sqrt())
-
-    def climb_(self, views: list[ParamGroupView], norm: torch.Tensor) -> None:
-        """``w <- w + rho g / (norm + eps)`` for a given ``norm`` (a 0-d tensor); see :func:`climb_`."""
-        climb_(views, norm, self.eps)
+            climb_(views, global_norm(grads) if grad_sq_norm is None else grad_sq_norm.sqrt(), self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
