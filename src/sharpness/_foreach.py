@@ -207,6 +207,11 @@ def like(scalar: Tensor | float, tensor: Tensor) -> Tensor | float:
     return scalar.to(device=tensor.device, dtype=tensor.dtype)
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype for sums of many values (losses, counts) on ``device``: float64, except on MPS (no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 @functools.cache
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 or wider: the dtype norms and inner products of ``dtype`` tensors are accumulated in (bf16/fp16

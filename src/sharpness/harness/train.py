@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .. import __version__
+from .. import __version__, _foreach
 from ..optim.closure import make_closure
 from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -82,8 +83,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """The device a run trains on: ``"auto"`` (or None) is CUDA when available (under torchrun: when each local
     process gets a GPU of its own), else CPU; ``"cuda"`` under torchrun is this process's GPU
     (``cuda:LOCAL_RANK``). Refuses a device this machine does not have."""
-    import os
-
     spec = "auto" if device is None else device
     if isinstance(spec, str) and spec == "auto":
         # CUDA only if every process on this node gets a GPU of its own (torchrun's LOCAL_WORLD_SIZE), so all
@@ -113,8 +112,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def distributed_context(device: torch.device | None = None) -> tuple[int, int]:
     """``(rank, world_size)``; under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialized here
     if the caller has not done it: nccl for a CUDA ``device`` (default: when CUDA is available), else gloo."""
-    import os
-
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -189,7 +186,7 @@ def evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable, batch_size: 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=_foreach.sum_dtype(device), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
     for x, y in batches(dataset, batch_size, None):

@@ -69,7 +69,7 @@ class FiniteLossCheck:
             total = sum(loss.item() for loss in losses)  # CPU scalars: reading them is free, no kernel needed
         else:
             device = losses[0].device
-            dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+            dtype = _foreach.sum_dtype(device)
             if all(loss.dim() == 0 and loss.device == device for loss in losses):  # the usual: scalars, one device
                 total = torch.stack(losses).sum(dtype=dtype)
             else:
