@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import math
@@ -16,6 +17,7 @@ from torch import nn
 import sharpness
 from helpers import classification_data, make_closure, mlp, params_equal
 from sharpness.measures import ParameterFunction, SharpnessMeasure, sharpness_measure, universal_sharpness
+from sharpness.measures.universal import summarize
 
 F64 = torch.float64
 
@@ -168,6 +170,51 @@ def test_custom_measure_and_wrong_psi_shape():
                            sampler=sharpness.measures.GaussianSampler())
     with pytest.raises(ValueError, match=r"Invalid psi output: shape \(10, 2\).*expected \[10, 1\]"):
         universal_sharpness(_quadratic(h), measure=bad, num_samples=10)
+
+
+@pytest.mark.parametrize("name, options", [("trace", {}), ("frobenius", {}), ("det", {"half_width": 0.3}),
+                                           ("worst", {"q": 4}), ("worst", {"q": 6})])
+def test_closed_form_derivatives_equal_autograd(name, options):
+    """The presets' psi' and grad phi (used by the optimizers every step) against autograd on their psi and phi."""
+    measure = sharpness_measure(name, **options)
+    assert measure.psi_prime is not None and measure.phi_grad is not None
+    by_autograd = dataclasses.replace(measure, psi_prime=None, phi_grad=None)
+    x = torch.randn(7, dtype=F64, generator=torch.Generator().manual_seed(0)) * 3
+    if name == "worst":
+        x = x.abs() + 0.1  # phi = s^(1/q) at s > 0
+    for m in (2, 7):
+        closed, reference = measure.psi_derivatives(x[:m]), by_autograd.psi_derivatives(x[:m])
+        assert closed.shape == (m, measure.n)
+        torch.testing.assert_close(closed, reference, rtol=1e-13, atol=0)
+        s = measure.psi_values(x[:m]).mean(dim=0)
+        torch.testing.assert_close(measure.phi_gradient(s, m), by_autograd.phi_gradient(s, m), rtol=1e-13, atol=0)
+    bessel = sharpness_measure("frobenius")  # the Bessel factor m / (m - 1) is in the gradient, by hand:
+    s = torch.tensor([5.0, 2.0], dtype=F64)
+    torch.testing.assert_close(bessel.phi_gradient(s, 3), torch.tensor([0.5, -2.0], dtype=F64) * 1.5)
+
+
+def test_closed_form_of_the_wrong_shape_is_refused():
+    measure = dataclasses.replace(sharpness_measure("frobenius"), psi_prime=lambda x: x)
+    with pytest.raises(ValueError, match=r"Invalid psi_prime output: shape \(3,\) for 3 inputs \(expected \[3, 2\]\)"):
+        measure.psi_derivatives(torch.ones(3, dtype=F64))
+    measure = dataclasses.replace(sharpness_measure("frobenius"), phi_grad=lambda s: s[:1])
+    with pytest.raises(ValueError, match=r"Invalid phi_grad output: shape \(1,\) \(expected \(2,\)\)"):
+        measure.phi_gradient(torch.ones(2, dtype=F64), 3)
+    with pytest.raises(TypeError, match=r"Invalid psi_prime type: int \(expected a callable or None\)"):
+        dataclasses.replace(sharpness_measure("trace"), psi_prime=1)
+
+
+def test_frobenius_standard_error_is_the_delta_method_by_hand():
+    """se of ``m/(m-1) phi(s)``: ``m/(m-1) std_i(phi'(s) . psi(x_i)) / sqrt(m)``, the Bessel factor once."""
+    measure = sharpness_measure("frobenius")
+    x = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=F64)
+    m = 4
+    psi = torch.stack([x * x, x], dim=1)
+    s = psi.mean(dim=0)
+    linear = psi @ torch.stack([torch.tensor(0.5, dtype=F64), -s[1]])
+    value, stderr, _ = summarize(measure, x, dim=3)
+    assert value == pytest.approx(m / (m - 1) * float(s[0] - s[1] ** 2) / 2, rel=1e-14)
+    assert stderr == pytest.approx(m / (m - 1) * float(linear.std()) / math.sqrt(m), rel=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------- optimizers
@@ -366,6 +413,23 @@ def test_grad_scaler_inf_in_any_perturbed_pass_skips_the_step(poison_call):
     scale = scaler.get_scale()
     scaler.update()
     assert scaler.get_scale() == scale * 0.5
+
+
+def test_overriding_psi_or_phi_drops_the_presets_closed_forms():
+    """trace with psi(t) = 2t is trace with lam doubled (psi' = 2): the preset's psi' = 1 must not be used."""
+    x, y = classification_data(0)
+    after = []
+    for options in ({"psi": lambda t: 2 * t, "lam": 0.3}, {"lam": 0.6},
+                    {"phi": lambda s: 3 * s[0], "lam": 0.2}):
+        model = mlp(0)
+        opt = sharpness.UniversalSAM(torch.optim.SGD(model.parameters(), lr=0.5), measure="trace", rho=0.05,
+                                     num_samples=2, seed=3, **options)
+        assert (opt.measure.psi_prime is None) == ("psi" in options)
+        assert (opt.measure.phi_grad is None) == ("phi" in options)
+        opt.step(make_closure(opt, model, x, y))
+        after.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(after[0], after[1], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(after[2], after[1], rtol=1e-6, atol=1e-7)
 
 
 def test_universal_sam_with_a_custom_measure_and_the_two_phase_api():

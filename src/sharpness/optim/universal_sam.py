@@ -143,6 +143,10 @@ class UniversalSAM(SharpnessAwareOptimizer):
         measure = resolve_measure(measure, half_width=half_width, q=q)
         overrides = {key: value for key, value in (("phi", phi), ("psi", psi), ("sampler", sampler), ("n", n))
                      if value is not None}
+        if "psi" in overrides or "n" in overrides:
+            overrides["psi_prime"] = None  # the preset's closed forms belong to its own psi and phi
+        if "phi" in overrides or "n" in overrides:
+            overrides["phi_grad"] = None
         if overrides:
             measure = dataclasses.replace(measure, name=f"custom({measure.name})", **overrides)
         rho = check_positive("rho", rho) if rho != 0 else _zero_rho()
@@ -186,29 +190,23 @@ class UniversalSAM(SharpnessAwareOptimizer):
         self.first_step()
 
     def _loss_value(self, loss: Any, device: torch.device) -> Tensor:
+        """The closure's loss as a detached 0-d tensor (checked; numbers become float64 tensors on ``device``)."""
         if isinstance(loss, Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"Invalid closure output: shape {tuple(loss.shape)} (expected the scalar mean loss)")
-            value = loss.detach().reshape(()).to(device=device, dtype=torch.float64)
-        elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
-            value = torch.tensor(float(loss), dtype=torch.float64, device=device)
-        else:
-            raise TypeError(f"Invalid closure output type: {type(loss).__name__} (expected the loss tensor)")
-        if is_distributed():
-            value = all_reduce_mean_(value.clone())
-        return value
+            return loss.detach().reshape(())
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return torch.tensor(float(loss), dtype=torch.float64, device=device)
+        raise TypeError(f"Invalid closure output type: {type(loss).__name__} (expected the loss tensor)")
 
-    def _psi_derivative(self, x: Tensor) -> Tensor:
-        """``psi'(x)`` for one 0-d ``x``: shape ``[n]`` (autograd on the scalar, no host synchronisation)."""
-        n = self.measure.n
-        xi = x.detach().reshape(1).requires_grad_(True)
-        with torch.enable_grad():
-            out = self.measure.psi_values(xi)[0]
-            parts = []
-            for j in range(n):
-                (d,) = torch.autograd.grad(out[j], xi, retain_graph=j < n - 1, allow_unused=True)
-                parts.append(torch.zeros_like(xi) if d is None else d)
-        return torch.cat(parts)
+    def _forms(self, base_loss: Tensor, losses: list[Tensor], device: torch.device) -> Tensor:
+        """``x_i = kappa (L_i - L_0) / rho^2`` in float64 on ``device`` (shape ``[len(losses)]``); one stack, and
+        under DDP one all-reduce of every loss at once (the mean loss over the ranks)."""
+        values = torch.stack([v.to(device=device, dtype=torch.float64) for v in [base_loss, *losses]])
+        if is_distributed():
+            all_reduce_mean_(values)
+        kappa = 2.0 if self.scaling == "paper" else 1.0
+        return (values[1:] - values[0]) * (kappa / self.rho ** 2)
 
     @torch.no_grad()
     @uses_foreach_option
@@ -264,7 +262,7 @@ class UniversalSAM(SharpnessAwareOptimizer):
         """
         m, n = self.num_samples, self.measure.n
         device = params[0].device
-        kappa, gamma = (2.0, 2.0 / self.rho ** 2) if self.scaling == "paper" else (1.0, 1.0)
+        gamma = 2.0 / self.rho ** 2 if self.scaling == "paper" else 1.0
         base_loss = self._loss_value(loss, device)
         backup = self._scratch(params, _BACKUP)
         clean = self._scratch(params, _CLEAN_GRAD)
@@ -278,8 +276,7 @@ class UniversalSAM(SharpnessAwareOptimizer):
         for total in [] if raw else kept:
             for (bucket,) in group_by_device_dtype(total):
                 _foreach.zero_(bucket)
-        derivatives = torch.empty(m, n, dtype=torch.float64, device=device)  # psi_j'(x_i)
-        forms = torch.empty(m, dtype=torch.float64, device=device)
+        losses: list[Tensor] = []  # L(w + rho d_i)
         if self._bn_guard is not None:
             self._bn_guard.save()
         try:
@@ -294,15 +291,14 @@ class UniversalSAM(SharpnessAwareOptimizer):
                 perturbed_grads = [_grad_or_zero(p) for p in params]
                 if self._found_inf is not None:  # checked once after the m passes: one host sync, not m
                     unscale_(self.grad_scaler, perturbed_grads, self._found_inf)
-                x = kappa * (self._loss_value(perturbed_loss, device) - base_loss) / self.rho ** 2
-                forms[i] = x
-                derivative = derivatives[i] = self._psi_derivative(x)  # psi'(x_i), shape [n]
+                losses.append(self._loss_value(perturbed_loss, device))
                 if i == m - 1:
                     break  # the last pass's gradient stays in p.grad for the combination below
                 if raw:
                     for dst, g in group_by_device_dtype(kept[i], perturbed_grads):
                         _foreach.copy_(dst, g)
                     continue
+                derivative = self.measure.psi_derivatives(self._forms(base_loss, losses[-1:], device))[0]
                 for j, total in enumerate(kept):
                     for dst, g in group_by_device_dtype(total, perturbed_grads):
                         _foreach.add_scaled_(dst, g, derivative[j])  # sum_i psi_j'(x_i) g_i
@@ -313,21 +309,19 @@ class UniversalSAM(SharpnessAwareOptimizer):
                 self._bn_guard.restore()
         if self._found_inf is not None and self._overflowed():
             return False
-        self.last_quadratic_forms = forms
+        forms = self.last_quadratic_forms = self._forms(base_loss, losses, device)
+        derivatives = self.measure.psi_derivatives(forms)  # psi_j'(x_i), shape [m, n]
         # G = g0 + sum_j c_j (sum_i psi_j'(x_i) g_i - (sum_i psi_j'(x_i)) g0), c_j = lam beta gamma phi_j'(s) / m,
         # with the i = m term taken from p.grad
-        s = self.measure.psi_values(forms).mean(dim=0).detach().requires_grad_(True)
-        with torch.enable_grad():
-            (phi_grad,) = torch.autograd.grad(self.measure.phi_value(s, m), s, allow_unused=True)
-        phi_grad = torch.zeros_like(s) if phi_grad is None else phi_grad
-        coefficients = (self.lam * gamma / m) * phi_grad  # phi_value already carries the Bessel factor
+        phi_grad = self.measure.phi_gradient(self.measure.psi_values(forms).mean(dim=0), m)  # Bessel included
+        coefficients = (self.lam * gamma / m) * phi_grad
         clean_coefficient = 1.0 - (coefficients * derivatives.sum(dim=0)).sum()
         pass_coefficients = derivatives @ coefficients  # sum_j c_j psi_j'(x_i) per pass i
         kept_coefficients = pass_coefficients[:-1] if raw else coefficients
         final = [_grad_or_zero(p) for p in params]  # g_m
+        last = _foreach.read_if_free(pass_coefficients[-1])
         for dst, g0, *totals in group_by_device_dtype(final, clean, *kept):
-            like = {"device": dst[0].device, "dtype": dst[0].dtype}
-            _foreach.mul_(dst, pass_coefficients[-1].to(**like))
+            _foreach.mul_(dst, _foreach.like(last, dst[0]))
             _foreach.add_scaled_(dst, g0, clean_coefficient)
             for k, total in enumerate(totals):
                 _foreach.add_scaled_(dst, total, kept_coefficients[k])
