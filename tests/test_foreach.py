@@ -71,3 +71,21 @@ def test_list_ops_single_tensor_path_matches_the_fused_path():
     for out, ref in zip(fused, expected):
         torch.testing.assert_close(out, ref.to(out.dtype))
     assert fe.foreach_enabled() is True  # the context restores the default
+
+
+def test_scaled_copy_on_both_read_paths_equals_the_product(monkeypatch):
+    """``dst <- scale * src``: a number and a CPU tensor (read, one pass) and the device path (a 0-d factor, no
+    read; forced on the CPU) all equal ``src * scale``, in both foreach modes."""
+    from sharpness import _foreach as fe
+
+    g = torch.Generator().manual_seed(1)
+    src = [torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)]
+    for device_path in (False, True):
+        monkeypatch.setattr(fe, "host_read_is_free", lambda tensor, free=not device_path: free)
+        for enabled in (True, False):
+            for scale in (0.3, torch.tensor(-1.7, dtype=torch.float64), torch.tensor(2.5)):
+                dst = [torch.full_like(t, float("nan")) for t in src]
+                with fe.foreach_mode(enabled):
+                    fe.scaled_copy_(dst, src, scale)
+                for out, s in zip(dst, src):
+                    torch.testing.assert_close(out, s * float(scale), rtol=1e-7, atol=0)

@@ -127,6 +127,21 @@ def addcmul_(tensors: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor]
                 t.add_(x, alpha=y * v)
 
 
+def scaled_copy_(dst: Sequence[Tensor], src: Sequence[Tensor], scale: Tensor | float) -> None:
+    """``dst[i] <- scale * src[i]`` for a number or a 0-d tensor ``scale``.
+
+    A number, or a CPU tensor (read for free), is one pass per tensor (``torch.mul(src, scale, out=dst)``). A
+    tensor on a device stays there: a fused copy, then a fused multiply by the 0-d factor (no host read).
+    """
+    scale = read_if_free(scale)
+    if isinstance(scale, Tensor):
+        copy_(dst, src)
+        mul_(dst, like(scale, dst[0]))
+    else:
+        for d, s in zip(dst, src, strict=True):
+            torch.mul(s, scale, out=d)
+
+
 def div_(tensors: Sequence[Tensor], other: Tensor) -> None:
     """``t[i] <- t[i] / other`` (``other``: one 0-d tensor on the tensors' device, no host synchronisation)."""
     if _FOREACH.get():

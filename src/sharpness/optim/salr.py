@@ -485,9 +485,15 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
 
 
 def _normalize_into(out: list[Tensor], grads: list[Tensor]) -> None:
-    """``out <- g / ||g||`` (the global norm over all tensors), or 0 where ``g = 0`` (the walk stays put)."""
-    sq = squared_norm(grads)
-    scale = torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).rsqrt(), torch.zeros_like(sq))
+    """``out <- g / ||g||`` (the global norm over all tensors), or 0 where ``g = 0`` (the walk stays put).
+
+    On the CPU the squared norm is read (free there) and ``1 / ||g||`` is Python arithmetic, one pass per tensor;
+    on a device it stays a 0-d tensor (no host read)."""
+    sq = _foreach.read_if_free(squared_norm(grads))
+    if isinstance(sq, Tensor):
+        scale: Tensor | float = torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).rsqrt(),
+                                            torch.zeros_like(sq))
+    else:
+        scale = 1.0 / math.sqrt(sq) if sq > 0 else 0.0
     for dst, src in group_by_device_dtype(out, grads):
-        _foreach.copy_(dst, src)
-        _foreach.mul_(dst, scale.to(device=dst[0].device, dtype=dst[0].dtype))
+        _foreach.scaled_copy_(dst, src, scale)
