@@ -207,6 +207,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         self.last_grad_sq_norm: float | None = None
         self._phase = _Phase.IDLE
         self._perturbed_params: list[Tensor] = []
+        self._reuse_params: list[Tensor] = []  # LookSAM: first_step's parameters, for second_step's reuse step
         self._backup_buckets: list[tuple[list[Tensor], ...]] = []
         self._found_inf: Tensor | None = None
         self._local_grads = False
@@ -344,6 +345,8 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             if self._local_grads:
                 all_reduce_grads_mean_(grads)
             self._phase = _Phase.READY
+            if self.reuse_alpha is not None:  # LookSAM's reuse step in second_step: no second walk over the groups
+                self._reuse_params = [p for view in views for p in view.params]
             return False
 
         params = [p for view in views for p in view.params]
@@ -429,7 +432,8 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         else:
             self._check_losses()
             if self.reuse_alpha is not None:
-                self._apply_reuse_direction()
+                params, self._reuse_params = self._reuse_params, []
+                self._apply_reuse_direction(params)
 
         if self.max_grad_norm is not None:
             params_with_grad = [p for view in self._views() for p in view.params]
@@ -515,9 +519,10 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         formula for a step and for a checkpoint load, so a resumed run stays bit-identical)."""
         return math.sqrt(float(sq)) if _foreach.host_read_is_free(sq) else sq.sqrt()
 
-    def _apply_reuse_direction(self) -> None:
-        r"""LookSAM reuse step: ``g <- g + alpha * ||g|| / ||g_v|| * g_v`` (no-op before the first SAM step)."""
-        params = [p for view in self._views() for p in view.params if _REUSE in self.state[p]]
+    def _apply_reuse_direction(self, params: list[Tensor]) -> None:
+        r"""LookSAM reuse step: ``g <- g + alpha * ||g|| / ||g_v|| * g_v`` (no-op before the first SAM step) over
+        ``params``, those first_step found with a gradient."""
+        params = [p for p in params if p.grad is not None and _REUSE in self.state[p]]
         if not params:
             return
         grads = [p.grad for p in params]
