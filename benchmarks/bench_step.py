@@ -27,7 +27,11 @@ jobs hold the cores. Reported per method and clock:
   and with no second pass in between, ASAM's ``T^2 g`` compounded over repeated updates reached non-finite
   weights on the deep model); each update is timed on its own;
 * the optimizer state beyond the base SGD's (tensor bytes, between steps and the peak seen during a step)
-  and, on CUDA, ``torch.cuda.max_memory_allocated`` over a short training run.
+  and, on CUDA, ``torch.cuda.max_memory_allocated`` over a short training run;
+* kernels and scalar reads per step outside the closure (untimed, counted at the dispatcher on the code path
+  a GPU runs, the base update included; views are not kernels): on a GPU each kernel costs the host a launch,
+  so this is what a host-bound GPU step pays beyond its passes. torch.optim.SGD runs its per-tensor loop on
+  the CPU (3 kernels per tensor here) and a fused foreach path on CUDA.
 
 Headline ratios: our SAM / (2 x SGD) (target <= 1.03) and our SAM / pytorch-optimizer SAM (target <= 0.95),
 with the quartiles of the per-repeat paired ratios.
@@ -42,6 +46,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import itertools
@@ -56,8 +61,10 @@ import torch
 from _shared import environment as shared_environment
 from _shared import quartiles, write_json_atomically
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sharpness
+from sharpness import _foreach
 
 try:
     import pytorch_optimizer
@@ -282,6 +289,7 @@ class Runner:
     optimizer: torch.optim.Optimizer
     batches: Iterator[tuple[Tensor, Tensor]]
     on_closure: Callable[[], None] | None = None  # memory probe hook (never set while timing)
+    around_passes: Callable[[], Any] | None = None  # op counting: a context the closure runs in (never timed)
     primed: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (parameter, weight, gradient)
 
     def make_closure(self, x: Tensor, y: Tensor) -> Closure:
@@ -291,7 +299,15 @@ class Runner:
                 self.on_closure()
             return nn.functional.cross_entropy(self.model(x), y, reduction=reduction)
 
-        return sharpness.make_closure(self.optimizer, compute_loss)
+        closure = sharpness.make_closure(self.optimizer, compute_loss)
+        if self.around_passes is None:
+            return closure
+
+        def counted() -> Tensor:
+            with self.around_passes():
+                return closure()
+
+        return counted
 
     def step(self) -> None:
         """One full training step: the passes and the update."""
@@ -445,6 +461,61 @@ def measure_memory(spec: MethodSpec, model: nn.Module, batches: list[tuple[Tenso
     return result
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts what reaches the dispatcher outside the passes: ``kernels`` (ops that are not views: one launch
+    each on a GPU, a fused ``_foreach_*`` op being one) and ``reads`` (``_local_scalar_dense``: ``.item()``,
+    ``float(t)``, a host synchronisation on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = self.reads = 0
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if not self.paused:
+            if func.overloadpacket.__name__ == "_local_scalar_dense":
+                self.reads += 1
+            elif not func.is_view and func.namespace != "profiler":  # (torch.optim's record_function markers)
+                self.kernels += 1
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[None]:
+        before, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = before
+
+
+@contextlib.contextmanager
+def device_read_path() -> Iterator[None]:
+    """The code path a GPU runs, on any device: the CPU-only shortcut that reads 0-d scales for free is off."""
+    saved = _foreach.host_read_is_free
+    _foreach.host_read_is_free = lambda tensor: False
+    try:
+        yield
+    finally:
+        _foreach.host_read_is_free = saved
+
+
+def count_ops(spec: MethodSpec, model: nn.Module, batches: list[tuple[Tensor, Tensor]], steps: int = 10,
+              warmup: int = 3) -> dict[str, float]:
+    """Kernels and scalar reads per step outside the closure (the method's own work, the base update included),
+    on the device read path: on a GPU, each kernel costs the host a launch (about 5-10 us), which is what bounds
+    the step of a small model there. Untimed; a separate runner."""
+    runner = make_runner(spec, model, batches, total_steps=warmup + steps)
+    counter = OpCounter()
+    runner.around_passes = counter.pause
+    with device_read_path():
+        for _ in range(warmup):
+            runner.step()
+        with counter:
+            for _ in range(steps):
+                runner.step()
+    return {"kernels_per_step": counter.kernels / steps, "reads_per_step": counter.reads / steps}
+
+
 # ---------------------------------------------------------------------------------------------- statistics
 CLOCKS = ("wall", "cpu")  # time.perf_counter; time.process_time (excludes time spent descheduled)
 
@@ -557,10 +628,12 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     if device.type == "cuda":  # one-time allocations (cuBLAS workspaces) must not land in the first method's peak
         measure_memory(methods[0], model, batches, device, steps=1)
     memory = {m.name: measure_memory(m, model, batches, device) for m in methods}
+    ops = {m.name: count_ops(m, model, batches) for m in methods}
     steps, updates, fractions = time_methods(methods, model, batches, args, device)
     summary = summarize(steps, updates)
     for name, entry in summary.items():
         entry.update(memory[name])
+        entry.update(ops[name])
         if name in fractions:
             entry["sam_fraction"] = fractions[name]
     return {
@@ -604,6 +677,7 @@ def table_row(name: str, m: dict[str, Any], clocks: tuple[str, ...], cuda: bool)
         update = c["update_only_median_s"]
         row += [_ms(c["median_s"]), _ms(c["iqr_s"]), f"{c['normalized']:.3f}", "-" if update is None else _ms(update)]
     row.append(f"{_mib(m['extra_state_bytes_at_rest'])} / {_mib(m['extra_state_bytes_peak'])}")
+    row.append(f"{m['kernels_per_step']:.0f} / {m['reads_per_step']:.1f}")
     if cuda:
         row.append(_mib(m["cuda_peak_bytes"]))
     return row
@@ -616,6 +690,7 @@ def format_model_table(result: dict[str, Any], device: str) -> str:
     for clock in clocks:
         header += [f"{clock} ms/step", f"{clock} IQR", f"{clock} t/(passes*SGD)", f"{clock} update-only ms"]
     header.append("extra state MiB rest / peak")
+    header.append("kernels / reads per step")
     if cuda:
         header.append("CUDA peak MiB")
     rows = [header] + [table_row(name, m, clocks, cuda) for name, m in result["methods"].items()]

@@ -55,9 +55,17 @@ def test_bench_step_host_bound_models(tmp_path):
     assert tiny["parameters"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
     assert deep["parameters"] == 64 * 32 + 32 + 24 * (32 * 32 + 32 + 2 * 32) + 32 * 10 + 10
     assert "100 tensors" in deep["model"]
-    for result in (tiny, deep):
+    for result, tensors in ((tiny, 6), (deep, 100)):
         assert result["methods"]["SAM"]["passes_per_step"] == 2
         assert positive(result["ratios"]["wall"]["sam_over_2x_sgd"]["value"])
+        # the op counter, by hand: torch.optim.SGD's per-tensor momentum loop on the CPU is mul_, add_ (the
+        # buffer) and add_ (the weight) per tensor, with no read; SAM adds a fixed number of fused kernels and
+        # one read (the non-finite check of the losses)
+        sgd, sam = result["methods"]["SGD"], result["methods"]["SAM"]
+        assert sgd["kernels_per_step"] == 3 * tensors and sgd["reads_per_step"] == 0
+        assert sam["reads_per_step"] == 1 and 3 * tensors < sam["kernels_per_step"] < 3 * tensors + 30
+    assert (deep["methods"]["SAM"]["kernels_per_step"] - deep["methods"]["SGD"]["kernels_per_step"]
+            == tiny["methods"]["SAM"]["kernels_per_step"] - tiny["methods"]["SGD"]["kernels_per_step"])
 
 
 def test_bench_hessian_reaches_its_target(tmp_path):

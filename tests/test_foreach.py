@@ -89,3 +89,28 @@ def test_scaled_copy_on_both_read_paths_equals_the_product(monkeypatch):
                     fe.scaled_copy_(dst, src, scale)
                 for out, s in zip(dst, src):
                     torch.testing.assert_close(out, s * float(scale), rtol=1e-7, atol=0)
+
+
+def test_dot_by_polarization_on_the_device_path_matches_float64(monkeypatch):
+    """With scratch on the device path (forced on the CPU), <x, y> from two fused norms: float32 within the dots'
+    own rounding of a float64 reference, for nearly parallel (LookSAM's g, g_s) and orthogonal pairs; a bf16
+    bucket still takes per-tensor dots in float32."""
+    from sharpness import _foreach as fe
+
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(40, 30, generator=g), torch.randn(30, generator=g), torch.randn(7, 5, generator=g)]
+    parallel = [x + 1e-3 * torch.randn(x.shape, generator=g) for x in xs]
+    orthogonal = [torch.randn(x.shape, generator=g) for x in xs]
+    monkeypatch.setattr(fe, "host_read_is_free", lambda tensor: False)
+    for ys in (parallel, orthogonal):
+        reference = sum(float((x.double() * y.double()).sum()) for x, y in zip(xs, ys))
+        scale = sum(float(x.double().square().sum()) for x in xs)  # ~ ||x|| ||y||
+        scratch = [torch.zeros_like(x) for x in xs]
+        value = fe.dot(xs, ys, scratch=scratch)
+        per_tensor = fe.dot(xs, ys)
+        assert abs(float(value) - reference) <= 1e-6 * scale
+        assert abs(float(per_tensor) - reference) <= 1e-6 * scale
+        assert any(float(s.abs().sum()) > 0 for s in scratch)  # the scratch was used (and overwritten)
+    low = [x.to(torch.bfloat16) for x in xs]
+    reference = sum(float((x.double() * y.double()).sum()) for x, y in zip(low, low))
+    assert abs(float(fe.dot(low, low, scratch=[torch.zeros_like(x) for x in low])) - reference) <= 1e-5 * reference

@@ -469,7 +469,10 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         key = self._clean_grad_key()
         clean = [self.state[p][key] for p in params]
         sam_grads = [p.grad for p in params]
-        return params, clean, sam_grads, dot(clean, sam_grads)
+        # on a device, <g, g_s> from two fused norms in the weights' backup (free once they are restored), not one
+        # dot per tensor (one launch each); on the CPU per-tensor dots cost no launch
+        scratch = None if _foreach.host_read_is_free(sam_grads[0]) else self._scratch(params, _BACKUP)
+        return params, clean, sam_grads, dot(clean, sam_grads, scratch=scratch)
 
     def _store_reuse_direction(self, params: list[Tensor]) -> None:
         r"""LookSAM: ``g_v = g_s - (<g, g_s> / ||g||^2) g``, the part of the SAM gradient orthogonal to ``g``.

@@ -202,11 +202,15 @@ class UniversalSAM(SharpnessAwareOptimizer):
     def _forms(self, base_loss: Tensor, losses: list[Tensor], device: torch.device) -> Tensor:
         """``x_i = kappa (L_i - L_0) / rho^2`` in float64 on ``device`` (shape ``[len(losses)]``); one stack, and
         under DDP one all-reduce of every loss at once (the mean loss over the ranks)."""
+        scale = (2.0 if self.scaling == "paper" else 1.0) / self.rho ** 2  # kappa / rho^2
+        distributed = is_distributed()
+        if not distributed and all(_foreach.host_read_is_free(v) for v in (base_loss, *losses)):
+            base = float(base_loss)  # CPU losses: the same float64 arithmetic in Python, one tensor built
+            return torch.tensor([(float(v) - base) * scale for v in losses], dtype=torch.float64, device=device)
         values = torch.stack([v.to(device=device, dtype=torch.float64) for v in [base_loss, *losses]])
-        if is_distributed():
+        if distributed:
             all_reduce_mean_(values)
-        kappa = 2.0 if self.scaling == "paper" else 1.0
-        return (values[1:] - values[0]) * (kappa / self.rho ** 2)
+        return (values[1:] - values[0]) * scale
 
     @torch.no_grad()
     @uses_foreach_option
