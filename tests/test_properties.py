@@ -246,6 +246,17 @@ def test_sam_climb_on_the_cpu_with_eps_zero_and_a_zero_gradient_stays_put():
     assert all(torch.equal(p, q) for p, q in zip(view.params, w))
 
 
+@pytest.mark.parametrize("free", [True, False])
+def test_sam_climb_lets_a_nan_gradient_norm_through_on_both_read_paths(free, monkeypatch):
+    """A NaN gradient is not silently dropped by the CPU climb: the weights become NaN, as on a device, where the
+    non-finite check (not the climb) is what stops it."""
+    monkeypatch.setattr(sharpness._foreach, "host_read_is_free", lambda tensor: free)
+    view = sharpness.rules.ParamGroupView({"rho": 0.5}, [torch.randn(4), torch.randn(3)],
+                                          [torch.tensor([1.0, float("nan"), 0.0, 2.0]), torch.ones(3)])
+    sharpness.rules.SAMPerturbation().perturb_([view])
+    assert all(torch.isnan(p).all() for p in view.params)
+
+
 def test_composition_any_policy_with_any_rule():
     """The generic engine composes ASAM's rule with AE-SAM's policy and LookSAM's reuse."""
     model = mlp(0)

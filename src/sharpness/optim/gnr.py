@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import _foreach
-from .._foreach import group_by_device_dtype, squared_norm, uses_foreach_option
+from .._foreach import global_norm, group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_choice, check_int_at_least, check_non_negative, check_positive
 from ..policies.base import Policy
 from ..policies.periodic import Periodic
 from ..rules.base import ParamGroupView, PerturbationRule
-from ..rules.sam import SAMPerturbation
+from ..rules.sam import SAMPerturbation, climb_
 from .engine import _BACKUP, SharpnessAwareOptimizer
 
 __all__ = ["GNR"]
@@ -251,22 +251,18 @@ class GNR(SharpnessAwareOptimizer):
                 _foreach.copy_(dst, src)
             self._restore(params, backup)
 
-        # w_adv = w + rho f / (||f|| + xi), per-group rho
-        f_norm = squared_norm(f).sqrt()
-        offset = 0
+        # w_adv = w + rho f / (||f|| + xi), per-group rho: SAM's climb along f (f is scratch afterwards)
+        views, offset = [], 0
         for group, ps in groups:
-            fs = f[offset:offset + len(ps)]
+            views.append(ParamGroupView(group, ps, f[offset:offset + len(ps)]))
             offset += len(ps)
-            scale = group["rho"] / (f_norm + self.xi)
-            for bucket_p, bucket_f in group_by_device_dtype(ps, fs):
-                _foreach.mul_(bucket_f, scale.to(device=bucket_f[0].device, dtype=bucket_f[0].dtype))
-                _foreach.add_(bucket_p, bucket_f)
+        climb_(views, global_norm(f), self.xi)
 
         # h_norm / rho = H(w_adv) g(w_adv) / (||g(w_adv)|| + xi)
         self._evaluate(closure)
         adv_grads = [self._grad_or_zeros(p) for p in params]
-        adv_norm = squared_norm([g.detach() for g in adv_grads]).sqrt()
         adv_plain = [g.detach() for g in adv_grads]
+        adv_norm = global_norm(adv_plain)
         h_norm = self._normalized_hvp(closure, params, adv_grads, adv_plain, adv_norm, None)
         self._restore_perturbed()
 
@@ -339,7 +335,7 @@ class GNR(SharpnessAwareOptimizer):
         closure call at ``w + r u`` with ``u = vector / (||vector|| + xi)``; the weights are then restored from
         ``backup``, or left for the caller to restore (``backup=None``).
         """
-        inv = 1.0 / (vector_norm + self.xi)
+        inv = 1.0 / (_foreach.read_if_free(vector_norm) + self.xi)  # a number on the CPU, else a 0-d tensor
         if self.hvp == "exact":
             used = [i for i, g in enumerate(grads) if g.requires_grad]
             parts: tuple[Tensor | None, ...] = (None,) * len(params)
@@ -351,7 +347,7 @@ class GNR(SharpnessAwareOptimizer):
             self.grad_evals += 1
             self._release_graph(params)
             for (bucket,) in group_by_device_dtype(out):
-                _foreach.mul_(bucket, inv.to(device=bucket[0].device, dtype=bucket[0].dtype))
+                _foreach.mul_(bucket, _foreach.like(inv, bucket[0]))
             return out
         # finite difference: (g(w + r u) - g(w)) / r, with g(w) = vector (its own gradients)
         shift = self.fd_radius * inv

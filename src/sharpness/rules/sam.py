@@ -54,7 +54,7 @@ def climb_(views: list[ParamGroupView], norm: torch.Tensor, eps: float) -> None:
         rho = view.group["rho"]
         for params, group_grads in group_by_device_dtype(view.params, view.grads):
             if not isinstance(denom, torch.Tensor):
-                if denom > 0:  # (0 only for eps = 0 and g = 0, where e = 0)
+                if denom != 0:  # (0 only for eps = 0 and g = 0, where e = 0; a NaN norm propagates, as on a device)
                     _foreach.add_scaled_(params, group_grads, rho / denom)
                 continue
             _foreach.div_(group_grads, _foreach.like(denom, params[0]))
