@@ -114,3 +114,17 @@ def test_dot_by_polarization_on_the_device_path_matches_float64(monkeypatch):
     low = [x.to(torch.bfloat16) for x in xs]
     reference = sum(float((x.double() * y.double()).sum()) for x, y in zip(low, low))
     assert abs(float(fe.dot(low, low, scratch=[torch.zeros_like(x) for x in low])) - reference) <= 1e-5 * reference
+
+
+def test_lerp_in_both_modes_equals_the_convex_combination():
+    from sharpness import _foreach as fe
+
+    g = torch.Generator().manual_seed(3)
+    a = [torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    b = [torch.randn_like(t) for t in a]
+    for enabled in (True, False):
+        out = [t.clone() for t in a]
+        with fe.foreach_mode(enabled):
+            fe.lerp_(out, b, 0.3)
+        for o, x, y in zip(out, a, b):
+            torch.testing.assert_close(o, 0.7 * x + 0.3 * y, rtol=1e-14, atol=1e-15)

@@ -127,6 +127,15 @@ def addcmul_(tensors: Sequence[Tensor], a: Sequence[Tensor], b: Sequence[Tensor]
                 t.add_(x, alpha=y * v)
 
 
+def lerp_(tensors: Sequence[Tensor], ends: Sequence[Tensor], weight: float) -> None:
+    """``t[i] <- t[i] + weight * (e[i] - t[i])`` in place, one pass (``torch.lerp``'s formula)."""
+    if _FOREACH.get():
+        torch._foreach_lerp_(tensors, ends, weight)
+    else:
+        for t, e in zip(tensors, ends, strict=True):
+            t.lerp_(e, weight)
+
+
 def scaled_copy_(dst: Sequence[Tensor], src: Sequence[Tensor], scale: Tensor | float) -> None:
     """``dst[i] <- scale * src[i]`` for a number or a 0-d tensor ``scale``.
 

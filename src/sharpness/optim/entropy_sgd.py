@@ -33,7 +33,7 @@ Closure = Callable[[], Any]
 # Scratch buffers per parameter (allocated once, never checkpointed: every step starts them afresh).
 _ANCHOR = "entropy_anchor"  # x, the weights the Langevin chain is tethered to
 _MEAN = "entropy_mean"  # mu, the running average of the chain
-_DRIFT = "entropy_drift"  # g' + gamma (x' - x), then (once applied) the noise xi ~ N(0, I)
+_NOISE = "entropy_noise"  # the Langevin noise xi ~ N(0, I) of one inner step (only when noise > 0)
 
 
 class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
@@ -205,7 +205,7 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         gamma = self.scope
         anchor = self._scratch(params, _ANCHOR)
         mean = self._scratch(params, _MEAN)
-        drift = self._scratch(params, _DRIFT)
+        noise = [self._scratch(params, _NOISE)] if self.noise > 0 else []
         for a, m, p in group_by_device_dtype(anchor, mean, params):
             _foreach.copy_(a, p)
             _foreach.copy_(m, p)
@@ -218,19 +218,16 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                     closure()
                 self.grad_evals += 1
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            for p, a, m, d, g in group_by_device_dtype(params, anchor, mean, drift, grads):
-                _foreach.copy_(d, p)
-                _foreach.add_(d, a, alpha=-1.0)
-                _foreach.mul_(d, gamma)
-                _foreach.add_(d, g)  # d = g' + gamma (x' - x)
-                _foreach.add_(p, d, alpha=-self.sgld_lr)
-                if noise_scale > 0:
+            for p, a, m, g, *xi in group_by_device_dtype(params, anchor, mean, grads, *noise):
+                # x' <- x' - eta' (g' + gamma (x' - x)) in two passes: x' <- x' + eta' gamma (x - x'), then - eta' g'
+                _foreach.lerp_(p, a, self.sgld_lr * gamma)
+                _foreach.add_(p, g, alpha=-self.sgld_lr)
+                if xi:  # x' <- x' + sqrt(eta') eps xi
                     gen = self._rng.get(p[0].device)
-                    for buf in d:  # the drift is applied: its buffer takes the noise (no buffer of its own)
+                    for buf in xi[0]:
                         buf.normal_(generator=gen)
-                    _foreach.add_(p, d, alpha=noise_scale)
-                _foreach.mul_(m, 1.0 - self.alpha)
-                _foreach.add_(m, p, alpha=self.alpha)  # mu = (1 - alpha) mu + alpha x'
+                    _foreach.add_(p, xi[0], alpha=noise_scale)
+                _foreach.lerp_(m, p, self.alpha)  # mu = (1 - alpha) mu + alpha x'
         if self._bn_guard is not None:
             self._bn_guard.restore()
         outer = gamma if self.scale_by_gamma else 1.0
