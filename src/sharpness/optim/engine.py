@@ -208,6 +208,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         self._phase = _Phase.IDLE
         self._perturbed_params: list[Tensor] = []
         self._reuse_params: list[Tensor] = []  # LookSAM: first_step's parameters, for second_step's reuse step
+        self._reuse_grad_norm: float | None = None  # and their ||g|| when the policy read it (AE-LookSAM)
         self._backup_buckets: list[tuple[list[Tensor], ...]] = []
         self._found_inf: Tensor | None = None
         self._local_grads = False
@@ -347,6 +348,9 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             self._phase = _Phase.READY
             if self.reuse_alpha is not None:  # LookSAM's reuse step in second_step: no second walk over the groups
                 self._reuse_params = [p for view in views for p in view.params]
+                # ||g|| of these very gradients when the policy read it (AE-LookSAM): no second norm
+                local = self._local_grads or grad_sq_norm is None  # (under DDP no_sync, sq is a mean of local norms)
+                self._reuse_grad_norm = None if local else math.sqrt(grad_sq_norm)
             return False
 
         params = [p for view in views for p in view.params]
@@ -433,7 +437,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             self._check_losses()
             if self.reuse_alpha is not None:
                 params, self._reuse_params = self._reuse_params, []
-                self._apply_reuse_direction(params)
+                self._apply_reuse_direction(params, self._reuse_grad_norm)
 
         if self.max_grad_norm is not None:
             params_with_grad = [p for view in self._views() for p in view.params]
@@ -522,18 +526,22 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         formula for a step and for a checkpoint load, so a resumed run stays bit-identical)."""
         return math.sqrt(float(sq)) if _foreach.host_read_is_free(sq) else sq.sqrt()
 
-    def _apply_reuse_direction(self, params: list[Tensor]) -> None:
+    def _apply_reuse_direction(self, params: list[Tensor], grad_norm: float | None = None) -> None:
         r"""LookSAM reuse step: ``g <- g + alpha * ||g|| / ||g_v|| * g_v`` (no-op before the first SAM step) over
-        ``params``, those first_step found with a gradient."""
-        params = [p for p in params if p.grad is not None and _REUSE in self.state[p]]
+        ``params``, those first_step found with a gradient; ``grad_norm``: their ``||g||`` when already read."""
+        reusing = [p for p in params if p.grad is not None and _REUSE in self.state[p]]
+        if len(reusing) != len(params):  # ||g|| over another set of tensors
+            grad_norm = None
+        params = reusing
         if not params:
             return
         grads = [p.grad for p in params]
         direction = [self.state[p][_REUSE] for p in params]
         if self._reuse_norm is None:  # after a checkpoint load: the same formula as _store_reuse_direction's
             self._reuse_norm = self._norm_from_squared(squared_norm(direction))
-        # numbers on the CPU, 0-d tensors (no host read) elsewhere
-        scale = self.reuse_alpha * _foreach.read_if_free(global_norm(grads)) / (self._reuse_norm + 1e-12)
+        # numbers on the CPU (or when ||g|| was read for the policy), 0-d tensors (no host read) elsewhere
+        norm = _foreach.read_if_free(global_norm(grads)) if grad_norm is None else grad_norm
+        scale = self.reuse_alpha * norm / (self._reuse_norm + 1e-12)
         for g, v in group_by_device_dtype(grads, direction):
             _foreach.add_scaled_(g, v, scale)  # g <- g + scale * g_v, in place
 

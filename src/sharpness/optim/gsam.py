@@ -124,5 +124,5 @@ class GSAM(SharpnessAwareOptimizer):
             _foreach.mul_(g_s, _foreach.like(factor, g_s[0]))
             _foreach.add_(g_s, g, alpha=-self.alpha)
 
-    def _apply_reuse_direction(self, params: list[Tensor]) -> None:
+    def _apply_reuse_direction(self, params: list[Tensor], grad_norm: float | None = None) -> None:
         """GSAM has no reuse steps (every step is a SAM step)."""
