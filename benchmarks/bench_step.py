@@ -46,7 +46,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import itertools
@@ -61,10 +60,9 @@ import torch
 from _shared import environment as shared_environment
 from _shared import quartiles, write_json_atomically
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sharpness
-from sharpness import _foreach
+from sharpness._ops import OpCounter, device_read_path
 
 try:
     import pytorch_optimizer
@@ -459,44 +457,6 @@ def measure_memory(spec: MethodSpec, model: nn.Module, batches: list[tuple[Tenso
     if device.type == "cuda":
         result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
     return result
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts what reaches the dispatcher outside the passes: ``kernels`` (ops that are not views: one launch
-    each on a GPU, a fused ``_foreach_*`` op being one) and ``reads`` (``_local_scalar_dense``: ``.item()``,
-    ``float(t)``, a host synchronisation on a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kernels = self.reads = 0
-        self.paused = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if not self.paused:
-            if func.overloadpacket.__name__ == "_local_scalar_dense":
-                self.reads += 1
-            elif not func.is_view and func.namespace != "profiler":  # (torch.optim's record_function markers)
-                self.kernels += 1
-        return func(*args, **(kwargs or {}))
-
-    @contextlib.contextmanager
-    def pause(self) -> Iterator[None]:
-        before, self.paused = self.paused, True
-        try:
-            yield
-        finally:
-            self.paused = before
-
-
-@contextlib.contextmanager
-def device_read_path() -> Iterator[None]:
-    """The code path a GPU runs, on any device: the CPU-only shortcut that reads 0-d scales for free is off."""
-    saved = _foreach.host_read_is_free
-    _foreach.host_read_is_free = lambda tensor: False
-    try:
-        yield
-    finally:
-        _foreach.host_read_is_free = saved
 
 
 def count_ops(spec: MethodSpec, model: nn.Module, batches: list[tuple[Tensor, Tensor]], steps: int = 10,

@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from helpers import create_for_test, make_closure, registered_names
 from sharpness import _foreach
+from sharpness._ops import OpCounter
 
 #: parameter-sized floating-point buffers the optimizer itself keeps between steps (the base optimizer's
 #: momentum is not counted), with default options
@@ -154,26 +155,6 @@ def test_no_parameter_sized_allocation_in_a_step(name, monkeypatch):
     assert dict(mode.ops) == ALLOWED_ALLOCATIONS.get(name, {})
 
 
-class _Ops(TorchDispatchMode):
-    """Counts the ops that reach the dispatcher by name, unless ``paused`` (one per kernel launch on a GPU; a fused
-    ``_foreach_*`` op is one). ``_local_scalar_dense`` is a tensor-to-Python read (``.item()``, ``float(t)``,
-    ``bool(t)``): a host synchronisation when the tensor lives on a GPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.paused = False
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def reads(self) -> int:
-        return self.ops["_local_scalar_dense"]
-
-
 #: scalar reads per step a method needs (everything else must stay on the device); 10 steps below
 SCALAR_READS_PER_10_STEPS = {
     "aesam": 10,  # ||g||^2 against the running normal model: the SAM-or-not decision, once per step
@@ -194,15 +175,12 @@ def test_scalar_reads_per_step_are_the_methods_own(name, max_grad_norm, check_fi
     model, x, y = _problem()
     opt = create_for_test(name, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), standard_closure=False,
                           max_grad_norm=max_grad_norm, check_finite=check_finite)
-    mode = _Ops()
+    mode = OpCounter()
     inner = make_closure(opt, model, x, y)
 
     def closure():
-        before, mode.paused = mode.paused, True
-        try:
+        with mode.pause():
             return inner()
-        finally:
-            mode.paused = before
 
     for _ in range(3):
         opt.step(closure)
@@ -213,12 +191,12 @@ def test_scalar_reads_per_step_are_the_methods_own(name, max_grad_norm, check_fi
 
 
 def test_the_scalar_read_probe_sees_an_item_call():
-    mode = _Ops()
+    mode = OpCounter()
     t = torch.ones(3)
     with mode:
         t.sum().item()
         bool(t.any())
-    assert mode.reads == 2
+    assert mode.reads == 2 and mode.kernels == 2  # sum, any; the reads are not kernels
 
 
 def test_the_allocation_probe_sees_an_allocating_update():
@@ -285,10 +263,10 @@ def test_the_update_dispatches_exactly_its_kernels(name, read, monkeypatch):
         opt.step(closure)
     closure()
     reference.step()  # its momentum buffers exist before counting, as the wrapped base's do
-    with _Ops() as ours:
+    with OpCounter() as ours:
         opt.first_step()
         opt.second_step()
-    with _Ops() as base:
+    with OpCounter() as base:
         reference.step()
     assert dict(ours.ops - base.ops) == UPDATE_OPS[name, read]
     assert not base.ops - ours.ops  # the base step itself runs unchanged inside second_step
