@@ -207,8 +207,8 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         self.last_grad_sq_norm: float | None = None
         self._phase = _Phase.IDLE
         self._perturbed_params: list[Tensor] = []
-        self._reuse_params: list[Tensor] = []  # LookSAM: first_step's parameters, for second_step's reuse step
-        self._reuse_grad_norm: float | None = None  # and their ||g|| when the policy read it (AE-LookSAM)
+        # LookSAM: first_step's parameters for second_step's reuse step, and their ||g|| when the policy read it
+        self._reuse_step: tuple[list[Tensor], float | None] = ([], None)
         self._backup_buckets: list[tuple[list[Tensor], ...]] = []
         self._found_inf: Tensor | None = None
         self._local_grads = False
@@ -347,10 +347,11 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
                 all_reduce_grads_mean_(grads)
             self._phase = _Phase.READY
             if self.reuse_alpha is not None:  # LookSAM's reuse step in second_step: no second walk over the groups
-                self._reuse_params = [p for view in views for p in view.params]
-                # ||g|| of these very gradients when the policy read it (AE-LookSAM): no second norm
-                local = self._local_grads or grad_sq_norm is None  # (under DDP no_sync, sq is a mean of local norms)
-                self._reuse_grad_norm = None if local else math.sqrt(grad_sq_norm)
+                # ||g|| of these very gradients when the policy read it (AE-LookSAM): no second norm (not under DDP
+                # no_sync, where that value is a mean of local norms)
+                known = grad_sq_norm is not None and not self._local_grads
+                self._reuse_step = ([p for view in views for p in view.params],
+                                    math.sqrt(grad_sq_norm) if known else None)
             return False
 
         params = [p for view in views for p in view.params]
@@ -436,8 +437,8 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         else:
             self._check_losses()
             if self.reuse_alpha is not None:
-                params, self._reuse_params = self._reuse_params, []
-                self._apply_reuse_direction(params, self._reuse_grad_norm)
+                (params, grad_norm), self._reuse_step = self._reuse_step, ([], None)
+                self._apply_reuse_direction(params, grad_norm)
 
         if self.max_grad_norm is not None:
             params_with_grad = [p for view in self._views() for p in view.params]

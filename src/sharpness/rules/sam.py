@@ -40,7 +40,8 @@ class SAMPerturbation(PerturbationRule):
 
 def climb_(views: list[ParamGroupView], norm: torch.Tensor, eps: float) -> None:
     """``w <- w + rho g / (norm + eps)`` for each view (``rho`` its group's) and a given ``norm`` (a 0-d tensor);
-    may overwrite the gradients. Shared by SAM, the masked rules and ASAM (which climbs along ``T^2 g``).
+    may overwrite the gradients. Shared by SAM, the masked rules, ASAM (which climbs along ``T^2 g``) and GNR
+    (along ``H g``, to ``w_adv``).
 
     On a device (CUDA, ...): ``g <- g / (norm + eps)``, then ``w <- w + rho g``: two fused list kernels
     and no host read. On the CPU, where reading the 0-d norm waits for nothing, the scale is read and the
