@@ -224,15 +224,14 @@ class SharpnessMeasure:
     def phi_gradient(self, s: Tensor, num_samples: int) -> Tensor:
         """The gradient of :meth:`phi_value` at ``s`` (shape ``[n]``, Bessel factor included), from
         ``phi_grad`` when the measure has it, else by autograd."""
-        if self.phi_grad is not None:
-            grad = self.phi_grad(s)
-            if grad.shape != s.shape:
-                raise ValueError(f"Invalid phi_grad output: shape {tuple(grad.shape)} (expected {tuple(s.shape)})")
-        else:
+        if self.phi_grad is None:  # phi_value carries the Bessel factor, so its gradient does
             leaf = s.detach().requires_grad_(True)
             with torch.enable_grad():
                 (grad,) = torch.autograd.grad(self.phi_value(leaf, num_samples), leaf, allow_unused=True)
             return torch.zeros_like(s) if grad is None else grad
+        grad = self.phi_grad(s)
+        if grad.shape != s.shape:
+            raise ValueError(f"Invalid phi_grad output: shape {tuple(grad.shape)} (expected {tuple(s.shape)})")
         return grad * (num_samples / (num_samples - 1)) if self.bessel else grad
 
     def phi_value(self, s: Tensor, num_samples: int) -> Tensor:
