@@ -38,7 +38,7 @@ BUFFERS_AT_REST = {
     "tracesam": 2,  # backup + g_0 (m = 1: the one perturbed gradient is used where it lies)
     "detsam": 2,
     "frobsam": 3,  # backup + g_0 + g_1 (m = 2)
-    "salr": 4,  # backup, g(w), walk offset, walk direction
+    "salr": 2,  # backup and g(w): the walks move the weights themselves, along g scaled by gamma / ||g||
     "entropysgd": 3,  # anchor, running mean, drift (the noise is drawn into the drift once it is applied)
 }
 
@@ -47,7 +47,7 @@ BUFFERS_WITH_OPTIONS = [
     ("tracesam", {"num_samples": 4}, 3),  # m - 1 = 3 > n = 1: one running sum
     ("frobsam", {"num_samples": 5}, 4),  # m - 1 = 4 > n = 2: two running sums
     ("frobsam", {"num_samples": 3}, 4),  # m - 1 = 2 <= n = 2: the two earlier gradients
-    ("salr", {"normalization": "per_sample"}, 5),  # + d(w) from the training pass's per-sample gradients
+    ("salr", {"normalization": "per_sample"}, 4),  # + d(w) from the training pass and d(w + e) (per-sample means)
 ]
 
 

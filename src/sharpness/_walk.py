@@ -1,8 +1,8 @@
-"""SALR's normalized descent/ascent walk (Definition 1, Algorithm 2), shared by the measure and the optimizer.
+"""SALR's normalized descent/ascent walk (Definition 1, Algorithm 2) in offset form, for the measures.
 
-One implementation serves :func:`sharpness.measures.salr_sharpness_hat` / ``salr_stochastic_sharpness``
-(offsets applied with ``shifted_parameters``) and :class:`sharpness.optim.SALR` (offsets applied to the live
-weights), so both compute the same ``S_hat``.
+:func:`sharpness.measures.salr_sharpness_hat` and ``salr_stochastic_sharpness`` apply the offsets with
+``shifted_parameters``. :class:`sharpness.optim.SALR` walks the live weights instead (``w <- w + sign gamma d``,
+no offset buffer); tests check that both give the same ``S_hat`` (float64, to rounding).
 """
 
 from __future__ import annotations
@@ -20,24 +20,21 @@ __all__: list[str] = []
 Direction = Callable[[list[Tensor]], Sequence[Tensor]]
 
 
-def normalized_walk_(offset: list[Tensor], direction_at: Direction, gamma: float, steps: int, sign: float, *,
-                     first: Sequence[Tensor] | None = None) -> list[Tensor]:
+def normalized_walk_(offset: list[Tensor], direction_at: Direction, gamma: float, steps: int,
+                     sign: float) -> list[Tensor]:
     """Walk ``e_{i+1} = e_i + sign * gamma * d(w + e_i)`` for ``steps`` steps from ``e_0 = 0``, in place.
 
     Args:
         offset: parameter-shaped buffers receiving ``e`` (zeroed first; no allocation here).
         direction_at: ``e -> d(w + e)``, the (already normalized) step direction at ``w + e``.
         gamma: step length ``> 0``; sign: ``+1`` ascent, ``-1`` descent.
-        first: ``d(w)`` when the caller already has it (SALR reuses the training step's gradient): the
-            first step then costs no evaluation, so the walk costs ``steps - 1`` calls of ``direction_at``.
 
     Returns ``offset``.
     """
     for (bucket,) in group_by_device_dtype(offset):
         _foreach.zero_(bucket)
-    for i in range(steps):
-        d = first if (i == 0 and first is not None) else direction_at(offset)
-        for e, x in group_by_device_dtype(offset, list(d)):
+    for _ in range(steps):
+        for e, x in group_by_device_dtype(offset, list(direction_at(offset))):
             _foreach.add_(e, x, alpha=sign * gamma)
     return offset
 

@@ -20,7 +20,7 @@ from .._validation import (
     check_positive,
     check_wrapper_options,
 )
-from .._walk import normalized_walk_, per_sample_inverse_norms
+from .._walk import per_sample_inverse_norms
 from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_mean_, is_distributed
 from ._finite import FiniteLossCheck
@@ -35,9 +35,8 @@ NORMALIZATIONS = ("batch", "per_sample")
 # Scratch buffers (per parameter, allocated once, never checkpointed).
 _WEIGHT = "salr_weight"  # w, restored bit for bit after the walks
 _GRAD = "salr_grad"  # the training gradient at w, restored after the walks
-_FIRST = "salr_first_direction"  # d(w), the reused first step of both walks
-_DIRECTION = "salr_direction"  # d(w + e) at the current point of a walk
-_OFFSET = "salr_offset"  # e, the walk's offset from w
+_FIRST = "salr_first_direction"  # per-sample mode: d(w), the reused first step of both walks
+_DIRECTION = "salr_direction"  # per-sample mode: d(w + e) at the current point of a walk
 
 
 class _RunningMedian:
@@ -103,6 +102,8 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     normalization), at the paper's count.
     Per-sample gradients come from one forward and a ``vmap``-ed backward
     (``torch.autograd.grad(..., is_grads_batched=True)``): memory ``|B| x`` the parameter count per pass.
+    The walks move the live weights (``w <- w + sign gamma d``) and restore them bit for bit; SALR keeps two
+    parameter-sized buffers (``w`` and ``g(w)``) in batch mode, four in per-sample mode (``+ d(w), d(w + e)``).
 
     **Degenerate estimates.** A non-finite ``S_k`` is not recorded (``skipped_estimates``) and the last factor
     is kept. If ``S_k <= 0`` (a flat point: the walks stay put where ``g = 0``; or a noise-dominated estimate)
@@ -353,33 +354,20 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the estimate
     def _estimate(self, closure: Closure, params: list[Tensor]) -> None:
+        """Both walks on the live weights (``w <- w + sign * gamma * d(w)``, Definition 1 as written), then the
+        endpoint losses; the weights, ``p.grad`` and the BatchNorm statistics are restored bit for bit."""
         weight = self._scratch(params, _WEIGHT)
         grad = self._scratch(params, _GRAD)
-        offset = self._scratch(params, _OFFSET)
-        direction = self._scratch(params, _DIRECTION)
         per_sample = self.normalization == "per_sample"
         for dst, src in group_by_device_dtype(weight, params):
             _foreach.copy_(dst, src)
         grads_at_w = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         for dst, src in group_by_device_dtype(grad, grads_at_w):
             _foreach.copy_(dst, src)
-        # d(w): per-sample mode has it from the training pass; batch mode rebuilds g / ||g|| into the direction
-        # buffer at the start of each walk (one scaling pass instead of a buffer of its own)
-        first = self._scratch(params, _FIRST) if per_sample else direction
-
-        def place(e: list[Tensor]) -> None:  # weights <- w + e
-            for p_, w_, e_ in group_by_device_dtype(params, weight, e):
-                _foreach.copy_(p_, w_)
-                _foreach.add_(p_, e_)
-
-        def direction_at(e: list[Tensor]) -> list[Tensor]:
-            place(e)
-            if per_sample:
-                self._per_sample_pass(closure, params, first=False, out=direction)
-            else:
-                self._pass(closure, backward=True)
-                _normalize_into(direction, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
-            return direction
+        # per-sample mode: d(w) comes from the training pass (first buffer), d(w + e) is built in a buffer; batch
+        # mode steps along the gradient itself, scaled by gamma / ||g|| (no direction buffer, no offset buffer)
+        first = self._scratch(params, _FIRST) if per_sample else grad
+        direction = self._scratch(params, _DIRECTION) if per_sample else None
 
         if self._bn_guard is not None:
             self._bn_guard.save()
@@ -389,11 +377,23 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
             with torch.random.fork_rng(devices=devices):
                 ends = []
                 for sign, steps in ((-1.0, self.n_descent), (1.0, self.n_ascent)):
-                    if not per_sample:
-                        _normalize_into(direction, grad)
-                    normalized_walk_(offset, direction_at, self.gamma, steps, sign, first=first)
-                    place(offset)
+                    for i in range(steps):
+                        if i == 0:  # d(w): both walks reuse the training pass
+                            moved, along = params, first
+                        elif per_sample:
+                            self._per_sample_pass(closure, params, first=False, out=direction)
+                            moved, along = params, direction
+                        else:
+                            self._pass(closure, backward=True)
+                            moved = [p for p in params if p.grad is not None]  # no gradient: no move
+                            along = [p.grad for p in moved]
+                        if per_sample:
+                            _add_scaled_grouped(moved, along, sign * self.gamma)
+                        else:
+                            _normalized_step_(moved, along, sign * self.gamma)
                     ends.append(self._pass(closure, backward=False))
+                    for dst, src in group_by_device_dtype(params, weight):
+                        _foreach.copy_(dst, src)  # back to w for the next walk
         finally:
             for dst, src in group_by_device_dtype(params, weight):
                 _foreach.copy_(dst, src)  # back to w, bit for bit
@@ -484,16 +484,22 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         return f"SALR({', '.join(parts)},\n  optimizer={inner})"
 
 
-def _normalize_into(out: list[Tensor], grads: list[Tensor]) -> None:
-    """``out <- g / ||g||`` (the global norm over all tensors), or 0 where ``g = 0`` (the walk stays put).
+def _add_scaled_grouped(params: list[Tensor], along: list[Tensor], scale: Tensor | float) -> None:
+    for p, d in group_by_device_dtype(params, along):
+        _foreach.add_scaled_(p, d, scale)
 
-    On the CPU the squared norm is read (free there) and ``1 / ||g||`` is Python arithmetic, one pass per tensor;
-    on a device it stays a 0-d tensor (no host read)."""
-    sq = _foreach.read_if_free(squared_norm(grads))
+
+def _normalized_step_(params: list[Tensor], grads: list[Tensor], step: float) -> None:
+    """``w <- w + step * g / ||g||`` (the global norm over all tensors); no move where ``g = 0``.
+
+    On the CPU the squared norm is read (free there) and ``step / ||g||`` is Python arithmetic, one fused pass
+    per tensor; on a device it stays a 0-d tensor (no host read)."""
+    sq = _foreach.read_if_free(squared_norm(grads)) if grads else 0.0
     if isinstance(sq, Tensor):
-        scale: Tensor | float = torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).rsqrt(),
+        scale: Tensor | float = torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).rsqrt() * step,
                                             torch.zeros_like(sq))
+    elif sq != 0:  # a NaN gradient propagates (the endpoint loss is then non-finite: the estimate is skipped)
+        scale = step / math.sqrt(sq)
     else:
-        scale = 1.0 / math.sqrt(sq) if sq > 0 else 0.0
-    for dst, src in group_by_device_dtype(out, grads):
-        _foreach.scaled_copy_(dst, src, scale)
+        return
+    _add_scaled_grouped(params, grads, scale)
