@@ -239,6 +239,26 @@ def test_cpu_host_read_fast_paths_agree_with_the_device_paths(name, monkeypatch)
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("base", ["AdamW", "SGD"])
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_and_single_tensor_base_optimizers_give_the_foreach_trajectory(name, base):
+    """A base optimizer built with ``fused=True`` (torch's fused CPU/CUDA kernels) or ``foreach=False`` is
+    wrapped as it is: the same weights as with ``foreach=True`` after 4 steps (float64, to rounding)."""
+    x, y = classification_data(2)
+    options = {"AdamW": {"lr": 1e-2, "weight_decay": 0.1}, "SGD": {"lr": 0.1, "momentum": 0.9}}[base]
+    weights = {}
+    for kind in ("foreach", "fused", "single"):
+        model = mlp(0)
+        flag = {"foreach": {"foreach": True}, "fused": {"fused": True}, "single": {"foreach": False}}[kind]
+        opt = make_optimizer(name, getattr(torch.optim, base)(model.parameters(), **options, **flag), total_steps=8)
+        torch.manual_seed(0)
+        _train(opt, model, x, y, 4)
+        weights[kind] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert not torch.equal(weights["foreach"], torch.cat([p.detach().flatten() for p in mlp(0).parameters()]))
+    for kind in ("fused", "single"):
+        torch.testing.assert_close(weights[kind], weights["foreach"], rtol=1e-10, atol=1e-12)
+
+
 def test_sam_climb_on_the_cpu_with_eps_zero_and_a_zero_gradient_stays_put():
     w = [torch.randn(4), torch.randn(3)]
     view = sharpness.rules.ParamGroupView({"rho": 0.5}, [t.clone() for t in w], [torch.zeros(4), torch.zeros(3)])
