@@ -372,6 +372,9 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         if self._bn_guard is not None:
             self._bn_guard.save()
         devices = sorted({p.device.index for p in params if p.device.type == "cuda"})
+        # the last walk pass's gradient tensors: the endpoint pass clears p.grad (zero_grad), and g(w) is then
+        # handed back in them instead of in a fresh clone (no parameter-sized allocation)
+        spare: list[Tensor | None] = [None] * len(params)
         try:
             # The walks' passes draw dropout masks from a forked RNG: the training randomness is unchanged.
             with torch.random.fork_rng(devices=devices):
@@ -385,6 +388,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                             moved, along = params, direction
                         else:
                             self._pass(closure, backward=True)
+                            spare = [p.grad for p in params]
                             moved = [p for p in params if p.grad is not None]  # no gradient: no move
                             along = [p.grad for p in moved]
                         if per_sample:
@@ -397,9 +401,9 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         finally:
             for dst, src in group_by_device_dtype(params, weight):
                 _foreach.copy_(dst, src)  # back to w, bit for bit
-            for p, g in zip(params, grad):
+            for p, g, s in zip(params, grad, spare):
                 if p.grad is None:
-                    p.grad = g.clone()
+                    p.grad = g.clone() if s is None else s.copy_(g)
                 else:
                     p.grad.copy_(g)
             if self._bn_guard is not None:
