@@ -165,6 +165,22 @@ def test_add_param_group_reaches_base_and_gets_the_wrapper_defaults(name):
             assert opt.param_groups[1][key] == value, key
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_step_hooks_run_once_per_step_on_the_wrapper_and_its_base(name):
+    """torch.optim's ``register_step_pre_hook`` / ``register_step_post_hook`` work on every wrapper: once per
+    ``step`` however many passes it takes, and the base optimizer's own hooks once per base update."""
+    model = mlp(0)
+    x, y = classification_data(0)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = make_optimizer(name, base, total_steps=8)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o is opt)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o is opt)))
+    base.register_step_post_hook(lambda o, args, kwargs: calls.append(("base", o is base)))
+    _train(opt, model, x, y, 3)
+    assert calls == [("pre", True), ("base", True), ("post", True)] * 3
+
+
 def test_add_param_group_gets_the_given_rho():
     model = mlp(0)
     opt = sharpness.SAM(torch.optim.SGD(model[0].parameters(), lr=0.1), rho=0.07)

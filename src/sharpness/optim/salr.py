@@ -387,6 +387,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                             self._per_sample_pass(closure, params, first=False, out=direction)
                             moved, along = params, direction
                         else:
+                            spare = [None] * len(params)  # not held through the pass (peak memory)
                             self._pass(closure, backward=True)
                             spare = [p.grad for p in params]
                             moved = [p for p in params if p.grad is not None]  # no gradient: no move
