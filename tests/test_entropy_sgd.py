@@ -168,3 +168,58 @@ def test_gamma_max_caps_the_scope_and_the_steps_follow_it():
     uncapped.steps = 720_000  # 0.03 * 1.001**t passes 1e300 near t = 694k
     with pytest.raises(FloatingPointError, match="overflows; pass gamma_max"):
         uncapped.scope
+
+
+def test_langevin_noise_is_one_flat_draw_per_bucket_by_hand():
+    """Several tensors: each Langevin step draws xi as one N(0, I) vector over the bucket's parameters (in their
+    order), the same numbers as ``torch.randn(total, generator)`` split per tensor, by hand (Algorithm 1)."""
+    torch.manual_seed(0)
+    w1 = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))  # 24 + 7 numbers: torch's CPU normal_ fills 16 or
+    w2 = nn.Parameter(torch.randn(7, dtype=torch.float64))  # more in blocks, fewer one by one (draws differ)
+    params = [w1, w2]
+
+    def loss_fn(a, b):
+        return (a.sum(1) ** 2).sum() + (b ** 3).sum() * 0.1 + (a[:, 0] * b[:6]).sum()
+
+    x = [p.detach().clone() for p in params]
+    sgld_lr, eps, gamma, alpha, lr, steps = 0.05, 0.3, 0.03, 0.25, 0.1, 3
+    opt = sharpness.EntropySGD(torch.optim.SGD(params, lr=lr), langevin_steps=steps, sgld_lr=sgld_lr, noise=eps,
+                               gamma=gamma, gamma_growth=1.0, alpha=alpha, seed=5)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(w1, w2)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    gen = torch.Generator().manual_seed(5)
+    xp, mu = [t.clone() for t in x], [t.clone() for t in x]
+    for _ in range(steps):
+        a, b = (t.clone().requires_grad_() for t in xp)
+        grads = torch.autograd.grad(loss_fn(a, b), [a, b])
+        flat = torch.randn(31, generator=gen, dtype=torch.float64)
+        xi = [flat[:24].view(6, 4), flat[24:]]
+        xp = [t - sgld_lr * (g + gamma * (t - t0)) + sgld_lr ** 0.5 * eps * n
+              for t, g, t0, n in zip(xp, grads, x, xi)]
+        mu = [(1 - alpha) * m + alpha * t for m, t in zip(mu, xp)]
+    for p, t0, m in zip(params, x, mu):
+        torch.testing.assert_close(p.detach(), t0 - lr * (t0 - m), rtol=0, atol=1e-13)
+
+
+def test_langevin_noise_costs_one_draw_per_step_for_any_number_of_tensors():
+    """The noise buffers are views of one flat buffer: ``normal_`` runs once per Langevin step, not once per
+    tensor (on a GPU each is a launch), and the state still holds one noise view per parameter."""
+    from sharpness._ops import OpCounter
+
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(5)]).double()  # 10 tensors
+    x = torch.randn(8, 6, dtype=torch.float64)
+    opt = sharpness.EntropySGD(torch.optim.SGD(model.parameters(), lr=0.1), langevin_steps=4)
+    closure = sharpness.make_closure(opt, lambda r: model(x).square().mean())
+    opt.step(closure)
+    with OpCounter() as counter:
+        opt.step(closure)
+    assert counter.ops["normal_"] == 4
+    views = [opt.state[p]["entropy_noise"] for p in model.parameters()]
+    assert [v.shape for v in views] == [p.shape for p in model.parameters()]
+    assert len({v.untyped_storage().data_ptr() for v in views}) == 1

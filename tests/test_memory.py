@@ -266,3 +266,23 @@ def test_the_update_dispatches_exactly_its_kernels(name, read, monkeypatch):
         reference.step()
     assert dict(ours.ops - base.ops) == UPDATE_OPS[name, read]
     assert not base.ops - ours.ops  # the base step itself runs unchanged inside second_step
+
+
+def test_flat_scratch_views_share_one_buffer_per_bucket_and_are_rebuilt_when_the_parameters_change():
+    from sharpness.optim._state import ScratchLists
+
+    params = [torch.zeros(3), torch.zeros(2, 2), torch.zeros(4, dtype=torch.float64), torch.zeros(5)]
+    state: dict = {p: {} for p in params}
+    cache = ScratchLists()
+    flats, views = cache.get_flat(state, params, "k")
+    assert sorted(f.numel() for f in flats) == [4, 12]  # float32 (3 + 4 + 5) and float64 (4)
+    assert [v.shape for v in views] == [p.shape for p in params] and all(v.dtype == p.dtype for v, p in zip(views, params))
+    assert all(state[p]["k"] is v for p, v in zip(params, views))
+    for flat in flats:
+        flat.fill_(7.0)
+    assert all(bool((v == 7).all()) for v in views)  # the views are the flat buffers
+    assert cache.get_flat(state, params, "k")[1] is views  # reused
+    params[1].data = torch.zeros(6)  # a new shape: its bucket is rebuilt, the float64 one is kept
+    flats2, views2 = cache.get_flat(state, params, "k")
+    assert views2[1].shape == (6,) and views2[2] is views[2] and views2[0] is not views[0]
+    assert sorted(f.numel() for f in flats2) == [4, 14]

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._foreach import group_by_device_dtype
+
 __all__: list[str] = []
 
 
@@ -26,6 +28,34 @@ def scratch_buffers(state: dict[Tensor, dict[str, Any]], params: Iterable[Tensor
     return buffers
 
 
+def flat_scratch_buffers(state: dict[Tensor, dict[str, Any]], params: list[Tensor],
+                         key: str) -> tuple[list[Tensor], list[Tensor]]:
+    """``state[p][key]`` for each parameter as a view into one flat buffer per (device, dtype) bucket, and those
+    flat buffers: an op that fills every buffer (a random draw) is then one kernel per bucket, not one per tensor.
+
+    The views are what the state holds, so memory accounting sees the same bytes as with
+    :func:`scratch_buffers`. A bucket is reallocated if any of its parameters changed shape, dtype or device, or
+    its views are not (all) views of one flat buffer of the bucket's size.
+    """
+    flats: list[Tensor] = []
+    views: dict[int, Tensor] = {}
+    for (bucket,) in group_by_device_dtype(params):
+        numels = [p.numel() for p in bucket]
+        current = [state[p].get(key) for p in bucket]
+        base = current[0]._base if current[0] is not None else None
+        reusable = base is not None and base.dim() == 1 and base.numel() == sum(numels) and all(
+            v is not None and v._base is base and v.shape == p.shape and v.dtype == p.dtype and v.device == p.device
+            for v, p in zip(current, bucket, strict=True))
+        if not reusable:
+            base = torch.empty(sum(numels), dtype=bucket[0].dtype, device=bucket[0].device)
+            current = [chunk.view(p.shape) for chunk, p in zip(base.split(numels), bucket, strict=True)]
+            for p, v in zip(bucket, current, strict=True):
+                state[p][key] = v
+        flats.append(base)
+        views.update((id(p), v) for p, v in zip(bucket, current, strict=True))
+    return flats, [views[id(p)] for p in params]
+
+
 class ScratchLists:
     """:func:`scratch_buffers` lists remembered per key, so a step does not re-validate every buffer.
 
@@ -36,6 +66,7 @@ class ScratchLists:
 
     def __init__(self) -> None:
         self._lists: dict[str, tuple[tuple[int, ...], list[Tensor]]] = {}
+        self._flat: dict[str, tuple[tuple[int, ...], list[Tensor], list[Tensor]]] = {}
 
     def get(self, state: dict[Tensor, dict[str, Any]], params: list[Tensor], key: str) -> list[Tensor]:
         signature = tuple(p.data_ptr() for p in params)
@@ -47,14 +78,27 @@ class ScratchLists:
         self._lists[key] = (signature, buffers)
         return buffers
 
+    def get_flat(self, state: dict[Tensor, dict[str, Any]], params: list[Tensor],
+                 key: str) -> tuple[list[Tensor], list[Tensor]]:
+        """:func:`flat_scratch_buffers` ``(flats, views)``, remembered as :meth:`get` remembers its lists."""
+        signature = tuple(p.data_ptr() for p in params)
+        hit = self._flat.get(key)
+        if hit is not None and hit[0] == signature and (not params or state[params[0]].get(key) is hit[2][0]):
+            return hit[1], hit[2]
+        flats, views = flat_scratch_buffers(state, params, key)
+        self._flat[key] = (signature, flats, views)
+        return flats, views
+
     def clear(self) -> None:
         self._lists.clear()
+        self._flat.clear()
 
     def __getstate__(self) -> dict[str, Any]:
         return {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._lists = {}
+        self._flat = {}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ScratchLists:
         return ScratchLists()

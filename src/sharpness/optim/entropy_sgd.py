@@ -22,7 +22,7 @@ from .._validation import (
 from ..batchnorm import RunningStatsGuard
 from ._finite import FiniteLossCheck
 from ._generator import LazyGenerator
-from ._state import SharesBaseParamGroups, scratch_buffers
+from ._state import ScratchLists, SharesBaseParamGroups, scratch_buffers
 
 _LOG_MAX_SCOPE = math.log(1e300)  # beyond this the scope times a weight difference is no longer a float
 
@@ -33,7 +33,7 @@ Closure = Callable[[], Any]
 # Scratch buffers per parameter (allocated once, never checkpointed: every step starts them afresh).
 _ANCHOR = "entropy_anchor"  # x, the weights the Langevin chain is tethered to
 _MEAN = "entropy_mean"  # mu, the running average of the chain
-_NOISE = "entropy_noise"  # the Langevin noise xi ~ N(0, I) of one inner step (only when noise > 0)
+_NOISE = "entropy_noise"  # the Langevin noise xi ~ N(0, I) of one inner step (only when noise > 0); flat per bucket
 
 
 class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
@@ -144,6 +144,7 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         self.grad_evals = 0
         self.sam_steps = 0
         self.skipped_steps = 0  # the engine's counter set; no GradScaler, so never incremented
+        self._flat_scratch = ScratchLists()  # the noise buffers (views of one flat buffer per bucket)
         super().__init__(list(base_optimizer.param_groups), dict(base_optimizer.defaults))
 
     # ------------------------------------------------------------------ counters
@@ -205,7 +206,9 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         gamma = self.scope
         anchor = self._scratch(params, _ANCHOR)
         mean = self._scratch(params, _MEAN)
-        noise = [self._scratch(params, _NOISE)] if self.noise > 0 else []
+        # the noise buffers are views of one flat buffer per (device, dtype): one draw per bucket, not per tensor
+        flats, views = self._flat_scratch.get_flat(self.state, params, _NOISE) if self.noise > 0 else ([], [])
+        noise = [views] if views else []
         for a, m, p in group_by_device_dtype(anchor, mean, params):
             _foreach.copy_(a, p)
             _foreach.copy_(m, p)
@@ -218,14 +221,13 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                     closure()
                 self.grad_evals += 1
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            for flat in flats:  # xi ~ N(0, I)
+                flat.normal_(generator=self._rng.get(flat.device))
             for p, a, m, g, *xi in group_by_device_dtype(params, anchor, mean, grads, *noise):
                 # x' <- x' - eta' (g' + gamma (x' - x)) in two passes: x' <- x' + eta' gamma (x - x'), then - eta' g'
                 _foreach.lerp_(p, a, self.sgld_lr * gamma)
                 _foreach.add_(p, g, alpha=-self.sgld_lr)
                 if xi:  # x' <- x' + sqrt(eta') eps xi
-                    gen = self._rng.get(p[0].device)
-                    for buf in xi[0]:
-                        buf.normal_(generator=gen)
                     _foreach.add_(p, xi[0], alpha=noise_scale)
                 _foreach.lerp_(m, p, self.alpha)  # mu = (1 - alpha) mu + alpha x'
         if self._bn_guard is not None:
