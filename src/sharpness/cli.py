@@ -17,9 +17,23 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .harness import Store, TrainConfig, environment, run_key, train
-from .harness.train import distributed_context, resolve_device
+from .harness.train import check_compile_backend, distributed_context, resolve_device
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sharpness-aware training and measurement.")
+
+_COMPILE_HELP = "torch.compile the model with this backend (inductor, aot_eager, ...); default: eager"
+
+
+def _resolve_runtime(device: str, compile_backend: str | None) -> Any:
+    """The ``--device`` option as a torch.device, after checking ``--compile`` (typer parameter errors)."""
+    try:
+        check_compile_backend(compile_backend)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--compile") from exc
+    try:
+        return resolve_device(device)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from exc
 
 
 def _parse_options(pairs: list[str] | None, flag: str) -> dict[str, object]:
@@ -106,15 +120,14 @@ def train_command(
         "--download", help="fetch the data set if it is not on disk ($SHARPNESS_DATA or ~/.cache/sharpness/data)")] = False,
     device: Annotated[str, typer.Option(
         help="auto (CUDA when available), cpu, cuda, cuda:N or mps; under torchrun cuda is each rank's GPU")] = "auto",
+    compile_backend: Annotated[Optional[str], typer.Option(
+        "--compile", help=_COMPILE_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the final summary line")] = False,
 ) -> None:
     """Train one run and print its test accuracy, %SAM and gradient evaluations."""
     if epochs is None and budget_steps is None and budget_grad_evals is None:
         epochs = 30
-    try:
-        resolved = resolve_device(device)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--device") from exc
+    resolved = _resolve_runtime(device, compile_backend)
     try:
         config = TrainConfig(
             dataset=dataset, model=model, optimizer=optimizer, base=base, lr=lr, momentum=momentum,
@@ -138,7 +151,7 @@ def train_command(
         checkpoint = checkpoint_dir / f"{key}.pt"
     try:
         result = train(config, checkpoint=checkpoint, log=None if quiet else typer.echo, download=download,
-                       device=resolved)
+                       device=resolved, compile_backend=compile_backend)
     except (TypeError, ValueError, FileNotFoundError, FloatingPointError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
@@ -203,6 +216,8 @@ def sweep_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the planned runs and exit")] = False,
     download: Annotated[bool, typer.Option("--download", help="fetch data sets that are not on disk")] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N or mps")] = "auto",
+    compile_backend: Annotated[Optional[str], typer.Option(
+        "--compile", help=_COMPILE_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or per-run lines")] = False,
 ) -> None:
     """Run every configuration of a sweep that is not yet in the store (rerun after a kill to finish it)."""
@@ -219,12 +234,9 @@ def sweep_command(
                        f"seed {run_config.seed}")
         typer.echo(f"{len(plan)} runs planned into {plan.db}")
         return
-    try:
-        resolved = resolve_device(device)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--device") from exc
+    resolved = _resolve_runtime(device, compile_backend)
     result = run_sweep(plan, log=None if quiet else typer.echo, progress=not quiet, keep_going=keep_going,
-                       download=download, device=resolved)
+                       download=download, device=resolved, compile_backend=compile_backend)
     typer.echo(f"{result.total} runs: {result.done_before} already done, {result.trained} trained, "
                f"{len(result.failed)} failed; store {plan.db}")
     for key, error in result.failed:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import measures
+from .._compile import accepts_compiled
 from .._io import write_text_atomically
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
@@ -60,6 +61,7 @@ def _check_names(names: Sequence[str]) -> list[str]:
     return names
 
 
+@accepts_compiled
 def measure_model(model: nn.Module, loss_fn: Callable, data: Any, names: Sequence[str], *, rho: float = 0.05,
                   samples: int = 100, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Run the named measures; returns ``{name: Measurement.as_dict()}``."""

@@ -46,7 +46,7 @@ import torch
 
 from .config import TrainConfig
 from .store import Store, run_key
-from .train import environment, resolve_device, train
+from .train import check_compile_backend, environment, resolve_device, train
 
 __all__ = ["SweepPlan", "SweepResult", "load_sweep_file", "plan_sweep", "run_sweep"]
 
@@ -304,7 +304,7 @@ def _check_names(config: TrainConfig) -> None:
 # ------------------------------------------------------------------------------------------------ running
 def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True,
               keep_going: bool = False, download: bool = False,
-              device: str | torch.device | None = "auto") -> SweepResult:
+              device: str | torch.device | None = "auto", compile_backend: str | None = None) -> SweepResult:
     """Train every run of ``plan`` that is not yet in its store; safe to kill and rerun at any moment.
 
     For each config: skip it if ``store.has(run_key)`` (deleting a stale checkpoint); otherwise train with
@@ -319,13 +319,18 @@ def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True
         download: fetch a data set that is not on disk (``load_dataset(download=True)``).
         device: where every run trains (see :func:`~sharpness.harness.train`); recorded in each run's
             environment, not part of its identity.
+        compile_backend: ``torch.compile`` backend for every run (see :func:`~sharpness.harness.train`);
+            recorded in each run's environment, not part of its identity.
     """
     device = resolve_device(device)
+    compile_backend = check_compile_backend(compile_backend)
     plan.db.parent.mkdir(parents=True, exist_ok=True)
     plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     total, done_before, trained = len(plan.configs), 0, 0
     failed: list[tuple[str, str]] = []
     env = environment(device)
+    if compile_backend is not None:
+        env["compile_backend"] = compile_backend
     cache: dict[tuple, Any] = {}
     say = log if log is not None else (lambda line: None)
     with Store(plan.db) as store, _progress_bar(total, enabled=progress) as advance:
@@ -343,7 +348,7 @@ def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True
             resuming = checkpoint.exists()
             try:
                 result = train(config, data=_load_data(config, cache, download), checkpoint=checkpoint, log=None,
-                               device=device)
+                               device=device, compile_backend=compile_backend)
             except Exception as exc:
                 if not keep_going:
                     raise

@@ -27,7 +27,7 @@ from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
-__all__ = ["TrainResult", "distributed_context", "environment", "lr_factor", "resolve_device", "train"]
+__all__ = ["TrainResult", "check_compile_backend", "distributed_context", "environment", "lr_factor", "resolve_device", "train"]
 
 Log = Callable[[str], None]
 
@@ -77,6 +77,18 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def check_compile_backend(backend: str | None) -> str | None:
+    """``None`` (eager) or the name of a ``torch.compile`` backend this torch has (``"inductor"``, ...)."""
+    if backend is None:
+        return None
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(backend, str) or backend not in known:
+        raise ValueError(f"Invalid compile_backend value: {backend!r} (expected None or one of {', '.join(known)})")
+    return backend
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -205,7 +217,8 @@ def evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable, batch_size: 
 class _Run:
     """The mutable state of one run (kept small so a checkpoint is easy to read)."""
 
-    def __init__(self, config: TrainConfig, data: Any, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, config: TrainConfig, data: Any, model: nn.Module, device: torch.device,
+                 compile_backend: str | None = None) -> None:
         self.config = config
         self.data = data
         self.device = device
@@ -218,6 +231,10 @@ class _Run:
             self.network = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         else:
             self.network = self.model
+        # torch.compile wraps the network the closures run (the DDP module under torchrun); the eager module
+        # keeps the weights, the checkpoints and the evaluation, and the measures unwrap a compiled model
+        if compile_backend is not None:
+            self.network = torch.compile(self.network, backend=compile_backend)
         self.loss_fn = make_loss(config)
         self.steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
         self.total_steps = planned_steps(config, self.steps_per_epoch)
@@ -381,7 +398,7 @@ class _Run:
 
 def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | None = None,
           log: Log | None = print, stop_after_epochs: int | None = None, download: bool = False,
-          device: str | torch.device | None = "auto") -> TrainResult:
+          device: str | torch.device | None = "auto", compile_backend: str | None = None) -> TrainResult:
     """Train ``config`` to the end of its budget and return the records.
 
     Args:
@@ -394,11 +411,18 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
             torchrun ``"cuda"`` is each process's ``cuda:LOCAL_RANK``. Not part of the run's identity (like the
             thread count, it changes results only at rounding level); the summary and the stored environment
             record it. Checkpoints resume on any device.
+        compile_backend: ``torch.compile`` the network the training closures run with this backend
+            (``"inductor"``, torch's default; ``"aot_eager"`` traces without generating code); ``None`` (default):
+            eager. Not part of the run's identity (inductor's fused kernels change results at rounding level);
+            the summary records it. Evaluation, checkpoints and the measures use the eager module (the same
+            weights). Methods that differentiate twice (GNR ``hvp="exact"``) or back-propagate a graph several
+            times (SSAM-F's per-example Fisher) raise a RuntimeError that says what to use instead.
     """
     from ..data import load_dataset
     from ..models import create_model
 
     device = resolve_device(device)
+    compile_backend = check_compile_backend(compile_backend)
     world = distributed_context(device)[1]
     if config.world_size != world:
         if config.world_size != 1:
@@ -410,7 +434,7 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=data.num_classes, input_shape=data.input_shape,
                          **config.model_options)
-    run = _Run(config, data, model, device)
+    run = _Run(config, data, model, device, compile_backend)
     if checkpoint is not None and Path(checkpoint).exists():
         run.load(load_checkpoint(checkpoint))
     epochs_this_call = 0
@@ -432,6 +456,8 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
                                               "sam_fraction", "grad_evals", "wall_time")}
     summary.update(finished=True, epochs=run.epoch, planned_steps=run.total_steps, world_size=run.world,
                    device=device.type)
+    if compile_backend is not None:
+        summary["compile_backend"] = compile_backend
     if run.swa is not None:  # test_acc/test_loss above are the averaged model's
         summary.update(swa_snapshots=int(run.swa.n_averaged), swa_steps=run.swa_steps)
     return TrainResult(config, summary, run.records, run.model, run.optimizer)

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._compile import accepts_compiled
 from .._validation import check_choice, check_int_at_least, check_positive
 from .._walk import normalized_walk_, per_sample_inverse_norms
 from ._common import (
@@ -136,6 +137,7 @@ def _search_settings(steps: int, restarts: int, step_size: float, mode: str, res
 
 
 # ------------------------------------------------------------------------------------------------ SAM
+@accepts_compiled
 def sam_sharpness(model: nn.Module, loss_fn: LossFn, data: Batch | Any, rho: float, *, steps: int = 20,
                   restarts: int = 3, step_size: float = 0.5, seed: int = 0,
                   mode: str = "eval") -> Measurement:
@@ -187,6 +189,7 @@ def sam_sharpness(model: nn.Module, loss_fn: LossFn, data: Batch | Any, rho: flo
 
 
 # ------------------------------------------------------------------------------------------------ GNR
+@accepts_compiled
 def gnr_sharpness(model: nn.Module, loss_fn: LossFn, data: Batch | Any, rho: float, *, steps: int = 20,
                   restarts: int = 3, step_size: float = 0.5, seed: int = 0, mode: str = "eval",
                   hvp_method: str = "double_backward") -> Measurement:
@@ -235,6 +238,7 @@ def gnr_sharpness(model: nn.Module, loss_fn: LossFn, data: Batch | Any, rho: flo
 
 
 # ------------------------------------------------------------------------------------------------ Keskar
+@accepts_compiled
 def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Batch | Any, epsilon: float = 1e-3, *,
                      region: str = "box", steps: int = 20, restarts: int = 3, step_size: float = 0.5,
                      seed: int = 0, mode: str = "eval") -> Measurement:
@@ -287,6 +291,7 @@ def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Batch | Any, epsil
 
 
 # ------------------------------------------------------------------------------------------------ SALR
+@accepts_compiled
 def salr_sharpness(model: nn.Module, loss_fn: LossFn, data: Batch | Any, epsilon: float, *, steps: int = 20,
                    restarts: int = 3, step_size: float = 0.5, seed: int = 0,
                    mode: str = "eval") -> Measurement:
@@ -360,6 +365,7 @@ def _salr_steps_measurement(name: str, model: nn.Module, loss_fn: LossFn, batche
                        settings=settings)
 
 
+@accepts_compiled
 def salr_sharpness_hat(model: nn.Module, loss_fn: LossFn, data: Batch | Any, gamma: float, *,
                        ascent_steps: int = 5, descent_steps: int = 5, mode: str = "eval") -> Measurement:
     """SALR's step sharpness ``S_hat`` (Definition 1): normalized gradient ascent and descent from ``w``::
@@ -394,6 +400,7 @@ def salr_sharpness_hat(model: nn.Module, loss_fn: LossFn, data: Batch | Any, gam
                                        {"gradient_evaluations": ascent_steps + descent_steps})
 
 
+@accepts_compiled
 def salr_stochastic_sharpness(model: nn.Module, loss_fn: LossFn, data: Batch | Any, gamma: float, *,
                               ascent_steps: int = 5, descent_steps: int = 5, mode: str = "eval",
                               chunk_size: int | None = None) -> Measurement:

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from .._compile import accepts_compiled
 from .._validation import check_int_at_least
 from ._common import Batch, LossFn, as_batches, gradient, measurement_mode, norm, trainable_parameters
 from ._per_sample import check_per_sample_mode, per_sample_gradients
@@ -70,6 +71,7 @@ def _gradient_moments(model: nn.Module, loss_fn: LossFn, data: Batch | Any, per_
     return weights, squares, deviations, float(norm(full)) ** 2
 
 
+@accepts_compiled
 def gradient_variance(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, per_sample: bool = False,
                       mode: str = "eval", chunk_size: int | None = None) -> Measurement:
     """The stochastic gradient variance ``E_B ||g_B - g_D||^2`` over the given batches (AE-SAM eq. (3)).
@@ -98,6 +100,7 @@ def gradient_variance(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, p
                                  "full_gradient_squared_norm": full_sq})
 
 
+@accepts_compiled
 def mean_squared_gradient_norm(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *,
                                per_sample: bool = False, mode: str = "eval",
                                chunk_size: int | None = None) -> Measurement:

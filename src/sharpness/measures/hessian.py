@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._compile import accepts_compiled
 from .._validation import check_choice, check_int_at_least, check_positive
 from ._common import Batch, LossFn, Vector, measurement_mode, rademacher, random_vector, trainable_parameters
 from .hvp import HessianOperator
@@ -156,6 +157,7 @@ def _project_out(w: Tensor, basis: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- dense
+@accepts_compiled
 def dense_hessian(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, mode: str = "eval",
                   hvp_method: str = "double_backward", max_params: int = DEFAULT_MAX_PARAMS) -> Tensor:
     """The full ``P x P`` Hessian of the loss, as a float64 tensor (for small models and for tests).
@@ -360,6 +362,7 @@ def _power_eigenpairs(op: _FlatOperator, k: int, which: str, tol: float, max_ite
 
 
 # ---------------------------------------------------------------------------------------------- eigenpairs
+@accepts_compiled
 def hessian_eigenpairs(model: nn.Module, loss_fn: LossFn, data: Batch | Any, k: int = 1, *,
                        method: str = "lanczos", which: str = "largest", tol: float = 1e-6,
                        max_iter: int | None = None, seed: int = 0, mode: str = "eval",
@@ -435,6 +438,7 @@ def hessian_eigenpairs(model: nn.Module, loss_fn: LossFn, data: Batch | Any, k: 
     return measurement, vectors
 
 
+@accepts_compiled
 def hessian_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Batch | Any, k: int = 1, *,
                         method: str = "lanczos", which: str = "largest", tol: float = 1e-6,
                         max_iter: int | None = None, seed: int = 0, mode: str = "eval",
@@ -503,6 +507,7 @@ def _relative(mean: float, stderr: float) -> float:
     return stderr / abs(mean) if mean != 0 else (0.0 if stderr == 0 else math.inf)
 
 
+@accepts_compiled
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, samples: int = 100,
                   tol: float | None = None, kind: str = "rademacher", seed: int = 0, mode: str = "eval",
                   hvp_method: str = "double_backward") -> Measurement:
@@ -553,6 +558,7 @@ def _frobenius_from(values: Sequence[float]) -> tuple[float, float, float, float
     return value, squared_stderr / (2 * value), squared, squared_stderr
 
 
+@accepts_compiled
 def hessian_frobenius(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, samples: int = 100,
                       tol: float | None = None, kind: str = "rademacher", seed: int = 0, mode: str = "eval",
                       hvp_method: str = "double_backward") -> Measurement:
@@ -611,6 +617,7 @@ def _gaussian_mixture(grid: Tensor, nodes: Tensor, weights: Tensor, sigma: float
     return (torch.exp(-0.5 * z * z) * weights[None, :]).sum(dim=1) / (sigma * math.sqrt(2 * math.pi))
 
 
+@accepts_compiled
 def hessian_density(model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, iterations: int = 100,
                     runs: int = 1, grid: int | Sequence[float] | Tensor = 1000, sigma: float | None = None,
                     seed: int = 0, mode: str = "eval", hvp_method: str = "double_backward") -> Measurement:

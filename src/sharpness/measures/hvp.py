@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._compile import accepts_compiled
 from .._validation import check_choice, check_positive
 from ._common import (Batch, LossFn, Vector, as_batches, batch_loss, gradient, measurement_mode, norm,
                       shifted_parameters, trainable_parameters)
@@ -35,6 +36,7 @@ class HessianOperator:
     the products computed, ``dim`` is the number of trainable scalars.
     """
 
+    @accepts_compiled
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Batch | Any, *, method: str = "double_backward",
                  fd_eps: float = 1e-4) -> None:
         check_choice("method", method, HVP_METHODS)
@@ -132,6 +134,7 @@ class HessianOperator:
         return [(a - b) / (2 * h) for a, b in zip(g_plus, g_minus)]
 
 
+@accepts_compiled
 def hvp(model: nn.Module, loss_fn: LossFn, data: Batch | Any, vector: Sequence[Tensor], *,
         method: str = "double_backward", mode: str = "eval", fd_eps: float = 1e-4) -> Vector:
     """One Hessian-vector product ``H v`` of the loss over ``data`` (see :class:`HessianOperator`).

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._compile import accepts_compiled
 from .._validation import check_choice, check_finite, check_int_at_least, check_positive
 from ._common import (Batch, LossFn, Vector, as_batches, mean_loss, measurement_mode, norm, random_vector,
                       shifted_parameters, trainable_parameters)
@@ -113,6 +114,7 @@ def _draw_direction(params: Sequence[Tensor], generator: torch.Generator, normal
     return [x / size for x in d]
 
 
+@accepts_compiled
 def filter_normalized_direction(model: nn.Module, *, seed: int = 0, bias_bn: str = "zero") -> Vector:
     """A random Gaussian direction, filter-normalized as in Li et al. (2018), section 4.
 
@@ -130,6 +132,7 @@ def filter_normalized_direction(model: nn.Module, *, seed: int = 0, bias_bn: str
     return _draw_direction(params, torch.Generator().manual_seed(seed), "filter", bias_bn)
 
 
+@accepts_compiled
 def random_direction(model: nn.Module, *, normalization: str = "filter", seed: int = 0,
                      bias_bn: str = "zero") -> Vector:
     """A random direction: filter-normalized (``"filter"``, see :func:`filter_normalized_direction`) or a
@@ -151,6 +154,7 @@ def _state_of(other: nn.Module | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
                     "dict)")
 
 
+@accepts_compiled
 def interpolate(model: nn.Module, loss_fn: LossFn, data: Batch | Any,
                 other: nn.Module | Mapping[str, Tensor], *, points: int = 21,
                 span: tuple[float, float] = (0.0, 1.0), mode: str = "eval",
@@ -201,6 +205,7 @@ def interpolate(model: nn.Module, loss_fn: LossFn, data: Batch | Any,
     return curve
 
 
+@accepts_compiled
 def loss_along_direction(model: nn.Module, loss_fn: LossFn, data: Batch | Any,
                          direction: Sequence[Tensor] | None = None, *,
                          span: tuple[float, float] = (-1.0, 1.0), points: int = 21,
@@ -248,6 +253,7 @@ def _grid_points(points: int | tuple[int, int]) -> tuple[int, int]:
     return n, n
 
 
+@accepts_compiled
 def loss_surface(model: nn.Module, loss_fn: LossFn, data: Batch | Any,
                  directions: tuple[Sequence[Tensor], Sequence[Tensor]] | None = None, *,
                  x_span: tuple[float, float] = (-1.0, 1.0), y_span: tuple[float, float] = (-1.0, 1.0),
@@ -308,6 +314,7 @@ def _count_strict_extrema(values: Sequence[float]) -> tuple[int, int]:
     return minima, maxima
 
 
+@accepts_compiled
 def count_local_extrema(model: nn.Module, loss_fn: LossFn, data: Batch | Any, rho: float, *,
                         directions: int = 100, points: int = 11, normalization: str = "unit",
                         bias_bn: str = "zero", two_sided: bool = False, seed: int = 0,

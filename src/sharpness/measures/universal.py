@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._compile import accepts_compiled
 from .._validation import check_choice, check_int_at_least, check_positive
 from ._common import Batch, LossFn, as_batches, mean_loss, measurement_mode, shifted_parameters, trainable_parameters
 from .hessian import dense_hessian
@@ -387,6 +388,7 @@ def _check_rho(rho: object) -> float | None:
     return check_positive("rho", rho)
 
 
+@accepts_compiled
 def universal_sharpness(model: nn.Module, loss_fn: LossFn | None = None, data: Batch | Any = None,
                         measure: str | SharpnessMeasure = "trace", *, rho: float | None = None,
                         num_samples: int = 1000, seed: int = 0, generator: torch.Generator | None = None,

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _foreach
+from .._compile import is_compiled_double_backward_error
 from .._foreach import global_norm, group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_choice, check_int_at_least, check_non_negative, check_positive
 from ..policies.base import Policy
@@ -198,9 +199,15 @@ class GNR(SharpnessAwareOptimizer):
         self._perturbed_params = []
         try:
             return self._step(closure)
-        except BaseException:
+        except BaseException as error:
             if self._perturbed_params:  # a pass raised while the weights were moved: back to w
                 self._restore_perturbed()
+            if self.hvp == "exact" and is_compiled_double_backward_error(error):
+                raise RuntimeError(
+                    "GNR(hvp='exact') differentiates the gradients again (double backward), which a torch.compile'd "
+                    "model does not support: use hvp='finite_difference' (one more forward and backward pass "
+                    "instead) or the eager model"
+                ) from error
             raise
 
     def _step(self, closure: Callable[[], Any]) -> Any:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _foreach
+from .._compile import accepts_compiled, is_compiled_double_backward_error
 from .._validation import check_choice, check_int_at_least, check_real
 from ..distributed import all_reduce_grads_mean_, is_distributed
 from ..measures._common import measurement_mode
@@ -143,6 +144,19 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
 
     def _accumulate_fisher(self, losses: Tensor) -> None:
         """Add the squared gradients of the first examples of this batch to the running Fisher sum."""
+        try:
+            self._backward_fisher(losses)
+        except RuntimeError as error:
+            if is_compiled_double_backward_error(error):
+                raise RuntimeError(
+                    f"SSAMF(fisher={self.fisher!r}) back-propagates the batch's graph several times "
+                    "(retain_graph=True), which this torch.compile'd graph refuses (donated buffers): use "
+                    "fisher='vmap' (per-example gradients of the original module), or set "
+                    "torch._functorch.config.donated_buffer = False before the model is first compiled"
+                ) from error
+            raise
+
+    def _backward_fisher(self, losses: Tensor) -> None:
         params = self._fisher_params()
         fisher = self._fisher_sums(params, restart=self._collected == 0)
         take = min(losses.shape[0], self.num_samples - self._collected)
@@ -175,6 +189,7 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
         (``steps % update_freq == 0``); always False in the other modes, which refresh from the stream."""
         return self.fisher == "vmap" and self.sparsity > 0.0 and self.steps % self.update_freq == 0
 
+    @accepts_compiled
     def update_mask(self, model: nn.Module, loss_fn: Any, inputs: Any, targets: Any) -> None:
         """Rebuild the mask now from the exact empirical Fisher of the first ``num_samples`` examples.
 
