@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps-per-repeat", type=int, default=3, help="optimizer steps per block (default: 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed blocks per method first (default: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads; 0 keeps the default")
+    parser.add_argument("--compile", metavar="BACKEND",
+                        help="time the steps with the model torch.compile'd by BACKEND (inductor, aot_eager, ...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--plot", metavar="PATH", help="write the ratio-vs-size plot (PNG) to PATH")

@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "GPU step, on any device)")
     parser.add_argument("--methods", nargs="+", metavar="NAME",
                         help="only these methods (names as in the table; SGD and SAM always run); default: all")
+    parser.add_argument("--compile", metavar="BACKEND",
+                        help="time every method's steps with the model torch.compile'd by BACKEND (inductor, "
+                             "aot_eager, ...); memory, kernel counts and update-only times stay eager")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
@@ -288,6 +291,7 @@ class Runner:
     batches: Iterator[tuple[Tensor, Tensor]]
     on_closure: Callable[[], None] | None = None  # memory probe hook (never set while timing)
     around_passes: Callable[[], Any] | None = None  # op counting: a context the closure runs in (never timed)
+    forward: nn.Module | None = None  # what the closure calls: the model, or the model torch.compile'd (--compile)
     primed: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (parameter, weight, gradient)
 
     def make_closure(self, x: Tensor, y: Tensor) -> Closure:
@@ -295,7 +299,7 @@ class Runner:
         def compute_loss(reduction: str) -> Tensor:
             if self.on_closure is not None:
                 self.on_closure()
-            return nn.functional.cross_entropy(self.model(x), y, reduction=reduction)
+            return nn.functional.cross_entropy((self.forward or self.model)(x), y, reduction=reduction)
 
         closure = sharpness.make_closure(self.optimizer, compute_loss)
         if self.around_passes is None:
@@ -364,9 +368,16 @@ class Runner:
 
 
 def make_runner(spec: MethodSpec, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
-                total_steps: int) -> Runner:
+                total_steps: int, compile_backend: str | None = None) -> Runner:
     model = copy.deepcopy(model)
-    return Runner(spec, model, spec.build(model.parameters(), total_steps), itertools.cycle(batches))
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else None
+    return Runner(spec, model, spec.build(model.parameters(), total_steps), itertools.cycle(batches),
+                  forward=forward)
+
+
+def compilable(spec: MethodSpec, model: nn.Module) -> bool:
+    """False for a method that differentiates its gradients again (GNR's exact HVPs): no compiled graph can."""
+    return not getattr(spec.build(copy.deepcopy(model).parameters(), 10), "needs_graph", False)
 
 
 def all_finite(runner: Runner) -> bool:
@@ -565,7 +576,7 @@ def time_methods(methods: list[MethodSpec], model: nn.Module, batches: list[tupl
                  args: argparse.Namespace, device: torch.device) -> tuple[dict, dict, dict[str, float]]:
     """Full steps, then update-only (fresh runners); returns both sample sets and the final SAM fractions."""
     total_steps = (args.warmup + args.repeats) * args.steps_per_repeat
-    runners = [make_runner(m, model, batches, total_steps) for m in methods]
+    runners = [make_runner(m, model, batches, total_steps, args.compile) for m in methods]
     steps = run_interleaved(runners, "step", args, device)
     fractions = {r.spec.name: r.optimizer.sam_fraction for r in runners if hasattr(r.optimizer, "sam_fraction")}
     runners = [make_runner(m, model, batches, total_steps) for m in methods if m.update is not None]
@@ -585,6 +596,12 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
     batches = make_batches(spec, device, count=8, seed=args.seed)
     methods = [m for m in method_specs() if args.methods is None or m.name in args.methods
                or m.name in (REFERENCE, OURS)]
+    if args.compile:
+        left_out = [m.name for m in methods if not compilable(m, model)]
+        if left_out:
+            print(f"--compile: left out {', '.join(left_out)} (double backward does not go through a compiled "
+                  "graph)", file=sys.stderr)
+        methods = [m for m in methods if m.name not in left_out]
     if device.type == "cuda":  # one-time allocations (cuBLAS workspaces) must not land in the first method's peak
         measure_memory(methods[0], model, batches, device, steps=1)
     memory = {m.name: measure_memory(m, model, batches, device) for m in methods}
@@ -608,7 +625,7 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     env = shared_environment(
         packages=["pytorch_optimizer"], extra={"device": str(device)},
         options={"repeats": args.repeats, "steps_per_repeat": args.steps_per_repeat,
-                 "warmup_blocks": args.warmup, "seed": args.seed, "sgd": SGD_OPTIONS},
+                 "warmup_blocks": args.warmup, "seed": args.seed, "sgd": SGD_OPTIONS, "compile": args.compile},
     )
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -697,6 +714,9 @@ def print_report(env: dict[str, Any], results: list[dict[str, Any]]) -> None:
     opts = env["options"]
     print(f"{opts['repeats']} repeats x {opts['steps_per_repeat']} steps per method (interleaved), "
           f"{opts['warmup_blocks']} warm-up blocks; medians over repeats")
+    if opts.get("compile"):
+        print(f"steps timed with the model torch.compile'd (backend {opts['compile']}); update-only, memory and "
+              "kernel columns eager")
     for result in results:
         print(f"\n## {result['model']} (batch {result['batch_size']}, {result['parameters']:,} parameters, "
               f"{_mib(result['param_bytes'])} MiB)\n")
@@ -710,6 +730,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.compile:  # SSAM-F's per-example Fisher back-propagates one graph several times (retain_graph)
+        from torch._functorch import config as functorch_config
+
+        functorch_config.donated_buffer = False
     device = torch.device(args.device)
     env = environment(args, device)
     results = [bench_model(MODELS[key], args, device) for key in args.models]

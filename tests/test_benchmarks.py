@@ -68,6 +68,23 @@ def test_bench_step_host_bound_models(tmp_path):
             == tiny["methods"]["SAM"]["kernels_per_step"] - tiny["methods"]["SGD"]["kernels_per_step"])
 
 
+def test_bench_step_with_a_compiled_model(tmp_path):
+    """``--compile``: steps through the compiled model (SSAM-F's per-example Fisher included); GNR's exact mode,
+    which needs double backward, is left out with a message; the option is recorded."""
+    out = tmp_path / "compiled.json"
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_step.py"), "--json", str(out), "--models", "tiny", "--compile",
+         "aot_eager", "--methods", "SSAMF s=0.5", "GNR exact", "GNR fd", "--repeats", "1", "--steps-per-repeat", "2",
+         "--warmup", "1"], capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "left out GNR exact" in completed.stderr and "torch.compile'd (backend aot_eager)" in completed.stdout
+    data = json.loads(out.read_text())
+    assert data["environment"]["options"]["compile"] == "aot_eager"
+    (result,) = data["results"]
+    assert set(result["methods"]) == {"SGD", "SAM", "SSAMF s=0.5", "GNR fd"}
+    assert all(positive(entry["wall"]["median_s"]) for entry in result["methods"].values())
+
+
 def test_bench_hessian_reaches_its_target(tmp_path):
     data = run_script("bench_hessian.py", "--models", "mlp", "--repeats", "1", "--warmup", "0", "--tols", "1e-3",
                       "--targets", "1e-2", "--trace-samples", "4", out=tmp_path / "hessian.json")
