@@ -27,7 +27,8 @@ from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
-__all__ = ["TrainResult", "check_compile_backend", "distributed_context", "environment", "lr_factor", "resolve_device", "train"]
+__all__ = ["TrainResult", "check_compile_backend", "distributed_context", "environment", "lr_factor",
+           "resolve_device", "train"]
 
 Log = Callable[[str], None]
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _foreach
+from .._compile import uncompiled
 from .._foreach import dot, global_norm, group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_bool, check_dense_grads, check_non_negative, check_wrapper_options
 from ..amp import record_step, unscale_
@@ -105,9 +106,9 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         rho: default perturbation radius (>= 0), stored per param group as ``group["rho"]``.
         reuse_alpha: if not None, LookSAM-style reuse: SAM steps store the component ``g_v`` of the SAM
             gradient orthogonal to ``g``; ERM steps use ``g + reuse_alpha * ||g|| / ||g_v|| * g_v``.
-        model: the model (or its ``DistributedDataParallel`` wrapper). Enables (1) BatchNorm running statistics
-            from the unperturbed pass only and (2) for DDP, the first pass under ``no_sync`` (per-worker
-            perturbation, the papers' m-sharpness) unless ``sync_perturbation``.
+        model: the model (or its ``DistributedDataParallel`` wrapper; ``torch.compile``'d or not). Enables
+            (1) BatchNorm running statistics from the unperturbed pass only and (2) for DDP, the first pass under
+            ``no_sync`` (per-worker perturbation, the papers' m-sharpness) unless ``sync_perturbation``.
         grad_scaler: a ``torch.amp.GradScaler`` the closure uses (``scaler.scale(loss).backward()``). Each pass
             is unscaled once; an inf/NaN in any pass skips the whole step with weights restored. Call
             ``scaler.update()`` after ``step`` as usual.
@@ -197,6 +198,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         self.check_finite = check_bool("check_finite", check_finite)
         self.foreach = foreach
         self._wrapper_defaults = {"rho": rho}
+        model = uncompiled(model)  # torch.compile(ddp_model): the DDP module, whose no_sync the first pass needs
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self._bn_guard = RunningStatsGuard(model) if model is not None else None
 
