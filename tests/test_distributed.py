@@ -140,10 +140,10 @@ def train_scaled_with_one_rank_overflow(name: str, net: nn.Module, rank: int, ba
     return opt, scaler.get_scale()
 
 
-def train_with_one_rank_nan(name: str, net: nn.Module, rank: int, batches) -> dict:
+def train_with_one_rank_nan(name: str, net: nn.Module, rank: int, batches, **options) -> dict:
     """Step 0 normal; in step 1 rank 1's second pass returns NaN. Records the error and the weights."""
     base = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    opt = create_for_test(name, base, rho=0.1, model=net)
+    opt = create_for_test(name, base, rho=0.1, model=net, **options)
     out: dict = {"error": None}
     for t, (x, y) in enumerate(batches):
         calls = [0]
@@ -164,6 +164,10 @@ def train_with_one_rank_nan(name: str, net: nn.Module, rank: int, batches) -> di
             out["error"] = str(error)
     out["after"], out["steps"] = flat_params(net), opt.steps
     return out
+
+
+#: optimizers given a compiled DDP model in scenario (g), with options that make the second pass their last
+COMPILED_NAN_OPTIONS = {"sam": {}, "entropysgd": {"langevin_steps": 2}}
 
 
 def ssamf_vmap(params) -> sharpness.SSAMF:
@@ -237,6 +241,13 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             scenario = f"nan/{name}"
             model = nn.parallel.DistributedDataParallel(make_model())
             result[("nan", name)] = train_with_one_rank_nan(name, model, rank, local_batches(rank, 2))
+        # (g) the same through torch.compile(DDP(model)): the optimizers must find the DDP module behind the
+        # wrapper (no_sync, the reduced verdict). The NaN is in the last pass, so only the verdict stops rank 0.
+        for name, options in COMPILED_NAN_OPTIONS.items():
+            scenario = f"nan-compiled/{name}"
+            model = nn.parallel.DistributedDataParallel(make_model())
+            result[("nan-compiled", name)] = train_with_one_rank_nan(
+                name, torch.compile(model, backend="aot_eager"), rank, local_batches(rank, 2), **options)
         scenario = "barrier"
         dist.barrier()
     except BaseException:  # noqa: BLE001 - reported to the parent process
@@ -375,6 +386,18 @@ def test_nan_on_one_rank_stops_every_rank_with_weights_unchanged(ddp_results, na
     for res in (r0, r1):
         assert torch.equal(res["after"], res["before"])  # step 1 not applied
         assert torch.isfinite(res["after"]).all() and res["steps"] == 1
+    assert torch.equal(r0["after"], r1["after"])
+
+
+@pytest.mark.parametrize("name", sorted(COMPILED_NAN_OPTIONS))
+def test_nan_on_one_rank_stops_every_rank_through_a_compiled_ddp_model(ddp_results, name):
+    """``torch.compile(ddp_model)`` as ``model=``: rank 0's own losses are finite and its all-reduced gradients
+    NaN, so only the verdict reduced over the ranks (which needs the DDP module) keeps it from applying them."""
+    r0, r1 = (res[("nan-compiled", name)] for res in ddp_results)
+    assert r0["error"] is not None and "another rank" in r0["error"], "rank 0 applied the update"
+    assert r1["error"] is not None and "pass 2 of this step" in r1["error"], r1["error"]
+    for res in (r0, r1):
+        assert torch.equal(res["after"], res["before"]) and torch.isfinite(res["after"]).all()
     assert torch.equal(r0["after"], r1["after"])
 
 

@@ -39,7 +39,7 @@ BUFFERS_AT_REST = {
     "detsam": 2,
     "frobsam": 3,  # backup + g_0 + g_1 (m = 2)
     "salr": 2,  # backup and g(w): the walks move the weights themselves, along g scaled by gamma / ||g||
-    "entropysgd": 3,  # anchor, running mean, drift (the noise is drawn into the drift once it is applied)
+    "entropysgd": 3,  # anchor, running mean, noise (views of one flat buffer per bucket)
 }
 
 #: (name, options) whose budget depends on an option

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from ._compile import uncompiled
 from ._foreach import group_by_device_dtype
 
-__all__ = ["is_distributed"]
+__all__ = ["ddp_module", "is_distributed"]
+
+
+def ddp_module(model: object) -> nn.parallel.DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` module behind ``model`` (``torch.compile(ddp_model)`` included), or None.
+
+    The optimizers take it to run a pass under its ``no_sync`` and to reduce their non-finite checks over the
+    ranks; a compiled wrapper must not hide it (its ``no_sync`` works on the compiled module)."""
+    model = uncompiled(model)
+    return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
 
 
 def is_distributed() -> bool:

@@ -31,12 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import _foreach
-from .._compile import uncompiled
 from .._foreach import dot, global_norm, group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_bool, check_dense_grads, check_non_negative, check_wrapper_options
 from ..amp import record_step, unscale_
 from ..batchnorm import RunningStatsGuard
-from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, is_distributed
+from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, ddp_module, is_distributed
 from ..policies.base import Policy
 from ..rules.base import ParamGroupView, PerturbationRule
 from ._finite import FiniteLossCheck
@@ -198,8 +197,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         self.check_finite = check_bool("check_finite", check_finite)
         self.foreach = foreach
         self._wrapper_defaults = {"rho": rho}
-        model = uncompiled(model)  # torch.compile(ddp_model): the DDP module, whose no_sync the first pass needs
-        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        self._ddp = ddp_module(model)
         self._bn_guard = RunningStatsGuard(model) if model is not None else None
 
         self.steps = 0

@@ -20,6 +20,7 @@ from .._validation import (
     check_wrapper_options,
 )
 from ..batchnorm import RunningStatsGuard
+from ..distributed import ddp_module
 from ._finite import FiniteLossCheck
 from ._generator import LazyGenerator
 from ._state import ScratchLists, SharesBaseParamGroups, scratch_buffers
@@ -134,7 +135,7 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         self._rng = LazyGenerator(seed)
         self.scale_by_gamma = check_bool("scale_by_gamma", scale_by_gamma)
         self.check_finite = check_bool("check_finite", check_finite)
-        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        self._ddp = ddp_module(model)
         self.base_optimizer = base_optimizer
         self.model = model
         self.max_grad_norm = max_grad_norm

@@ -6,12 +6,13 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import _foreach
 from .._compile import is_compiled_double_backward_error
 from .._foreach import global_norm, group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_choice, check_int_at_least, check_non_negative, check_positive
+from ..distributed import ddp_module
 from ..policies.base import Policy
 from ..policies.periodic import Periodic
 from ..rules.base import ParamGroupView, PerturbationRule
@@ -150,7 +151,7 @@ class GNR(SharpnessAwareOptimizer):
             raise ValueError("GNR does not support grad_scaler (an exact HVP of a scaled loss would need its own "
                              "unscaling); train in float32 or with bf16 autocast, which needs no scaler")
         model = kwargs.get("model")
-        if hvp == "exact" and isinstance(model, nn.parallel.DistributedDataParallel):
+        if hvp == "exact" and ddp_module(model) is not None:
             raise ValueError("GNR(hvp='exact') does not support DistributedDataParallel (DDP does not support "
                              "double backward); use hvp='finite_difference'")
         # The engine needs a rule object; GNR drives its own passes and uses self.rule only as the oracle.

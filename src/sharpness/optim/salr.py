@@ -22,7 +22,7 @@ from .._validation import (
 )
 from .._walk import per_sample_inverse_norms
 from ..batchnorm import RunningStatsGuard
-from ..distributed import all_reduce_mean_, is_distributed
+from ..distributed import all_reduce_mean_, ddp_module, is_distributed
 from ._finite import FiniteLossCheck
 from ._state import SharesBaseParamGroups, scratch_buffers
 
@@ -183,7 +183,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         max_grad_norm = check_wrapper_options(model, max_grad_norm, foreach)
         self.foreach = foreach
         self.check_finite = check_bool("check_finite", check_finite)
-        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        self._ddp = ddp_module(model)
         lrs = [group["lr"] for group in optimizer.param_groups]
         if any(not isinstance(lr, (int, float, Tensor)) or float(lr) < 0 or math.isnan(float(lr)) for lr in lrs):
             raise ValueError(f"Invalid lr value: {lrs} (expected lr_0 >= 0 in every param group)")
@@ -380,6 +380,9 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
             with torch.random.fork_rng(devices=devices):
                 ends = []
                 for sign, steps in ((-1.0, self.n_descent), (1.0, self.n_ascent)):
+                    if ends:  # the ascent starts from w again (after the last walk, the finally block restores)
+                        for dst, src in group_by_device_dtype(params, weight):
+                            _foreach.copy_(dst, src)
                     for i in range(steps):
                         if i == 0:  # d(w): both walks reuse the training pass
                             moved, along = params, first
@@ -397,8 +400,6 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                         else:
                             _normalized_step_(moved, along, sign * self.gamma)
                     ends.append(self._pass(closure, backward=False))
-                    for dst, src in group_by_device_dtype(params, weight):
-                        _foreach.copy_(dst, src)  # back to w for the next walk
         finally:
             for dst, src in group_by_device_dtype(params, weight):
                 _foreach.copy_(dst, src)  # back to w, bit for bit
