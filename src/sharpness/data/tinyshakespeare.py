@@ -46,6 +46,24 @@ class CharWindows(Dataset):
     def __len__(self) -> int:
         return len(self.tokens) - self.block_size
 
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def to(self, device: str | torch.device | None) -> CharWindows:
+        """The same windows over the tokens on ``device`` (``self`` if they are there already)."""
+        if device is None or torch.device(device) == self.device:
+            return self
+        return CharWindows(self.tokens.to(device), self.block_size)
+
+    def draw(self, count: int, generator: torch.Generator | None = None) -> None:
+        """Nothing to draw: windows are not augmented."""
+
+    def batch(self, index: Tensor, draws: object = None) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` of the windows starting at ``index`` (a tensor on the tokens' device): one gather."""
+        window = self.tokens[index[:, None] + torch.arange(self.block_size + 1, device=self.device)]
+        return window[:, :-1], window[:, 1:]
+
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"window index {index} out of range for {len(self)} windows")

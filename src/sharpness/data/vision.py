@@ -4,7 +4,9 @@ torchvision is optional (``pip install "sharpness[vision]"``); SVHN also needs s
 where torchvision puts them under ``root`` and are fetched only with ``download=True``. Training inputs
 get the papers' standard augmentation (CIFAR: random 32x32 crop with 4 pixels of zero padding and a
 horizontal flip; SVHN: the crop only, since flipped digits change meaning; MNIST sets: none) and every
-split is normalised with the data set's per-channel mean and standard deviation.
+split is normalised with the data set's per-channel mean and standard deviation. The pixels are read once
+into :class:`~sharpness.data.images.ImageTensors` (uint8), which augments and normalises a batch at a time on
+the training device (the harness) or an item at a time (a ``DataLoader``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+import torch
+from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset
 
+from .images import ImageTensors
 from .paths import missing_data_error
 from .record import SourceSplits
-from .wrappers import Transformed
 
 __all__ = ["VISION_SETS", "VisionSet", "import_torchvision"]
 
@@ -79,16 +84,22 @@ def _open(spec: VisionSet, torchvision: ModuleType, root: Path, split: str, down
                                  detail=f"{split} split missing or failing its checksum") from err
 
 
-def _transforms(spec: VisionSet, torchvision: ModuleType, augment: bool) -> tuple[Any, Any]:
-    """``(train_transform, eval_transform)``: PIL image -> normalised float tensor, augmented for training."""
-    t = torchvision.transforms
-    evaluation = [t.ToTensor(), t.Normalize(spec.mean, spec.std)]
-    augmentation = []
-    if augment and spec.crop:
-        augmentation.append(t.RandomCrop(spec.input_shape[-1], padding=4))
-    if augment and spec.flip:
-        augmentation.append(t.RandomHorizontalFlip())
-    return t.Compose(augmentation + evaluation), t.Compose(evaluation)
+def _pixels(raw: Dataset) -> tuple[Tensor, Tensor]:
+    """``(images, labels)`` of a torchvision set as a ``(N, C, H, W)`` uint8 tensor and a long tensor, read from the
+    arrays torchvision keeps (no PIL round trip): CIFAR's ``data`` is ``(N, H, W, C)``, SVHN's ``(N, C, H, W)``,
+    the MNIST sets' ``(N, H, W)``."""
+    if isinstance(raw, ConcatDataset):
+        parts = [_pixels(part) for part in raw.datasets]
+        return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
+    data = torch.as_tensor(np.asarray(raw.data))
+    if data.ndim == 3:  # MNIST, Fashion-MNIST: grey
+        data = data[:, None]
+    elif data.shape[-1] in (1, 3):  # CIFAR: channels last
+        data = data.permute(0, 3, 1, 2)
+    labels = getattr(raw, "targets", None)
+    if labels is None:
+        labels = raw.labels  # SVHN (the digit 0 already mapped from 10 by torchvision)
+    return data.contiguous(), torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
 
 def load_vision(name: str, *, root: Path, download: bool, augment: bool = True,
@@ -104,22 +115,24 @@ def load_vision(name: str, *, root: Path, download: bool, augment: bool = True,
     if include_extra:
         train_raw = ConcatDataset([train_raw, _open(spec, torchvision, root, "extra", download)])
     test_raw = _open(spec, torchvision, root, "test", download)
-    train_transform, eval_transform = _transforms(spec, torchvision, augment)
     classes = getattr(test_raw, "classes", None) or [str(digit) for digit in range(spec.num_classes)]
+    padding = 4 if augment and spec.crop else 0
+    train = ImageTensors(*_pixels(train_raw), mean=spec.mean, std=spec.std, padding=padding,
+                         flip=augment and spec.flip)
+    test = ImageTensors(*_pixels(test_raw), mean=spec.mean, std=spec.std)
     settings = {
         "root": str(root.resolve()),
         "torchvision_version": torchvision.__version__,
         "augment": augment,
-        "random_crop_padding": 4 if augment and spec.crop else 0,
+        "random_crop_padding": padding,
         "random_horizontal_flip": augment and spec.flip,
         "normalization_mean": spec.mean,
         "normalization_std": spec.std,
     }
     if name == "svhn":
         settings["include_extra"] = include_extra
-    return SourceSplits(train=Transformed(train_raw, train_transform),
-                        train_eval=Transformed(train_raw, eval_transform),
-                        test=Transformed(test_raw, eval_transform), num_classes=spec.num_classes,
+    return SourceSplits(train=train, train_eval=train.without_augmentation(), test=test,
+                        num_classes=spec.num_classes,
                         input_shape=spec.input_shape, classes=tuple(str(c) for c in classes),
                         settings=settings)
 

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .. import measures
@@ -20,6 +19,7 @@ from .._compile import accepts_compiled
 from .._io import write_text_atomically
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
+from .train import batches as iter_batches
 from .train import make_loss
 
 __all__ = ["LANDSCAPES", "MEASURE_NAMES", "landscape_checkpoint", "load_for_measurement", "measure_checkpoint",
@@ -94,10 +94,7 @@ def load_for_measurement(path: str | os.PathLike[str], *, examples: int = 1000, 
                          **config.model_options)
     model.load_state_dict(state["model"])
     source = data.train if split == "train" else data.test
-    count = min(examples, len(source))
-    items = [source[i] for i in range(count)]
-    xs = torch.stack([x for x, _ in items])
-    ys = torch.as_tensor([int(y) for _, y in items]) if items[0][1].dim() == 0 else torch.stack([y for _, y in items])
+    xs, ys = next(iter_batches(source, min(examples, len(source)), None))  # in order, not augmented
     batches = list(zip(xs.split(batch_size), ys.split(batch_size)))
     return state, config, model, make_loss(config), batches
 

@@ -19,9 +19,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__, _foreach
+from ..data._random import make_generator
+from ..data.resident import as_resident, resident_batches
 from ..optim.closure import make_closure
 from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -179,13 +181,18 @@ def make_loss(config: TrainConfig) -> Callable[[Tensor, Tensor], Tensor]:
     return nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
 
-def batches(dataset: Dataset, batch_size: int, generator: torch.Generator | None) -> Iterator[tuple[Tensor, Tensor]]:
-    """Mini-batches in a seeded order (``generator=None``: in order). In-memory tensors are indexed directly."""
-    if isinstance(dataset, TensorDataset):
-        n = len(dataset)
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        for index in order.split(batch_size):
-            yield dataset.tensors[0][index], dataset.tensors[1][index]
+def batches(dataset: Dataset, batch_size: int, generator: torch.Generator | None, *,
+            augment: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Mini-batches in a seeded order (``generator=None``: in order).
+
+    Sets held in tensors (:func:`~sharpness.data.resident.as_resident`: in-memory sets, images, token windows,
+    and their subset/relabelled views) are indexed a batch at a time where they are, augmented with draws from
+    ``augment`` (``None``: not augmented), in the order ``torch.randperm(n, generator=generator)``; other sets go
+    through a ``DataLoader`` (shuffled from ``generator``, augmented item by item as the set itself does).
+    """
+    resident = as_resident(dataset)
+    if resident is not None:
+        yield from resident_batches(resident, batch_size, order=generator, augment=augment)
         return
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator)
     yield from loader
@@ -215,6 +222,12 @@ def evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable, batch_size: 
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+def _on_device(dataset: Dataset, device: torch.device) -> Dataset:
+    """``dataset`` held on ``device`` when it is a set of tensors (see :func:`as_resident`), else as it is."""
+    resident = as_resident(dataset, device)
+    return dataset if resident is None else resident
+
+
 class _Run:
     """The mutable state of one run (kept small so a checkpoint is easy to read)."""
 
@@ -237,6 +250,11 @@ class _Run:
         if compile_backend is not None:
             self.network = torch.compile(self.network, backend=compile_backend)
         self.loss_fn = make_loss(config)
+        # the splits as tensors on the training device, served a batch at a time (sets that are not held in
+        # tensors stay as they are and go through a DataLoader)
+        self.train_set = _on_device(data.train, device)
+        self.test_set = _on_device(data.test, device)
+        self.validation_set = None if data.validation is None else _on_device(data.validation, device)
         self.steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
         self.total_steps = planned_steps(config, self.steps_per_epoch)
         self.optimizer = build_optimizer(config, self.network, self.total_steps)
@@ -283,7 +301,9 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
-    def step(self, x: Tensor, y: Tensor) -> float:
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One optimizer step; returns its mean training loss as a 0-d tensor on the device (not read here: a
+        host read per step would stall a GPU's queue; the optimizers' ``check_finite`` stops a non-finite pass)."""
         model, opt, bf16 = self.network, self.optimizer, self.config.bf16
         if self.world > 1:  # each rank takes its contiguous shard of the global batch
             x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
@@ -301,29 +321,32 @@ class _Run:
         # The closure follows the optimizer's convention (create_graph for exact HVPs, per-sample losses for
         # data selection); a per-sample loss vector is reported as its mean.
         try:
-            loss = float(opt.step(make_closure(opt, compute_loss)).detach().mean())
+            return opt.step(make_closure(opt, compute_loss)).detach().mean()
         except FloatingPointError as error:  # a non-finite pass (the optimizers' check_finite), weights unchanged
             raise FloatingPointError(f"Training diverged at step {opt.steps}: {error}") from error
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"Training diverged: loss {loss} at step {opt.steps} (lower --lr or rho)")
-        return loss
 
     def train_epoch(self) -> None:
         start = time.perf_counter()
-        loss_sum = count = 0.0
-        for x, y in batches(self.data.train, self.config.batch_size, self.order):
+        loss_sum = torch.zeros((), dtype=_foreach.sum_dtype(self.device), device=self.device)
+        count = 0
+        steps = self.optimizer.steps
+        for x, y in batches(self.train_set, self.config.batch_size, self.order, augment=self.order):
             if self.done():
                 break
             if y.shape[0] < self.world:  # a last global batch too small to give every rank an example
                 continue
-            loss_sum += self.step(x, y) * y.shape[0]
+            loss_sum += self.step(x, y).to(loss_sum.dtype) * y.shape[0]
             count += y.shape[0]
             self.after_step()
+        train_loss = float(loss_sum) / max(count, 1)  # the epoch's one host read of the loss
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"Training diverged: mean loss {train_loss} over steps {steps + 1}.."
+                                     f"{self.optimizer.steps} (lower --lr or rho)")
         self.epoch += 1
         self.elapsed += time.perf_counter() - start
         if self.swa is not None and self.done():
             self.finish_swa()
-        self.records.append(self.record(loss_sum / max(count, 1)))
+        self.records.append(self.record(train_loss))
 
     def after_step(self) -> None:
         """SWA: average the weights at the end of each cycle (where the cyclic lr reaches ``swa_lr_min``)."""
@@ -341,20 +364,22 @@ class _Run:
             for p, q in zip(self.model.parameters(), self.swa.module.parameters()):
                 p.copy_(q)
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
-            torch.optim.swa_utils.update_bn(batches(self.data.train, self.config.batch_size, None), self.model,
-                                            device=self.device)
+            # the training inputs as training sees them (augmented), in stored order, from a stream of their own
+            augment = make_generator(self.config.seed, "swa_update_bn")
+            torch.optim.swa_utils.update_bn(batches(self.train_set, self.config.batch_size, None, augment=augment),
+                                            self.model, device=self.device)
         self.swa_finished = True
 
     def record(self, train_loss: float) -> dict[str, Any]:
         opt = self.optimizer
-        test_loss, test_acc = evaluate(self.model, self.data.test, self.loss_fn, bf16=self.config.bf16)
+        test_loss, test_acc = evaluate(self.model, self.test_set, self.loss_fn, bf16=self.config.bf16)
         record = {
             "epoch": self.epoch, "train_loss": train_loss, "test_loss": test_loss, "test_acc": test_acc,
             "lr": self.optimizer.param_groups[0]["lr"], "steps": opt.steps, "sam_steps": opt.sam_steps,
             "sam_fraction": opt.sam_fraction, "grad_evals": opt.grad_evals, "wall_time": self.elapsed,
         }
-        if self.data.validation is not None:
-            record["val_loss"], record["val_acc"] = evaluate(self.model, self.data.validation, self.loss_fn)
+        if self.validation_set is not None:
+            record["val_loss"], record["val_acc"] = evaluate(self.model, self.validation_set, self.loss_fn)
         if self.config.measures and (self.epoch % self.config.measure_every == 0 or self.done()):
             record.update(self.measure())
         return record
@@ -368,7 +393,7 @@ class _Run:
         from .measure import measure_model
 
         if self._measure_batch is None:
-            x, y = next(batches(self.data.train, self.config.measure_examples, None))
+            x, y = next(batches(self.train_set, self.config.measure_examples, None))  # not augmented
             self._measure_batch = (x.to(self.device), y.to(self.device))
         values = measure_model(self.model, self.loss_fn, self._measure_batch, self.config.measures,
                                seed=self.config.seed)

@@ -1,0 +1,122 @@
+"""Data sets held as tensors on the training device and served a batch at a time, without a ``DataLoader``.
+
+A *resident* set has ``batch(index, draws)`` (``(x, y)`` for a tensor of example indices on its device),
+``draw(count, generator)`` (its augmentation's random draws for ``count`` examples, or ``None``) and
+``to(device)``: :class:`ResidentTensors` (in-memory inputs and labels), :class:`~sharpness.data.images.ImageTensors`
+(uint8 images, batched crop and flip) and :class:`~sharpness.data.tinyshakespeare.CharWindows` (token windows).
+:func:`as_resident` turns the sets :func:`~sharpness.data.load_dataset` returns, through their ``Subset`` and
+:class:`~sharpness.data.Relabeled` views, into one; :func:`resident_batches` walks one in a seeded order.
+
+An epoch then costs one ``randperm`` and one draw on the host, one copy of each to the device, and per batch a
+few index kernels on the device (no per-example Python, no collate, no host-to-device copy of the inputs).
+The order is ``torch.randperm(n, generator=order)`` (drawn on the CPU: the same batches on every device), the
+order the harness has always used for an in-memory ``TensorDataset``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from .wrappers import Relabeled
+
+__all__ = ["ResidentTensors", "as_resident", "is_resident", "resident_batches"]
+
+
+class ResidentTensors(Dataset):
+    """In-memory ``(inputs, targets)`` served by index on their device; item ``i`` is ``(inputs[i], targets[i])``."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        if not isinstance(inputs, Tensor) or inputs.ndim < 1:
+            raise TypeError(f"Invalid inputs: {type(inputs).__name__} (expected a tensor with one row per example)")
+        targets = torch.as_tensor(targets)
+        if targets.ndim < 1 or len(targets) != len(inputs):
+            raise ValueError(f"Invalid targets shape: {tuple(targets.shape)} (expected {len(inputs)} rows, one per "
+                             "input)")
+        self.inputs = inputs
+        self.targets = targets.to(inputs.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.inputs.device
+
+    def to(self, device: str | torch.device | None) -> ResidentTensors:
+        if device is None or torch.device(device) == self.device:
+            return self
+        return ResidentTensors(self.inputs.to(device), self.targets.to(device))
+
+    def select(self, indices: Sequence[int] | Tensor) -> ResidentTensors:
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.device)
+        return ResidentTensors(self.inputs[index], self.targets[index])
+
+    def relabel(self, targets: Tensor) -> ResidentTensors:
+        return ResidentTensors(self.inputs, targets)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def draw(self, count: int, generator: torch.Generator | None = None) -> None:
+        """Nothing to draw: in-memory sets are not augmented."""
+
+    def batch(self, index: Tensor, draws: Any = None) -> tuple[Tensor, Tensor]:
+        return self.inputs[index], self.targets[index]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.inputs[index], self.targets[index]
+
+
+def is_resident(dataset: object) -> bool:
+    """Whether ``dataset`` serves batches by index (``batch``, ``draw`` and ``to``)."""
+    return all(callable(getattr(dataset, name, None)) for name in ("batch", "draw", "to"))
+
+
+def _resolve(dataset: Dataset) -> Any:
+    """``dataset`` as a resident set where it is (views applied: a copy of the selected examples), or ``None``."""
+    if is_resident(dataset):
+        return dataset
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        return ResidentTensors(*dataset.tensors)
+    if isinstance(dataset, Subset):
+        inner = _resolve(dataset.dataset)
+        return inner.select(dataset.indices) if hasattr(inner, "select") else None
+    if isinstance(dataset, Relabeled):
+        inner = _resolve(dataset.dataset)
+        return inner.relabel(dataset.targets) if hasattr(inner, "relabel") else None
+    return None
+
+
+def as_resident(dataset: Dataset, device: str | torch.device | None = None) -> Any:
+    """``dataset`` as a resident set on ``device`` (``None``: where its tensors are), or ``None`` when it is not
+    held in tensors (a file-backed set, a custom per-item transform: those go through a ``DataLoader``).
+
+    Understands ``TensorDataset`` of ``(inputs, labels)``, :class:`~sharpness.data.images.ImageTensors`,
+    :class:`~sharpness.data.tinyshakespeare.CharWindows`, and ``Subset`` / :class:`Relabeled` views of those.
+    """
+    resident = _resolve(dataset)
+    return None if resident is None else resident.to(device)
+
+
+def resident_batches(dataset: Any, batch_size: int, *, order: torch.Generator | None = None,
+                     augment: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """The batches of one epoch of a resident set, on its device.
+
+    Args:
+        order: shuffle with ``torch.randperm(len(dataset), generator=order)``; ``None``: in stored order.
+        augment: draw the epoch's augmentation from this generator (after the permutation, so with
+            ``augment=order`` one generator's state holds the whole epoch); ``None``: no augmentation.
+    """
+    n = len(dataset)
+    device = dataset.device
+    index = torch.randperm(n, generator=order) if order is not None else torch.arange(n)
+    draws = dataset.draw(n, augment) if augment is not None else None
+    index = index.to(device, non_blocking=True)
+    if draws is not None:
+        draws = tuple(None if t is None else t.to(device, non_blocking=True) for t in draws)
+    for start in range(0, n, batch_size):
+        part = slice(start, start + batch_size)
+        yield dataset.batch(index[part], None if draws is None else
+                            tuple(None if t is None else t[part] for t in draws))
