@@ -102,3 +102,13 @@ def test_bench_scaling_writes_json_and_plot(tmp_path):
     assert [r["width"] for r in data["results"]] == [16, 32]
     assert data["results"][0]["parameters"] < data["results"][1]["parameters"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_data_times_both_pipelines(tmp_path):
+    data = run_script("bench_data.py", "--images", "300", "--batch-size", "64", "--repeats", "1", "--warmup", "0",
+                      out=tmp_path / "data.json")
+    rows = data["results"]
+    assert set(rows) == {"torchvision, DataLoader workers=0", "resident (ours)"}
+    assert rows["resident (ours)"]["ratio_to_ours"] == 1.0
+    assert all(positive(row["median_s"]) and len(row["per_epoch_s"]) == 1 for row in rows.values())
+    assert data["environment"]["options"]["images"] == 300 and data["environment"]["torchvision"]

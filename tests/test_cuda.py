@@ -542,3 +542,28 @@ def test_harness_trains_on_the_device_like_on_cpu(device, tmp_path):
     resumed = train(config, data=data, log=None, device="cpu", checkpoint=path)
     assert resumed.epochs[-1]["test_loss"] == pytest.approx(on_cpu.epochs[-1]["test_loss"], rel=1e-4)
     assert resumed.summary["device"] == "cpu"
+
+
+def test_resident_batches_on_the_device_equal_those_on_cpu(device):
+    """Images held on the device: the same seeded epoch (order, crops, flips drawn on the CPU) gives the CPU's
+    batches bit for bit (uint8 gathers, then the same float32 normalisation)."""
+    from sharpness.data.images import ImageTensors
+    from sharpness.data.resident import as_resident, resident_batches
+    from sharpness.data.tinyshakespeare import CharWindows
+
+    images = torch.randint(0, 256, (37, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    on_cpu = ImageTensors(images, torch.arange(37) % 10, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26),
+                          padding=4, flip=True)
+    on_device = as_resident(on_cpu, device)
+    assert on_device.images.device.type == device.type and on_device.targets.device.type == device.type
+    ours = list(resident_batches(on_device, 8, order=torch.Generator().manual_seed(1),
+                                 augment=torch.Generator().manual_seed(2)))
+    reference = list(resident_batches(on_cpu, 8, order=torch.Generator().manual_seed(1),
+                                      augment=torch.Generator().manual_seed(2)))
+    assert len(ours) == len(reference) == 5
+    for (x, y), (x_cpu, y_cpu) in zip(ours, reference):
+        assert x.device.type == device.type and torch.equal(x.cpu(), x_cpu) and torch.equal(y.cpu(), y_cpu)
+    windows = CharWindows(torch.arange(50) % 11, 6)
+    x, y = as_resident(windows, device).batch(torch.tensor([3, 0, 43], device=device))
+    x_cpu, y_cpu = windows.batch(torch.tensor([3, 0, 43]))
+    assert torch.equal(x.cpu(), x_cpu) and torch.equal(y.cpu(), y_cpu)
