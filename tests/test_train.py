@@ -136,6 +136,23 @@ def test_bf16_label_smoothing_and_clipping_run(digits):
     assert result.epochs[-1]["train_loss"] < 2.3 and result.summary["test_acc"] > 0.3
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_passes_run_under_autocast_exactly_when_bf16_is_on(digits, monkeypatch, bf16):
+    from torch import nn
+
+    seen = []
+    forward = nn.Linear.forward
+
+    def recording_forward(self, x):
+        if self.training and torch.is_grad_enabled():  # the training passes (evaluation runs without grad)
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(self, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", recording_forward)
+    train(_config(optimizer="sam", epochs=None, budget_steps=3, bf16=bf16), data=digits, log=None)
+    assert len(seen) == 3 * 2 * 3 and set(seen) == {bf16}  # 3 steps x 2 passes x 3 Linear layers
+
+
 def test_per_epoch_measures_are_recorded_and_do_not_change_training(digits):
     plain = train(_config(optimizer="sam", epochs=2), data=digits, log=None)
     config = _config(optimizer="sam", epochs=2, measures=("lambda_max", "sam"), measure_examples=128)

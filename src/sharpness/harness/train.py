@@ -310,8 +310,11 @@ class _Run:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
         def compute_loss(reduction: str) -> Tensor:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(x).float()
+            if bf16:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    out = model(x).float()
+            else:  # no autocast context at all: entering a disabled one still costs host time every pass
+                out = model(x)
             return nn.functional.cross_entropy(out, y, label_smoothing=self.config.label_smoothing,
                                                reduction=reduction)
 
@@ -321,9 +324,10 @@ class _Run:
         # The closure follows the optimizer's convention (create_graph for exact HVPs, per-sample losses for
         # data selection); a per-sample loss vector is reported as its mean.
         try:
-            return opt.step(make_closure(opt, compute_loss)).detach().mean()
+            loss = opt.step(make_closure(opt, compute_loss)).detach()
         except FloatingPointError as error:  # a non-finite pass (the optimizers' check_finite), weights unchanged
             raise FloatingPointError(f"Training diverged at step {opt.steps}: {error}") from error
+        return loss.mean() if loss.ndim else loss
 
     def train_epoch(self) -> None:
         start = time.perf_counter()
@@ -335,7 +339,7 @@ class _Run:
                 break
             if y.shape[0] < self.world:  # a last global batch too small to give every rank an example
                 continue
-            loss_sum += self.step(x, y).to(loss_sum.dtype) * y.shape[0]
+            loss_sum.add_(self.step(x, y), alpha=y.shape[0])
             count += y.shape[0]
             self.after_step()
         train_loss = float(loss_sum) / max(count, 1)  # the epoch's one host read of the loss
