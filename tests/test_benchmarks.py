@@ -112,3 +112,13 @@ def test_bench_data_times_both_pipelines(tmp_path):
     assert rows["resident (ours)"]["ratio_to_ours"] == 1.0
     assert all(positive(row["median_s"]) and len(row["per_epoch_s"]) == 1 for row in rows.values())
     assert data["environment"]["options"]["images"] == 300 and data["environment"]["torchvision"]
+
+
+def test_bench_loop_times_the_harness_against_a_bare_loop(tmp_path):
+    data = run_script("bench_loop.py", "--optimizers", "erm", "sam", "--repeats", "1", "--warmup", "0",
+                      out=tmp_path / "loop.json")
+    rows = data["results"]
+    assert set(rows) == {"erm", "sam"}
+    for row in rows.values():
+        assert positive(row["harness_us_per_step"]) and positive(row["bare_us_per_step"])
+        assert row["ratio"] == row["harness_us_per_step"] / row["bare_us_per_step"]
