@@ -150,6 +150,16 @@ def test_sets_not_held_in_tensors_go_through_a_dataloader():
     assert torch.equal(x, base.tensors[0] * 2) and torch.equal(y, torch.arange(6))
 
 
+def test_bad_batches_and_draws_say_what_is_wrong():
+    data = ImageTensors(_images(4), torch.zeros(4), mean=CIFAR_MEAN, std=CIFAR_STD, padding=4, flip=True)
+    with pytest.raises(ValueError, match=r"Invalid batch_size value: 0 \(expected an integer batch_size >= 1\)"):
+        next(resident_batches(data, 0))
+    with pytest.raises(TypeError, match="does not serve batches by index.*as_resident"):
+        next(resident_batches(TensorDataset(torch.zeros(3, 2), torch.zeros(3)), 2))
+    with pytest.raises(ValueError, match="Invalid draws: 3 offsets for 2 images"):
+        data.batch(torch.tensor([0, 1]), data.draw(3, torch.Generator()))
+
+
 def test_char_windows_batch_like_their_items():
     windows = CharWindows(torch.arange(40) % 7, 5)
     index = torch.tensor([0, 9, 34, 17])

@@ -169,6 +169,10 @@ class ImageTensors(Dataset):
         :meth:`draw`, one row per index; ``None``: neither), then ``(x / 255 - mean) / std`` in float32."""
         images = self.images[index]
         if draws is not None:
+            for name, drawn in zip(("offsets", "flips"), draws):
+                if drawn is not None and len(drawn) != len(images):
+                    raise ValueError(f"Invalid draws: {len(drawn)} {name} for {len(images)} images (expected one "
+                                     "row per index)")
             offsets, flips = (None if t is None else t.to(self.device, non_blocking=True) for t in draws)
             images = crop_flip(images, self.padding, offsets, flips)
         return self._normalise(images), self.targets[index]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .._validation import check_int_at_least
 from .wrappers import Relabeled
 
 __all__ = ["ResidentTensors", "as_resident", "is_resident", "resident_batches"]
@@ -109,6 +110,10 @@ def resident_batches(dataset: Any, batch_size: int, *, order: torch.Generator | 
         augment: draw the epoch's augmentation from this generator (after the permutation, so with
             ``augment=order`` one generator's state holds the whole epoch); ``None``: no augmentation.
     """
+    batch_size = check_int_at_least("batch_size", batch_size, 1)
+    if not is_resident(dataset):
+        raise TypeError(f"Invalid dataset: {type(dataset).__name__} does not serve batches by index (expected a "
+                        "resident set; convert it with as_resident(dataset, device))")
     n = len(dataset)
     device = dataset.device
     index = torch.randperm(n, generator=order) if order is not None else torch.arange(n)
