@@ -169,6 +169,34 @@ def train_with_one_rank_nan(name: str, net: nn.Module, rank: int, batches, **opt
 #: optimizers given a compiled DDP model in scenario (g), with options that make the second pass their last
 COMPILED_NAN_OPTIONS = {"sam": {}, "entropysgd": {"langevin_steps": 2}}
 
+#: a harness run on augmented images held as uint8 tensors (random crop + flip drawn per epoch): with a synchronized
+#: perturbation two ranks must equal one process on the global batch, which needs every rank to draw the same
+#: order, crops and flips and take its own half of each global batch
+HARNESS_IMAGES = dict(dataset="cifar10", model="mlp", model_options={"depth": 2, "width": 16}, optimizer="sam",
+                      optimizer_options={"sync_perturbation": True}, lr=0.05, batch_size=8, epochs=2, seed=0)
+
+
+def image_splits():
+    from sharpness.data import DatasetSplits, ImageTensors
+
+    images = torch.randint(0, 256, (48, 3, 8, 8), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    labels = torch.arange(48) % 4
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    return DatasetSplits(name="images", train=ImageTensors(images[:40], labels[:40], mean=mean, std=std, padding=2,
+                                                            flip=True),
+                         test=ImageTensors(images[40:], labels[40:], mean=mean, std=std), num_classes=4,
+                         input_shape=(3, 8, 8), classes=tuple("abcd"), task="classification", settings={})
+
+
+def harness_images_run(world_size: int):
+    from sharpness.harness import TrainConfig
+    from sharpness.harness import train as harness_train
+
+    run = harness_train(TrainConfig(**HARNESS_IMAGES, world_size=world_size), data=image_splits(), log=None,
+                        device="cpu")
+    return {"params": flat_params(run.model), "test_loss": [r["test_loss"] for r in run.epochs],
+            "steps": run.summary["steps"]}
+
 
 def ssamf_vmap(params) -> sharpness.SSAMF:
     return sharpness.SSAMF(torch.optim.SGD(params, lr=0.1), sparsity=0.5, fisher="vmap")
@@ -248,6 +276,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             model = nn.parallel.DistributedDataParallel(make_model())
             result[("nan-compiled", name)] = train_with_one_rank_nan(
                 name, torch.compile(model, backend="aot_eager"), rank, local_batches(rank, 2), **options)
+        # (h) the harness on augmented images: the resident data path under DDP
+        scenario = "harness-images"
+        os.environ["WORLD_SIZE"] = str(WORLD)  # what torchrun sets; the harness reads the world from it
+        result[("harness-images", "sam")] = harness_images_run(WORLD)
         scenario = "barrier"
         dist.barrier()
     except BaseException:  # noqa: BLE001 - reported to the parent process
@@ -412,3 +444,22 @@ def test_fisher_vmap_mask_averaged_across_ranks_equals_the_global_batch_mask(ddp
     assert 0 < int(expected.sum()) < expected.numel()
     for res in ddp_results:
         assert torch.equal(res[("fisher-vmap", "ssamf")]["mask"], expected)
+
+
+def test_harness_on_augmented_images_under_ddp_equals_one_process_on_the_global_batch(ddp_results, monkeypatch):
+    """Images held as tensors, cropped and flipped per batch from the run's seeded stream: every rank draws the same
+    epoch and takes its half of each global batch, so with a synchronized perturbation two ranks give the
+    single-process run (to the rounding of the all-reduce)."""
+    from sharpness.data import ImageTensors
+
+    r0, r1 = (res[("harness-images", "sam")] for res in ddp_results)
+    assert torch.equal(r0["params"], r1["params"]) and r0["steps"] == 10
+    single = harness_images_run(1)
+    torch.testing.assert_close(r0["params"], single["params"], rtol=1e-5, atol=1e-6)
+    assert r0["test_loss"] == pytest.approx(single["test_loss"], rel=1e-5)
+    # the same order with other crops and flips moves the weights far beyond that tolerance
+    draw = ImageTensors.draw
+    monkeypatch.setattr(ImageTensors, "draw", lambda self, count, generator=None: draw(
+        self, count, torch.Generator().manual_seed(9)))
+    other_draws = harness_images_run(1)["params"]
+    assert not torch.allclose(other_draws, single["params"], rtol=1e-3, atol=1e-4)
