@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torch.utils.data import Dataset
 
 from .._validation import check_int_at_least
+from .resident import ResidentSet
 
 __all__ = ["Draws", "ImageTensors", "crop_flip"]
 
@@ -77,7 +77,7 @@ def _check_statistics(name: str, values: Sequence[float], channels: int) -> tupl
     return values
 
 
-class ImageTensors(Dataset):
+class ImageTensors(ResidentSet):
     """A classification set of images held as one uint8 tensor, normalised (and augmented) a batch at a time.
 
     Item ``i`` (for a ``DataLoader``) is ``(x, y)``: a float32 ``(C, H, W)`` tensor and a 0-d label, augmented with
@@ -124,18 +124,14 @@ class ImageTensors(Dataset):
         """Whether batches get random crops or flips."""
         return self.padding > 0 or self.flip
 
-    @property
-    def device(self) -> torch.device:
-        return self.images.device
-
     def without_augmentation(self) -> ImageTensors:
         """The same images (shared storage) and labels, only normalised."""
         return self._like(self.images, self.targets, padding=0, flip=False)
 
-    def to(self, device: str | torch.device | None) -> ImageTensors:
-        """This set on ``device`` (``self`` if it is there already; ``None``: where it is)."""
-        if device is None or torch.device(device) == self.device:
-            return self
+    def _anchor(self) -> Tensor:
+        return self.images
+
+    def _moved(self, device: torch.device) -> ImageTensors:
         return self._like(self.images.to(device), self.targets.to(device))
 
     def select(self, indices: Sequence[int] | Tensor) -> ImageTensors:

@@ -25,10 +25,41 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from .._validation import check_int_at_least
 from .wrappers import Relabeled
 
-__all__ = ["ResidentTensors", "as_resident", "is_resident", "resident_batches"]
+__all__ = ["ResidentSet", "ResidentTensors", "as_resident", "is_resident", "resident_batches"]
 
 
-class ResidentTensors(Dataset):
+class ResidentSet(Dataset):
+    """Base of the sets that serve batches by index where their tensors are.
+
+    A subclass names the tensor that says where it lives (``_anchor``), how to rebuild itself on another device
+    (``_moved``) and how to cut a batch (``batch``); sets with augmentation also override ``draw``.
+    """
+
+    def _anchor(self) -> Tensor:
+        raise NotImplementedError
+
+    def _moved(self, device: torch.device) -> Any:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor().device
+
+    def to(self, device: str | torch.device | None) -> Any:
+        """This set on ``device`` (``self`` if it is there already; ``None``: where it is)."""
+        if device is None or torch.device(device) == self.device:
+            return self
+        return self._moved(torch.device(device))
+
+    def draw(self, count: int, generator: torch.Generator | None = None) -> Any:
+        """The augmentation's random draws for ``count`` examples; ``None``: this set is not augmented."""
+        return None
+
+    def batch(self, index: Tensor, draws: Any = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class ResidentTensors(ResidentSet):
     """In-memory ``(inputs, targets)`` served by index on their device; item ``i`` is ``(inputs[i], targets[i])``."""
 
     def __init__(self, inputs: Tensor, targets: Tensor) -> None:
@@ -41,13 +72,10 @@ class ResidentTensors(Dataset):
         self.inputs = inputs
         self.targets = targets.to(inputs.device)
 
-    @property
-    def device(self) -> torch.device:
-        return self.inputs.device
+    def _anchor(self) -> Tensor:
+        return self.inputs
 
-    def to(self, device: str | torch.device | None) -> ResidentTensors:
-        if device is None or torch.device(device) == self.device:
-            return self
+    def _moved(self, device: torch.device) -> ResidentTensors:
         return ResidentTensors(self.inputs.to(device), self.targets.to(device))
 
     def select(self, indices: Sequence[int] | Tensor) -> ResidentTensors:
@@ -59,9 +87,6 @@ class ResidentTensors(Dataset):
 
     def __len__(self) -> int:
         return len(self.inputs)
-
-    def draw(self, count: int, generator: torch.Generator | None = None) -> None:
-        """Nothing to draw: in-memory sets are not augmented."""
 
     def batch(self, index: Tensor, draws: Any = None) -> tuple[Tensor, Tensor]:
         return self.inputs[index], self.targets[index]

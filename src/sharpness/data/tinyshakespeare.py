@@ -15,12 +15,12 @@ from urllib.request import urlopen
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from .._io import atomic_open
 from .._validation import check_int_at_least, check_real
 from .paths import missing_data_error
 from .record import SourceSplits
+from .resident import ResidentSet
 
 __all__ = ["FILENAME", "TRAIN_FRACTION", "URL", "CharWindows", "encode_text"]
 
@@ -29,7 +29,7 @@ FILENAME = "tinyshakespeare.txt"
 TRAIN_FRACTION = 0.9
 
 
-class CharWindows(Dataset):
+class CharWindows(ResidentSet):
     """Every window of ``T = block_size`` tokens: item ``i`` is ``(tokens[i:i+T], tokens[i+1:i+T+1])``.
 
     The target is the input shifted by one character, so a model's logits at position ``t`` predict
@@ -46,18 +46,11 @@ class CharWindows(Dataset):
     def __len__(self) -> int:
         return len(self.tokens) - self.block_size
 
-    @property
-    def device(self) -> torch.device:
-        return self.tokens.device
+    def _anchor(self) -> Tensor:
+        return self.tokens
 
-    def to(self, device: str | torch.device | None) -> CharWindows:
-        """The same windows over the tokens on ``device`` (``self`` if they are there already)."""
-        if device is None or torch.device(device) == self.device:
-            return self
+    def _moved(self, device: torch.device) -> CharWindows:
         return CharWindows(self.tokens.to(device), self.block_size)
-
-    def draw(self, count: int, generator: torch.Generator | None = None) -> None:
-        """Nothing to draw: windows are not augmented."""
 
     def batch(self, index: Tensor, draws: object = None) -> tuple[Tensor, Tensor]:
         """``(x, y)`` of the windows starting at ``index`` (a tensor on the tokens' device): one gather."""

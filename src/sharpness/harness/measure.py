@@ -19,8 +19,7 @@ from .._compile import accepts_compiled
 from .._io import write_text_atomically
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
-from .train import batches as iter_batches
-from .train import make_loss
+from .train import batches as iter_batches, make_loss
 
 __all__ = ["LANDSCAPES", "MEASURE_NAMES", "landscape_checkpoint", "load_for_measurement", "measure_checkpoint",
            "measure_model"]
