@@ -13,7 +13,7 @@ from .images import ImageTensors, crop_flip
 from .mnist1d import load_mnist1d
 from .record import DatasetSplits, SourceSplits
 from .registry import DatasetInfo, get_dataset_info, list_datasets, load_dataset, register_dataset
-from .resident import ResidentTensors, as_resident, resident_batches
+from .resident import ResidentSet, ResidentTensors, as_resident, resident_batches
 from .tinyshakespeare import CharWindows
 from .transforms import first_fraction, stratified_subset, symmetric_label_noise, validation_split
 from .wrappers import Relabeled, Transformed, labels_of, tensors_of
@@ -24,6 +24,7 @@ __all__ = [
     "DatasetSplits",
     "ImageTensors",
     "Relabeled",
+    "ResidentSet",
     "ResidentTensors",
     "SourceSplits",
     "Transformed",
