@@ -1,4 +1,4 @@
-"""Step time and memory of the sharpness-aware optimizers, against plain SGD and pytorch-optimizer's SAM.
+"""Step time and memory of the sharpness-aware optimizers, against plain SGD and pytorch-optimizer's versions.
 
 For an MLP (784-512-512-10, batch 128) and a small CNN (two conv layers + linear on 1x28x28, batch 64) it
 times one full training step (closure: zero_grad, forward, backward; plus the update); ``--models tiny deep``
@@ -9,7 +9,9 @@ The methods timed are
 * plain SGD (momentum 0.9), the reference;
 * our SAM and pytorch-optimizer's SAM (both wrapping the same SGD);
 * every other optimizer of the package: ASAM, LookSAM (k=5), SSSAM (p=0.5), AESAM, AELookSAM, GSAM, ESAM,
-  SSAM-F (three Fisher modes), SmoothOut, GNR, Trace/Frob/Det-SAM, SALR and Entropy-SGD.
+  SSAM-F (three Fisher modes), SmoothOut, GNR, Trace/Frob/Det-SAM, SALR and Entropy-SGD;
+* pytorch-optimizer's ASAM (its SAM with ``adaptive=True``), LookSAM and GSAM, each at our method's settings and
+  driven as its documentation says (see :func:`peer_specs`), for a per-method "ours / peer" ratio.
 
 Methods are interleaved: every repeat runs one block of ``--steps-per-repeat`` steps of each method (the order
 rotates between repeats), so slow drifts of the machine hit all methods alike. Warm-up blocks are not timed.
@@ -18,8 +20,8 @@ and, on CPU, process CPU time (``process_time``), which does not count the time 
 jobs hold the cores. Reported per method and clock:
 
 * median and interquartile range over the repeats of the time per step;
-* gradient passes per step (the optimizer's ``grad_evals / steps`` counter where it has one; 1 for SGD, 2 for
-  pytorch-optimizer's SAM) and the normalized cost ``time per step / (passes per step x SGD step)``
+* gradient passes per step (the optimizer's ``grad_evals / steps`` counter where it has one; for SGD and the
+  peers, the closure calls per step) and the normalized cost ``time per step / (passes per step x SGD step)``
   (1.0 = no cost beyond the passes themselves);
 * the median time of the update alone (``first_step(); second_step()`` or ``step()`` on fixed gradients,
   timed the same way with fresh copies), which isolates the optimizer's own bookkeeping. The weights and the
@@ -34,7 +36,8 @@ jobs hold the cores. Reported per method and clock:
   the CPU (3 kernels per tensor here) and a fused foreach path on CUDA.
 
 Headline ratios: our SAM / (2 x SGD) (target <= 1.03) and our SAM / pytorch-optimizer SAM (target <= 0.95),
-with the quartiles of the per-repeat paired ratios.
+with the quartiles of the per-repeat paired ratios; the same "ours / peer" step ratio (and update-only ratio)
+for every method with a peer.
 
 Usage::
 
@@ -92,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="models to run (default: mlp cnn; tiny and deep are host-bound, the regime of a "
                              "GPU step, on any device)")
     parser.add_argument("--methods", nargs="+", metavar="NAME",
-                        help="only these methods (names as in the table; SGD and SAM always run); default: all")
+                        help="only these methods (names as in the table; SGD, SAM and the peer library's version "
+                             "of each chosen method always run); default: all")
     parser.add_argument("--compile", metavar="BACKEND",
                         help="time every method's steps with the model torch.compile'd by BACKEND (inductor, "
                              "aot_eager, ...); memory, kernel counts and update-only times stay eager")
@@ -203,53 +207,106 @@ def two_phase_update(optimizer: Any) -> None:
     optimizer.second_step()
 
 
+def pytorch_optimizer_gsam_step(optimizer: Any, closure: Closure) -> None:
+    """pytorch-optimizer's GSAM runs both passes inside its ``no_grad`` ``step``, through a closure that returns
+    ``(outputs, loss)`` and enables gradients itself (as the one its ``set_closure`` builds does)."""
+    def outputs_and_loss() -> tuple[None, Tensor]:
+        with torch.enable_grad():
+            return None, closure()
+
+    optimizer.step(outputs_and_loss)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    build: Callable[[Any, int], torch.optim.Optimizer]  # (params, total_steps) -> optimizer
+    build: Callable[[nn.Module, int], torch.optim.Optimizer]  # (model, total_steps) -> optimizer
     step: Callable[[torch.optim.Optimizer, Closure], None] = closure_step
     update: Callable[[Any], None] | None = two_phase_update  # None: no update-only timing (no two-phase API)
-    passes: float | None = None  # fixed passes per step, for optimizers without a grad_evals counter
+    peer_of: str | None = None  # a peer library's implementation of this method of ours (same model, same base)
 
 
 def _sgd(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, **SGD_OPTIONS)
 
 
+def _peer_gsam(model: nn.Module) -> torch.optim.Optimizer:
+    """pytorch-optimizer's GSAM at our GSAM's settings: rho 0.05 at every step (a constant schedule), alpha 0.1."""
+    base = _sgd(model.parameters())
+    constant = torch.optim.lr_scheduler.LambdaLR(base, lambda _: 1.0)
+    rho = pytorch_optimizer.ProportionScheduler(constant, max_lr=SGD_OPTIONS["lr"], min_lr=0.0, max_value=0.05,
+                                                min_value=0.05)
+    return pytorch_optimizer.GSAM(model.parameters(), base, model, rho, alpha=0.1)
+
+
+def peer_specs() -> list[MethodSpec]:
+    """pytorch-optimizer's implementations of our methods, each driven the way its documentation says.
+
+    * SAM, and ASAM as its ``adaptive=True`` (``T = |w|``, where ours has ``|w| + eta``): ``closure()``, then
+      ``step(closure)``, 2 passes.
+    * LookSAM: the same protocol, so 2 passes on *every* step (on the k-1 reuse steps its ``first_step`` only
+      zeroes the gradients and the closure recomputes them at the same weights); ours takes ``1 + 1/k``.
+    * GSAM: ``step(closure)`` with a closure that returns ``(outputs, loss)``, 2 passes.
+    """
+    if pytorch_optimizer is None:
+        return []
+    sgd = SGD_OPTIONS
+    return [
+        MethodSpec(THEIRS, lambda m, t: pytorch_optimizer.SAM(m.parameters(), torch.optim.SGD, rho=0.05, **sgd),
+                   pytorch_optimizer_step, peer_of=OURS),
+        MethodSpec("ASAM (pytorch-optimizer)",
+                   lambda m, t: pytorch_optimizer.SAM(m.parameters(), torch.optim.SGD, rho=0.5, adaptive=True, **sgd),
+                   pytorch_optimizer_step, peer_of="ASAM"),
+        MethodSpec("LookSAM k=5 (pytorch-optimizer)",
+                   lambda m, t: pytorch_optimizer.LookSAM(m.parameters(), torch.optim.SGD, rho=0.05, k=5, alpha=0.7,
+                                                          **sgd),
+                   pytorch_optimizer_step, peer_of="LookSAM k=5"),
+        MethodSpec("GSAM (pytorch-optimizer)", lambda m, t: _peer_gsam(m), pytorch_optimizer_gsam_step, update=None,
+                   peer_of="GSAM"),
+    ]
+
+
 def method_specs() -> list[MethodSpec]:
-    specs = [
-        MethodSpec(REFERENCE, lambda p, t: _sgd(p), plain_step, plain_update, passes=1.0),
-        MethodSpec(OURS, lambda p, t: sharpness.SAM(_sgd(p), rho=0.05)),
+    """SGD, our methods, and after each of ours the peer library's implementation of it (:func:`peer_specs`)."""
+    ours = [
+        MethodSpec(REFERENCE, lambda m, t: _sgd(m.parameters()), plain_step, plain_update),
+        MethodSpec(OURS, lambda m, t: sharpness.SAM(_sgd(m.parameters()), rho=0.05)),
     ]
-    if pytorch_optimizer is not None:
-        specs.append(MethodSpec(
-            THEIRS, lambda p, t: pytorch_optimizer.SAM(p, torch.optim.SGD, rho=0.05, **SGD_OPTIONS),
-            pytorch_optimizer_step, passes=2.0,
-        ))
-    specs += [
-        MethodSpec("ASAM", lambda p, t: sharpness.ASAM(_sgd(p), rho=0.5)),
-        MethodSpec("LookSAM k=5", lambda p, t: sharpness.LookSAM(_sgd(p), k=5)),
-        MethodSpec("SSSAM p=0.5", lambda p, t: sharpness.SSSAM(_sgd(p), p=0.5)),
-        MethodSpec("AESAM", lambda p, t: sharpness.AESAM(_sgd(p), total_steps=t)),
-        MethodSpec("AELookSAM", lambda p, t: sharpness.AELookSAM(_sgd(p), total_steps=t)),
-        MethodSpec("GSAM", lambda p, t: sharpness.GSAM(_sgd(p), rho=0.05, alpha=0.1)),
-        MethodSpec("ESAM b=0.6 g=0.5", lambda p, t: sharpness.ESAM(_sgd(p), rho=0.05), update=None),
-        MethodSpec("SSAMF s=0.5", lambda p, t: sharpness.SSAMF(_sgd(p), update_freq=10), update=None),
-        MethodSpec("SSAMF s=0.5 sketch K=16", lambda p, t: sharpness.SSAMF(_sgd(p), update_freq=10, fisher="sketch"),
-                   update=None),
-        MethodSpec("SSAMF s=0.5 vmap", lambda p, t: sharpness.SSAMF(_sgd(p), update_freq=10, fisher="vmap"),
-                   update=None),
-        MethodSpec("SmoothOut", lambda p, t: sharpness.SmoothOut(_sgd(p)), update=None),
-        MethodSpec("GNR exact", lambda p, t: sharpness.GNR(_sgd(p), hvp="exact"), update=None),
-        MethodSpec("GNR fd", lambda p, t: sharpness.GNR(_sgd(p), hvp="finite_difference"), update=None),
-        MethodSpec("GNR fd every=10", lambda p, t: sharpness.GNR(_sgd(p), hvp="finite_difference", every=10),
-                   update=None),
-        MethodSpec("TraceSAM m=1", lambda p, t: sharpness.TraceSAM(_sgd(p)), update=None),
-        MethodSpec("FrobSAM m=2", lambda p, t: sharpness.FrobSAM(_sgd(p)), update=None),
-        MethodSpec("DetSAM m=1", lambda p, t: sharpness.DetSAM(_sgd(p)), update=None),
-        MethodSpec("SALR c=2", lambda p, t: sharpness.SALR(_sgd(p)), update=None),
-        MethodSpec("EntropySGD L=5", lambda p, t: sharpness.EntropySGD(_sgd(p)), update=None),
-    ]
+    simple = {
+        "ASAM": lambda p, t: sharpness.ASAM(_sgd(p), rho=0.5),
+        "LookSAM k=5": lambda p, t: sharpness.LookSAM(_sgd(p), rho=0.05, k=5, alpha=0.7),
+        "SSSAM p=0.5": lambda p, t: sharpness.SSSAM(_sgd(p), p=0.5),
+        "AESAM": lambda p, t: sharpness.AESAM(_sgd(p), total_steps=t),
+        "AELookSAM": lambda p, t: sharpness.AELookSAM(_sgd(p), total_steps=t),
+        "GSAM": lambda p, t: sharpness.GSAM(_sgd(p), rho=0.05, alpha=0.1),
+    }
+    single_phase = {  # no first_step/second_step pair: no update-only timing
+        "ESAM b=0.6 g=0.5": lambda p, t: sharpness.ESAM(_sgd(p), rho=0.05),
+        "SSAMF s=0.5": lambda p, t: sharpness.SSAMF(_sgd(p), update_freq=10),
+        "SSAMF s=0.5 sketch K=16": lambda p, t: sharpness.SSAMF(_sgd(p), update_freq=10, fisher="sketch"),
+        "SSAMF s=0.5 vmap": lambda p, t: sharpness.SSAMF(_sgd(p), update_freq=10, fisher="vmap"),
+        "SmoothOut": lambda p, t: sharpness.SmoothOut(_sgd(p)),
+        "GNR exact": lambda p, t: sharpness.GNR(_sgd(p), hvp="exact"),
+        "GNR fd": lambda p, t: sharpness.GNR(_sgd(p), hvp="finite_difference"),
+        "GNR fd every=10": lambda p, t: sharpness.GNR(_sgd(p), hvp="finite_difference", every=10),
+        "TraceSAM m=1": lambda p, t: sharpness.TraceSAM(_sgd(p)),
+        "FrobSAM m=2": lambda p, t: sharpness.FrobSAM(_sgd(p)),
+        "DetSAM m=1": lambda p, t: sharpness.DetSAM(_sgd(p)),
+        "SALR c=2": lambda p, t: sharpness.SALR(_sgd(p)),
+        "EntropySGD L=5": lambda p, t: sharpness.EntropySGD(_sgd(p)),
+    }
+
+    def on_parameters(build: Callable[[Any, int], torch.optim.Optimizer]) -> Callable[[nn.Module, int], Any]:
+        return lambda m, t: build(m.parameters(), t)
+
+    ours += [MethodSpec(name, on_parameters(build)) for name, build in simple.items()]
+    ours += [MethodSpec(name, on_parameters(build), update=None) for name, build in single_phase.items()]
+    peers = {spec.peer_of: spec for spec in peer_specs()}
+    specs = []
+    for spec in ours:
+        specs.append(spec)
+        if spec.name in peers:
+            specs.append(peers[spec.name])
     return specs
 
 
@@ -269,7 +326,9 @@ def grad_eval_counters(optimizer: torch.optim.Optimizer) -> tuple[int, int] | No
 
 
 def pytorch_optimizer_classes() -> tuple[type, ...]:
-    return (pytorch_optimizer.SAM,) if pytorch_optimizer is not None else ()
+    if pytorch_optimizer is None:
+        return ()
+    return pytorch_optimizer.SAM, pytorch_optimizer.LookSAM, pytorch_optimizer.GSAM
 
 
 @dataclass(frozen=True)
@@ -293,10 +352,12 @@ class Runner:
     around_passes: Callable[[], Any] | None = None  # op counting: a context the closure runs in (never timed)
     forward: nn.Module | None = None  # what the closure calls: the model, or the model torch.compile'd (--compile)
     primed: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)  # (parameter, weight, gradient)
+    closure_calls: int = 0  # forward passes run through make_closure's closures (the passes of the others)
 
     def make_closure(self, x: Tensor, y: Tensor) -> Closure:
         """The closure the optimizer's flags ask for (``sharpness.make_closure``; plain for the others)."""
         def compute_loss(reduction: str) -> Tensor:
+            self.closure_calls += 1
             if self.on_closure is not None:
                 self.on_closure()
             return nn.functional.cross_entropy((self.forward or self.model)(x), y, reduction=reduction)
@@ -343,7 +404,7 @@ class Runner:
                   between: Callable[[], None] | None = None) -> Sample:
         """``steps`` calls of ``action``, timed as one block; with ``between``, it runs before every call,
         untimed, and each call is timed on its own."""
-        before = grad_eval_counters(self.optimizer)
+        before, calls = grad_eval_counters(self.optimizer), self.closure_calls
         if between is None:
             synchronize(device)
             wall, cpu = time.perf_counter(), time.process_time()
@@ -362,8 +423,8 @@ class Runner:
                 wall, cpu = wall + time.perf_counter() - wall0, cpu + time.process_time() - cpu0
         wall, cpu = wall / steps, cpu / steps
         after = grad_eval_counters(self.optimizer)
-        if before is None or after is None or after[1] == before[1]:
-            return Sample(wall, cpu, float(self.spec.passes or 0.0))
+        if before is None or after is None or after[1] == before[1]:  # SGD, the peers: the closure calls
+            return Sample(wall, cpu, (self.closure_calls - calls) / steps)
         return Sample(wall, cpu, (after[0] - before[0]) / (after[1] - before[1]))
 
 
@@ -371,13 +432,13 @@ def make_runner(spec: MethodSpec, model: nn.Module, batches: list[tuple[Tensor, 
                 total_steps: int, compile_backend: str | None = None) -> Runner:
     model = copy.deepcopy(model)
     forward = torch.compile(model, backend=compile_backend) if compile_backend else None
-    return Runner(spec, model, spec.build(model.parameters(), total_steps), itertools.cycle(batches),
+    return Runner(spec, model, spec.build(model, total_steps), itertools.cycle(batches),
                   forward=forward)
 
 
 def compilable(spec: MethodSpec, model: nn.Module) -> bool:
     """False for a method that differentiates its gradients again (GNR's exact HVPs): no compiled graph can."""
-    return not getattr(spec.build(copy.deepcopy(model).parameters(), 10), "needs_graph", False)
+    return not getattr(spec.build(copy.deepcopy(model), 10), "needs_graph", False)
 
 
 def all_finite(runner: Runner) -> bool:
@@ -590,12 +651,36 @@ def time_methods(methods: list[MethodSpec], model: nn.Module, batches: list[tupl
     return steps, updates, fractions
 
 
+def selected_methods(names: list[str] | None) -> list[MethodSpec]:
+    """The methods named (all for None), SGD and our SAM always, and the peer of every method that runs."""
+    chosen = {REFERENCE, OURS} | set(names or ())
+    return [m for m in method_specs() if names is None or m.name in chosen or m.peer_of in chosen]
+
+
+def peer_ratios(steps: dict[str, list[Sample]], summary: dict[str, dict[str, Any]],
+                methods: list[MethodSpec]) -> dict[str, Any]:
+    """Per method with a peer in the run: our step / the peer's step (paired, per clock), the pass counts, and
+    our update / the peer's update where both have one."""
+    out: dict[str, Any] = {}
+    for spec in methods:
+        if spec.peer_of is None or spec.peer_of not in steps:
+            continue
+        ours, theirs = summary[spec.peer_of], summary[spec.name]
+        entry: dict[str, Any] = {"peer": spec.name, "passes_per_step": [ours["passes_per_step"],
+                                                                        theirs["passes_per_step"]]}
+        for clock in CLOCKS:
+            entry[clock] = paired_ratio(steps, spec.peer_of, spec.name, clock)
+            a, b = ours[clock]["update_only_median_s"], theirs[clock]["update_only_median_s"]
+            entry[clock]["update_only"] = None if a is None or b is None else a / b
+        out[spec.peer_of] = entry
+    return out
+
+
 def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = spec.build().to(device)
     batches = make_batches(spec, device, count=8, seed=args.seed)
-    methods = [m for m in method_specs() if args.methods is None or m.name in args.methods
-               or m.name in (REFERENCE, OURS)]
+    methods = selected_methods(args.methods)
     if args.compile:
         left_out = [m.name for m in methods if not compilable(m, model)]
         if left_out:
@@ -617,6 +702,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, device: torch.device)
         "model": spec.name, "batch_size": spec.batch_size, "input_shape": list(spec.input_shape),
         "parameters": sum(p.numel() for p in model.parameters()), "param_bytes": param_bytes(model),
         "methods": summary, "ratios": headline_ratios(steps, summary),
+        "peers": peer_ratios(steps, summary, methods),
     }
 
 
@@ -707,6 +793,22 @@ def format_ratios(ratios: dict[str, Any], device: str) -> str:
     return "\n".join(lines)
 
 
+def format_peers(peers: dict[str, Any], device: str) -> str:
+    """Our step against the peer library's, method by method (paired ratios; < 1: ours is faster)."""
+    if not peers:
+        return ""
+    clocks = shown_clocks(device)
+    lines = ["against pytorch-optimizer (our step / its step, paired quartiles; passes ours / its; update only):"]
+    for name, entry in peers.items():
+        ours_passes, their_passes = entry["passes_per_step"]
+        for clock in clocks:
+            r = entry[clock]
+            update = "-" if r["update_only"] is None else f"{r['update_only']:.3f}"
+            lines.append(f"{clock:>4}: {name:<12} {r['value']:.3f} [{r['q1']:.3f}, {r['q3']:.3f}]  "
+                         f"passes {ours_passes:.2f} / {their_passes:.2f}  update {update}")
+    return "\n".join(lines)
+
+
 def print_report(env: dict[str, Any], results: list[dict[str, Any]]) -> None:
     print(f"torch {env['torch']}, python {env['python']}, {env['cpu']}, {env['torch_threads']} threads, "
           f"device {env['device']}{', ' + env['gpu'] if env.get('gpu') else ''}, {env['date']}, "
@@ -723,6 +825,10 @@ def print_report(env: dict[str, Any], results: list[dict[str, Any]]) -> None:
         print(format_model_table(result, env["device"]))
         print()
         print(format_ratios(result["ratios"], env["device"]))
+        peers = format_peers(result.get("peers", {}), env["device"])
+        if peers:
+            print()
+            print(peers)
 
 
 # ---------------------------------------------------------------------------------------------- main

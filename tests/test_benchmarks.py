@@ -45,6 +45,28 @@ def test_bench_step_rows_and_pass_counts(tmp_path):
     assert sgd["normalized"] == 1.0
     ratio = result["ratios"]["wall"]["sam_over_2x_sgd"]["value"]
     assert ratio == pytest.approx(methods["SAM"]["wall"]["median_s"] / (2 * sgd["median_s"]))
+    # the peer of each chosen method runs beside it; its passes are its closure calls: pytorch-optimizer's
+    # LookSAM recomputes the gradient at the same weights on its reuse steps, so 2 passes on every step
+    assert passes["LookSAM k=5 (pytorch-optimizer)"] == 2 and passes["SAM (pytorch-optimizer)"] == 2
+    assert "ASAM (pytorch-optimizer)" not in methods and set(result["peers"]) == {"SAM", "LookSAM k=5"}
+    peer = result["peers"]["LookSAM k=5"]
+    assert peer["peer"] == "LookSAM k=5 (pytorch-optimizer)" and peer["passes_per_step"] == [1.2, 2.0]
+    for clock in ("wall", "cpu"):
+        ours, theirs = methods["LookSAM k=5"][clock], methods["LookSAM k=5 (pytorch-optimizer)"][clock]
+        assert peer[clock]["value"] == pytest.approx(ours["median_s"] / theirs["median_s"])
+        assert peer[clock]["update_only"] == pytest.approx(ours["update_only_median_s"] /
+                                                           theirs["update_only_median_s"])
+
+
+def test_bench_step_gsam_peer(tmp_path):
+    """pytorch-optimizer's GSAM runs both of its passes inside ``step`` (no update-only timing); 2 passes."""
+    data = run_script("bench_step.py", "--models", "tiny", "--methods", "GSAM", "--repeats", "1",
+                      "--steps-per-repeat", "2", "--warmup", "0", out=tmp_path / "gsam.json")
+    (result,) = data["results"]
+    peer = result["methods"]["GSAM (pytorch-optimizer)"]
+    assert peer["passes_per_step"] == 2 and peer["wall"]["update_only_median_s"] is None
+    assert peer["kernels_per_step"] > result["methods"]["GSAM"]["kernels_per_step"] > 0
+    assert result["peers"]["GSAM"]["wall"]["update_only"] is None
 
 
 def test_bench_step_host_bound_models(tmp_path):
@@ -81,7 +103,7 @@ def test_bench_step_with_a_compiled_model(tmp_path):
     data = json.loads(out.read_text())
     assert data["environment"]["options"]["compile"] == "aot_eager"
     (result,) = data["results"]
-    assert set(result["methods"]) == {"SGD", "SAM", "SSAMF s=0.5", "GNR fd"}
+    assert set(result["methods"]) == {"SGD", "SAM", "SAM (pytorch-optimizer)", "SSAMF s=0.5", "GNR fd"}
     assert all(positive(entry["wall"]["median_s"]) for entry in result["methods"].values())
 
 
