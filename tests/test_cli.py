@@ -149,6 +149,28 @@ optimizer = "sam"
     assert bad.exit_code == 2
 
 
+def test_sweep_command_with_jobs(tmp_path):
+    """``--jobs 2``: two worker processes, every run once; bad --jobs / --device are usage errors."""
+    config = tmp_path / "sweep.toml"
+    config.write_text("""
+seeds = [0, 1, 2]
+[base]
+dataset = "digits"
+model = "mlp"
+budget_steps = 6
+batch_size = 64
+""")
+    done = runner.invoke(app, ["sweep", str(config), "-q", "--jobs", "2", "--threads", "1"])
+    assert done.exit_code == 0 and "0 already done, 3 trained, 0 failed" in done.output, done.output
+    with Store(tmp_path / "sweep.sqlite") as store:
+        assert len(store) == 3
+    assert list((tmp_path / "sweep-checkpoints").iterdir()) == []
+    for args, hint in ((["--jobs", "0"], "--jobs"), (["--jobs", "2", "--device", "cpu,tpu"], "--device"),
+                       (["--threads", "0"], "--threads")):
+        bad = runner.invoke(app, ["sweep", str(config), *args])
+        assert bad.exit_code == 2 and hint in bad.output, bad.output
+
+
 def test_train_download_flag_fetches_a_missing_data_set(tmp_path, monkeypatch):
     """The error names --download, and --download fetches the file (urlopen faked) into $SHARPNESS_DATA."""
     import io

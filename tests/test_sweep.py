@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -10,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from sharpness.harness import Store, TrainConfig, plan_sweep, run_sweep, train
-from sharpness.harness.sweep import expand_sweep
+from sharpness.harness import Store, TrainConfig, plan_sweep, run_sweep, run_sweep_parallel, train
+from sharpness.harness._claims import claim, clear_claim
+from sharpness.harness.sweep import expand_sweep, worker_devices
 
 BASE = """
 [base]
@@ -282,6 +286,155 @@ def test_kill_9_mid_sweep_then_rerun_stores_every_run_exactly_once(tmp_path):
             record = {r.run_key: r for r in store.runs()}[key]
         assert _strip_times([record.summary]) == _strip_times([full.summary])
         assert _strip_times(record.epochs) == _strip_times(full.epochs)
+
+
+# ------------------------------------------------------------------------------------------------ parallel
+def _one_thread_sweep(plan, **kwargs):
+    """``run_sweep_parallel(plan, 1, threads=1)`` with this process's thread count put back afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        return run_sweep_parallel(plan, 1, log=None, threads=1, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _records(db: Path) -> dict:
+    with Store(db) as store:
+        return {r.run_key: (_strip_times([r.summary]), _strip_times(r.epochs)) for r in store.runs()}
+
+
+def test_claims_are_exclusive_released_and_never_stale(tmp_path):
+    """A claim is an flock: a second claim (another open file, even in this process) is refused while it is
+    held; releasing deletes the lock file; a claim held by a process killed with -9 is free again (the OS drops
+    it), and its leftover file is cleared."""
+    first = claim(tmp_path, "run")
+    assert first is not None and (tmp_path / "run.lock").exists()
+    assert claim(tmp_path, "run") is None
+    assert claim(tmp_path, "other") is not None  # per run
+    first.release()
+    first.release()  # idempotent
+    assert not (tmp_path / "run.lock").exists()
+    with claim(tmp_path, "run") as again:
+        assert again is not None and claim(tmp_path, "run") is None
+    assert not (tmp_path / "run.lock").exists()
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom pathlib import Path\nfrom sharpness.harness._claims import claim\n"
+        f"held = claim(Path({str(tmp_path)!r}), 'killed')\nprint(held is not None, flush=True)\ntime.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert claim(tmp_path, "killed") is None
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert (tmp_path / "killed.lock").exists()  # the file stays, the lock does not
+    clear_claim(tmp_path, "killed")
+    assert not (tmp_path / "killed.lock").exists()
+    with claim(tmp_path, "held") as held:
+        clear_claim(tmp_path, "held")  # a held claim is left alone
+        assert held is not None and (tmp_path / "held.lock").exists()
+
+
+def test_parallel_sweep_trains_each_run_once_and_equals_one_worker(tmp_path):
+    """Two workers share the runs: every run stored once, nothing left in the checkpoint folder, and the
+    records equal those of one worker (one torch thread each)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    parallel = plan_sweep(_write(tmp_path / "a", _KILL_SWEEP))
+    lines: list[str] = []
+    result = run_sweep_parallel(parallel, 2, log=lines.append, threads=1)
+    assert (result.total, result.done_before, result.trained, result.failed, result.elsewhere) == (6, 0, 6, (), 0)
+    assert "6 trained now by 2 workers" in lines[-1]
+    assert _stored_counts(parallel.db) == {key: 1 for key in parallel.keys}
+    assert list(parallel.checkpoint_dir.iterdir()) == []  # no checkpoint, no lock file
+    again = run_sweep_parallel(parallel, 2, log=None)
+    assert (again.done_before, again.trained) == (6, 0)
+
+    single = plan_sweep(_write(tmp_path / "b", _KILL_SWEEP))
+    assert _one_thread_sweep(single).trained == 6
+    assert _records(parallel.db) == _records(single.db)
+
+
+def test_parallel_sweep_errors(tmp_path):
+    """A worker's error reaches the caller as itself (the other worker is stopped); with keep_going the
+    failing run is reported once, whichever worker met it; bad arguments are refused before anything runs."""
+    plan = plan_sweep(_write(tmp_path, BASE + '[grid]\nlr = [1e6, 0.1, 0.05]\n'))  # lr 1e6 diverges
+    with pytest.raises(FloatingPointError, match="diverged"):
+        run_sweep_parallel(plan, 2, log=None, threads=1)
+    result = run_sweep_parallel(plan, 2, log=None, threads=1, keep_going=True)
+    assert [key for key, _ in result.failed] == [plan.keys[0]] and "diverged" in result.failed[0][1]
+    assert set(_stored_counts(plan.db)) == set(plan.keys[1:]) and result.elsewhere == 0
+    assert result.done_before + result.trained == 2
+    for jobs, error in ((0, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="Invalid jobs"):
+            run_sweep_parallel(plan, jobs)
+    with pytest.raises(ValueError, match="Invalid threads value: 0"):
+        run_sweep_parallel(plan, 2, threads=0)
+    with pytest.raises(ValueError, match="Invalid device value"):
+        run_sweep_parallel(plan, 2, device="cpu,tpu")
+
+
+def test_worker_devices(monkeypatch):
+    assert worker_devices("cpu", 3) == [torch.device("cpu")] * 3
+    assert worker_devices("cpu, cpu", 3) == [torch.device("cpu")] * 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cuda = [torch.device("cuda", i) for i in (0, 1, 0)]
+    assert worker_devices("cuda", 3) == cuda and worker_devices("auto", 3) == cuda
+    assert worker_devices("cuda:1", 2) == [torch.device("cuda", 1)] * 2
+    assert worker_devices("cuda:1,cuda:0,cpu", 4) == [torch.device("cuda", 1), torch.device("cuda", 0),
+                                                      torch.device("cpu"), torch.device("cuda", 1)]
+    with pytest.raises(ValueError, match="2 CUDA device"):
+        worker_devices("cuda:0,cuda:2", 2)
+
+
+def test_kill_9_of_a_parallel_sweep_then_rerun_stores_every_run_exactly_once(tmp_path):
+    """The whole process group (the parent and its two workers) is killed with -9 while runs are mid-training;
+    a rerun with one worker finishes the sweep: every run once, resumed runs equal uninterrupted ones."""
+    plan = plan_sweep(_write(tmp_path, _KILL_SWEEP))
+    script = ("from sharpness.harness.sweep import plan_sweep, run_sweep_parallel\n"
+              f"run_sweep_parallel(plan_sweep({str(plan.source)!r}), 2, log=None, threads=1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 180
+    try:
+        while True:  # one run stored and two others mid-training (their checkpoints exist)
+            if proc.poll() is not None:
+                pytest.fail(f"the sweep ended before it could be killed (rc {proc.returncode}): "
+                            f"{proc.stderr.read().decode()[-2000:]}")
+            stored = _stored_counts(plan.db)
+            if stored and len([p for p in plan.checkpoint_dir.glob("*.pt") if p.stem not in stored]) >= 2:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail("no run was stored within 180 s")
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    time.sleep(0.2)  # the workers are gone too (same process group); let the OS reap their locks
+    stored = _stored_counts(plan.db)
+    assert 1 <= len(stored) < len(plan)
+    partial = [p.stem for p in plan.checkpoint_dir.glob("*.pt") if p.stem not in stored]
+    assert partial  # killed mid-run; their claims died with their workers
+
+    result = _one_thread_sweep(plan)
+    assert result.done_before == len(stored) and result.trained == len(plan) - len(stored)
+    assert _stored_counts(plan.db) == {key: 1 for key in plan.keys}
+    assert list(plan.checkpoint_dir.iterdir()) == []
+    records = _records(plan.db)
+    for key in partial[:1]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            full = train(plan.configs[plan.keys.index(key)], log=None)
+        finally:
+            torch.set_num_threads(threads)
+        assert records[key] == (_strip_times([full.summary]), _strip_times(full.epochs))
 
 
 @pytest.mark.parametrize("name", ["mnist1d_equal_budget.toml", "mnist1d_all_methods.toml"])

@@ -219,9 +219,15 @@ def sweep_command(
     compile_backend: Annotated[Optional[str], typer.Option(
         "--compile", help=_COMPILE_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or per-run lines")] = False,
+    jobs: Annotated[int, typer.Option(
+        "--jobs", "-j", min=1,
+        help="worker processes training side by side (each run once, through file claims); with --device "
+             "cuda they spread over the GPUs, or give a list: --device cuda:0,cuda:1")] = 1,
+    threads: Annotated[Optional[int], typer.Option(
+        min=1, help="torch threads per worker (default with --jobs: the CPUs divided by the jobs)")] = None,
 ) -> None:
     """Run every configuration of a sweep that is not yet in the store (rerun after a kill to finish it)."""
-    from .harness.sweep import plan_sweep, run_sweep
+    from .harness.sweep import plan_sweep, run_sweep, run_sweep_parallel, worker_devices
 
     try:
         plan = plan_sweep(config, db=db, checkpoint_dir=checkpoint_dir)
@@ -234,9 +240,28 @@ def sweep_command(
                        f"seed {run_config.seed}")
         typer.echo(f"{len(plan)} runs planned into {plan.db}")
         return
-    resolved = _resolve_runtime(device, compile_backend)
-    result = run_sweep(plan, log=None if quiet else typer.echo, progress=not quiet, keep_going=keep_going,
-                       download=download, device=resolved, compile_backend=compile_backend)
+    if jobs == 1:
+        resolved = _resolve_runtime(device, compile_backend)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        result = run_sweep(plan, log=None if quiet else typer.echo, progress=not quiet, keep_going=keep_going,
+                           download=download, device=resolved, compile_backend=compile_backend)
+    else:
+        _resolve_runtime("cpu", compile_backend)
+        try:
+            worker_devices(device, jobs)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--device") from exc
+        try:
+            result = run_sweep_parallel(plan, jobs, log=None if quiet else typer.echo, keep_going=keep_going,
+                                        download=download, device=device, compile_backend=compile_backend,
+                                        threads=threads)
+        except ValueError as exc:
+            if "jobs" not in str(exc):
+                raise
+            raise typer.BadParameter(str(exc), param_hint="--jobs") from exc
     typer.echo(f"{result.total} runs: {result.done_before} already done, {result.trained} trained, "
                f"{len(result.failed)} failed; store {plan.db}")
     for key, error in result.failed:

@@ -30,13 +30,21 @@ Crash safety (``kill -9`` at any moment, then rerun): a run enters the store onl
 (``<checkpoint_dir>/<run_key>.pt``, written atomically after every epoch) is deleted only after the run is
 in the store, so nothing is lost. A crash between the two leaves a stale checkpoint that the next run of
 the sweep finds the run already stored and deletes.
+
+Several workers (:func:`run_sweep_parallel`, ``sharpness sweep --jobs N``, or independent processes on one
+store) train a run only while holding its claim, an ``flock`` on ``<checkpoint_dir>/<run_key>.lock`` that the
+OS drops when the process dies (:mod:`sharpness.harness._claims`), so each run is trained by one worker at a
+time and the guarantees above hold for the whole group.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import multiprocessing
 import os
+import pickle
+import queue as queue_module
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +52,14 @@ from typing import Any
 
 import torch
 
+from .._validation import check_int_at_least
+from ._claims import can_share, claim, clear_claim
 from .config import TrainConfig
 from .store import Store, run_key
 from .train import check_compile_backend, environment, resolve_device, train
 
-__all__ = ["SweepPlan", "SweepResult", "load_sweep_file", "plan_sweep", "run_sweep"]
+__all__ = ["SweepPlan", "SweepResult", "load_sweep_file", "plan_sweep", "run_sweep", "run_sweep_parallel",
+           "worker_devices"]
 
 Log = Callable[[str], None]
 
@@ -78,12 +89,14 @@ class SweepPlan:
 
 @dataclass(frozen=True)
 class SweepResult:
-    """What :func:`run_sweep` did: ``done_before`` runs were already stored, ``trained`` were trained now."""
+    """What :func:`run_sweep` did: ``done_before`` runs were already stored, ``trained`` were trained now,
+    ``elsewhere`` were held by other workers of the same sweep."""
 
     total: int
     done_before: int
     trained: int
     failed: tuple[tuple[str, str], ...] = ()  # (run key, error) for runs that raised, with keep_going=True
+    elsewhere: int = 0  # runs another worker was training (claimed) when this one reached them
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -307,9 +320,10 @@ def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True
               device: str | torch.device | None = "auto", compile_backend: str | None = None) -> SweepResult:
     """Train every run of ``plan`` that is not yet in its store; safe to kill and rerun at any moment.
 
-    For each config: skip it if ``store.has(run_key)`` (deleting a stale checkpoint); otherwise train with
-    the checkpoint ``checkpoint_dir/<run_key>.pt`` (resumed if present), write the run to the store, then
-    delete the checkpoint.
+    For each config: skip it if ``store.has(run_key)`` (deleting a stale checkpoint); otherwise claim it
+    (skip it if another worker holds it; see the module docstring), train with the checkpoint
+    ``checkpoint_dir/<run_key>.pt`` (resumed if present), write the run to the store, delete the checkpoint
+    and release the claim.
 
     Args:
         log: called with one line per run (``None``: quiet).
@@ -326,7 +340,7 @@ def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True
     compile_backend = check_compile_backend(compile_backend)
     plan.db.parent.mkdir(parents=True, exist_ok=True)
     plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    total, done_before, trained = len(plan.configs), 0, 0
+    total, done_before, trained, elsewhere = len(plan.configs), 0, 0, 0
     failed: list[tuple[str, str]] = []
     env = environment(device)
     if compile_backend is not None:
@@ -342,30 +356,192 @@ def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True
             if store.has(key):
                 done_before += 1
                 _remove_checkpoint(checkpoint)  # a crash after write_run, before the deletion, left it behind
+                clear_claim(plan.checkpoint_dir, key)  # and maybe its lock file
                 say(f"{name}: already in {plan.db.name}")
                 advance()
                 continue
-            resuming = checkpoint.exists()
-            try:
-                result = train(config, data=_load_data(config, cache, download), checkpoint=checkpoint, log=None,
-                               device=device, compile_backend=compile_backend)
-            except Exception as exc:
-                if not keep_going:
-                    raise
-                failed.append((key, f"{type(exc).__name__}: {exc}"))
-                say(f"{name}: FAILED ({type(exc).__name__}: {exc})")
+            held = claim(plan.checkpoint_dir, key)
+            if held is None:
+                elsewhere += 1
+                say(f"{name}: being trained by another worker")
                 advance()
                 continue
-            store.write_run(config.to_dict(), result.summary, result.epochs, env)
-            _remove_checkpoint(checkpoint)
+            with held:
+                if store.has(key):  # another worker stored it between the check and the claim
+                    done_before += 1
+                    say(f"{name}: already in {plan.db.name}")
+                    advance()
+                    continue
+                resuming = checkpoint.exists()
+                try:
+                    result = train(config, data=_load_data(config, cache, download), checkpoint=checkpoint,
+                                   log=None, device=device, compile_backend=compile_backend)
+                except Exception as exc:
+                    if not keep_going:
+                        raise
+                    failed.append((key, f"{type(exc).__name__}: {exc}"))
+                    say(f"{name}: FAILED ({type(exc).__name__}: {exc})")
+                    advance()
+                    continue
+                store.write_run(config.to_dict(), result.summary, result.epochs, env)
+                _remove_checkpoint(checkpoint)
             trained += 1
             s = result.summary
             say(f"{name}: {'resumed, ' if resuming else ''}test acc {s['test_acc']:.2%}  "
                 f"grad evals {s['grad_evals']}  {s['wall_time']:.1f}s")
             advance()
     say(f"sweep: {total} runs, {done_before} already stored, {trained} trained now"
-        + (f", {len(failed)} failed" if failed else "") + f" -> {plan.db}")
-    return SweepResult(total, done_before, trained, tuple(failed))
+        + (f", {len(failed)} failed" if failed else "")
+        + (f", {elsewhere} being trained by other workers" if elsewhere else "") + f" -> {plan.db}")
+    return SweepResult(total, done_before, trained, tuple(failed), elsewhere)
+
+
+def run_sweep_parallel(plan: SweepPlan, jobs: int, *, log: Log | None = print, keep_going: bool = False,
+                       download: bool = False, device: str | torch.device | None = "auto",
+                       compile_backend: str | None = None, threads: int | None = None) -> SweepResult:
+    """Train the runs of ``plan`` that are not stored yet with ``jobs`` worker processes side by side.
+
+    Each worker is :func:`run_sweep` on the same plan in a process of its own: the workers share the store and
+    the checkpoint folder and take runs through exclusive claims (see :mod:`sharpness.harness._claims`), so each
+    run is trained by one worker, once. Everything :func:`run_sweep` promises still holds: kill the workers (or
+    this process) at any moment and run the sweep again, and every run ends up stored exactly once; a run that
+    was cut short resumes from its checkpoint. Independent ``sharpness sweep`` processes (on other machines
+    sharing the folder, say) cooperate the same way.
+
+    Args:
+        jobs: worker processes, ``>= 1``; at most one per run left to train. With one worker (or one run left),
+            :func:`run_sweep` runs in this process, with a progress bar when ``log`` is set.
+        device: where the workers train. ``"cuda"`` (or ``"auto"`` on a machine with GPUs) spreads them over
+            every visible GPU, worker ``i`` on ``cuda:(i % device_count)``; a comma-separated list
+            (``"cuda:0,cuda:1"``) assigns them round-robin; any other device is shared by all.
+        threads: ``torch.set_num_threads`` in each worker (default: the CPUs this process may use, divided
+            by ``jobs``, at least 1). A run's numbers do not depend on which worker trains it, except that on the
+            CPU a different thread count may change the rounding of its reductions.
+        log, keep_going, download, compile_backend: as for :func:`run_sweep`; each worker's lines are prefixed
+            with ``[worker i]``.
+
+    Returns:
+        The whole sweep: ``done_before`` counts the runs stored before the workers started, ``trained`` those
+        they trained, ``failed`` the runs that raised (``keep_going``), ``elsewhere`` the runs still unstored
+        at the end that no worker failed (another process outside this call was training them).
+
+    Raises:
+        The first error of a worker (``keep_going=False``): the other workers are killed at once, which is
+        safe by the guarantee above.
+    """
+    jobs = check_int_at_least("jobs", jobs, 1)
+    if threads is not None:
+        threads = check_int_at_least("threads", threads, 1)
+    if jobs > 1 and not can_share():
+        raise ValueError(f"Invalid jobs value: {jobs} (parallel sweeps need POSIX file locks, which this "
+                         "platform lacks; use jobs=1)")
+    devices = worker_devices(device, jobs)
+    compile_backend = check_compile_backend(compile_backend)
+    plan.db.parent.mkdir(parents=True, exist_ok=True)
+    plan.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    keys = plan.keys
+    with Store(plan.db) as store:
+        done_before = sum(store.has(key) for key in keys)
+    jobs = min(jobs, len(keys) - done_before)  # no idle workers
+    if jobs <= 1:  # one worker, or nothing left to share out: this process
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return run_sweep(plan, log=log, progress=log is not None, keep_going=keep_going, download=download,
+                         device=devices[0], compile_backend=compile_backend)
+    threads = threads or max(1, _available_cpus() // jobs)
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold CUDA or threads
+    queue = context.Queue()
+    workers = [context.Process(target=_sweep_worker, name=f"sweep-worker-{i}",
+                               args=(i, plan, str(devices[i]), threads, keep_going, download, compile_backend,
+                                     log is not None, queue))
+               for i in range(jobs)]
+    for worker in workers:
+        worker.start()
+    results: dict[int, SweepResult] = {}
+    try:
+        while len(results) < jobs:
+            try:
+                index, outcome, payload = queue.get(timeout=0.5)
+            except queue_module.Empty:
+                for i, worker in enumerate(workers):
+                    if i not in results and worker.exitcode is not None:
+                        _drain_reports(queue, results)
+                        if i not in results:
+                            raise RuntimeError(f"sweep worker {i} ended without a result (exit code "
+                                               f"{worker.exitcode}); run the sweep again to finish it")
+                continue
+            if outcome == "error":
+                raise payload
+            results[index] = payload
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+            worker.join()
+        queue.close()
+    failed = dict(pair for i in sorted(results) for pair in results[i].failed)  # a run failed by two workers once
+    with Store(plan.db) as store:
+        unstored = [key for key in keys if not store.has(key) and key not in failed]
+    result = SweepResult(len(keys), done_before, sum(r.trained for r in results.values()), tuple(failed.items()),
+                         len(unstored))
+    if log is not None:
+        log(f"sweep: {result.total} runs, {result.done_before} already stored, {result.trained} trained now by "
+            f"{jobs} workers" + (f", {len(result.failed)} failed" if result.failed else "")
+            + (f", {result.elsewhere} being trained elsewhere" if result.elsewhere else "") + f" -> {plan.db}")
+    return result
+
+
+def worker_devices(device: str | torch.device | None, jobs: int) -> list[torch.device]:
+    """The device of each of ``jobs`` workers (see :func:`run_sweep_parallel`)."""
+    if isinstance(device, str) and "," in device:
+        devices = [resolve_device(part.strip()) for part in device.split(",")]
+        return [devices[i % len(devices)] for i in range(jobs)]
+    resolved = resolve_device(device)
+    spread = device is None or (isinstance(device, str) and device in ("auto", "cuda"))
+    if resolved.type == "cuda" and spread:
+        return [torch.device("cuda", i % torch.cuda.device_count()) for i in range(jobs)]
+    return [resolved] * jobs
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _sweep_worker(index: int, plan: SweepPlan, device: str, threads: int, keep_going: bool, download: bool,
+                  compile_backend: str | None, verbose: bool, queue: Any) -> None:
+    """One worker of :func:`run_sweep_parallel`: reports ``(index, "done", SweepResult)`` or
+    ``(index, "error", exception)``."""
+    torch.set_num_threads(threads)
+
+    def log(line: str) -> None:
+        print(f"[worker {index}] {line}", flush=True)
+
+    try:
+        result = run_sweep(plan, log=log if verbose else None, progress=False, keep_going=keep_going,
+                           download=download, device=device, compile_backend=compile_backend)
+    except BaseException as exc:  # noqa: BLE001 -- handed to the parent, which raises it
+        try:
+            pickle.dumps(exc)
+        except Exception:  # noqa: BLE001 -- an exception that cannot cross processes: its text does
+            exc = RuntimeError(f"sweep worker {index}: {type(exc).__name__}: {exc}")
+        queue.put((index, "error", exc))
+        return
+    queue.put((index, "done", result))
+
+
+def _drain_reports(queue: Any, results: dict[int, SweepResult]) -> None:
+    """Collect what finished workers reported (a worker's last report may land after it has exited)."""
+    while True:
+        try:
+            index, outcome, payload = queue.get(timeout=0.5)
+        except queue_module.Empty:
+            return
+        if outcome == "error":
+            raise payload
+        results[index] = payload
 
 
 def _load_data(config: TrainConfig, cache: dict[tuple, Any], download: bool = False) -> Any:
