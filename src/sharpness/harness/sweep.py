@@ -45,6 +45,7 @@ import multiprocessing
 import os
 import pickle
 import queue as queue_module
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -523,6 +524,7 @@ def _sweep_worker(index: int, plan: SweepPlan, device: str, threads: int, keep_g
         result = run_sweep(plan, log=log if verbose else None, progress=False, keep_going=keep_going,
                            download=download, device=device, compile_backend=compile_backend)
     except BaseException as exc:  # noqa: BLE001 -- handed to the parent, which raises it
+        traceback.print_exc()  # where in the worker it happened (the parent re-raises the exception alone)
         try:
             pickle.dumps(exc)
         except Exception:  # noqa: BLE001 -- an exception that cannot cross processes: its text does
