@@ -153,6 +153,29 @@ def test_training_passes_run_under_autocast_exactly_when_bf16_is_on(digits, monk
     assert len(seen) == 3 * 2 * 3 and set(seen) == {bf16}  # 3 steps x 2 passes x 3 Linear layers
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_test_and_validation_evaluation_share_the_training_precision(monkeypatch, bf16):
+    """The validation split is evaluated as the test split is: under bf16 autocast exactly when ``bf16`` is on
+    (model selection on one precision and the reported number on another would not compare)."""
+    from torch import nn
+
+    from sharpness.data import load_dataset
+
+    seen = []
+    forward = nn.Linear.forward
+
+    def recording_forward(self, x):
+        if not self.training:  # the evaluation passes
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(self, x)
+
+    data = load_dataset("digits", seed=0, validation=0.1)
+    monkeypatch.setattr(nn.Linear, "forward", recording_forward)
+    result = train(_config(epochs=1, bf16=bf16, validation=0.1), data=data, log=None)
+    assert "val_acc" in result.epochs[-1]
+    assert len(seen) >= 2 * 3 and set(seen) == {bf16}  # test and validation sets, 3 Linear layers each
+
+
 def test_per_epoch_measures_are_recorded_and_do_not_change_training(digits):
     plain = train(_config(optimizer="sam", epochs=2), data=digits, log=None)
     config = _config(optimizer="sam", epochs=2, measures=("lambda_max", "sam"), measure_examples=128)

@@ -383,7 +383,8 @@ class _Run:
             "sam_fraction": opt.sam_fraction, "grad_evals": opt.grad_evals, "wall_time": self.elapsed,
         }
         if self.validation_set is not None:
-            record["val_loss"], record["val_acc"] = evaluate(self.model, self.validation_set, self.loss_fn)
+            record["val_loss"], record["val_acc"] = evaluate(self.model, self.validation_set, self.loss_fn,
+                                                             bf16=self.config.bf16)
         if self.config.measures and (self.epoch % self.config.measure_every == 0 or self.done()):
             record.update(self.measure())
         return record
