@@ -376,6 +376,37 @@ def test_parallel_sweep_errors(tmp_path):
         run_sweep_parallel(plan, 2, device="cpu,tpu")
 
 
+def test_parallel_sweep_prepares_each_data_source_once_before_the_workers(tmp_path, monkeypatch):
+    """Each data source is loaded once in the parent (one download, not one per worker); a missing file is
+    reported there, before any worker starts or anything is stored."""
+    from sharpness import data as data_module
+    from sharpness.harness import sweep as sweep_module
+
+    plan = plan_sweep(_write(tmp_path, 'seeds = [0, 1, 2]\n' + BASE + '[grid]\nlr = [0.05, 0.1]\n'))
+    calls = []
+    monkeypatch.setattr(data_module, "load_dataset", lambda name, **kwargs: calls.append((name, kwargs)))
+    sweep_module._prepare_data(plan, True)
+    assert calls == [("digits", {"download": True})]  # 6 runs, one source
+
+    monkeypatch.undo()
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    monkeypatch.setenv("SHARPNESS_DATA", str(missing))  # an empty data folder
+    (missing / "sweep.toml").write_text(textwrap.dedent("""
+        seeds = [0, 1]
+        [base]
+        dataset = "tinyshakespeare"
+        model = "char_lstm"
+        budget_steps = 2
+        """))
+    plan = plan_sweep(missing / "sweep.toml")
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="Tiny Shakespeare"):
+        run_sweep_parallel(plan, 2, log=None)
+    assert time.monotonic() - started < 3  # no worker was spawned (each costs seconds of imports)
+    assert _stored_counts(plan.db) == {}
+
+
 def test_worker_devices(monkeypatch):
     assert worker_devices("cpu", 3) == [torch.device("cpu")] * 3
     assert worker_devices("cpu, cpu", 3) == [torch.device("cpu")] * 3

@@ -426,6 +426,9 @@ def run_sweep_parallel(plan: SweepPlan, jobs: int, *, log: Log | None = print, k
         they trained, ``failed`` the runs that raised (``keep_going``), ``elsewhere`` the runs still unstored
         at the end that no worker failed (another process outside this call was training them).
 
+    Every data source of the sweep is loaded once in this process before the workers start (a download
+    happens once; a missing file fails here, before anything trains).
+
     Raises:
         The first error of a worker (``keep_going=False``): the other workers are killed at once, which is
         safe by the guarantee above.
@@ -450,6 +453,7 @@ def run_sweep_parallel(plan: SweepPlan, jobs: int, *, log: Log | None = print, k
         return run_sweep(plan, log=log, progress=log is not None, keep_going=keep_going, download=download,
                          device=devices[0], compile_backend=compile_backend)
     threads = threads or max(1, _available_cpus() // jobs)
+    _prepare_data(plan, download)
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold CUDA or threads
     queue = context.Queue()
     workers = [context.Process(target=_sweep_worker, name=f"sweep-worker-{i}",
@@ -490,6 +494,20 @@ def run_sweep_parallel(plan: SweepPlan, jobs: int, *, log: Log | None = print, k
             f"{jobs} workers" + (f", {len(result.failed)} failed" if result.failed else "")
             + (f", {result.elsewhere} being trained elsewhere" if result.elsewhere else "") + f" -> {plan.db}")
     return result
+
+
+def _prepare_data(plan: SweepPlan, download: bool) -> None:
+    """Load every data source of ``plan`` once, here, before the workers start: a download happens once (not N
+    workers writing one folder at the same time), a missing file is reported once and before anything trains,
+    and a generated set (MNIST-1D) is written to its cache for the workers to read."""
+    from ..data import load_dataset
+
+    seen: set[tuple[str, str]] = set()
+    for config in plan.configs:
+        source = (config.dataset, repr(sorted(config.data_options.items())))
+        if source not in seen:
+            seen.add(source)
+            load_dataset(config.dataset, download=download, **config.data_options)
 
 
 def worker_devices(device: str | torch.device | None, jobs: int) -> list[torch.device]:
