@@ -14,6 +14,7 @@ per minute, and a check that both stores hold the same runs with the same final 
 Usage::
 
     python benchmarks/bench_sweep.py                               # 8 runs, --jobs 2 on 2 CPUs, ~4 minutes
+    python benchmarks/bench_sweep.py --steps 150 --warmup 1        # short runs: start-up weighs more
     python benchmarks/bench_sweep.py --jobs 4 --runs 16 --json benchmarks/results/sweep.json
     python benchmarks/bench_sweep.py --device cuda --jobs 8        # on a machine with GPUs: one worker per GPU
 """
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=2, help="workers of the parallel command (default: 2)")
     parser.add_argument("--runs", type=int, default=8, help="runs in the sweep (default: 8)")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default: 150)")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default: 600)")
     parser.add_argument("--dataset", default="mnist1d")
     parser.add_argument("--model", default="cnn1d")
     parser.add_argument("--batch-size", type=int, default=128)

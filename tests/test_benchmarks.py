@@ -144,3 +144,15 @@ def test_bench_loop_times_the_harness_against_a_bare_loop(tmp_path):
     for row in rows.values():
         assert positive(row["harness_us_per_step"]) and positive(row["bare_us_per_step"])
         assert row["ratio"] == row["harness_us_per_step"] / row["bare_us_per_step"]
+
+
+def test_bench_sweep(tmp_path):
+    """One worker against two on a 2-run sweep: both stores hold the same runs; the ratio is their times'."""
+    data = run_script("bench_sweep.py", "--runs", "2", "--steps", "2", "--repeats", "1", "--dataset", "digits",
+                      "--model", "mlp", "--batch-size", "64", out=tmp_path / "sweep.json")
+    result = data["result"]
+    assert result["runs"] == 2 and result["jobs"] == 2 and result["same_runs"]
+    walls = result["wall_s"]
+    assert positive(walls["one worker"]["median"]) and positive(walls["2 workers"]["median"])
+    assert result["ratio_parallel_over_one"]["median"] == pytest.approx(
+        walls["2 workers"]["median"] / walls["one worker"]["median"])
