@@ -486,7 +486,9 @@ def run_sweep_parallel(plan: SweepPlan, jobs: int, *, log: Log | None = print, k
         queue.close()
     failed = dict(pair for i in sorted(results) for pair in results[i].failed)  # a run failed by two workers once
     with Store(plan.db) as store:
-        unstored = [key for key in keys if not store.has(key) and key not in failed]
+        stored = {key for key in keys if store.has(key)}
+    failed = {key: error for key, error in failed.items() if key not in stored}  # not if a retry stored it
+    unstored = [key for key in keys if key not in stored and key not in failed]
     result = SweepResult(len(keys), done_before, sum(r.trained for r in results.values()), tuple(failed.items()),
                          len(unstored))
     if log is not None:
