@@ -220,6 +220,15 @@ def test_mnist1d_disk_cache_equals_generation_and_survives_bad_files(tmp_path, m
     truncated or foreign file is regenerated and rewritten; a root that cannot be written to still loads."""
     from mnist1d import data as mnist1d_data
 
+    mnist1d_module._generated.cache_clear()
+    generate, generated = mnist1d_data.make_dataset, []
+
+    def generate_once(args):  # the real generator the first time, its result after that (seconds saved)
+        if not generated:
+            generated.append(generate(args))
+        return generated[0]
+
+    monkeypatch.setattr(mnist1d_data, "make_dataset", generate_once)
     fresh = load_mnist1d()  # no root: generated in memory, nothing written
     mnist1d_module._generated.cache_clear()
     first = load_dataset("mnist1d", root=tmp_path)
