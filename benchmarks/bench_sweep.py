@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from _shared import environment as shared_environment
 from _shared import write_json_atomically
 
 from sharpness.harness import Store
+from sharpness.harness.sweep import available_cpus
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,13 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.jobs < 2 or args.runs < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--jobs must be >= 2, --runs, --steps and --repeats >= 1, --warmup >= 0")
     return args
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def sweep_file(args: argparse.Namespace) -> str:

@@ -227,7 +227,7 @@ def sweep_command(
         min=1, help="torch threads per worker (default with --jobs: the CPUs divided by the jobs)")] = None,
 ) -> None:
     """Run every configuration of a sweep that is not yet in the store (rerun after a kill to finish it)."""
-    from .harness.sweep import plan_sweep, run_sweep, run_sweep_parallel, worker_devices
+    from .harness.sweep import plan_sweep, run_sweep_parallel, worker_devices
 
     try:
         plan = plan_sweep(config, db=db, checkpoint_dir=checkpoint_dir)
@@ -240,28 +240,19 @@ def sweep_command(
                        f"seed {run_config.seed}")
         typer.echo(f"{len(plan)} runs planned into {plan.db}")
         return
-    if jobs == 1:
-        resolved = _resolve_runtime(device, compile_backend)
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
-        result = run_sweep(plan, log=None if quiet else typer.echo, progress=not quiet, keep_going=keep_going,
-                           download=download, device=resolved, compile_backend=compile_backend)
-    else:
-        _resolve_runtime("cpu", compile_backend)
-        try:
-            worker_devices(device, jobs)
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--device") from exc
-        try:
-            result = run_sweep_parallel(plan, jobs, log=None if quiet else typer.echo, keep_going=keep_going,
-                                        download=download, device=device, compile_backend=compile_backend,
-                                        threads=threads)
-        except ValueError as exc:
-            if "jobs" not in str(exc):
-                raise
-            raise typer.BadParameter(str(exc), param_hint="--jobs") from exc
+    _resolve_runtime("cpu", compile_backend)  # --compile checked as a usage error
+    try:
+        worker_devices(device, jobs)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from exc
+    try:
+        result = run_sweep_parallel(plan, jobs, log=None if quiet else typer.echo, keep_going=keep_going,
+                                    download=download, device=device, compile_backend=compile_backend,
+                                    threads=threads)
+    except ValueError as exc:
+        if "jobs" not in str(exc):
+            raise
+        raise typer.BadParameter(str(exc), param_hint="--jobs") from exc
     typer.echo(f"{result.total} runs: {result.done_before} already done, {result.trained} trained, "
                f"{len(result.failed)} failed; store {plan.db}")
     for key, error in result.failed:

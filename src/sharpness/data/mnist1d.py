@@ -6,9 +6,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
-import os
 import random
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from .._io import atomic_open
 from .record import SourceSplits
 
 __all__ = ["load_mnist1d", "mnist1d_args"]
@@ -118,18 +117,11 @@ def _check(tensors: tuple[object, ...], args: object) -> bool:
 
 
 def _write_cache(path: Path, tensors: tuple[Tensor, ...], args: dict[str, object]) -> None:
-    """Save atomically (a temporary file, then ``os.replace``); an unwritable root is left alone."""
-    tmp_name = None
-    try:
+    """Save atomically (:func:`~sharpness._io.atomic_open`); an unwritable root is left alone."""
+    with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.tmp-", delete=False) as tmp:
-            tmp_name = tmp.name
-            torch.save({**dict(zip(_CACHE_KEYS, tensors)), "args": json.dumps(args)}, tmp)
-        os.replace(tmp_name, path)
-    except OSError:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
+        with atomic_open(path, "wb") as handle:
+            torch.save({**dict(zip(_CACHE_KEYS, tensors)), "args": json.dumps(args)}, handle)
 
 
 def load(*, root: Path, download: bool) -> SourceSplits:

@@ -452,7 +452,7 @@ def run_sweep_parallel(plan: SweepPlan, jobs: int, *, log: Log | None = print, k
             torch.set_num_threads(threads)
         return run_sweep(plan, log=log, progress=log is not None, keep_going=keep_going, download=download,
                          device=devices[0], compile_backend=compile_backend)
-    threads = threads or max(1, _available_cpus() // jobs)
+    threads = threads or max(1, available_cpus() // jobs)
     _prepare_data(plan, download)
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold CUDA or threads
     queue = context.Queue()
@@ -465,19 +465,15 @@ def run_sweep_parallel(plan: SweepPlan, jobs: int, *, log: Log | None = print, k
     results: dict[int, SweepResult] = {}
     try:
         while len(results) < jobs:
-            try:
-                index, outcome, payload = queue.get(timeout=0.5)
-            except queue_module.Empty:
-                for i, worker in enumerate(workers):
-                    if i not in results and worker.exitcode is not None:
-                        _drain_reports(queue, results)
-                        if i not in results:
-                            raise RuntimeError(f"sweep worker {i} ended without a result (exit code "
-                                               f"{worker.exitcode}); run the sweep again to finish it")
+            if _receive(queue, results):
                 continue
-            if outcome == "error":
-                raise payload
-            results[index] = payload
+            for i, worker in enumerate(workers):
+                if i not in results and worker.exitcode is not None:
+                    while _receive(queue, results):  # its last report may land after it exited
+                        pass
+                    if i not in results:
+                        raise RuntimeError(f"sweep worker {i} ended without a result (exit code "
+                                           f"{worker.exitcode}); run the sweep again to finish it")
     finally:
         for worker in workers:
             if worker.is_alive():
@@ -524,7 +520,8 @@ def worker_devices(device: str | torch.device | None, jobs: int) -> list[torch.d
     return [resolved] * jobs
 
 
-def _available_cpus() -> int:
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -554,16 +551,16 @@ def _sweep_worker(index: int, plan: SweepPlan, device: str, threads: int, keep_g
     queue.put((index, "done", result))
 
 
-def _drain_reports(queue: Any, results: dict[int, SweepResult]) -> None:
-    """Collect what finished workers reported (a worker's last report may land after it has exited)."""
-    while True:
-        try:
-            index, outcome, payload = queue.get(timeout=0.5)
-        except queue_module.Empty:
-            return
-        if outcome == "error":
-            raise payload
-        results[index] = payload
+def _receive(queue: Any, results: dict[int, SweepResult], timeout: float = 0.5) -> bool:
+    """Take one worker report into ``results`` (a worker's error is raised here); False if none came."""
+    try:
+        index, outcome, payload = queue.get(timeout=timeout)
+    except queue_module.Empty:
+        return False
+    if outcome == "error":
+        raise payload
+    results[index] = payload
+    return True
 
 
 def _load_data(config: TrainConfig, cache: dict[tuple, Any], download: bool = False) -> Any:
