@@ -150,6 +150,45 @@ def test_sets_not_held_in_tensors_go_through_a_dataloader():
     assert torch.equal(x, base.tensors[0] * 2) and torch.equal(y, torch.arange(6))
 
 
+@pytest.mark.parametrize("n, batch_size, world", [(23, 8, 2), (23, 8, 3), (10, 4, 4), (9, 9, 2)])
+def test_data_parallel_shards_concatenate_to_the_single_process_batches(n, batch_size, world):
+    """Each rank cuts and augments only its part of a global batch; the parts are ``tensor_split``'s and, with the
+    same seeds on every rank, concatenate to the single-process batch pixel for pixel (crops and flips included).
+    A last global batch smaller than ``world`` is skipped on every rank."""
+    data = ImageTensors(_images(n, size=8), torch.arange(n), mean=CIFAR_MEAN, std=CIFAR_STD, padding=2, flip=True)
+
+    def epoch(shard):
+        return list(resident_batches(data, batch_size, order=torch.Generator().manual_seed(3),
+                                     augment=torch.Generator().manual_seed(4), shard=shard))
+
+    whole = [b for b in epoch(None) if len(b[1]) >= world]
+    parts = [epoch((rank, world)) for rank in range(world)]
+    assert all(len(p) == len(whole) for p in parts)
+    for index, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([p[index][0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[index][1] for p in parts]), y)
+        assert [len(p[index][1]) for p in parts] == [len(t) for t in y.tensor_split(world)]
+    # the DataLoader path of the harness splits the same way
+    loose = Transformed(TensorDataset(torch.randn(n, 2), torch.arange(n)), lambda x: x)
+    single = [y for _, y in batches(loose, batch_size, None) if len(y) >= world]
+    for rank in range(world):
+        assert [y.tolist() for _, y in batches(loose, batch_size, None, shard=(rank, world))] == [
+            y.tensor_split(world)[rank].tolist() for y in single]
+
+
+@pytest.mark.parametrize("shard, error, message", [
+    ((2, 2), ValueError, r"Invalid rank value: 2 \(expected an integer in \[0, 1\] for world_size 2\)"),
+    ((-1, 2), ValueError, "Invalid rank value: -1"),
+    ((0, 0), ValueError, r"Invalid world_size value: 0"),
+    ((0.5, 2), ValueError, "Invalid rank value: 0.5"),
+    (3, TypeError, r"Invalid shard: 3 \(expected \(rank, world_size\)\)"),
+])
+def test_bad_shards_say_what_is_wrong(shard, error, message):
+    data = ResidentTensors(torch.zeros(4, 2), torch.zeros(4))
+    with pytest.raises(error, match=message):
+        next(resident_batches(data, 2, shard=shard))
+
+
 def test_bad_batches_and_draws_say_what_is_wrong():
     data = ImageTensors(_images(4), torch.zeros(4), mean=CIFAR_MEAN, std=CIFAR_STD, padding=4, flip=True)
     with pytest.raises(ValueError, match=r"Invalid batch_size value: 0 \(expected an integer batch_size >= 1\)"):

@@ -43,6 +43,10 @@ def test_two_process_run_completes_and_is_stored_once(tmp_path, optimizer):
                                    budget_steps=22), log=None)
         assert run.summary["test_loss"] == pytest.approx(single.summary["test_loss"], abs=1e-5)
         assert run.summary["test_acc"] == pytest.approx(single.summary["test_acc"], abs=1 / 360)
+        # the recorded training loss is the mean over both ranks' examples (one all-reduce per epoch), not
+        # rank 0's half
+        assert [r["train_loss"] for r in run.epochs] == pytest.approx(
+            [r["train_loss"] for r in single.epochs], abs=1e-5)
 
 
 def test_compiled_ddp_model_keeps_the_per_worker_perturbation(tmp_path):

@@ -25,7 +25,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from .._validation import check_int_at_least
 from .wrappers import Relabeled
 
-__all__ = ["ResidentSet", "ResidentTensors", "as_resident", "is_resident", "resident_batches"]
+__all__ = ["ResidentSet", "ResidentTensors", "as_resident", "check_shard", "is_resident", "resident_batches",
+           "shard_bounds"]
 
 
 class ResidentSet(Dataset):
@@ -126,16 +127,46 @@ def as_resident(dataset: Dataset, device: str | torch.device | None = None) -> A
     return None if resident is None else resident.to(device)
 
 
+def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s contiguous part of ``size`` examples split ``world`` ways, as
+    ``torch.tensor_split`` splits them (the first ``size % world`` ranks take one example more)."""
+    base, extra = divmod(size, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+    """``shard`` as ``(rank, world)``; ``None`` is ``(0, 1)`` (the whole batch)."""
+    if shard is None:
+        return 0, 1
+    try:
+        rank, world = shard
+    except (TypeError, ValueError):
+        raise TypeError(f"Invalid shard: {shard!r} (expected (rank, world_size))") from None
+    world = check_int_at_least("world_size", world, 1)
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world:
+        raise ValueError(f"Invalid rank value: {rank!r} (expected an integer in [0, {world - 1}] for world_size "
+                         f"{world})")
+    return rank, world
+
+
 def resident_batches(dataset: Any, batch_size: int, *, order: torch.Generator | None = None,
-                     augment: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+                     augment: torch.Generator | None = None,
+                     shard: tuple[int, int] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """The batches of one epoch of a resident set, on its device.
 
     Args:
         order: shuffle with ``torch.randperm(len(dataset), generator=order)``; ``None``: in stored order.
         augment: draw the epoch's augmentation from this generator (after the permutation, so with
             ``augment=order`` one generator's state holds the whole epoch); ``None``: no augmentation.
+        shard: ``(rank, world_size)`` for data-parallel training: ``batch_size`` is the global batch, and this
+            rank gets its contiguous part of each one (split as ``tensor_split`` splits it), cut and augmented
+            alone. Every rank must pass the same ``order`` and ``augment`` seeds: the ranks' parts then
+            concatenate to the single-process batch, pixel for pixel. A last global batch with fewer than
+            ``world_size`` examples is skipped on every rank (no rank is left without an example).
     """
     batch_size = check_int_at_least("batch_size", batch_size, 1)
+    rank, world = check_shard(shard)
     if not is_resident(dataset):
         raise TypeError(f"Invalid dataset: {type(dataset).__name__} does not serve batches by index (expected a "
                         "resident set; convert it with as_resident(dataset, device))")
@@ -147,6 +178,10 @@ def resident_batches(dataset: Any, batch_size: int, *, order: torch.Generator | 
     if draws is not None:
         draws = tuple(None if t is None else t.to(device, non_blocking=True) for t in draws)
     for start in range(0, n, batch_size):
-        part = slice(start, start + batch_size)
+        size = min(batch_size, n - start)
+        if size < world:
+            continue
+        low, high = shard_bounds(size, rank, world)
+        part = slice(start + low, start + high)
         yield dataset.batch(index[part], None if draws is None else
                             tuple(None if t is None else t[part] for t in draws))

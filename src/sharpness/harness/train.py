@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .. import __version__, _foreach
 from ..data._random import make_generator
-from ..data.resident import as_resident, resident_batches
+from ..data.resident import as_resident, check_shard, resident_batches, shard_bounds
 from ..optim.closure import make_closure
 from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -182,34 +182,47 @@ def make_loss(config: TrainConfig) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def batches(dataset: Dataset, batch_size: int, generator: torch.Generator | None, *,
-            augment: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+            augment: torch.Generator | None = None,
+            shard: tuple[int, int] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """Mini-batches in a seeded order (``generator=None``: in order).
 
     Sets held in tensors (:func:`~sharpness.data.resident.as_resident`: in-memory sets, images, token windows,
     and their subset/relabelled views) are indexed a batch at a time where they are, augmented with draws from
     ``augment`` (``None``: not augmented), in the order ``torch.randperm(n, generator=generator)``; other sets go
     through a ``DataLoader`` (shuffled from ``generator``, augmented item by item as the set itself does).
+    ``shard=(rank, world_size)``: this rank's part of each global batch of ``batch_size`` (see
+    :func:`~sharpness.data.resident.resident_batches`; a resident set cuts only that part).
     """
     resident = as_resident(dataset)
     if resident is not None:
-        yield from resident_batches(resident, batch_size, order=generator, augment=augment)
+        yield from resident_batches(resident, batch_size, order=generator, augment=augment, shard=shard)
         return
+    rank, world = check_shard(shard)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator)
-    yield from loader
+    for x, y in loader:
+        if len(y) < world:  # as resident_batches: no rank is left without an example
+            continue
+        low, high = shard_bounds(len(y), rank, world)
+        yield x[low:high], y[low:high]
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable, batch_size: int = 1024,
-             bf16: bool = False) -> tuple[float, float]:
+             bf16: bool = False, shard: tuple[int, int] | None = None) -> tuple[float, float]:
     """``(mean loss, accuracy)`` over ``dataset`` in eval mode (training flags restored), on the model's device
-    (sums kept there: one host read at the end)."""
+    (sums kept there: one host read at the end).
+
+    ``shard=(rank, world_size)`` under an initialized process group: each rank evaluates its part of every
+    batch and one all-reduce of the sums gives every rank the whole set's numbers.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), dtype=_foreach.sum_dtype(device), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
-    for x, y in batches(dataset, batch_size, None):
+    _, world = check_shard(shard)
+    for x, y in batches(dataset, batch_size, None, shard=shard):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(x)
@@ -218,7 +231,21 @@ def evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable, batch_size: 
         correct += (out.argmax(1) == y).sum()
         count += y.numel()
     model.train(was_training)
+    if world > 1:
+        loss_sum, correct, count = _sum_over_ranks(loss_sum, correct, count)
     return float(loss_sum) / count, int(correct) / count
+
+
+def _sum_over_ranks(*values: Tensor | int) -> tuple[Any, ...]:
+    """Each value summed over the process group (one all-reduce of them all, in float64 on the CPU; counts come
+    back as ints): the epoch's and the evaluation's totals under torchrun."""
+    import torch.distributed as dist
+
+    device = next(v for v in values if isinstance(v, Tensor)).device
+    totals = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in values])
+    dist.all_reduce(totals)
+    return tuple(int(t) if not isinstance(v, Tensor) or not v.is_floating_point() else t
+                 for v, t in zip(values, totals))
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -238,6 +265,7 @@ class _Run:
         self.device = device
         self.model = model.to(device)
         self.rank, self.world = distributed_context(device)
+        self.shard = (self.rank, self.world) if self.world > 1 else None
         # Under torchrun the forward/backward goes through DDP; the engine gets the DDP module so the first
         # pass runs under no_sync (per-worker perturbation) and policy decisions agree on every rank.
         if self.world > 1:
@@ -305,8 +333,6 @@ class _Run:
         """One optimizer step; returns its mean training loss as a 0-d tensor on the device (not read here: a
         host read per step would stall a GPU's queue; the optimizers' ``check_finite`` stops a non-finite pass)."""
         model, opt, bf16 = self.network, self.optimizer, self.config.bf16
-        if self.world > 1:  # each rank takes its contiguous shard of the global batch
-            x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
         def compute_loss(reduction: str) -> Tensor:
@@ -334,14 +360,17 @@ class _Run:
         loss_sum = torch.zeros((), dtype=_foreach.sum_dtype(self.device), device=self.device)
         count = 0
         steps = self.optimizer.steps
-        for x, y in batches(self.train_set, self.config.batch_size, self.order, augment=self.order):
+        # each rank cuts its contiguous part of every global batch (the same seeded order and augmentation on
+        # every rank)
+        for x, y in batches(self.train_set, self.config.batch_size, self.order, augment=self.order,
+                            shard=self.shard):
             if self.done():
                 break
-            if y.shape[0] < self.world:  # a last global batch too small to give every rank an example
-                continue
             loss_sum.add_(self.step(x, y), alpha=y.shape[0])
             count += y.shape[0]
             self.after_step()
+        if self.world > 1:  # the mean over every rank's examples: one all-reduce per epoch
+            loss_sum, count = _sum_over_ranks(loss_sum, count)
         train_loss = float(loss_sum) / max(count, 1)  # the epoch's one host read of the loss
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"Training diverged: mean loss {train_loss} over steps {steps + 1}.."
@@ -376,7 +405,8 @@ class _Run:
 
     def record(self, train_loss: float) -> dict[str, Any]:
         opt = self.optimizer
-        test_loss, test_acc = evaluate(self.model, self.test_set, self.loss_fn, bf16=self.config.bf16)
+        test_loss, test_acc = evaluate(self.model, self.test_set, self.loss_fn, bf16=self.config.bf16,
+                                       shard=self.shard)
         record = {
             "epoch": self.epoch, "train_loss": train_loss, "test_loss": test_loss, "test_acc": test_acc,
             "lr": self.optimizer.param_groups[0]["lr"], "steps": opt.steps, "sam_steps": opt.sam_steps,
@@ -384,7 +414,7 @@ class _Run:
         }
         if self.validation_set is not None:
             record["val_loss"], record["val_acc"] = evaluate(self.model, self.validation_set, self.loss_fn,
-                                                             bf16=self.config.bf16)
+                                                             bf16=self.config.bf16, shard=self.shard)
         if self.config.measures and (self.epoch % self.config.measure_every == 0 or self.done()):
             record.update(self.measure())
         return record
