@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sharpness
-from helpers import classification_data, mlp
+from helpers import classification_data, make_optimizer, mlp, registered_names
 
 
 def _setup(**flags):
@@ -76,3 +76,39 @@ def test_per_sample_losses_of_sequence_models_are_averaged_over_time():
 def test_bad_compute_loss_type():
     with pytest.raises(TypeError, match="compute_loss"):
         sharpness.make_closure(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), 3)
+
+
+#: every registered optimizer with its defaults (its own closure convention), plus the other code paths that keep
+#: gradients across passes
+IN_PLACE_CASES = [(name, {}) for name in registered_names()] + [
+    ("gnr", {"hvp": "finite_difference"}), ("gnr", {"hvp": "finite_difference", "oracle": "sam"}),
+    ("gnr", {"oracle": "sam"}), ("salr", {"normalization": "per_sample"}), ("looksam", {"k": 2}),
+    ("aelooksam", {"lambda1": 1.0, "lambda2": 1.0}), ("esam", {"beta": 0.5, "gamma": 0.5}),
+    ("smoothout", {"adaptive": True, "copies": 2}), ("frobsam", {"num_samples": 3}), ("tracesam", {"num_samples": 2}),
+]
+
+
+@pytest.mark.parametrize("name, options", IN_PLACE_CASES,
+                         ids=[f"{n}-{'-'.join(map(str, o.values()))}" if o else n for n, o in IN_PLACE_CASES])
+def test_a_closure_that_zeroes_gradients_in_place_gives_the_same_steps(name, options):
+    """``zero_grad(set_to_none=False)`` reuses the gradient buffers: a method that kept a gradient in them across
+    passes would see it overwritten. (GNR's finite-difference HVP did: its regularizer came out 0.)"""
+    weights = {}
+    for set_to_none in (True, False):
+        model = mlp(0)
+        x, y = classification_data(0, n=16)
+        opt = make_optimizer(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **options)
+
+        def closure():
+            opt.zero_grad(set_to_none=set_to_none)
+            if getattr(opt, "needs_per_sample_losses", False):
+                return nn.functional.cross_entropy(model(x), y, reduction="none")
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward(create_graph=bool(getattr(opt, "needs_graph", False)))
+            return loss
+
+        for _ in range(4):
+            opt.step(closure)
+        weights[set_to_none] = [p.detach().clone() for p in model.parameters()]
+    for p, q in zip(weights[True], weights[False], strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-12)

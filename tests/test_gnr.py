@@ -122,12 +122,23 @@ def test_finite_difference_converges_to_exact_at_order_r():
 # ---------------------------------------------------------------------------------------------- one step
 @pytest.mark.parametrize("hvp", ["exact", "finite_difference"])
 @pytest.mark.parametrize("oracle", ["sgd", "sam"])
-def test_one_step_on_a_quadratic_equals_algorithm_1(hvp, oracle):
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_one_step_on_a_quadratic_equals_algorithm_1(hvp, oracle, set_to_none):
+    """``set_to_none=False``: a closure that zeroes the gradients in place. (The finite-difference HVP at
+    ``w_adv`` used to keep ``g(w_adv)`` in the gradient buffers, which that closure then overwrote with
+    ``g(w_adv + r u)``: the regularizer came out exactly 0, the plain oracle step.)"""
     model = Quadratic()
     A, b, w = model.A, model.b, model.flat()
     opt = sharpness.GNR(torch.optim.SGD(model.parameters(), lr=LR), rho=RHO, alpha=ALPHA, hvp=hvp, oracle=oracle,
                         oracle_rho=0.05)
-    loss = opt.step(quadratic_closure(opt, model))
+
+    def in_place_closure():
+        opt.zero_grad(set_to_none=False)
+        loss = model.loss()
+        loss.backward(create_graph=opt.needs_graph)
+        return loss
+
+    loss = opt.step(quadratic_closure(opt, model) if set_to_none else in_place_closure)
     g = A @ w - b
     h_loss = g if oracle == "sgd" else A @ (w + 0.05 * g / (np.linalg.norm(g) + 1e-12)) - b
     expected = w - LR * (h_loss + ALPHA * gnr_direction_np(A, b, w, RHO))

@@ -361,8 +361,15 @@ class GNR(SharpnessAwareOptimizer):
         shift = self.fd_radius * inv
         for bucket_p, bucket_v in group_by_device_dtype(params, vector):
             _foreach.add_scaled_(bucket_p, bucket_v, shift)
+        # The shifted pass gets fresh gradient buffers, and the result is not left in them: ``vector`` may be
+        # the current buffers (g(w_adv)), and the caller keeps the result across later passes, so a closure that
+        # zeroes in place (zero_grad(set_to_none=False)) would overwrite either.
+        for p in params:
+            p.grad = None
         self._evaluate(closure)
         shifted = [self._grad_or_zeros(p) for p in params]
+        for p in params:
+            p.grad = None
         if backup is not None:
             self._restore(params, backup)
         for bucket_s, bucket_v in group_by_device_dtype(shifted, vector):
