@@ -93,8 +93,7 @@ IN_PLACE_CASES = [(name, {}) for name in registered_names()] + [
 def test_a_closure_that_zeroes_gradients_in_place_gives_the_same_steps(name, options):
     """``zero_grad(set_to_none=False)`` reuses the gradient buffers: a method that kept a gradient in them across
     passes would see it overwritten. (GNR's finite-difference HVP did: its regularizer came out 0.)"""
-    weights = {}
-    for set_to_none in (True, False):
+    def run(set_to_none: bool) -> list[torch.Tensor]:
         model = mlp(0)
         x, y = classification_data(0, n=16)
         opt = make_optimizer(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **options)
@@ -109,6 +108,7 @@ def test_a_closure_that_zeroes_gradients_in_place_gives_the_same_steps(name, opt
 
         for _ in range(4):
             opt.step(closure)
-        weights[set_to_none] = [p.detach().clone() for p in model.parameters()]
-    for p, q in zip(weights[True], weights[False], strict=True):
+        return [p.detach().clone() for p in model.parameters()]
+
+    for p, q in zip(run(True), run(False), strict=True):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
