@@ -357,17 +357,23 @@ def test_mode_buffers_and_grads_are_restored(name, training):
         json.dumps(result.as_dict())  # the record is JSON-serializable
 
 
-def test_mode_selects_the_loss_that_is_measured():
+@pytest.mark.parametrize("hvp_method, rel", [("double_backward", 1e-8), ("func", 1e-8), ("finite_difference", 1e-5)])
+def test_mode_selects_the_loss_that_is_measured(hvp_method, rel):
+    """Train mode: batch statistics, with BatchNorm's buffers left as they were. (``func`` used to raise there:
+    BatchNorm's in-place update of its running statistics inside the ``torch.func`` transform.)"""
     model, data = _batchnorm_problem()
     model.train()
-    measured = {mode: hessian_eigenvalues(model, loss_fn, data, tol=1e-10, mode=mode).value
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    measured = {mode: hessian_eigenvalues(model, loss_fn, data, tol=1e-10, mode=mode, hvp_method=hvp_method).value
                 for mode in ("eval", "train")}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
     reference = copy.deepcopy(model)
     reference[1].track_running_stats = False  # train mode: batch statistics without updating buffers (torch.func)
     for mode in ("eval", "train"):
         reference.train(mode == "train")
         expected = float(torch.linalg.eigvalsh(_reference_hessian(reference, *data, vectorized=False))[-1])
-        assert measured[mode] == pytest.approx(expected, rel=1e-8)
+        assert measured[mode] == pytest.approx(expected, rel=rel)
     assert measured["eval"] != pytest.approx(measured["train"], rel=1e-3)
 
 

@@ -110,11 +110,17 @@ class HessianOperator:
         names = [name for name, _ in named]
         primals = tuple(p.detach() for _, p in named)
 
+        buffers = dict(self.model.named_buffers())
+
         def per_batch():
             for x, y, _ in self.batches:
                 def loss_of(params: tuple[Tensor, ...]) -> Tensor:
                     inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-                    outputs = functional_call(self.model, dict(zip(names, params)), inputs)
+                    # buffers as copies made inside the transform: a train-mode BatchNorm updates its running
+                    # statistics in place, which torch.func refuses on a captured tensor (and which a measure
+                    # must not keep anyway)
+                    state = {**{name: b.clone() for name, b in buffers.items()}, **dict(zip(names, params))}
+                    outputs = functional_call(self.model, state, inputs)
                     return self.loss_fn(outputs, y)
 
                 _, tangent_out = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vector),))
