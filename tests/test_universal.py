@@ -108,6 +108,27 @@ def test_worst_direction_preset_matches_the_sphere_integral_and_grows_toward_lam
     assert values[0] < values[1] < values[2] < 3.0 and values[2] > 2.7
 
 
+def test_worst_preset_on_a_flat_loss_is_zero_not_nan():
+    """Every quadratic form 0 (a locally constant loss): ``phi'(0) = inf`` for ``phi(s) = s^(1/q)`` met
+    ``psi'(0) = 0``, and their product was NaN: in the measure's standard error and, through UniversalSAM's
+    coefficients, in the weights. The worst-direction objective has no gradient there; its coefficient is 0."""
+    m = universal_sharpness(_quadratic(torch.zeros(3, 3, dtype=F64)), measure="worst", hessian="dense",
+                            num_samples=64, seed=0)
+    assert (m.value, m.stderr) == (0.0, 0.0)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        net[0].bias.fill_(-100.0)  # every hidden unit dead on this batch
+    net[2].requires_grad_(False)  # and the head frozen: the loss is constant in the trainable weights
+    x, y = classification_data(0, n=8)
+    x = x[:, :3]
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = sharpness.UniversalSAM(torch.optim.SGD(net.parameters(), lr=0.1), measure="worst", rho=0.01, lam=0.1)
+    opt.step(make_closure(opt, net, x, y))
+    assert opt.last_quadratic_forms.abs().max() == 0
+    assert params_equal(list(net.parameters()), before)  # no gradient, no step, and no NaN
+
+
 def test_zeroth_order_estimate_converges_as_rho_shrinks_and_samples_grow():
     h = _spd(2)
     model = _quadratic(h, quartic=0.5)  # x(d) = d^T H d + rho^2 sum d^4: an O(rho^2) bias

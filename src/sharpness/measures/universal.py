@@ -300,7 +300,13 @@ def sharpness_measure(name: str, *, half_width: float = 1.0, q: int = 8) -> Shar
         raise ValueError(f"Invalid q value: {q} (expected an even integer >= 2, so psi(t) = t^q >= 0)")
     return SharpnessMeasure("worst", phi=lambda s: s[0].pow(1.0 / q), psi=lambda x: x.pow(q),
                             sampler=SphereSampler(), target=f"(E (d^T H d)^{q})^(1/{q}) -> max |lambda| (q -> inf)",
-                            psi_prime=lambda x: x.pow(q - 1) * q, phi_grad=lambda s: s.pow(1.0 / q - 1) / q)
+                            psi_prime=lambda x: x.pow(q - 1) * q, phi_grad=lambda s: _worst_phi_grad(s, q))
+
+
+def _worst_phi_grad(s: Tensor, q: int) -> Tensor:
+    """``phi'(s) = s^(1/q - 1) / q``, and 0 at ``s = 0``: there every form is 0, ``psi'(0) = 0`` and the
+    objective ``(mean x_i^q)^(1/q)`` has no gradient (``inf * 0`` would put NaN into the update)."""
+    return torch.where(s > 0, s.pow(1.0 / q - 1) / q, torch.zeros_like(s))
 
 
 def resolve_measure(measure: str | SharpnessMeasure, *, half_width: float | None = None,
