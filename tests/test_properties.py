@@ -70,6 +70,24 @@ def test_group_with_zero_lr_does_not_move(name):
     assert not params_equal(list(model[2].parameters()), [p.detach() for p in mlp(0)[2].parameters()])
 
 
+UNUSED_CASES = [(name, {}) for name in NAMES] + [("salr", {"normalization": "per_sample"}),
+                                                  ("gnr", {"hvp": "finite_difference"})]
+
+
+@pytest.mark.parametrize("name, options", UNUSED_CASES,
+                         ids=[f"{n}-{'-'.join(map(str, o.values()))}" if o else n for n, o in UNUSED_CASES])
+def test_a_parameter_the_loss_does_not_use_is_left_alone(name, options):
+    """Its gradient stays None, as after a plain backward, so AdamW's weight decay does not move it. (SALR's
+    per-sample estimate steps used to give it a zero gradient: decayed on those steps only.)"""
+    model = mlp(0)
+    unused = nn.Parameter(torch.ones(4, dtype=torch.float64))
+    x, y = classification_data(0)
+    opt = make_optimizer(name, torch.optim.AdamW([*model.parameters(), unused], lr=0.01, weight_decay=0.5),
+                         **options)
+    _train(opt, model, x, y, 4)
+    assert unused.grad is None and torch.equal(unused.detach(), torch.ones(4, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("base_name", ["sgd", "adam"])
 def test_neutral_options_equal_base_optimizer_exactly(name, base_name):

@@ -268,6 +268,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         if per_sample and estimate:
             params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
             loss = self._per_sample_pass(closure, params, first=True)
+            params = [p for p in params if p.grad is not None]  # as after a backward: unused ones keep None
         else:
             loss = self._pass(closure, backward=True)
             params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -335,14 +336,17 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         size = losses.shape[0]
         eye = torch.eye(size, dtype=losses.dtype, device=losses.device)
         grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+        unused = [g is None for g in grads]
         grads = [torch.zeros((size, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
                  for g, p in zip(grads, params)]
         scale = per_sample_inverse_norms(grads) / size
         target = out if out is not None else self._scratch(params, _FIRST)
         for dst, g in zip(target, grads):
             torch.tensordot(scale.to(g.dtype), g, dims=1, out=dst)
-        if first:
-            for p, g in zip(params, grads):
+        if first:  # a parameter the losses do not use keeps its p.grad (None after zero_grad), as backward leaves it
+            for p, g, skip in zip(params, grads, unused):
+                if skip:
+                    continue
                 if p.grad is None:
                     p.grad = g.mean(0)
                 else:
