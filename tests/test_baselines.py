@@ -85,6 +85,21 @@ def test_gsam_rho_follows_the_learning_rate():
     assert gsam.rule.rho_at(rho_max, 0.1) == pytest.approx(rho_min + (rho_max - rho_min) * 0.5)
 
 
+def test_gsam_lr_max_defaults_to_the_base_learning_rate_in_both_forms():
+    """Without ``lr_max`` the schedule starts at the base optimizer's lr: the instance's, or in the davda54 form
+    the one given or the class default (it raised TypeError there without an explicit ``lr=``)."""
+    model = mlp(0)
+    forms = [
+        sharpness.GSAM(torch.optim.Adam(model.parameters()), rho=0.1, rho_min=0.01),
+        sharpness.GSAM(model.parameters(), torch.optim.Adam, rho=0.1, rho_min=0.01),
+        sharpness.GSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.01, lr=0.3),
+        sharpness.GSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.01, lr=0.3, lr_max=0.6),
+    ]
+    assert [opt.rule.lr_max for opt in forms] == [1e-3, 1e-3, 0.3, 0.6]
+    with pytest.raises(ValueError, match=r"Invalid lr_max value: 0.1 \(expected lr_max > lr_min = 0.2\)"):
+        sharpness.GSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.01, lr=0.1, lr_min=0.2)
+
+
 def test_gsam_alpha_zero_is_sam_bit_for_bit():
     m1, m2 = mlp(0), mlp(0)
     x, y = classification_data(2)

@@ -72,13 +72,6 @@ class GSAM(SharpnessAwareOptimizer):
             rho_min = check_non_negative("rho_min", rho_min)
             if rho_min > check_non_negative("rho", rho):
                 raise ValueError(f"Invalid rho_min value: {rho_min} (expected rho_min <= rho = {rho})")
-            if lr_max is None:
-                first = params_or_base.param_groups[0] if isinstance(params_or_base, torch.optim.Optimizer) else None
-                lr_max = first["lr"] if first is not None else kwargs.get("lr")
-                if lr_max is None:
-                    raise TypeError("GSAM with rho_min needs lr_max (the learning rate at which rho_t = rho)")
-            rule = LRProportionalRho(rule, rho_min=rho_min, lr_max=check_real("lr_max", lr_max),
-                                     lr_min=0.0 if lr_min is None else lr_min)
         elif lr_max is not None or lr_min is not None:
             raise ValueError(f"GSAM got {'lr_max' if lr_max is not None else 'lr_min'} without rho_min; give rho_min "
                              "to schedule rho with the lr")
@@ -87,6 +80,10 @@ class GSAM(SharpnessAwareOptimizer):
         # buffer; GSAM replaces the LookSAM hook that consumes it. alpha = 0 skips the copy (plain SAM).
         super().__init__(params_or_base, base_class, rule=rule, policy=Always(), rho=rho,
                          reuse_alpha=alpha if alpha > 0 else None, **kwargs)
+        if rho_min is not None:  # lr_max defaults to the base optimizer's lr (its class default in the davda54 form)
+            lr_max = self.param_groups[0]["lr"] if lr_max is None else lr_max
+            self.rule = LRProportionalRho(rule, rho_min=rho_min, lr_max=check_real("lr_max", lr_max),
+                                          lr_min=0.0 if lr_min is None else lr_min)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
