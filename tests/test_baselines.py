@@ -5,6 +5,7 @@ counters match closure calls, checkpoints continue in lockstep, bad input is rej
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -230,7 +231,7 @@ def test_ssamf_one_step_equals_formula():
 
     # Empirical Fisher from the first n examples' own gradients, top (1 - s) fraction over all weights.
     fisher = sum(flat(grads_at(w, x[i:i + 1], y[i:i + 1])) ** 2 for i in range(n))
-    keep = int(fisher.numel() * (1 - sparsity))
+    keep = math.floor(Fraction(fisher.numel()) * (1 - Fraction(str(sparsity))))  # exact
     mask = torch.zeros_like(fisher, dtype=torch.bool)
     mask[torch.topk(fisher, keep).indices] = True
     stored = flat([opt.state[p]["perturbation_mask"] for p in model.parameters()])
@@ -243,6 +244,42 @@ def test_ssamf_one_step_equals_formula():
     torch.testing.assert_close(flat(model.parameters()).detach(), expected, rtol=0, atol=1e-13)
     assert opt.fisher_samples == n and opt.mask_updates == 1
     assert opt.mask_density == pytest.approx(keep / fisher.numel())
+
+
+@pytest.mark.parametrize("sparsity, kept", [(0.9, 10), (0.8, 20), (0.5, 50), (0.99, 1), (0.0, 100)])
+def test_ssamf_keeps_the_top_one_minus_sparsity_fraction_exactly(sparsity, kept):
+    """100 weights: ``(1 - s) N`` of them, also where ``1 - s`` rounds below (1 - 0.9 = 0.0999...98 kept 9)."""
+    torch.manual_seed(0)
+    model = nn.Linear(9, 10).double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 9, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g)
+    opt = sharpness.SSAMF(torch.optim.SGD(model.parameters(), lr=LR), rho=RHO, sparsity=sparsity, num_samples=8,
+                          fisher="vmap")
+    opt.update_mask(model, F.cross_entropy, x, y)
+    assert sum(int(opt.state[p]["perturbation_mask"].sum()) for p in model.parameters()) == kept
+
+
+def test_ssamf_a_non_finite_refresh_keeps_the_mask():
+    """A refresh step with NaN losses raises FloatingPointError with the weights unchanged, and the mask is not
+    rebuilt from the NaN gradients (it was: 18 of 51 entries changed); the retry collects again."""
+    model = mlp(0)
+    x, y = classification_data(0, n=16)
+    opt = sharpness.SSAMF(torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.5, num_samples=8, update_freq=2)
+    for _ in range(2):
+        step_with(opt, model, x, y)
+    masks = [opt.state[p]["perturbation_mask"].clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+
+    def poisoned():
+        opt.zero_grad()
+        return F.cross_entropy(model(x), y, reduction="none") * float("nan")
+
+    with pytest.warns(RuntimeWarning, match="Fisher sums are not finite"), pytest.raises(FloatingPointError):
+        opt.step(poisoned)
+    assert params_equal(list(model.parameters()), weights) and opt.mask_updates == 1
+    assert all(torch.equal(opt.state[p]["perturbation_mask"], m) for p, m in zip(model.parameters(), masks))
+    step_with(opt, model, x, y)  # the retry is the refresh step again
+    assert opt.mask_updates == 2 and opt.steps == 3
 
 
 def test_ssamf_refresh_schedule_and_collection_across_batches():
@@ -308,7 +345,7 @@ def test_ssamf_vmap_update_mask_is_the_exact_fisher_and_equals_the_per_sample_mo
     assert o1.needs_per_sample_losses is False and o1.mask_due
     o1.update_mask(m1, F.cross_entropy, x, y)  # uses x[:10]
     fisher = sum(flat(grads_at(w, x[i:i + 1], y[i:i + 1])) ** 2 for i in range(n))
-    keep = int(fisher.numel() * (1 - sparsity))
+    keep = math.floor(Fraction(fisher.numel()) * (1 - Fraction(str(sparsity))))  # exact
     mask = torch.zeros_like(fisher, dtype=torch.bool)
     mask[torch.topk(fisher, keep).indices] = True
     assert torch.equal(flat([o1.state[p]["perturbation_mask"] for p in m1.parameters()]), mask)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -255,7 +257,15 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
         if is_distributed():
             all_reduce_grads_mean_(fisher)  # every rank must perturb the same weights
         flat = torch.cat([f.reshape(-1).float() for f in fisher])  # one allocation per refresh
-        keep = int(flat.numel() * (1.0 - self.sparsity))
+        if not bool(torch.isfinite(flat).all()):  # one host read per refresh: NaN/inf gradients rank nothing
+            for p in params:
+                self.state[p].pop(_FISHER, None)
+            self._collected = 0
+            warnings.warn("SSAMF: the Fisher sums are not finite (NaN or inf gradients); the mask is kept and the "
+                          "collection starts again at the next refresh step", RuntimeWarning, stacklevel=3)
+            return
+        # the top (1 - s) N weights; rounded first, since 1 - 0.9 = 0.0999...98 would keep 9 of 100
+        keep = math.floor(round(flat.numel() * (1.0 - self.sparsity), 6))
         chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
         chosen[torch.topk(flat, keep, sorted=False).indices] = True
         for p, part in zip(params, chosen.split([p.numel() for p in params]), strict=True):
