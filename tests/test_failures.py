@@ -121,6 +121,57 @@ def test_abort_step_in_the_two_phase_api():
     assert opt.first_step(zero_grad=True)  # not "called twice"
 
 
+class _Scripted(sharpness.policies.Policy):
+    """SAM or ERM by a script, one decision per call (the retry of a failed step asks again)."""
+
+    def __init__(self, decisions):
+        self.decisions = list(decisions)
+
+    def decide(self, step, grad_sq_norm):
+        return self.decisions.pop(0)
+
+
+@pytest.mark.parametrize("failure", ["nan", "raise", "abort"])
+def test_a_failed_sam_step_leaves_no_stale_reuse_direction(failure):
+    """LookSAM-style reuse with a policy that takes an ERM step right after a failed SAM step (AE-LookSAM can).
+    The failed step's ``g`` had been copied over the stored ``g_v``, so the reuse step added it at the old
+    ``||g_v||`` (0.27 off in the weights). Now the direction is dropped: the reuse step is the plain step, as
+    before the first SAM step, and the next SAM step stores a new direction."""
+    model, x, y, _ = _setup("sam")
+    plain_model, _, _, _ = _setup("sam")
+    make = lambda m, script: sharpness.SharpnessAwareOptimizer(
+        torch.optim.SGD(m.parameters(), lr=0.1), rule=sharpness.rules.SAMPerturbation(),
+        policy=_Scripted(script), rho=0.05, reuse_alpha=0.7)
+    opt = make(model, [True, True, False, True, False])
+    opt.step(_closure(opt, model, x, y, [0]))  # a SAM step stores g_v
+    assert opt._reuse_norm is not None
+    if failure == "abort":
+        F.cross_entropy(model(x), y).backward()
+        assert opt.first_step(zero_grad=True)
+        opt.abort_step()
+    else:
+        with pytest.raises(FloatingPointError if failure == "nan" else RuntimeError):
+            opt.step(_closure(opt, model, x, y, [0], fault=(1, failure)))
+    assert all("reuse_direction" not in opt.state.get(p, {}) for p in model.parameters())
+    # the reuse step is now a plain SGD step from the same weights
+    plain_model.load_state_dict(model.state_dict())
+    plain = torch.optim.SGD(plain_model.parameters(), lr=0.1)
+    opt.step(_closure(opt, model, x, y, [0]))
+    plain.zero_grad()
+    F.cross_entropy(plain_model(x), y).backward()
+    plain.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), plain_model.parameters()))
+    opt.step(_closure(opt, model, x, y, [0]))  # SAM: a new direction
+    assert all("reuse_direction" in opt.state[p] for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(_closure(opt, model, x, y, [0]))  # and it is used
+    plain_model.load_state_dict({k: v for k, v in zip(["0.weight", "0.bias", "2.weight", "2.bias"], before)})
+    plain.zero_grad()
+    F.cross_entropy(plain_model(x), y).backward()
+    plain.step()
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), plain_model.parameters()))
+
+
 @pytest.mark.parametrize("cls, option", [(sharpness.SAM, "check_finite"), (sharpness.SAM, "sync_perturbation"),
                                          (sharpness.SmoothOut, "adaptive"), (sharpness.ASAM, "adaptive_1d")])
 @pytest.mark.parametrize("value", ["False", None, float("nan"), 1])

@@ -186,9 +186,14 @@ def test_add_param_group_reaches_base_and_gets_the_wrapper_defaults(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_step_hooks_run_once_per_step_on_the_wrapper_and_its_base(name):
     """torch.optim's ``register_step_pre_hook`` / ``register_step_post_hook`` work on every wrapper: once per
-    ``step`` however many passes it takes, and the base optimizer's own hooks once per base update."""
+    ``step`` however many passes it takes, and the base optimizer's own hooks once per base update.
+
+    An engine instance is built first: torch.optim then wraps the engine class's own ``step`` with the hooks too,
+    and ESAM's and SSAM-F's ``step`` called it, so their hooks ran twice after any direct use of the engine."""
     model = mlp(0)
     x, y = classification_data(0)
+    sharpness.SharpnessAwareOptimizer(torch.optim.SGD(mlp(1).parameters(), lr=0.1),
+                                      rule=sharpness.rules.SAMPerturbation(), policy=sharpness.policies.Always())
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt = make_optimizer(name, base, total_steps=8)
     calls = []

@@ -233,10 +233,16 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         return self.sam_steps / self.steps if self.steps else 0.0
 
     # ------------------------------------------------------------------ the closure API
-    @_foreach.no_grad
-    @uses_foreach_option
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
         """Run one full step; the closure is called once or twice. Returns the loss at the unperturbed weights."""
+        return self._step(closure)
+
+    @_foreach.no_grad
+    @uses_foreach_option
+    def _step(self, closure: Closure | None) -> Any:
+        """:meth:`step`'s body. Subclasses extend this, not ``step``: torch.optim wraps ``step`` of the first
+        instance's class with the step hooks, so a subclass's ``step`` calling ``super().step()`` would run them
+        twice once the engine class itself has been instantiated."""
         if closure is None:
             raise TypeError(
                 f"{type(self).__name__}.step() requires a closure that clears the gradients, runs forward and "
@@ -379,6 +385,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         self._step_losses = None
         if phase is _Phase.PERTURBED:
             self._restore_perturbed()
+            self._forget_reuse_direction()
 
     def _displace(self, params: list[Tensor]) -> list[Tensor]:
         """Before the weights leave ``w``: back them up (returned) and the first pass's BatchNorm statistics;
@@ -430,7 +437,11 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
                 if self._found_inf.item() > 0:
                     self._skip()
                     return
-            self._check_losses()  # before any state (LookSAM's direction) takes the gradients in
+            try:
+                self._check_losses()  # before LookSAM's direction is built from the gradients
+            except FloatingPointError:
+                self._forget_reuse_direction()
+                raise
             if self.reuse_alpha is not None:
                 self._store_reuse_direction(params)
             self.sam_steps += 1
@@ -458,6 +469,17 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         """Abandon the step (inf/NaN under a GradScaler): weights are already back at ``w``."""
         self.skipped_steps += 1
         record_step(self.grad_scaler, self, self._found_inf)
+
+    def _forget_reuse_direction(self) -> None:
+        """A SAM step that failed after :meth:`first_step` copied ``g`` over the stored ``g_v`` (the reuse buffer
+        doubles as ``g``'s, see :meth:`_clean_grad_key`): drop ``g_v``, as before the first SAM step, so reuse
+        steps add nothing until the next SAM step stores a direction, instead of adding the failed step's ``g``
+        at the old ``||g_v||``."""
+        if self.reuse_alpha is None or self._clean_grad_key() != _REUSE:
+            return
+        for p in self._all_params():
+            self.state.get(p, {}).pop(_REUSE, None)
+        self._reuse_norm = None
 
     def _clean_grad_key(self) -> str:
         """Where a LookSAM SAM step keeps ``g`` until ``g_s`` is known: in the reuse buffer itself (``g_v`` is
