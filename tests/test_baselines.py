@@ -470,6 +470,26 @@ def test_smoothout_copies_average_the_gradients_of_independent_noisy_copies():
     assert not torch.allclose(mean_grad[0], grads[0][0])
 
 
+def test_smoothout_copies_with_model_update_batchnorm_once_per_step():
+    """``copies=3, model=model``: the running statistics are those of the first copy's pass, as with one copy (the
+    first noise draw is the same); without ``model`` every copy updates them (three EMA updates)."""
+    def run(copies, with_model):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+        x, y = classification_data(6, n=16)
+        extra = {"model": model} if with_model else {}
+        opt = sharpness.SmoothOut(torch.optim.SGD(model.parameters(), lr=LR), a=0.05, copies=copies, seed=11,
+                                  **extra)
+        step_with(opt, model, x, y)
+        return model[1].running_mean.clone(), int(model[1].num_batches_tracked)
+
+    one, _ = run(1, False)
+    three, tracked = run(3, True)
+    assert torch.equal(three, one) and tracked == 1
+    unguarded, tracked = run(3, False)
+    assert not torch.allclose(unguarded, one) and tracked == 3
+
+
 def test_smoothout_a_zero_is_adam_bit_for_bit():
     m1, m2 = mlp(0), mlp(0)
     x, y = classification_data(3)

@@ -38,7 +38,9 @@ class SmoothOut(GeneratorCheckpoint, SharpnessAwareOptimizer):
 
     ``copies`` gradient evaluations per step (at the noisy points); the loss returned is their mean.
     Noise comes from a private generator on the parameters' device (seeded with ``seed``, same on every
-    rank, checkpointed). BatchNorm running statistics are updated by the noisy pass (the only pass).
+    rank, checkpointed). BatchNorm running statistics are updated by the noisy pass (the only pass); with
+    ``copies > 1`` and ``model=model`` by the first copy's pass only (one update per step, as with one copy),
+    without ``model`` by every copy's.
 
     Args:
         params_or_base, base_class: as for :class:`SAM`.
@@ -129,6 +131,8 @@ class SmoothOut(GeneratorCheckpoint, SharpnessAwareOptimizer):
                         _foreach.add_(bucket, w)  # w + xi_k
                 with torch.enable_grad():
                     losses.append(closure())
+                if copy_index == 0 and self.copies > 1 and self._bn_guard is not None:
+                    self._bn_guard.save()  # the first copy's statistics, put back after the others
                 if self.copies > 1:
                     with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
                     if copy_index == 0:
@@ -144,6 +148,8 @@ class SmoothOut(GeneratorCheckpoint, SharpnessAwareOptimizer):
             for params, backup, _ in noisy:  # de-noise: back to w, bit-exact
                 for dst, src in group_by_device_dtype(params, backup):
                     _foreach.copy_(dst, src)
+            if self._bn_guard is not None:
+                self._bn_guard.restore()  # a no-op unless the first copy's statistics were saved
         self.grad_evals += len(losses)
         if grad_sum:  # the average over the copies becomes the gradient the base optimizer sees
             for p, total in grad_sum:
