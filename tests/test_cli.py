@@ -58,11 +58,45 @@ def test_train_writes_the_store_once_and_skips_a_finished_run(tmp_path):
     (["--lr", "-0.1"], "Invalid lr value"),
     (["--opt", "rho"], "expected KEY=VALUE"),
     (["--opt", "rho=-1"], "Invalid rho value: -1.0"),
+    (["--opt", "rho=NaN"], "Invalid value for --opt: 'rho=NaN' is not a finite number"),
+    (["--opt", "rho=1e400"], "'rho=1e400' is not a finite number"),
+    (["--optimizer", "sam", "--opt", "rhoo=0.1"],
+     ("Unknown option(s) ['rhoo'] for optimizer 'sam' (valid options: check_finite, eps, foreach, rho, "
+      "sync_perturbation)")),
+    (["--optimizer", "entropysgd", "--opt", "L=3"],
+     "Unknown option(s) ['L'] for optimizer 'entropysgd' (valid options: alpha,"),
+    (["--budget-steps", "0"], "budget_steps"),
 ])
 def test_bad_input_gives_a_clear_error(args, fragment):
     result = runner.invoke(app, ["train", *TINY, *args])
     assert result.exit_code == 2
     assert fragment in " ".join(result.output.split()), result.output
+
+
+def test_a_budget_below_one_step_and_a_last_step_divergence_are_errors(tmp_path):
+    """A gradient-evaluation budget smaller than one step trained nothing and crashed printing an empty summary (in
+    a sweep after storing a run with no numbers); a run whose last update diverged was stored with a NaN test loss
+    (no later pass checks it)."""
+    db = tmp_path / "r.sqlite"
+    small = runner.invoke(app, ["train", "--dataset", "digits", "--model", "mlp", "--optimizer", "sam",
+                                "--budget-grad-evals", "1", "--db", str(db)])
+    assert small.exit_code == 2 and "Invalid budget_grad_evals value: 1 (one sam step takes up to 2 gradient " \
+        "evaluations" in " ".join(small.output.split())
+    diverged = runner.invoke(app, ["train", "--dataset", "digits", "--model", "mlp", "--optimizer", "erm",
+                                   "--budget-steps", "2", "--lr", "1e6", "--db", str(db)])
+    assert diverged.exit_code == 2 and "Training diverged: test loss nan after step 2" in diverged.output
+    with Store(db) as store:
+        assert store.runs() == []
+
+
+def test_a_failing_sweep_run_is_one_error_line(tmp_path):
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('db = "s.sqlite"\n[base]\ndataset = "digits"\nmodel = "mlp"\nbudget_steps = 5\n'
+                     '[[methods]]\noptimizer = "sam"\nlr = 1e6\n')
+    result = runner.invoke(app, ["sweep", str(sweep), "--device", "cpu", "-q"])
+    assert result.exit_code == 2
+    assert "error: Training diverged at step 2" in result.output and "rerun to resume" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_python_dash_m_runs_the_cli(monkeypatch, capsys):

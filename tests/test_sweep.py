@@ -68,7 +68,7 @@ def test_expansion_counts_and_overrides(tmp_path):
         optimizer = "sam"
         lr = 0.05
         budget_steps = 30
-        optimizer_options = { adaptive_unused = 1 }
+        optimizer_options = { eps = 1e-10 }
         grid = { "optimizer_options.rho" = [0.1, 0.2] }
         [grid]
         momentum = [0.0, 0.9]
@@ -85,7 +85,7 @@ def test_expansion_counts_and_overrides(tmp_path):
     assert all(c.optimizer_options == {"rho": 0.05} for c in erm)  # options merge key by key
     assert all(c.lr == 0.05 and c.budget_steps == 30 and c.budget_grad_evals is None for c in sam)
     assert {c.optimizer_options["rho"] for c in sam} == {0.1, 0.2}
-    assert all(c.optimizer_options["adaptive_unused"] == 1 and c.model_options == {"depth": 2} for c in sam)
+    assert all(c.optimizer_options["eps"] == 1e-10 and c.model_options == {"depth": 2} for c in sam)
     assert {c.dataset for c in plan.configs} == {"digits", "mnist1d"}
     assert {c.seed for c in plan.configs} == {0, 1, 2} and {c.momentum for c in plan.configs} == {0.0, 0.9}
     # order: datasets, then methods, then grid points, then seeds
@@ -135,6 +135,14 @@ def test_minimal_sweep_is_base_alone():
      r"Invalid optimizer_options type in sweep.toml methods\[0\]: int"),
     (BASE + 'lr = "fast"\n', TypeError, r"sweep.toml methods\[0\]: Invalid lr type: str"),
     ('seeds = [0\n', ValueError, r"Invalid TOML in sweep file .*sweep.toml"),
+    # the optimizer is built on a stand-in parameter in the plan: a typo fails before any run trains
+    (BASE + '[[methods]]\noptimizer = "erm"\n[[methods]]\noptimizer = "sam"\noptimizer_options = { rhoo = 0.05 }\n',
+     ValueError, (r"methods\[1\] \(optimizer='sam'\).*Unknown option\(s\) \['rhoo'\] for optimizer 'sam' \(valid "
+                  r"options: check_finite, eps, foreach, rho, sync_perturbation\)")),
+    (BASE + '[[methods]]\noptimizer = "looksam"\noptimizer_options = { k = 0 }\n', ValueError,
+     r"Invalid k value: 0"),
+    (BASE.replace("budget_steps = 40", "budget_grad_evals = 1") + '[[methods]]\noptimizer = "sam"\n', ValueError,
+     r"Invalid budget_grad_evals value: 1 \(one sam step takes up to 2 gradient evaluations"),
 ])
 def test_bad_sweep_files_give_clear_errors(tmp_path, text, error, match):
     with pytest.raises(error, match=match):

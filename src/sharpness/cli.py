@@ -10,9 +10,10 @@ Examples::
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
@@ -44,9 +45,12 @@ def _parse_options(pairs: list[str] | None, flag: str) -> dict[str, object]:
         if not sep or not key:
             raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=flag)
         try:
-            options[key] = json.loads(raw)
+            value = json.loads(raw)
         except json.JSONDecodeError:
-            options[key] = raw
+            value = raw
+        if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN, Infinity, 1e400
+            raise typer.BadParameter(f"{pair!r} is not a finite number", param_hint=flag)
+        options[key] = value
     return options
 
 
@@ -212,7 +216,7 @@ def sweep_command(
     checkpoint_dir: Annotated[Optional[Path], typer.Option(
         help="checkpoint directory (default: from the file)")] = None,
     keep_going: Annotated[bool, typer.Option("--keep-going/--stop-on-error",
-                                             help="record a failing run and continue")] = False,
+                                             help="report a failing run at the end and train the others (it is not stored: a rerun tries it again)")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the planned runs and exit")] = False,
     download: Annotated[bool, typer.Option("--download", help="fetch data sets that are not on disk")] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N or mps")] = "auto",
@@ -250,13 +254,23 @@ def sweep_command(
                                     download=download, device=device, compile_backend=compile_backend,
                                     threads=threads)
     except ValueError as exc:
-        if "jobs" not in str(exc):
-            raise
-        raise typer.BadParameter(str(exc), param_hint="--jobs") from exc
-    typer.echo(f"{result.total} runs: {result.done_before} already done, {result.trained} trained, "
-               f"{len(result.failed)} failed; store {plan.db}")
+        if "jobs" in str(exc):
+            raise typer.BadParameter(str(exc), param_hint="--jobs") from exc
+        _sweep_stopped(exc, plan.db)
+    except (TypeError, FileNotFoundError, FloatingPointError) as exc:
+        _sweep_stopped(exc, plan.db)
+    if quiet:  # otherwise the sweep's own last line said it
+        typer.echo(f"{result.total} runs: {result.done_before} already done, {result.trained} trained, "
+                   f"{len(result.failed)} failed; store {plan.db}")
     for key, error in result.failed:
         typer.echo(f"failed {key}: {error}", err=True)
+
+
+def _sweep_stopped(exc: Exception, db: Path) -> NoReturn:
+    """A run failed and the sweep stopped (``--stop-on-error``): one line, as ``train`` reports it."""
+    typer.echo(f"error: {exc}\nThe runs finished before it are stored in {db}; rerun to resume, or pass "
+               "--keep-going to train the other runs past a failing one.", err=True)
+    raise typer.Exit(code=2) from exc
 
 
 @app.command("export")

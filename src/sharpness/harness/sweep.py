@@ -57,7 +57,7 @@ from .._validation import check_int_at_least
 from ._claims import can_share, claim, clear_claim
 from .config import TrainConfig
 from .store import Store, run_key
-from .train import check_compile_backend, environment, resolve_device, train
+from .train import check_compile_backend, check_optimizer, environment, resolve_device, train
 
 __all__ = ["SweepPlan", "SweepResult", "load_sweep_file", "plan_sweep", "run_sweep", "run_sweep_parallel",
            "worker_devices"]
@@ -313,6 +313,7 @@ def _check_names(config: TrainConfig) -> None:
     get_dataset_info(config.dataset)
     get_model_info(config.model)
     get_optimizer_info(config.optimizer)
+    check_optimizer(config)  # option names and values, and a budget of at least one step
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -29,8 +29,8 @@ from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
-__all__ = ["TrainResult", "check_compile_backend", "distributed_context", "environment", "lr_factor",
-           "resolve_device", "train"]
+__all__ = ["TrainResult", "check_compile_backend", "check_optimizer", "distributed_context", "environment",
+           "lr_factor", "optimizer_option_names", "resolve_device", "train"]
 
 Log = Callable[[str], None]
 
@@ -174,6 +174,50 @@ def build_optimizer(config: TrainConfig, model: nn.Module, total_steps: int):
         options.setdefault("seed", config.seed)                   # ESAM, SmoothOut, ...) follows the run's seed
     return create(config.optimizer, build_base_optimizer(config, model), model=model,
                   max_grad_norm=config.max_grad_norm, **options)
+
+
+#: engine keywords a run sets itself or that take objects, not ``--opt`` values
+_NOT_OPTIONS = frozenset({"self", "params_or_base", "base_class", "base_optimizer", "optimizer", "rule", "policy",
+                          "reuse_alpha", "model", "grad_scaler", "generator", "sampler", "phi", "psi",
+                          "max_grad_norm"})  # the config's own field
+
+
+def optimizer_option_names(name: str) -> list[str] | None:
+    """The keyword options ``optimizer_options`` (``--opt``) may set for the registered optimizer ``name``: the
+    keywords of its constructors down to the engine's (whose ``**kwargs`` are the base optimizer's, set by the
+    config's own fields). ``None`` when a constructor passes its ``**kwargs`` on to something else (SALR's go to
+    its inner optimizer), so the names cannot be listed."""
+    from ..optim.engine import SharpnessAwareOptimizer
+
+    names: set[str] = set()
+    for klass in get_optimizer_info(name).cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        if klass is torch.optim.Optimizer:  # reached past a constructor whose **kwargs go elsewhere
+            return None
+        parameters = inspect.signature(init).parameters.values()
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if klass is SharpnessAwareOptimizer or not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return sorted(names - _NOT_OPTIONS)
+    return None
+
+
+def check_optimizer(config: TrainConfig) -> None:
+    """Build the configured optimizer on a stand-in parameter, before any data is loaded or anything trains:
+    unknown option names (the error lists the valid ones), bad values, and a ``budget_grad_evals`` smaller than
+    one step are refused (the sweep's plan and ``--dry-run`` check every run this way)."""
+    names = optimizer_option_names(config.optimizer)
+    unknown = sorted(set(config.optimizer_options) - set(names)) if names is not None else []
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown} for optimizer {config.optimizer!r} (valid options: "
+                         f"{', '.join(names or [])})")
+    probe = nn.Linear(1, 1)
+    optimizer = build_optimizer(config, probe, total_steps=1)
+    per_step = optimizer.max_grad_evals_per_step
+    if config.budget_grad_evals is not None and config.budget_grad_evals < per_step:
+        raise ValueError(f"Invalid budget_grad_evals value: {config.budget_grad_evals} (one {config.optimizer} step "
+                         f"takes up to {per_step} gradient evaluations with these options; give at least {per_step})")
 
 
 def make_loss(config: TrainConfig) -> Callable[[Tensor, Tensor], Tensor]:
@@ -415,6 +459,10 @@ class _Run:
         if self.validation_set is not None:
             record["val_loss"], record["val_acc"] = evaluate(self.model, self.validation_set, self.loss_fn,
                                                              bf16=self.config.bf16, shard=self.shard)
+        for key in ("test_loss", "val_loss"):  # the last step's update is checked by no later pass
+            if key in record and not math.isfinite(record[key]):
+                raise FloatingPointError(f"Training diverged: {key.replace('_', ' ')} {record[key]} after step "
+                                         f"{opt.steps} (lower --lr or rho)")
         if self.config.measures and (self.epoch % self.config.measure_every == 0 or self.done()):
             record.update(self.measure())
         return record
@@ -484,6 +532,7 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
 
     device = resolve_device(device)
     compile_backend = check_compile_backend(compile_backend)
+    check_optimizer(config)
     world = distributed_context(device)[1]
     if config.world_size != world:
         if config.world_size != 1:

@@ -235,11 +235,11 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
     # ------------------------------------------------------------------ the closure API
     def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
         """Run one full step; the closure is called once or twice. Returns the loss at the unperturbed weights."""
-        return self._step(closure)
+        return self._closure_step(closure)
 
     @_foreach.no_grad
     @uses_foreach_option
-    def _step(self, closure: Closure | None) -> Any:
+    def _closure_step(self, closure: Closure | None) -> Any:
         """:meth:`step`'s body. Subclasses extend this, not ``step``: torch.optim wraps ``step`` of the first
         instance's class with the step hooks, so a subclass's ``step`` calling ``super().step()`` would run them
         twice once the engine class itself has been instantiated."""

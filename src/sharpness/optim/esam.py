@@ -39,7 +39,7 @@ class PerSampleLossStep:
     #: when the instance needs per-sample losses, for the error message (e.g. ``"gamma < 1"``)
     per_sample_condition: ClassVar[str]
 
-    def _step(self, closure: Closure | None) -> Any:
+    def _closure_step(self, closure: Closure | None) -> Any:
         """The engine's step; with per-sample losses its passes are :meth:`_first_pass` / :meth:`_second_pass`
         below and the mean loss at ``w`` is returned."""
         if self.needs_per_sample_losses and (closure is None or not callable(closure)):
@@ -48,7 +48,7 @@ class PerSampleLossStep:
                 "sharpness.make_closure(opt, compute_loss)"
             )
         per_sample = self.needs_per_sample_losses
-        loss = super()._step(closure)  # type: ignore[misc]
+        loss = super()._closure_step(closure)  # type: ignore[misc]
         return loss.mean() if per_sample else loss
 
     def _first_pass(self, closure: Closure) -> Any:

@@ -166,6 +166,10 @@ class GNR(SharpnessAwareOptimizer):
         #: closure calls of the oracle alone (1 or 2); a GNR step adds ``extra_grad_evals``
         self.oracle_grad_evals = 1 if rule is None else 2
         self.extra_grad_evals = 3
+        # truthful per-instance flags (the class's are the registry's bounds over every setting)
+        self.max_grad_evals_per_step = self.oracle_grad_evals + (self.extra_grad_evals if alpha > 0 else 0)
+        every_step = isinstance(policy, Periodic) and policy.k == 1
+        self.min_grad_evals_per_step = self.max_grad_evals_per_step if every_step else self.oracle_grad_evals
         #: instance flag: the closure must call ``loss.backward(create_graph=True)``
         self.needs_graph = hvp == "exact" and alpha > 0
         if oracle_rho is not None:
