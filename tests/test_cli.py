@@ -107,7 +107,7 @@ def test_python_dash_m_runs_the_cli(monkeypatch, capsys):
     assert "aelooksam" in capsys.readouterr().out
 
 
-def test_measure_a_trained_checkpoint(tmp_path):
+def test_measure_a_trained_checkpoint(tmp_path, monkeypatch):
     ck = tmp_path / "ck"
     trained = runner.invoke(app, ["train", *TINY, "--optimizer", "sam", "--checkpoint-dir", str(ck)])
     assert trained.exit_code == 0, trained.output
@@ -124,7 +124,20 @@ def test_measure_a_trained_checkpoint(tmp_path):
                                    "--landscape-dir", str(tmp_path / "land")])
     assert pictures.exit_code == 0, pictures.output
     for name in ("landscape_1d.png", "landscape_2d.png"):
-        assert (tmp_path / "land" / name).read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "land" / f"{path.stem}_{name}").read_bytes()[:4] == b"\x89PNG"
+    bad_kind = runner.invoke(app, ["measure", str(path), "--landscape", "3d", "--out", str(tmp_path / "no.json")])
+    assert bad_kind.exit_code == 2 and "Invalid landscape kinds: ['3d']" in bad_kind.output
+    assert not (tmp_path / "no.json").exists()  # refused before anything was measured or written
+    from sharpness.harness import measure as measure_module  # the landscape follows --split (it drew on train)
+    seen = []
+    real = measure_module.load_for_measurement
+    monkeypatch.setattr(measure_module, "load_for_measurement",
+                        lambda *a, **k: seen.append(k.get("split")) or real(*a, **k))
+    test_split = runner.invoke(app, ["measure", str(path), "--measures", "sam", "--examples", "50", "--split",
+                                     "test", "--landscape", "1d", "--points", "3", "--landscape-dir",
+                                     str(tmp_path / "land")])
+    assert test_split.exit_code == 0, test_split.output
+    assert seen == ["test", "test"]
     on_test = runner.invoke(app, ["measure", str(path), "--measures", "lambda_max", "--examples", "200",
                                   "--split", "test", "--out", str(tmp_path / "t.json")])
     assert on_test.exit_code == 0, on_test.output

@@ -477,6 +477,47 @@ def test_kill_9_of_a_parallel_sweep_then_rerun_stores_every_run_exactly_once(tmp
         assert records[key] == (_strip_times([full.summary]), _strip_times(full.epochs))
 
 
+def _live_members(group: int) -> list[int]:
+    """The processes of process group ``group`` that are not zombies (from /proc)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    """``kill -9`` of the sweep's process alone: its workers (re-parented) used to train the whole sweep on; they
+    now exit within about a second, as if killed with it (the kill test above shows that is safe)."""
+    plan = plan_sweep(_write(tmp_path, _KILL_SWEEP.replace("budget_steps = 230", "budget_steps = 4600")))
+    script = ("from sharpness.harness.sweep import plan_sweep, run_sweep_parallel\n"
+              f"run_sweep_parallel(plan_sweep({str(plan.source)!r}), 2, log=None, threads=1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_live_members(proc.pid)) < 3:  # the parent and both workers (and a spawn helper, maybe)
+            assert proc.poll() is None and time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.05)
+        time.sleep(1.0)  # the workers are past their start
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while _live_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _live_members(proc.pid) == []
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.mark.parametrize("name", ["mnist1d_equal_budget.toml", "mnist1d_all_methods.toml"])
 def test_shipped_example_sweeps_expand_and_build_every_optimizer(name):
     """The example files parse, expand to valid configs, and every optimizer in them can be constructed."""

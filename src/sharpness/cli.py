@@ -145,7 +145,12 @@ def train_command(
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     key = run_key(config.to_dict())
-    store = Store(db) if db is not None else None
+    try:
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)  # as `sweep` and --checkpoint-dir do
+        store = Store(db) if db is not None else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--db") from exc
     if store is not None and store.has(key):
         typer.echo(f"run {key} is already in {db}; nothing to do")
         return
@@ -189,14 +194,16 @@ def measure_command(
     points: Annotated[int, typer.Option(help="points per axis of the landscapes")] = 21,
 ) -> None:
     """Measure the sharpness of a trained checkpoint and print (or write) the values; optionally plot landscapes."""
-    from .harness.measure import landscape_checkpoint, measure_checkpoint
+    from .harness.measure import check_landscape_kinds, landscape_checkpoint, measure_checkpoint
 
     try:
+        if landscape is not None:
+            check_landscape_kinds(landscape.split(","))
         result = measure_checkpoint(checkpoint, measures.split(","), examples=examples, batch_size=batch_size,
                                     rho=rho, samples=samples, seed=seed, split=split, out=out)
         pictures = [] if landscape is None else landscape_checkpoint(
             checkpoint, landscape_dir, landscape.split(","), examples=examples, batch_size=batch_size,
-            points=points, seed=seed)
+            points=points, seed=seed, split=split)
     except (TypeError, ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
@@ -285,12 +292,19 @@ def export_command(
     if not db.is_file():
         typer.echo(f"error: results store not found: {db}", err=True)
         raise typer.Exit(code=2)
-    with Store(db) as store:
-        if csv_path is not None:
-            store.export_csv(csv_path)
-        if json_path is not None:
-            store.export_json(json_path)
-        typer.echo(f"exported {len(store)} runs")
+    try:
+        for path in (csv_path, json_path):
+            if path is not None and not path.parent.is_dir():
+                raise FileNotFoundError(f"Output directory does not exist: {path.parent}")
+        with Store(db) as store:
+            if csv_path is not None:
+                store.export_csv(csv_path)
+            if json_path is not None:
+                store.export_json(json_path)
+            typer.echo(f"exported {len(store)} runs")
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
 
 
 @app.command("report")

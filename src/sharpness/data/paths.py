@@ -30,6 +30,6 @@ def missing_data_error(title: str, expected: Path | str, *, detail: str = "") ->
     detail = f" ({detail})" if detail else ""
     return FileNotFoundError(
         f"{title} data not found at {expected}{detail}. Pass download=True (command line: `sharpness train --download`) to "
-        f"fetch it, or root=... pointing at the folder that holds it (default: ${DATA_ENV} or "
-        "~/.cache/sharpness/data)."
+        f"fetch it, or point at the folder that holds it: root=... in Python, ${DATA_ENV} on the command line "
+        "(default: ~/.cache/sharpness/data)."
     )

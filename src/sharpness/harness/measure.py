@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .train import batches as iter_batches, make_loss
 
-__all__ = ["LANDSCAPES", "MEASURE_NAMES", "landscape_checkpoint", "load_for_measurement", "measure_checkpoint",
+__all__ = ["LANDSCAPES", "MEASURE_NAMES", "check_landscape_kinds", "landscape_checkpoint", "load_for_measurement", "measure_checkpoint",
            "measure_model"]
 
 Options = dict[str, Any]
@@ -118,28 +118,38 @@ def measure_checkpoint(path: str | os.PathLike[str], names: Sequence[str], *, ex
 LANDSCAPES = ("1d", "2d")
 
 
-def landscape_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], kinds: Sequence[str], *,
-                         examples: int = 1000, batch_size: int = 500, points: int = 21, span: float = 1.0,
-                         seed: int = 0) -> list[Path]:
-    """Loss landscapes of a checkpoint along random filter-normalized directions (Li et al., 2018) as PNGs.
-
-    ``"1d"``: ``L(w + a d)`` for ``a`` in ``[-span, span]``; ``"2d"``: a contour plot of
-    ``L(w + a d_1 + b d_2)``. Returns the written files.
-    """
+def check_landscape_kinds(kinds: Sequence[str]) -> list[str]:
+    """``kinds`` if they are some of :data:`LANDSCAPES` (checked before anything is measured)."""
     unknown = [k for k in kinds if k not in LANDSCAPES]
     if unknown or not kinds:
         raise ValueError(f"Invalid landscape kinds: {list(kinds)} (expected some of {', '.join(LANDSCAPES)})")
-    _, _, model, loss_fn, batches = load_for_measurement(path, examples=examples, batch_size=batch_size)
+    return list(kinds)
+
+
+def landscape_checkpoint(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], kinds: Sequence[str], *,
+                         examples: int = 1000, batch_size: int = 500, points: int = 21, span: float = 1.0,
+                         seed: int = 0, split: str = "train") -> list[Path]:
+    """Loss landscapes of a checkpoint along random filter-normalized directions (Li et al., 2018) as PNGs.
+
+    ``"1d"``: ``L(w + a d)`` for ``a`` in ``[-span, span]``; ``"2d"``: a contour plot of
+    ``L(w + a d_1 + b d_2)``, on the first ``examples`` of ``split``. The files are
+    ``<checkpoint stem>_landscape_1d.png`` and ``..._2d.png`` in ``out_dir`` (one folder holds several
+    checkpoints' pictures). Returns the written files.
+    """
+    kinds = check_landscape_kinds(kinds)
+    _, _, model, loss_fn, batches = load_for_measurement(path, examples=examples, batch_size=batch_size,
+                                                         split=split)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = Path(path).stem
     written = []
     if "1d" in kinds:
-        target = out_dir / "landscape_1d.png"
+        target = out_dir / f"{stem}_landscape_1d.png"
         measures.loss_along_direction(model, loss_fn, batches, span=(-span, span), points=points, seed=seed,
                                       plot_path=target)
         written.append(target)
     if "2d" in kinds:
-        target = out_dir / "landscape_2d.png"
+        target = out_dir / f"{stem}_landscape_2d.png"
         measures.loss_surface(model, loss_fn, batches, x_span=(-span, span), y_span=(-span, span), points=points,
                               seed=seed, plot_path=target)
         written.append(target)

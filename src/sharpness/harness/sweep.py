@@ -45,6 +45,8 @@ import multiprocessing
 import os
 import pickle
 import queue as queue_module
+import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -459,7 +461,7 @@ def run_sweep_parallel(plan: SweepPlan, jobs: int, *, log: Log | None = print, k
     queue = context.Queue()
     workers = [context.Process(target=_sweep_worker, name=f"sweep-worker-{i}",
                                args=(i, plan, str(devices[i]), threads, keep_going, download, compile_backend,
-                                     log is not None, queue))
+                                     log is not None, queue, os.getpid()))
                for i in range(jobs)]
     for worker in workers:
         worker.start()
@@ -530,10 +532,11 @@ def available_cpus() -> int:
 
 
 def _sweep_worker(index: int, plan: SweepPlan, device: str, threads: int, keep_going: bool, download: bool,
-                  compile_backend: str | None, verbose: bool, queue: Any) -> None:
+                  compile_backend: str | None, verbose: bool, queue: Any, parent: int) -> None:
     """One worker of :func:`run_sweep_parallel`: reports ``(index, "done", SweepResult)`` or
     ``(index, "error", exception)``."""
     torch.set_num_threads(threads)
+    _exit_with_parent(parent)
 
     def log(line: str) -> None:
         print(f"[worker {index}] {line}", flush=True)
@@ -550,6 +553,20 @@ def _sweep_worker(index: int, plan: SweepPlan, device: str, threads: int, keep_g
         queue.put((index, "error", exc))
         return
     queue.put((index, "done", result))
+
+
+def _exit_with_parent(parent: int, period: float = 1.0) -> None:
+    """End this worker when its parent (pid ``parent``, given by the parent: it may have died before this
+    worker got here) dies: after ``kill -9`` of the sweep the re-parented workers trained the whole sweep on.
+    Safe at any moment, as a killed worker is: its claim dies with it and its run resumes from the last
+    checkpoint on the next sweep."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="sweep-parent-watch", daemon=True).start()
 
 
 def _receive(queue: Any, results: dict[int, SweepResult], timeout: float = 0.5) -> bool:
