@@ -359,6 +359,27 @@ def test_tinyshakespeare_windows_from_a_small_text(tmp_path):
         data.test[len(data.test)]
 
 
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_tinyshakespeare_eval_stride_spaces_the_test_windows(tmp_path, stride):
+    """``eval_stride=s``: test and validation windows start every ``s`` characters (every start ``< n - T`` that is
+    a multiple of ``s``), training windows stay every character; ``s = block_size`` scores each character once."""
+    (tmp_path / "tinyshakespeare.txt").write_text(TEXT)
+    data = load_dataset("tinyshakespeare", root=tmp_path, block_size=8, validation=0.1, eval_stride=stride)
+    text = "".join(data.classes[i] for i in torch.cat([data.test.tokens]))
+    starts = list(range(0, len(text) - 8, stride))
+    assert len(data.test) == len(starts) and data.settings["eval_stride"] == stride
+    for i, start in enumerate(starts):
+        x, y = data.test[i]
+        assert "".join(data.classes[c] for c in x) == text[start:start + 8]
+        assert "".join(data.classes[c] for c in y) == text[start + 1:start + 9]
+    x, y = data.test.batch(torch.arange(len(starts)))
+    assert torch.equal(x, torch.stack([data.test[i][0] for i in range(len(starts))]))
+    assert len(data.train) == len(data.train.tokens) - 8  # training windows: every character
+    assert len(data.validation) == len(range(0, len(data.validation.tokens) - 8, stride))
+    with pytest.raises(ValueError, match=r"Invalid eval_stride value: 0"):
+        load_dataset("tinyshakespeare", root=tmp_path, block_size=8, eval_stride=0)
+
+
 def test_tinyshakespeare_missing_file_says_how_to_fetch_it(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"download=True \(command line: `sharpness train --download`\)"):
         load_dataset("tinyshakespeare", root=tmp_path)
