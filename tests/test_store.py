@@ -110,3 +110,14 @@ def test_processes_opening_a_new_store_together_all_succeed(tmp_path):
         for p in procs:
             p.join(10)
         assert outcomes == ["ok"] * 3, outcomes
+
+
+def test_atomic_writes_into_a_missing_folder_name_the_folder(tmp_path):
+    """Exports, reports and measures write through ``atomic_open``: a missing folder is named, not the temporary
+    file beside the target (``.x.csv.tmp-PID``), and nothing is left behind."""
+    from sharpness._io import atomic_open
+
+    with pytest.raises(FileNotFoundError, match=r"Output directory does not exist: .*nowhere$"):
+        with atomic_open(tmp_path / "nowhere" / "x.csv"):
+            pass
+    assert list(tmp_path.iterdir()) == []

@@ -15,9 +15,12 @@ __all__: list[str] = []
 def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success fsync it and ``os.replace`` it onto ``path``.
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was. A missing folder is a
+    ``FileNotFoundError`` that names it (not the temporary file).
     """
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"Output directory does not exist: {path.parent}")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, mode, **kwargs) as handle:

@@ -223,7 +223,8 @@ def sweep_command(
     checkpoint_dir: Annotated[Optional[Path], typer.Option(
         help="checkpoint directory (default: from the file)")] = None,
     keep_going: Annotated[bool, typer.Option("--keep-going/--stop-on-error",
-                                             help="report a failing run at the end and train the others (it is not stored: a rerun tries it again)")] = False,
+                                             help="report a failing run at the end and train the others (it is "
+                                                  "not stored: a rerun tries it again)")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the planned runs and exit")] = False,
     download: Annotated[bool, typer.Option("--download", help="fetch data sets that are not on disk")] = False,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda, cuda:N or mps")] = "auto",
@@ -293,9 +294,6 @@ def export_command(
         typer.echo(f"error: results store not found: {db}", err=True)
         raise typer.Exit(code=2)
     try:
-        for path in (csv_path, json_path):
-            if path is not None and not path.parent.is_dir():
-                raise FileNotFoundError(f"Output directory does not exist: {path.parent}")
         with Store(db) as store:
             if csv_path is not None:
                 store.export_csv(csv_path)

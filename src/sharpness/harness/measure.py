@@ -21,8 +21,8 @@ from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .train import batches as iter_batches, make_loss
 
-__all__ = ["LANDSCAPES", "MEASURE_NAMES", "check_landscape_kinds", "landscape_checkpoint", "load_for_measurement", "measure_checkpoint",
-           "measure_model"]
+__all__ = ["LANDSCAPES", "MEASURE_NAMES", "check_landscape_kinds", "landscape_checkpoint", "load_for_measurement",
+           "measure_checkpoint", "measure_model"]
 
 Options = dict[str, Any]
 

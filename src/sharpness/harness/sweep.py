@@ -310,12 +310,10 @@ def _build(base: Mapping[str, Any], method: Mapping[str, Any], point: Mapping[st
 def _check_names(config: TrainConfig) -> None:
     from ..data import get_dataset_info
     from ..models import get_model_info
-    from ..registry import get_optimizer_info
 
     get_dataset_info(config.dataset)
     get_model_info(config.model)
-    get_optimizer_info(config.optimizer)
-    check_optimizer(config)  # option names and values, and a budget of at least one step
+    check_optimizer(config)  # the name, the option names and values, and a budget of at least one step
 
 
 # ------------------------------------------------------------------------------------------------ running

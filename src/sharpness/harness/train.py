@@ -277,19 +277,18 @@ def evaluate(model: nn.Module, dataset: Dataset, loss_fn: Callable, batch_size: 
     model.train(was_training)
     if world > 1:
         loss_sum, correct, count = _sum_over_ranks(loss_sum, correct, count)
-    return float(loss_sum) / count, int(correct) / count
+    return float(loss_sum) / count, float(correct) / count
 
 
-def _sum_over_ranks(*values: Tensor | int) -> tuple[Any, ...]:
-    """Each value summed over the process group (one all-reduce of them all, in float64 on the CPU; counts come
-    back as ints): the epoch's and the evaluation's totals under torchrun."""
+def _sum_over_ranks(first: Tensor, *rest: Tensor | int) -> list[float]:
+    """The values summed over the process group, as numbers: one float64 all-reduce of them all on ``first``'s
+    device and one host read (the epoch's and the evaluation's totals under torchrun)."""
     import torch.distributed as dist
 
-    device = next(v for v in values if isinstance(v, Tensor)).device
-    totals = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in values])
+    totals = torch.stack([first.to(torch.float64), *(torch.as_tensor(v, dtype=torch.float64, device=first.device)
+                                                     for v in rest)])
     dist.all_reduce(totals)
-    return tuple(int(t) if not isinstance(v, Tensor) or not v.is_floating_point() else t
-                 for v, t in zip(values, totals))
+    return totals.tolist()
 
 
 # ---------------------------------------------------------------------------------------------- the loop
