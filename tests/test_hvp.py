@@ -114,3 +114,88 @@ def test_tuple_inputs_and_non_module_model():
     assert all(torch.equal(a, b) for a, b in zip(single, listed))
     with pytest.raises(TypeError, match="Invalid model type"):
         hvp(lambda t: t, nn.functional.cross_entropy, (x1, y), v)
+
+
+def _dropout_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Dropout(0.4), nn.Linear(6, 2)).double()
+    x = torch.randn(12, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (12,))
+    return model, [(x[:5], y[:5]), (x[5:], y[5:])]
+
+
+def _fixed_mask_hessian(model, batches):
+    """By hand: batch i's forward draws its dropout masks right after ``torch.manual_seed(i)``; the loss is the
+    size-weighted mean. ``torch.autograd.functional.hessian`` runs the function once (one forward per batch)."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    total = sum(len(y) for _, y in batches)
+
+    def loss(*ws):
+        out = 0.0
+        for i, (x, y) in enumerate(batches):
+            torch.manual_seed(i)
+            out = out + len(y) / total * nn.functional.cross_entropy(
+                functional_call(model, dict(zip(names, ws)), (x,)), y)
+        return out
+
+    model.train()
+    blocks = torch.autograd.functional.hessian(loss, tuple(params))
+    sizes = [p.numel() for p in params]
+    return torch.cat([torch.cat([blocks[i][j].reshape(sizes[i], sizes[j]) for j in range(len(params))], 1)
+                      for i in range(len(params))], 0)
+
+
+@pytest.mark.parametrize("method", HVP_METHODS)
+def test_train_mode_dropout_hvp_is_the_fixed_mask_hessian_and_leaves_the_global_stream(method):
+    model, batches = _dropout_problem()
+    dense = _fixed_mask_hessian(model, batches)
+    model.eval()
+    v = [torch.randn_like(p) for p in model.parameters()]
+    state = torch.get_rng_state()
+    out = [_flat(hvp(model, nn.functional.cross_entropy, batches, v, method=method, mode="train")) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state)  # measuring draws nothing from the global stream
+    assert not model.training
+    tol = 1e-7 if method == "finite_difference" else 1e-12
+    for o in out:  # each product (and each side of the finite difference) sees the same masks
+        torch.testing.assert_close(o, dense @ _flat(v), rtol=0, atol=tol)
+    # the masks matter: the same product without dropout is far from it
+    model_no_drop = nn.Sequential(*[m for m in model if not isinstance(m, nn.Dropout)])
+    plain = _flat(hvp(model_no_drop, nn.functional.cross_entropy, batches, v, mode="train"))
+    assert (plain - dense @ _flat(v)).abs().max() > 1e-3
+
+
+def test_train_mode_dropout_top_eigenvalue_matches_the_fixed_mask_dense_hessian():
+    from sharpness.measures import hessian_eigenvalues, hessian_trace
+    model, batches = _dropout_problem()
+    eigs = torch.linalg.eigvalsh(_fixed_mask_hessian(model, batches))
+    for hvp_method in HVP_METHODS:
+        top = hessian_eigenvalues(model, nn.functional.cross_entropy, batches, mode="train",
+                                  hvp_method=hvp_method)
+        assert top.value == pytest.approx(float(eigs[-1]), rel=1e-6 if hvp_method == "finite_difference" else 1e-9)
+    trace = hessian_trace(model, nn.functional.cross_entropy, batches, mode="train", samples=400, seed=0)
+    assert abs(trace.value - float(eigs.sum())) < 4 * trace.stderr
+
+
+def test_train_mode_dropout_losses_and_gradient_moments_are_those_of_the_fixed_masks():
+    from sharpness.measures import gradient_variance, loss_along_direction
+    model, batches = _dropout_problem()
+    direction = [torch.randn_like(p) for p in model.parameters()]
+    curve = loss_along_direction(model, nn.functional.cross_entropy, batches, direction, span=(-0.5, 0.5),
+                                 points=3, mode="train")
+    model.train()
+    for alpha, loss in zip(curve.coordinates, curve.losses):  # by hand: batch i after torch.manual_seed(i)
+        with torch.no_grad():
+            for p, d in zip(model.parameters(), direction):
+                p.add_(d, alpha=float(alpha))
+            expected = 0.0
+            for i, (x, y) in enumerate(batches):
+                torch.manual_seed(i)
+                expected += len(y) / 12 * float(nn.functional.cross_entropy(model(x), y))
+            for p, d in zip(model.parameters(), direction):
+                p.sub_(d, alpha=float(alpha))
+        assert loss == pytest.approx(expected, rel=1e-12)
+    # sum_B (n_B/N) g_B = g_D only when each batch's gradient sees the masks it had in the full gradient
+    var = gradient_variance(model, nn.functional.cross_entropy, batches, mode="train")
+    identity = var.settings["mean_squared_norm"] - var.settings["full_gradient_squared_norm"]
+    assert var.value == pytest.approx(identity, rel=1e-10)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
-from ._common import LossFn
+from ._common import LossFn, batch_randomness
 
 __all__: list[str] = []
 
@@ -50,5 +50,6 @@ def per_sample_gradients(model: nn.Module, loss_fn: LossFn, inputs: Any, targets
     # randomness="different": in train mode each sample draws its own dropout mask, as in a batched forward
     per_sample = torch.func.vmap(torch.func.grad(sample_loss, has_aux=True), in_dims=(None, 0, 0),
                                  randomness="different", chunk_size=chunk_size)
-    grads, losses = per_sample(primals, tuple(inputs) if as_tuple else inputs, targets)
+    with batch_randomness(inputs):  # a train-mode measurement: this batch's masks on every call
+        grads, losses = per_sample(primals, tuple(inputs) if as_tuple else inputs, targets)
     return losses, list(grads)

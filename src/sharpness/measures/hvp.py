@@ -21,8 +21,8 @@ from torch.func import functional_call
 
 from .._compile import accepts_compiled
 from .._validation import check_choice, check_positive
-from ._common import (Batch, LossFn, Vector, as_batches, batch_loss, gradient, measurement_mode, norm,
-                      shifted_parameters, trainable_parameters)
+from ._common import (Batch, LossFn, Vector, as_batches, batch_loss, batch_randomness, gradient, measurement_mode,
+                      norm, shifted_parameters, trainable_parameters)
 
 __all__ = ["HVP_METHODS", "HessianOperator", "hvp"]
 
@@ -123,7 +123,8 @@ class HessianOperator:
                     outputs = functional_call(self.model, state, inputs)
                     return self.loss_fn(outputs, y)
 
-                _, tangent_out = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vector),))
+                with batch_randomness(x):
+                    _, tangent_out = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vector),))
                 yield list(tangent_out)
 
         return self._accumulate(per_batch())
