@@ -36,6 +36,28 @@ def test_train_reports_the_budgeted_counters(optimizer, steps):
     assert int(match["evals"]) == 24 and int(match["steps"]) == steps
 
 
+def test_train_with_validation_prints_the_validation_accuracy_it_stores(tmp_path):
+    db = tmp_path / "results.sqlite"
+    result = runner.invoke(app, ["train", *TINY, "--optimizer", "erm", "--validation", "0.2", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    printed = re.search(r"validation accuracy (?P<acc>[\d.]+)%  test accuracy", result.output)
+    with Store(db) as store:
+        (run,) = store.runs()
+    assert float(printed["acc"]) == pytest.approx(100 * run.summary["val_acc"], abs=0.005)
+
+
+def test_measure_examples_reaches_the_config_and_is_checked(tmp_path):
+    db = tmp_path / "results.sqlite"
+    args = ["train", *TINY, "--optimizer", "erm", "--measure", "lambda_max", "--db", str(db)]
+    result = runner.invoke(app, [*args, "--measure-examples", "40"])
+    assert result.exit_code == 0, result.output
+    with Store(db) as store:
+        (run,) = store.runs()
+    assert run.config["measure_examples"] == 40 and run.epochs[-1]["sharpness.lambda_max"] > 0
+    bad = runner.invoke(app, [*args, "--measure-examples", "0"])
+    assert bad.exit_code == 2 and "Invalid measure_examples value: 0" in " ".join(bad.output.split())
+
+
 def test_train_writes_the_store_once_and_skips_a_finished_run(tmp_path):
     db = tmp_path / "results.sqlite"
     args = ["train", *TINY, "--optimizer", "aesam", "--opt", "rho=0.1", "--db", str(db),

@@ -176,6 +176,23 @@ def test_test_and_validation_evaluation_share_the_training_precision(monkeypatch
     assert len(seen) >= 2 * 3 and set(seen) == {bf16}  # test and validation sets, 3 Linear layers each
 
 
+def test_validation_accuracy_is_logged_and_summarized_as_the_final_models_accuracy():
+    from sharpness.data import load_dataset
+
+    data = load_dataset("digits", seed=0, validation=0.2)
+    lines = []
+    result = train(_config(epochs=2, validation=0.2), data=data, log=lines.append)
+    model = result.model.eval()
+    with torch.no_grad():  # by hand, over the held-out examples
+        xs, ys = zip(*(data.validation[i] for i in range(len(data.validation))))
+        correct = (model(torch.stack(xs)).argmax(1) == torch.as_tensor(ys)).double().mean().item()
+    assert result.summary["val_acc"] == pytest.approx(correct, abs=1e-12)
+    assert result.summary["val_loss"] == result.epochs[-1]["val_loss"]
+    assert [f"val acc {r['val_acc']:.4f}" in line for r, line in zip(result.epochs, lines)] == [True, True]
+    plain = train(_config(epochs=1), data=load_dataset("digits", seed=0), log=None)
+    assert "val_acc" not in plain.summary and "val_loss" not in plain.summary
+
+
 def test_per_epoch_measures_are_recorded_and_do_not_change_training(digits):
     plain = train(_config(optimizer="sam", epochs=2), data=digits, log=None)
     config = _config(optimizer="sam", epochs=2, measures=("lambda_max", "sam"), measure_examples=128)
@@ -183,6 +200,12 @@ def test_per_epoch_measures_are_recorded_and_do_not_change_training(digits):
     for a, b in zip(plain.epochs, measured.epochs):
         assert a["train_loss"] == b["train_loss"] and a["test_acc"] == b["test_acc"]
     assert measured.epochs[-1]["sharpness.lambda_max"] > 0 and measured.epochs[-1]["sharpness.sam"] >= 0
+    # on the first measure_examples training examples, in stored order (no augmentation on digits)
+    from sharpness.measures import hessian_eigenvalues
+    xs, ys = zip(*(digits.train[i] for i in range(128)))
+    top = hessian_eigenvalues(measured.model, torch.nn.functional.cross_entropy, (torch.stack(xs),
+                              torch.as_tensor(ys)), seed=0)
+    assert measured.epochs[-1]["sharpness.lambda_max"] == pytest.approx(top.value, rel=1e-5)
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="Unknown measure name"):
         _config(measures=("lambda_min",))

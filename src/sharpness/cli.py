@@ -111,6 +111,8 @@ def train_command(
     measure: Annotated[Optional[list[str]], typer.Option(
         help="sharpness measure recorded each epoch, repeatable (see `sharpness list measures`)")] = None,
     measure_every: Annotated[int, typer.Option(help="epochs between measurements")] = 1,
+    measure_examples: Annotated[int, typer.Option(
+        help="first N training examples the per-epoch measures use")] = TrainConfig.measure_examples,
     swa_start: Annotated[Optional[float], typer.Option(
         help="SWA: start averaging at this fraction of the budget, in (0, 1) (default: no SWA)")] = None,
     swa_lr: Annotated[Optional[float], typer.Option(help="SWA: cyclic lr at the start of each cycle (alpha_1)")] = None,
@@ -140,7 +142,7 @@ def train_command(
             budget_steps=budget_steps, budget_grad_evals=budget_grad_evals, schedule=schedule,
             label_smoothing=label_smoothing, max_grad_norm=max_grad_norm, bf16=bf16, label_noise=label_noise,
             subset=subset, subset_strategy=subset_strategy, validation=validation, seed=seed, measures=tuple(measure or ()),
-            measure_every=measure_every, swa_start=swa_start, swa_lr=swa_lr, swa_lr_min=swa_lr_min,
+            measure_every=measure_every, measure_examples=measure_examples, swa_start=swa_start, swa_lr=swa_lr, swa_lr_min=swa_lr_min,
             swa_cycle=swa_cycle, world_size=distributed_context(resolved)[1])
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -167,7 +169,8 @@ def train_command(
     s = result.summary
     if distributed_context()[0] != 0:
         return
-    typer.echo(f"{config.optimizer} on {config.dataset}/{config.model}: test accuracy {s['test_acc']:.2%}  "
+    validated = f"validation accuracy {s['val_acc']:.2%}  " if "val_acc" in s else ""
+    typer.echo(f"{config.optimizer} on {config.dataset}/{config.model}: {validated}test accuracy {s['test_acc']:.2%}  "
                f"%SAM {100 * s['sam_fraction']:.1f}  gradient evaluations {s['grad_evals']}  steps {s['steps']}  "
                f"wall time {s['wall_time']:.1f}s  run {key}")
     if store is not None:  # under torchrun only rank 0 gets here and writes the run

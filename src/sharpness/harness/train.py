@@ -556,13 +556,15 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
             r = run.records[-1]
             measured = "".join(f"  {k.removeprefix('sharpness.')} {v:.4g}" for k, v in r.items()
                                if k.startswith("sharpness.") and isinstance(v, float))
-            log(f"epoch {r['epoch']:3d}  train loss {r['train_loss']:.4f}  test acc {r['test_acc']:.4f}  "
+            validated = f"val acc {r['val_acc']:.4f}  " if "val_acc" in r else ""
+            log(f"epoch {r['epoch']:3d}  train loss {r['train_loss']:.4f}  {validated}test acc {r['test_acc']:.4f}  "
                 f"%SAM {100 * r['sam_fraction']:5.1f}  grad evals {r['grad_evals']}  {r['wall_time']:.1f}s{measured}")
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not run.done():
             return TrainResult(config, {"finished": False}, run.records, run.model, run.optimizer)
     last = run.records[-1] if run.records else {}
     summary = {key: last.get(key) for key in ("test_acc", "test_loss", "train_loss", "steps", "sam_steps",
                                               "sam_fraction", "grad_evals", "wall_time")}
+    summary.update({key: last[key] for key in ("val_acc", "val_loss") if key in last})  # with --validation
     summary.update(finished=True, epochs=run.epoch, planned_steps=run.total_steps, world_size=run.world,
                    device=device.type)
     if compile_backend is not None:
