@@ -46,6 +46,16 @@ def test_train_with_validation_prints_the_validation_accuracy_it_stores(tmp_path
     assert float(printed["acc"]) == pytest.approx(100 * run.summary["val_acc"], abs=0.005)
 
 
+def test_python_spelled_literals_are_read_as_json_ones(tmp_path):
+    db = tmp_path / "results.sqlite"
+    result = runner.invoke(app, ["train", *TINY, "--optimizer", "asam", "--opt", "adaptive_1d=False",
+                                 "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    with Store(db) as store:
+        (run,) = store.runs()
+    assert run.config["optimizer_options"] == {"adaptive_1d": False}  # the bool, not the truthy string "False"
+
+
 def test_measure_examples_reaches_the_config_and_is_checked(tmp_path):
     db = tmp_path / "results.sqlite"
     args = ["train", *TINY, "--optimizer", "erm", "--measure", "lambda_max", "--db", str(db)]

@@ -16,6 +16,7 @@ import json
 import pickle
 import random
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,10 @@ def test_stratified_subset_keeps_the_fraction_of_every_class(fraction):
 
 def test_first_fraction_is_a_prefix():
     assert torch.equal(first_fraction(50, 0.1), torch.arange(5))
+    assert torch.equal(first_fraction(73257, 0.1), torch.arange(7325))  # floored: 7325.7 keeps 7325
+    # products a rounding error short of an integer keep it (int() truncated 14499.999999999998 to 14499)
+    for n, fraction, kept in ((50000, 0.29, 14500), (50000, 0.57, 28500), (50000, 0.58, 29000), (100, 0.29, 29)):
+        assert len(first_fraction(n, fraction)) == kept == Fraction(str(fraction)) * n
     with pytest.raises(ValueError, match=r"Invalid subset value: 0\.0 \(expected 0 < subset <= 1\)"):
         first_fraction(50, 0.0)
 
@@ -357,6 +362,11 @@ def test_tinyshakespeare_windows_from_a_small_text(tmp_path):
     assert data.settings["sha256"] == hashlib.sha256(TEXT.encode()).hexdigest()
     with pytest.raises(IndexError):
         data.test[len(data.test)]
+    # a hold-out shorter than one window is refused under its own name (not block_size's, not silently dropped)
+    for validation, held in ((1e-5, 0), (0.01, 14)):
+        with pytest.raises(ValueError, match=rf"Invalid validation value: {validation} \(holds out {held} "
+                                             r"characters of 1458; expected more than block_size = 16"):
+            load_dataset("tinyshakespeare", root=tmp_path, block_size=16, validation=validation)
 
 
 @pytest.mark.parametrize("stride", [1, 3, 8])
@@ -522,6 +532,8 @@ def test_svhn_reads_torchvision_mat_files(tmp_path, monkeypatch):
     assert x.shape == (3, 32, 32)
     with pytest.raises(FileNotFoundError, match="extra split missing"):
         load_dataset("svhn", root=tmp_path, include_extra=True)
+    with pytest.raises(TypeError, match=r"Invalid include_extra type: str \(expected bool\)"):
+        load_dataset("svhn", root=tmp_path, include_extra="False")  # truthy: it would add the extra split
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -182,11 +182,16 @@ def test_data_parallel_shards_concatenate_to_the_single_process_batches(n, batch
     ((0, 0), ValueError, r"Invalid world_size value: 0"),
     ((0.5, 2), ValueError, "Invalid rank value: 0.5"),
     (3, TypeError, r"Invalid shard: 3 \(expected \(rank, world_size\)\)"),
+    # a global batch below the world: every batch would be skipped, an epoch without a step
+    ((0, 3), ValueError, r"Invalid batch_size value: 2 \(expected batch_size >= world_size = 3"),
 ])
 def test_bad_shards_say_what_is_wrong(shard, error, message):
     data = ResidentTensors(torch.zeros(4, 2), torch.zeros(4))
     with pytest.raises(error, match=message):
         next(resident_batches(data, 2, shard=shard))
+    from sharpness.harness.train import batches  # the per-item (DataLoader) path checks the same
+    with pytest.raises(error, match=message):
+        next(batches(torch.utils.data.TensorDataset(torch.zeros(4, 2), torch.zeros(4)), 2, None, shard=shard))
 
 
 def test_bad_batches_and_draws_say_what_is_wrong():

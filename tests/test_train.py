@@ -115,6 +115,7 @@ def test_bad_checkpoints(tmp_path):
     ({"subset": 0.0}, "subset"),
     ({"seed": -1}, "seed"),
     ({"subset_strategy": "random"}, "stratified, first"),
+    ({"batch_size": 2, "world_size": 4}, r"Invalid batch_size value: 2 \(expected batch_size >= world_size = 4"),
 ])
 def test_config_validation(overrides, fragment):
     with pytest.raises(ValueError, match=fragment):

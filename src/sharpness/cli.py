@@ -37,15 +37,19 @@ def _resolve_runtime(device: str, compile_backend: str | None) -> Any:
         raise typer.BadParameter(str(exc), param_hint="--device") from exc
 
 
+_PYTHON_LITERALS = {"True": "true", "False": "false", "None": "null"}
+
+
 def _parse_options(pairs: list[str] | None, flag: str) -> dict[str, object]:
-    """``["rho=0.1", "k=5"]`` -> ``{"rho": 0.1, "k": 5}`` (values parsed as JSON when they are JSON)."""
+    """``["rho=0.1", "k=5"]`` -> ``{"rho": 0.1, "k": 5}`` (values parsed as JSON when they are JSON; Python's
+    ``True``, ``False`` and ``None`` are read as JSON's ``true``, ``false`` and ``null``, not as strings)."""
     options: dict[str, object] = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=flag)
         try:
-            value = json.loads(raw)
+            value = json.loads(_PYTHON_LITERALS.get(raw, raw))
         except json.JSONDecodeError:
             value = raw
         if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN, Infinity, 1e400

@@ -135,8 +135,9 @@ def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
-def check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
-    """``shard`` as ``(rank, world)``; ``None`` is ``(0, 1)`` (the whole batch)."""
+def check_shard(shard: tuple[int, int] | None, batch_size: int | None = None) -> tuple[int, int]:
+    """``shard`` as ``(rank, world)``; ``None`` is ``(0, 1)`` (the whole batch). With ``batch_size``, a global
+    batch smaller than the world is refused: every batch would be skipped, an epoch without a step."""
     if shard is None:
         return 0, 1
     try:
@@ -147,6 +148,9 @@ def check_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world:
         raise ValueError(f"Invalid rank value: {rank!r} (expected an integer in [0, {world - 1}] for world_size "
                          f"{world})")
+    if batch_size is not None and batch_size < world:
+        raise ValueError(f"Invalid batch_size value: {batch_size} (expected batch_size >= world_size = {world}: "
+                         "the global batch is split across the ranks, one example at least for each)")
     return rank, world
 
 
@@ -166,7 +170,7 @@ def resident_batches(dataset: Any, batch_size: int, *, order: torch.Generator | 
             ``world_size`` examples is skipped on every rank (no rank is left without an example).
     """
     batch_size = check_int_at_least("batch_size", batch_size, 1)
-    rank, world = check_shard(shard)
+    rank, world = check_shard(shard, batch_size)
     if not is_resident(dataset):
         raise TypeError(f"Invalid dataset: {type(dataset).__name__} does not serve batches by index (expected a "
                         "resident set; convert it with as_resident(dataset, device))")

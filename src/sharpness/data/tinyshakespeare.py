@@ -122,6 +122,9 @@ def load(*, root: Path, download: bool, block_size: int = 128, validation: float
     tokens, vocabulary = encode_text(raw.decode("utf-8"))
     train_end = int(TRAIN_FRACTION * len(tokens))
     validation_start = train_end - int(validation * train_end)
+    if validation > 0 and train_end - validation_start <= block_size:
+        raise ValueError(f"Invalid validation value: {validation} (holds out {train_end - validation_start} "
+                         f"characters of {train_end}; expected more than block_size = {block_size}, one window)")
     train = CharWindows(tokens[:validation_start], block_size)
     held_out = None
     if validation_start < train_end:

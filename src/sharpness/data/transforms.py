@@ -8,6 +8,8 @@ training) and records their settings.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -84,13 +86,16 @@ def stratified_subset(labels: Tensor, fraction: float, *, generator: torch.Gener
 
 
 def first_fraction(num_examples: int, fraction: float) -> Tensor:
-    """Indices ``0 .. int(fraction * n) - 1``: the first examples, as the universal-SAM code builds "-S" sets.
+    """Indices ``0 .. floor(fraction * n) - 1``: the first examples, as the universal-SAM code builds "-S" sets.
+
+    ``fraction * n`` is rounded to 6 decimals before the floor, so a product that falls just short of an integer
+    by floating-point error (``0.29 * 50000 = 14499.999999999998``) keeps that integer.
 
     Only meaningful when the stored order is random (CIFAR, SVHN); never use it on class-sorted data.
     """
     num_examples = check_int_at_least("num_examples", num_examples, 0)
     fraction = _check_fraction("subset", fraction)
-    return torch.arange(int(fraction * num_examples))
+    return torch.arange(math.floor(round(fraction * num_examples, 6)))
 
 
 def validation_split(labels: Tensor, fraction: float, *,

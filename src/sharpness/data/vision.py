@@ -108,6 +108,8 @@ def load_vision(name: str, *, root: Path, download: bool, augment: bool = True,
     spec = VISION_SETS[name]
     if not isinstance(augment, bool):
         raise TypeError(f"Invalid augment type: {type(augment).__name__} (expected bool)")
+    if not isinstance(include_extra, bool):  # a string "False" from --data-opt would add 531k images
+        raise TypeError(f"Invalid include_extra type: {type(include_extra).__name__} (expected bool)")
     if include_extra and name != "svhn":
         raise ValueError(f"Invalid include_extra value: True for {name!r} (only 'svhn' has an extra split)")
     torchvision = import_torchvision(f"The {name!r} data set")

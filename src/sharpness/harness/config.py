@@ -105,6 +105,9 @@ class TrainConfig:
                 raise ValueError(f"Unknown measure name(s): {unknown} (expected some of {', '.join(MEASURE_NAMES)})")
         if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
             raise ValueError(f"Invalid world_size value: {self.world_size!r} (expected an integer >= 1)")
+        if self.batch_size < self.world_size:  # each rank's part of a global batch would be empty
+            raise ValueError(f"Invalid batch_size value: {self.batch_size} (expected batch_size >= world_size = "
+                             f"{self.world_size}: batch_size is the global batch, split across the ranks)")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Invalid seed value: {self.seed!r} (expected an integer >= 0)")
         self._check_swa()

@@ -241,7 +241,7 @@ def batches(dataset: Dataset, batch_size: int, generator: torch.Generator | None
     if resident is not None:
         yield from resident_batches(resident, batch_size, order=generator, augment=augment, shard=shard)
         return
-    rank, world = check_shard(shard)
+    rank, world = check_shard(shard, batch_size)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=generator is not None, generator=generator)
     for x, y in loader:
         if len(y) < world:  # as resident_batches: no rank is left without an example

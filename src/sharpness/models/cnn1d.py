@@ -13,9 +13,8 @@ __all__ = ["CNN1d"]
 class CNN1d(nn.Sequential):
     """Conv1d(k5, s2) act, Conv1d(k3, s2) act, Conv1d(k3, s2) act, Flatten, Linear.
 
-    Without batch norm the layers (and so the ``state_dict`` keys and, under the same seed, the initial
-    weights) are those of the default job's model in :mod:`sharpness.demo`. A 1-D input ``(L,)`` is
-    unflattened to one channel; ``(C, L)`` inputs go straight in.
+    The default job's model (``sharpness train`` on MNIST-1D). A 1-D input ``(L,)`` is unflattened to one
+    channel; ``(C, L)`` inputs go straight in.
 
     Args:
         input_shape: ``(L,)`` or ``(C, L)``.
