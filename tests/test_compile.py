@@ -21,6 +21,7 @@ from sharpness._compile import accepts_compiled, is_compiled_double_backward_err
 from sharpness.cli import app
 from sharpness.harness import TrainConfig, train
 from sharpness.harness.measure import measure_model
+from sharpness.harness.train import check_compile_backend
 
 # GNR's default exact HVPs differentiate twice, which compiled graphs refuse (tested below)
 NAMES = registered_names()
@@ -195,6 +196,8 @@ def test_invalid_compile_backend_is_refused_by_train_and_the_cli():
     result = CliRunner().invoke(app, ["train", "--dataset", "digits", "--model", "mlp", "--budget-steps", "2",
                                       "--compile", "nope", "-q"])
     assert result.exit_code == 2 and "Invalid compile_backend value: 'nope'" in " ".join(result.output.split())
+    assert "TESTING_ONLY" not in result.output and "minifier" not in result.output  # offered: usable backends
+    assert check_compile_backend("aot_eager") == "aot_eager"  # debugging backends are still accepted
 
 
 def test_cli_trains_with_compile():

@@ -126,6 +126,12 @@ def test_minimal_sweep_is_base_alone():
     (BASE + 'epochs = 2\n', ValueError, r"Invalid budget"),
     (BASE + '[[methods]]\noptimizer = "erm"\n[[methods]]\noptimizer = "erm"\n', ValueError,
      r"Duplicate run.*methods\[1\].*methods\[0\]"),
+    # an integer where a float is taken is that float: rho = 1 and 1.0 are one run (they were two run ids)
+    (BASE + '[[methods]]\noptimizer = "sam"\ngrid = { "optimizer_options.rho" = [1, 1.0] }\n', ValueError,
+     r"Duplicate run.*rho"),
+    (BASE + '[grid]\nlr = [1, 1.0]\n', ValueError, r"Duplicate run"),
+    (BASE + '[grid]\nlr = [inf]\n', ValueError,
+     r"Invalid lr value: inf \(expected 0.0 < lr < inf\)"),
     ('seeds = [0]\n' + BASE + 'seed = 3\n', ValueError, r"Conflicting seed.*base"),
     ('db = 3\n' + BASE, ValueError, r"Invalid db value"),
     ('methods = []\n' + BASE, ValueError, r"Invalid methods value"),

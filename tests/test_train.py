@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sharpness
-from sharpness.harness import TrainConfig, load_checkpoint, lr_factor, save_checkpoint, train
+from sharpness.harness import TrainConfig, load_checkpoint, lr_factor, run_key, save_checkpoint, train
 
 
 def _config(**overrides):
@@ -115,11 +115,30 @@ def test_bad_checkpoints(tmp_path):
     ({"subset": 0.0}, "subset"),
     ({"seed": -1}, "seed"),
     ({"subset_strategy": "random"}, "stratified, first"),
+    ({"lr": float("inf")}, r"Invalid lr value: inf \(expected 0.0 < lr < inf\)"),  # inf broke the run id's JSON
+    ({"weight_decay": float("inf")}, r"Invalid weight_decay value: inf"),
+    ({"swa_start": 0.5, "swa_lr": float("inf")}, r"Invalid swa_lr value: inf"),
     ({"batch_size": 2, "world_size": 4}, r"Invalid batch_size value: 2 \(expected batch_size >= world_size = 4"),
 ])
 def test_config_validation(overrides, fragment):
     with pytest.raises(ValueError, match=fragment):
         _config(**overrides)
+
+
+def test_config_types_and_integers_taken_as_floats():
+    with pytest.raises(TypeError, match=r"Invalid bf16 type: str \(expected bool\)"):
+        _config(bf16="no")  # truthy: it would have turned bf16 on
+    with pytest.raises(TypeError, match=r"Invalid optimizer_options type: NoneType"):
+        _config(optimizer_options=None)
+    # where a float is taken (a field, or an option by its constructor's annotation or default), an integer is
+    # that float: the same config and run id as with 1.0; options taking integers keep them
+    ints = _config(lr=1, optimizer="looksam", optimizer_options={"rho": 1, "k": 5}, model_options={"dropout": 0})
+    floats = _config(lr=1.0, optimizer="looksam", optimizer_options={"rho": 1.0, "k": 5},
+                     model_options={"dropout": 0.0})
+    assert ints == floats and run_key(ints.to_dict()) == run_key(floats.to_dict())
+    assert type(ints.lr) is float and type(ints.optimizer_options["rho"]) is float
+    assert type(ints.optimizer_options["k"]) is int and type(ints.model_options["dropout"]) is float
+    assert _config(optimizer="nope", optimizer_options={"rho": 1}).optimizer_options == {"rho": 1}  # checked later
 
 
 def test_config_round_trip_and_unknown_keys():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +64,7 @@ class TrainConfig:
     world_size: int = 1
 
     def __post_init__(self) -> None:
+        self._numbers_as_floats()
         budgets = [name for name in ("epochs", "budget_steps", "budget_grad_evals") if getattr(self, name) is not None]
         if len(budgets) != 1:
             raise ValueError(f"Invalid budget: {budgets or 'none'} set (expected exactly one of epochs, budget_steps, "
@@ -69,6 +73,12 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name} value: {value!r} (expected an integer >= 1)")
+        if not isinstance(self.bf16, bool):  # a truthy string "no" would turn it on
+            raise TypeError(f"Invalid bf16 type: {type(self.bf16).__name__} (expected bool)")
+        for name in ("optimizer_options", "model_options", "data_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"Invalid {name} type: {type(getattr(self, name)).__name__} (expected a dict of "
+                                "option names to values)")
         if self.base not in BASE_OPTIMIZERS:
             raise ValueError(f"Invalid base value: {self.base!r} (expected one of {', '.join(BASE_OPTIMIZERS)})")
         if self.schedule not in SCHEDULES:
@@ -111,6 +121,19 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Invalid seed value: {self.seed!r} (expected an integer >= 0)")
         self._check_swa()
+
+    def _numbers_as_floats(self) -> None:
+        """An integer where a float is taken (``lr = 1`` in TOML, ``--opt rho=1``) becomes that float, so the
+        config, and the run id hashed from its JSON, is the same as with ``1.0``: without this ``rho=1`` and
+        ``rho=1.0`` were two ids, trained twice and counted as two seeds by the report."""
+        for name in _FLOAT_FIELDS:
+            object.__setattr__(self, name, _as_float(getattr(self, name)))
+        for name, owner in (("optimizer_options", self.optimizer), ("model_options", self.model),
+                            ("data_options", self.dataset)):
+            options = getattr(self, name)
+            if isinstance(options, dict) and options and isinstance(owner, str):
+                keys = _option_floats(name, owner)
+                object.__setattr__(self, name, {k: _as_float(v) if k in keys else v for k, v in options.items()})
 
     _SWA_FIELDS = ("swa_start", "swa_lr", "swa_lr_min", "swa_cycle")
 
@@ -164,7 +187,49 @@ def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bo
         raise TypeError(f"Invalid {name} type: {type(value).__name__} (expected a number)")
     ok_low = value > low if low_open else value >= low
     ok_high = value < high if high_open else value <= high
-    if not (ok_low and ok_high and not math.isnan(value)):
-        lo = "<" if low_open else "<="
-        hi = "<" if high_open else "<="
+    if not (ok_low and ok_high and math.isfinite(value)):  # inf would reach the run key's JSON and fail there
+        lo = "<" if low_open or math.isinf(low) else "<="
+        hi = "<" if high_open or math.isinf(high) else "<="
         raise ValueError(f"Invalid {name} value: {value} (expected {low} {lo} {name} {hi} {high})")
+
+
+_FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if str(f.type).startswith("float"))
+
+
+def _as_float(value: Any) -> Any:
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _float_parameters(functions: Iterable[Callable[..., Any]]) -> frozenset[str]:
+    """Names of the parameters that take a float: annotated ``float...`` or with a float default."""
+    names = set()
+    for function in functions:
+        for p in inspect.signature(function).parameters.values():
+            annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+            if annotation.startswith("float") or (isinstance(p.default, float)):
+                names.add(p.name)
+    return frozenset(names)
+
+
+@functools.cache
+def _option_floats(field_name: str, name: str) -> frozenset[str]:
+    """The options of optimizer, model or data set ``name`` (by ``field_name``) that take a float; empty for an
+    unknown name, which is reported elsewhere (check_optimizer, the registries)."""
+    import torch
+
+    from ..data import get_dataset_info
+    from ..models import get_model_info
+    from ..registry import get_optimizer_info
+
+    try:
+        if field_name == "optimizer_options":  # the constructors down to the engine's
+            functions = [k.__dict__["__init__"] for k in get_optimizer_info(name).cls.__mro__
+                         if "__init__" in k.__dict__ and issubclass(k, torch.optim.Optimizer)
+                         and k is not torch.optim.Optimizer]
+        elif field_name == "model_options":
+            functions = [get_model_info(name).builder]
+        else:
+            functions = [get_dataset_info(name).loader]
+    except (TypeError, ValueError):
+        return frozenset()
+    return _float_parameters(functions)

@@ -69,7 +69,6 @@ Log = Callable[[str], None]
 _TOP_KEYS = ("base", "checkpoint_dir", "datasets", "db", "grid", "methods", "seeds")
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _OPTION_FIELDS = ("optimizer_options", "model_options")
-_FLOAT_FIELDS = tuple(name for name, f in _FIELDS.items() if str(f.type).startswith("float"))
 
 
 @dataclass(frozen=True)
@@ -287,9 +286,6 @@ def _build(base: Mapping[str, Any], method: Mapping[str, Any], point: Mapping[st
         values["seed"] = seed
     if dataset is not None:
         values["dataset"] = dataset
-    for name in _FLOAT_FIELDS:  # TOML `lr = 1` is an int; store it as the CLI would (1.0), same run key
-        if isinstance(values.get(name), int) and not isinstance(values[name], bool):
-            values[name] = float(values[name])
     # Budgets: one set in the method or grid replaces the base's (TrainConfig's default epochs=20 too).
     budgets = ("epochs", "budget_steps", "budget_grad_evals")
     chosen = [b for b in budgets if b in point] or [b for b in budgets if b in method] or \

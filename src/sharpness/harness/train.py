@@ -88,9 +88,14 @@ def check_compile_backend(backend: str | None) -> str | None:
         return None
     import torch._dynamo
 
-    known = torch._dynamo.list_backends(exclude_tags=())
+    known = torch._dynamo.list_backends(exclude_tags=())  # debugging backends (eager, aot_eager) are accepted
     if not isinstance(backend, str) or backend not in known:
-        raise ValueError(f"Invalid compile_backend value: {backend!r} (expected None or one of {', '.join(known)})")
+        # but not offered: the message lists torch's default set (inductor, cudagraphs, ...) and two debugging
+        # ones, not the minifier and TESTING_ONLY backends
+        offered = [*torch._dynamo.list_backends(), *(name for name in ("eager", "aot_eager") if name in known)]
+        raise ValueError(f"Invalid compile_backend value: {backend!r} (expected None or one of {', '.join(offered)}; "
+                         "`python -c 'import torch._dynamo; print(torch._dynamo.list_backends(exclude_tags=()))'` "
+                         "lists every backend this torch has)")
     return backend
 
 
