@@ -268,6 +268,43 @@ def test_two_phase_api_with_overflow():
     assert (opt.steps, opt.skipped_steps) == (1, 1)
 
 
+@pytest.mark.parametrize("overflow_pass", [1, 2])
+def test_a_skipped_two_phase_step_honours_zero_grad_and_training_goes_on(overflow_pass):
+    """The README loop (no zero_grad of its own): a skipped step must clear the inf gradients as an applied one
+    does, or the next backward adds onto them and every later step overflows (the scale halving for good)."""
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = make_opt("sam", model, grad_scaler=scaler)
+    log = []
+    for t, (x, y) in enumerate(batches(5)):
+        bad = math.inf if t == 2 else 1.0
+        scaler.scale(nn.functional.cross_entropy(model(x), y) * (bad if overflow_pass == 1 else 1.0)).backward()
+        if opt.first_step(zero_grad=True):
+            scaler.scale(nn.functional.cross_entropy(model(x), y) * (bad if overflow_pass == 2 else 1.0)).backward()
+        opt.second_step(zero_grad=True)
+        scaler.update()
+        log.append((opt.steps, opt.skipped_steps))
+    assert log == [(1, 0), (2, 0), (2, 1), (3, 1), (4, 1)]  # one skip, then steps again
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradients_unscaled_by_the_user_are_refused():
+    """torch's AMP recipe calls scaler.unscale_(opt) before clipping; the engine unscales each pass itself, so a
+    second division would shrink an ERM step's gradient by the scale (1/1024 here) without a word."""
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = make_opt("sam", model, grad_scaler=scaler)
+    x, y = batches(1)[0]
+    weights = snapshot(model)
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match=r"scaler.unscale_\(optimizer\) was called before this step.*"
+                                           r"max_grad_norm"):
+        opt.first_step(zero_grad=True)
+    assert_bitwise_equal(snapshot(model), weights)
+    assert (opt.grad_evals, opt.steps) == (0, 0)
+
+
 # ---------------------------------------------------------------------------------------------- bf16 autocast
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_bf16_autocast_trains(name):

@@ -81,6 +81,51 @@ def test_a_non_finite_loss_in_any_pass_raises_and_changes_nothing(name, step, re
         assert opt.steps == steps + 1 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["sam", "asam", "gnr", "tracesam", "frobsam"])
+def test_a_nan_first_pass_stops_before_the_climb_and_leaves_batchnorm_finite(name):
+    """One corrupt label makes pass 1's loss NaN with finite activations. The optimizer has no ``model=`` so it
+    cannot restore BatchNorm's statistics: before this check, the perturbed pass ran at ``w + rho * NaN`` and
+    wrote NaN into them (the model gave NaN in eval mode for good) although the error said nothing changed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 3)).double()
+    opt = create_for_test(name, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(16, 4, dtype=torch.float64)
+    target = torch.randn(16, 3, dtype=torch.float64)
+    bad = target.clone()
+    bad[3, 0] = float("nan")
+    calls = [0]
+
+    def closure(y=target):
+        calls[0] += 1
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward(create_graph=bool(getattr(opt, "needs_graph", False)))
+        return loss
+
+    opt.step(closure)
+    stats = [b.clone() for b in model[1].buffers()]
+    calls[0] = 0
+    with pytest.raises(FloatingPointError, match="non-finite loss in pass 1 of this step"):
+        opt.step(lambda: closure(bad))
+    assert calls[0] == 1  # no pass at the shifted weights
+    assert all(torch.isfinite(b.double()).all() for b in model[1].buffers())
+    # pass 1 itself updated the statistics once, with finite batch statistics, as plain SGD's pass would
+    assert not torch.equal(stats[0], model[1].running_mean)
+    assert torch.isfinite(model.eval()(x)).all()
+
+
+def test_a_group_with_a_bad_rho_is_not_added():
+    model = torch.nn.Linear(3, 2)
+    extra = torch.nn.Parameter(torch.zeros(2))
+    opt = sharpness.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    with pytest.raises(ValueError, match=r"Invalid rho value: -0.5 \(expected rho >= 0"):
+        opt.add_param_group({"params": [extra], "rho": -0.5})
+    assert len(opt.param_groups) == len(opt.base_optimizer.param_groups) == 1  # it was kept and used before
+    opt.add_param_group({"params": [extra]})
+    assert opt.param_groups[-1]["rho"] == 0.05 and len(opt.param_groups) == 2
+
+
 @pytest.mark.parametrize("name", ["sam", "looksam", "gnr", "entropysgd"])
 def test_check_finite_false_lets_the_base_optimizer_see_it(name):
     """The guard is what keeps the weights finite: without it the perturbed pass's NaN reaches them."""

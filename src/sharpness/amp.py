@@ -32,6 +32,19 @@ def unscale_(scaler: torch.amp.GradScaler, grads: list[Tensor], found_inf: Tenso
         found_inf.add_(flag.to(found_inf.device))
 
 
+def check_not_unscaled(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse gradients the user already unscaled (``scaler.unscale_(optimizer)`` before ``first_step``, the
+    usual recipe before clipping): the engine unscales each pass itself, and a second division by the scale would
+    shrink the applied gradient by it (1/1024 on an ERM step)."""
+    from torch.amp.grad_scaler import OptState
+
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.UNSCALED:
+        raise RuntimeError(
+            f"{type(optimizer).__name__}: scaler.unscale_(optimizer) was called before this step; the optimizer "
+            "unscales each gradient pass itself (for clipping pass max_grad_norm=...), so remove that call"
+        )
+
+
 def record_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
     """Tell ``scaler.update()`` whether this optimizer's step saw an inf/NaN, as ``scaler.step`` would."""
     from torch.amp.grad_scaler import OptState

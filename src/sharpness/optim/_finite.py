@@ -52,6 +52,17 @@ class FiniteLossCheck:
 
         return watched
 
+    def _check_losses_if_free(self) -> None:
+        """Raise as :meth:`_check_losses` now, where that costs nothing: scalar CPU losses, one process, no
+        GradScaler. After pass 1 this stops a NaN step before the climb, whose perturbed pass would run at
+        ``w + rho * NaN`` and write NaN into BatchNorm running statistics the optimizer cannot restore without
+        ``model=``. On a device the one read stays at the update (pass ``model=`` there to keep the statistics)."""
+        losses = self._step_losses
+        if (losses and (self._ddp is None or not is_distributed())
+                and all(loss.dim() == 0 and _foreach.host_read_is_free(loss) for loss in losses)
+                and not math.isfinite(sum(loss.item() for loss in losses))):
+            self._check_losses()
+
     def _check_losses(self) -> None:
         """Raise ``FloatingPointError`` if a loss recorded in this step is NaN or inf (one host read).
 

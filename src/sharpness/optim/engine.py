@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .. import _foreach
 from .._foreach import dot, global_norm, group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_bool, check_dense_grads, check_non_negative, check_wrapper_options
-from ..amp import record_step, unscale_
+from ..amp import check_not_unscaled, record_step, unscale_
 from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, ddp_module, is_distributed
 from ..policies.base import Policy
@@ -221,11 +221,12 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
 
     # ------------------------------------------------------------------ shared param groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict):  # checked before the group joins: a refused group is not added
+            check_non_negative("rho", param_group.get("rho", self._wrapper_defaults["rho"]))
         self.base_optimizer.add_param_group(param_group)
         group = self.base_optimizer.param_groups[-1]
         for key, value in self._wrapper_defaults.items():
             group.setdefault(key, value)
-        check_non_negative("rho", group["rho"])
 
     @property
     def sam_fraction(self) -> float:
@@ -254,6 +255,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         local = self._ddp is not None and not self.sync_perturbation and is_distributed()
         with torch.enable_grad(), self._ddp.no_sync() if local else contextlib.nullcontext():
             loss = self._first_pass(closure)
+        self._check_losses_if_free()  # a NaN pass 1 stops here: no pass at w + rho * NaN to poison BatchNorm
         # (the undecorated bodies of first_step/second_step: step already holds no_grad and the foreach mode)
         if self._first_step(False, local):
             try:
@@ -321,6 +323,8 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             raise RuntimeError(
                 f"{type(self).__name__}.first_step() called twice without second_step() in between"
             )
+        if self._scaler_enabled():
+            check_not_unscaled(self.grad_scaler, self)
         self.grad_evals += 1
         self._local_grads = bool(local_grads) and is_distributed()
         views = self._views()
@@ -423,7 +427,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         self._phase = _Phase.IDLE
 
         if phase is _Phase.SKIPPED:
-            self._skip()
+            self._skip(zero_grad)
             return
 
         if phase is _Phase.PERTURBED:
@@ -435,7 +439,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
                 if self._local_grads:
                     all_reduce_mean_(self._found_inf)
                 if self._found_inf.item() > 0:
-                    self._skip()
+                    self._skip(zero_grad)
                     return
             try:
                 self._check_losses()  # before LookSAM's direction is built from the gradients
@@ -465,10 +469,14 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
     def _scaler_enabled(self) -> bool:
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()
 
-    def _skip(self) -> None:
-        """Abandon the step (inf/NaN under a GradScaler): weights are already back at ``w``."""
+    def _skip(self, zero_grad: bool = False) -> None:
+        """Abandon the step (inf/NaN under a GradScaler): weights are already back at ``w``. ``zero_grad`` is
+        honoured as on an applied step: the non-finite gradients left in ``p.grad`` would poison the next
+        step's backward, and every step after it would overflow too."""
         self.skipped_steps += 1
         record_step(self.grad_scaler, self, self._found_inf)
+        if zero_grad:
+            self.zero_grad()
 
     def _forget_reuse_direction(self) -> None:
         """A SAM step that failed after :meth:`first_step` copied ``g`` over the stored ``g_v`` (the reuse buffer

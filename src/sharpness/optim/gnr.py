@@ -217,6 +217,7 @@ class GNR(SharpnessAwareOptimizer):
 
     def _step(self, closure: Callable[[], Any]) -> Any:
         loss = self._evaluate(closure)  # pass 1 at w: g(w) (with its graph in exact mode)
+        self._check_losses_if_free()  # a NaN pass 1 stops before the passes at shifted weights
         if isinstance(loss, Tensor) and loss.requires_grad:
             loss = loss.detach()  # the returned loss must not pin the forward graph (create_graph mode)
         groups = [(view.group, view.params) for view in self._views() if view.params]

@@ -223,6 +223,7 @@ class UniversalSAM(SharpnessAwareOptimizer):
         with torch.enable_grad():
             loss = closure()
         self.grad_evals += 1
+        self._check_losses_if_free()  # a NaN pass 1 stops before the passes at w + rho d_i
         views = self._views()
         params = [p for view in views for p in view.params]
         grads = [g for view in views for g in view.grads]
