@@ -544,6 +544,22 @@ def test_harness_trains_on_the_device_like_on_cpu(device, tmp_path):
     assert resumed.summary["device"] == "cpu"
 
 
+def test_a_harness_run_with_dropout_resumes_bit_identically_on_the_device(device, tmp_path):
+    """Dropout masks are drawn from the device's generator: the checkpoint carries its state, so a resumed run
+    draws the masks an uninterrupted one draws (before, it replayed them from the seed)."""
+    from sharpness.data import load_dataset
+    from sharpness.harness import train
+
+    data = load_dataset("digits", seed=0)
+    config = _harness_config(epochs=3, model_options={"depth": 3, "dropout": 0.3})
+    whole = train(config, data=data, log=None, device=device)
+    path = tmp_path / "run.pt"
+    train(config, data=data, log=None, device=device, checkpoint=path, stop_after_epochs=1)
+    resumed = train(config, data=data, log=None, device=device, checkpoint=path)
+    for a, b in zip(whole.epochs, resumed.epochs, strict=True):
+        assert (a["train_loss"], a["test_loss"]) == (b["train_loss"], b["test_loss"])
+
+
 def test_resident_batches_on_the_device_equal_those_on_cpu(device):
     """Images held on the device: the same seeded epoch (order, crops, flips drawn on the CPU) gives the CPU's
     batches bit for bit (uint8 gathers, then the same float32 normalisation)."""

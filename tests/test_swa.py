@@ -87,3 +87,18 @@ def test_runs_without_swa_keep_their_config_keys():
     plain = TrainConfig(dataset="digits", model="mlp")
     assert not any(key.startswith("swa") for key in plain.to_dict())
     assert TrainConfig.from_dict(_config().to_dict()) == _config()
+
+
+def test_an_swa_phase_shorter_than_one_cycle_is_refused_or_warned(digits):
+    """No cycle ending means no average: the run would report its last iterate as an SWA result."""
+    # 12 steps per epoch x 4 epochs; from swa_start 0.9 on only 4 steps remain, less than the one-epoch cycle
+    with pytest.raises(ValueError, match=r"Invalid SWA schedule: 4 of the planned 48 steps fall after swa_start = "
+                                         r"0.9, fewer than one cycle of 12 steps"):
+        train(_config(swa_start=0.9, swa_cycle=None), data=digits, log=None)
+    # a gradient-evaluation budget plans 90 / 1.5 = 60 AE-SAM steps; always taking SAM it takes 45, and the 11
+    # from swa_start on end no 12-step cycle: found only at the end, so a warning and swa_snapshots = 0
+    config = _config(optimizer="aesam", epochs=None, budget_grad_evals=90, swa_start=0.75, swa_cycle=12,
+                     optimizer_options={"lambda1": -1e9, "lambda2": -1e9})
+    with pytest.warns(RuntimeWarning, match="SWA averaged no weights"):
+        result = train(config, data=digits, log=None)
+    assert (result.summary["steps"], result.summary["swa_snapshots"], result.summary["swa_steps"]) == (45, 0, 11)

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -342,6 +343,13 @@ class _Run:
         # SWA: the running average of the weights at the end of every cyclic-lr cycle (config.swa_*).
         self.swa = torch.optim.swa_utils.AveragedModel(model) if config.swa_start is not None else None
         self.swa_cycle = config.swa_cycle or self.steps_per_epoch  # steps per cyclic-lr cycle
+        if self.swa is not None:
+            phase = self.total_steps - math.ceil(config.swa_start * self.total_steps)  # steps from swa_start on
+            if phase < self.swa_cycle:  # no cycle would end: the "SWA" result would be the last iterate
+                raise ValueError(
+                    f"Invalid SWA schedule: {phase} of the planned {self.total_steps} steps fall after swa_start = "
+                    f"{config.swa_start}, fewer than one cycle of {self.swa_cycle} steps, so no weights would be "
+                    "averaged (expected an earlier swa_start or a shorter swa_cycle)")
         self.swa_steps = 0  # steps taken in the SWA phase
         self.swa_finished = False  # the averaged weights have been swapped into the model
         self._swa_step = False
@@ -439,6 +447,10 @@ class _Run:
 
     def finish_swa(self) -> None:
         """Make the SWA average the final model: copy its weights, recompute BatchNorm statistics (update_bn)."""
+        if int(self.swa.n_averaged) == 0 and not self.swa_finished:  # the budget ended sooner than planned
+            warnings.warn("SWA averaged no weights (the run ended before its first cycle did): the result is the "
+                          "last iterate, not an SWA model (swa_snapshots = 0 in the summary)", RuntimeWarning,
+                          stacklevel=2)
         if self.swa_finished or int(self.swa.n_averaged) == 0:
             return
         with torch.no_grad():
@@ -492,6 +504,8 @@ class _Run:
             "config": self.config.to_dict(), "epoch": self.epoch, "elapsed": self.elapsed,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "order_rng": self.order.get_state(), "records": self.records,
+            # the run's GPU stream (dropout masks drawn there): without it a resumed run replayed them from the seed
+            **({"device_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
             **({"swa": {"model": self.swa.state_dict(), "steps": self.swa_steps, "finished": self.swa_finished}}
                if self.swa is not None else {}),
         }
@@ -502,6 +516,8 @@ class _Run:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "device_rng" in state:  # (a CPU checkpoint resumes on a GPU from the seed)
+            torch.cuda.set_rng_state(state["device_rng"], self.device)
         self.order.set_state(state["order_rng"])
         self.epoch, self.elapsed, self.records = int(state["epoch"]), float(state["elapsed"]), list(state["records"])
         if self.swa is not None:
