@@ -201,3 +201,23 @@ def test_configs_missing_newer_fields_group_with_defaults(tmp_path):
         runs = store.runs()
     (group,) = group_runs(runs)
     assert group.label == "erm" and group.seeds == (0, 1)
+
+
+def test_a_seed_stored_twice_under_two_ids_is_counted_once(tmp_path):
+    """``rho = 1`` and ``rho = 1.0`` were two run ids before the config read integers as floats: the same setting
+    and seed stored twice. The report keeps the newest run of each seed instead of counting the seed twice."""
+    summary = {"test_acc": 0.8, "test_loss": 0.3, "train_loss": 0.5, "steps": 150, "sam_steps": 150,
+               "sam_fraction": 1.0, "grad_evals": 300, "wall_time": 1.5, "epochs": 3}
+    with Store(tmp_path / "results.sqlite") as store:
+        for seed, rho, acc in ((0, 1, 0.80), (0, 1.0, 0.90), (1, 1.0, 0.70)):
+            config = _config("sam", seed)
+            config["optimizer_options"] = {"rho": rho}  # as an older version stored it
+            store.write_run(config, {**summary, "test_acc": acc}, _epochs(acc, True), {"torch": "x"})
+        runs = store.runs()
+    assert len(runs) == 3 and len({r.run_key for r in runs}) == 3
+    with pytest.warns(RuntimeWarning, match=r"sam: 1 run\(s\) repeat a seed of the same setting"):
+        (group,) = group_runs(runs)
+    assert [(r.config["seed"], r.summary["test_acc"]) for r in group.runs] == [(0, 0.90), (1, 0.70)]
+    # a pooled setting (group_by) keeps every run: several per seed are what pooling means
+    (pooled,) = group_runs(runs, group_by=["optimizer"])
+    assert len(pooled.runs) == 3

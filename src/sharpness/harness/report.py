@@ -19,6 +19,7 @@ import math
 import os
 import re
 import statistics
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +134,23 @@ def group_runs(runs: Sequence[RunRecord], group_by: Sequence[str] | None = None)
         labels = _labels([dict(key) for key, _ in entries])
         for (key, members), label in zip(entries, labels):
             members.sort(key=lambda r: (_sort_key(r.config.get("seed")), r.finished_at))
+            if group_by is None:
+                members = _newest_per_seed(label, members)
             groups.append(RunGroup(label, key, context, tuple(members)))
     return groups
+
+
+def _newest_per_seed(label: str, members: list[RunRecord]) -> list[RunRecord]:
+    """One run per seed in a setting (without ``group_by``, a setting is the whole config but its seed): two runs
+    of one seed are one configuration stored under two ids (e.g. ``rho = 1`` and ``1.0`` before the config read
+    integers as floats, or a run from before a field existed); counting both would count one seed twice."""
+    newest: dict[Any, RunRecord] = {}
+    for run in members:  # sorted by (seed, finished_at): the last of a seed is its newest
+        newest[_hashable(run.config.get("seed"))] = run
+    if len(newest) < len(members):
+        warnings.warn(f"{label}: {len(members) - len(newest)} run(s) repeat a seed of the same setting (stored "
+                      "under another run id); the newest run of each seed is used", RuntimeWarning, stacklevel=3)
+    return list(newest.values())
 
 
 def _labels(settings: list[dict[str, Any]]) -> list[str]:
