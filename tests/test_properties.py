@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -202,6 +203,38 @@ def test_step_hooks_run_once_per_step_on_the_wrapper_and_its_base(name):
     base.register_step_post_hook(lambda o, args, kwargs: calls.append(("base", o is base)))
     _train(opt, model, x, y, 3)
     assert calls == [("pre", True), ("base", True), ("post", True)] * 3
+
+
+@pytest.mark.parametrize("name", ["sam", "aesam", "looksam"])
+def test_step_hooks_run_once_per_two_phase_step_and_a_scheduler_does_not_warn(name):
+    """The two-phase API (first_step / second_step) runs the hooks step(closure) runs, once per step, on SAM and
+    on ERM branches; and an LR scheduler built on the wrapper sees the step taken (no false warning)."""
+    model = mlp(0)
+    x, y = classification_data(0)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = make_optimizer(name, base, total_steps=6)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    calls, branches = [], []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", args == (opt,), kwargs == {})))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", args == (opt,), kwargs == {})))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Detected call of lr_scheduler.step() before optimizer.step()"
+        for _ in range(6):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            perturbed = opt.first_step(zero_grad=True)
+            branches.append(perturbed)
+            if perturbed:
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.second_step(zero_grad=True)
+            scheduler.step()
+    assert calls == [("pre", True, True), ("post", True, True)] * 6
+    assert base.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+    if name == "looksam":  # SAM steps every k and reuse steps between: both branches ran the hooks
+        assert True in branches and False in branches, branches
+    opt.register_step_pre_hook(lambda o, args, kwargs: ((o,), {"closure": None}))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="a step pre-hook returned new arguments; the two-phase API takes none"):
+        opt.first_step()
 
 
 def test_add_param_group_gets_the_given_rho():

@@ -315,7 +315,12 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             zero_grad: clear the gradients after perturbing (only when a perturbed pass follows).
             local_grads: the first pass ran under DDP ``no_sync``; the engine averages the policy statistic
                 across ranks and, on ERM steps, the gradients themselves.
+
+        The step pre-hooks (``register_step_pre_hook`` and the global ones) run here, the post-hooks at the end
+        of :meth:`second_step`: once per step, as ``step(closure)`` runs them.
         """
+        if self._phase is _Phase.IDLE:
+            self._run_step_hooks(pre=True)
         return self._first_step(zero_grad, local_grads)
 
     def _first_step(self, zero_grad: bool, local_grads: bool) -> bool:
@@ -417,8 +422,25 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
     @_foreach.no_grad
     @uses_foreach_option
     def second_step(self, zero_grad: bool = False) -> None:
-        """Restore ``w`` exactly (after a SAM step) and apply the base optimizer's update."""
+        """Restore ``w`` exactly (after a SAM step) and apply the base optimizer's update; then the step
+        post-hooks run (see :meth:`first_step`)."""
         self._second_step(zero_grad)
+        self._opt_called = True  # what an LR scheduler's wrapper of step() sets: no "scheduler before step" warning
+        self._run_step_hooks(pre=False)
+
+    def _run_step_hooks(self, *, pre: bool) -> None:
+        """The hooks torch.optim runs around ``step`` (global and this optimizer's), for the two-phase API, whose
+        step has no arguments for a pre-hook to replace."""
+        from torch.optim import optimizer as torch_optimizer
+
+        hooks = (list(torch_optimizer._global_optimizer_pre_hooks.values()) +
+                 list(self._optimizer_step_pre_hooks.values())) if pre else \
+            (list(self._optimizer_step_post_hooks.values()) +
+             list(torch_optimizer._global_optimizer_post_hooks.values()))
+        for hook in hooks:
+            if hook(self, (self,), {}) is not None and pre:
+                raise RuntimeError(f"{type(self).__name__}.first_step(): a step pre-hook returned new arguments; "
+                                   "the two-phase API takes none (use step(closure) for such hooks)")
 
     def _second_step(self, zero_grad: bool) -> None:
         phase = self._phase
