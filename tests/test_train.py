@@ -139,6 +139,9 @@ def test_config_types_and_integers_taken_as_floats():
     assert type(ints.lr) is float and type(ints.optimizer_options["rho"]) is float
     assert type(ints.optimizer_options["k"]) is int and type(ints.model_options["dropout"]) is float
     assert _config(optimizer="nope", optimizer_options={"rho": 1}).optimizer_options == {"rho": 1}  # checked later
+    salr = _config(optimizer="salr", optimizer_options={"inner": "sam", "rho": 1, "n_descent": 2, "gamma": 1})
+    assert salr.optimizer_options == {"inner": "sam", "rho": 1.0, "n_descent": 2, "gamma": 1.0}  # the inner's too
+    assert type(salr.optimizer_options["rho"]) is float and type(salr.optimizer_options["n_descent"]) is int
 
 
 def test_config_round_trip_and_unknown_keys():

@@ -133,6 +133,9 @@ class TrainConfig:
             options = getattr(self, name)
             if isinstance(options, dict) and options and isinstance(owner, str):
                 keys = _option_floats(name, owner)
+                inner = options.get("inner") if name == "optimizer_options" else None
+                if isinstance(inner, str):  # SALR's options for its inner optimizer (e.g. SAM's rho)
+                    keys = keys | _option_floats(name, inner)
                 object.__setattr__(self, name, {k: _as_float(v) if k in keys else v for k, v in options.items()})
 
     _SWA_FIELDS = ("swa_start", "swa_lr", "swa_lr_min", "swa_cycle")
