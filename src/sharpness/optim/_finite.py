@@ -58,9 +58,9 @@ class FiniteLossCheck:
         ``w + rho * NaN`` and write NaN into BatchNorm running statistics the optimizer cannot restore without
         ``model=``. On a device the one read stays at the update (pass ``model=`` there to keep the statistics)."""
         losses = self._step_losses
-        if (losses and (self._ddp is None or not is_distributed())
-                and all(loss.dim() == 0 and _foreach.host_read_is_free(loss) for loss in losses)
-                and not math.isfinite(sum(loss.item() for loss in losses))):
+        if not losses or not all(loss.dim() == 0 and _foreach.host_read_is_free(loss) for loss in losses):
+            return
+        if not math.isfinite(sum(loss.item() for loss in losses)) and (self._ddp is None or not is_distributed()):
             self._check_losses()
 
     def _check_losses(self) -> None:

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.optim import optimizer as _torch_optimizer
 
 from .. import _foreach
 from .._foreach import dot, global_norm, group_by_device_dtype, squared_norm, uses_foreach_option
@@ -431,13 +432,11 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
     def _run_step_hooks(self, *, pre: bool) -> None:
         """The hooks torch.optim runs around ``step`` (global and this optimizer's), for the two-phase API, whose
         step has no arguments for a pre-hook to replace."""
-        from torch.optim import optimizer as torch_optimizer
-
-        hooks = (list(torch_optimizer._global_optimizer_pre_hooks.values()) +
-                 list(self._optimizer_step_pre_hooks.values())) if pre else \
-            (list(self._optimizer_step_post_hooks.values()) +
-             list(torch_optimizer._global_optimizer_post_hooks.values()))
-        for hook in hooks:
+        first, second = ((_torch_optimizer._global_optimizer_pre_hooks, self._optimizer_step_pre_hooks) if pre else
+                         (self._optimizer_step_post_hooks, _torch_optimizer._global_optimizer_post_hooks))
+        if not (first or second):  # the usual case: no hooks, nothing to walk
+            return
+        for hook in [*first.values(), *second.values()]:
             if hook(self, (self,), {}) is not None and pre:
                 raise RuntimeError(f"{type(self).__name__}.first_step(): a step pre-hook returned new arguments; "
                                    "the two-phase API takes none (use step(closure) for such hooks)")
