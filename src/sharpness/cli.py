@@ -146,8 +146,8 @@ def train_command(
             budget_steps=budget_steps, budget_grad_evals=budget_grad_evals, schedule=schedule,
             label_smoothing=label_smoothing, max_grad_norm=max_grad_norm, bf16=bf16, label_noise=label_noise,
             subset=subset, subset_strategy=subset_strategy, validation=validation, seed=seed, measures=tuple(measure or ()),
-            measure_every=measure_every, measure_examples=measure_examples, swa_start=swa_start, swa_lr=swa_lr, swa_lr_min=swa_lr_min,
-            swa_cycle=swa_cycle, world_size=distributed_context(resolved)[1])
+            measure_every=measure_every, measure_examples=measure_examples, swa_start=swa_start, swa_lr=swa_lr,
+            swa_lr_min=swa_lr_min, swa_cycle=swa_cycle, world_size=distributed_context(resolved)[1])
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     key = run_key(config.to_dict())

@@ -64,6 +64,12 @@ class TrainConfig:
     world_size: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.bf16, bool):  # a truthy string "no" would turn it on
+            raise TypeError(f"Invalid bf16 type: {type(self.bf16).__name__} (expected bool)")
+        for name in ("optimizer_options", "model_options", "data_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"Invalid {name} type: {type(getattr(self, name)).__name__} (expected a dict of "
+                                "option names to values)")
         self._numbers_as_floats()
         budgets = [name for name in ("epochs", "budget_steps", "budget_grad_evals") if getattr(self, name) is not None]
         if len(budgets) != 1:
@@ -73,12 +79,6 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name} value: {value!r} (expected an integer >= 1)")
-        if not isinstance(self.bf16, bool):  # a truthy string "no" would turn it on
-            raise TypeError(f"Invalid bf16 type: {type(self.bf16).__name__} (expected bool)")
-        for name in ("optimizer_options", "model_options", "data_options"):
-            if not isinstance(getattr(self, name), dict):
-                raise TypeError(f"Invalid {name} type: {type(getattr(self, name)).__name__} (expected a dict of "
-                                "option names to values)")
         if self.base not in BASE_OPTIMIZERS:
             raise ValueError(f"Invalid base value: {self.base!r} (expected one of {', '.join(BASE_OPTIMIZERS)})")
         if self.schedule not in SCHEDULES:
@@ -131,7 +131,7 @@ class TrainConfig:
         for name, owner in (("optimizer_options", self.optimizer), ("model_options", self.model),
                             ("data_options", self.dataset)):
             options = getattr(self, name)
-            if isinstance(options, dict) and options and isinstance(owner, str):
+            if options and isinstance(owner, str):  # (a dict: checked before)
                 keys = _option_floats(name, owner)
                 inner = options.get("inner") if name == "optimizer_options" else None
                 if isinstance(inner, str):  # SALR's options for its inner optimizer (e.g. SAM's rho)
@@ -209,7 +209,7 @@ def _float_parameters(functions: Iterable[Callable[..., Any]]) -> frozenset[str]
     for function in functions:
         for p in inspect.signature(function).parameters.values():
             annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
-            if annotation.startswith("float") or (isinstance(p.default, float)):
+            if annotation.startswith("float") or isinstance(p.default, float):
                 names.add(p.name)
     return frozenset(names)
 

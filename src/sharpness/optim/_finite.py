@@ -57,11 +57,17 @@ class FiniteLossCheck:
         GradScaler. After pass 1 this stops a NaN step before the climb, whose perturbed pass would run at
         ``w + rho * NaN`` and write NaN into BatchNorm running statistics the optimizer cannot restore without
         ``model=``. On a device the one read stays at the update (pass ``model=`` there to keep the statistics)."""
-        losses = self._step_losses
-        if not losses or not all(loss.dim() == 0 and _foreach.host_read_is_free(loss) for loss in losses):
-            return
-        if not math.isfinite(sum(loss.item() for loss in losses)) and (self._ddp is None or not is_distributed()):
+        total = self._free_total(self._step_losses or [])
+        if total is not None and not math.isfinite(total):
             self._check_losses()
+
+    def _free_total(self, losses: list[Tensor]) -> float | None:
+        """The sum of ``losses`` read in Python where that waits for nothing (scalars on the CPU, one process);
+        ``None`` where it would take a kernel and a host synchronisation (or an all-reduce)."""
+        if (not losses or (self._ddp is not None and is_distributed())
+                or not all(loss.dim() == 0 and _foreach.host_read_is_free(loss) for loss in losses)):
+            return None
+        return sum(loss.item() for loss in losses)
 
     def _check_losses(self) -> None:
         """Raise ``FloatingPointError`` if a loss recorded in this step is NaN or inf (one host read).
@@ -76,9 +82,8 @@ class FiniteLossCheck:
         if not losses or (scaler is not None and scaler.is_enabled()):  # the scaler skips such steps itself
             return
         distributed = self._ddp is not None and is_distributed()
-        if not distributed and all(loss.dim() == 0 and _foreach.host_read_is_free(loss) for loss in losses):
-            total = sum(loss.item() for loss in losses)  # CPU scalars: reading them is free, no kernel needed
-        else:
+        total = self._free_total(losses)  # CPU scalars: reading them is free, no kernel needed
+        if total is None:
             device = losses[0].device
             dtype = _foreach.sum_dtype(device)
             if all(loss.dim() == 0 and loss.device == device for loss in losses):  # the usual: scalars, one device
