@@ -205,6 +205,75 @@ def test_step_hooks_run_once_per_step_on_the_wrapper_and_its_base(name):
     assert calls == [("pre", True), ("base", True), ("post", True)] * 3
 
 
+def _register_state_dict_hooks(opt, calls):
+    """Hooks of all four kinds that log their calls; the save post-hook and the load pre-hook return new dicts
+    (torch.optim's rule: a returned dict replaces the one being saved or loaded)."""
+
+    def tag_saved(o, state):
+        calls.append(("save-post", o is opt, "param_groups" in state))
+        return {**state, "tag": 7}
+
+    def set_lr_on_load(o, state):
+        calls.append(("load-pre", o is opt, state.get("tag")))
+        state = {k: v for k, v in state.items() if k != "tag"}
+        state["param_groups"] = [{**group, "lr": 0.5} for group in state["param_groups"]]
+        return state
+
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("save-pre", o is opt)))
+    opt.register_state_dict_post_hook(tag_saved)
+    opt.register_load_state_dict_pre_hook(set_lr_on_load)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load-post", o is opt)))
+
+
+def test_state_dict_hooks_on_plain_torch_sgd_are_the_reference():
+    """The calls and return-value rules the wrappers must reproduce, read off torch.optim.SGD itself."""
+    opt = torch.optim.SGD(mlp(0).parameters(), lr=0.1)
+    calls = []
+    _register_state_dict_hooks(opt, calls)
+    state = opt.state_dict()
+    opt.load_state_dict(state)
+    assert state["tag"] == 7 and opt.param_groups[0]["lr"] == 0.5
+    assert calls == [("save-pre", True), ("save-post", True, True), ("load-pre", True, 7), ("load-post", True)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_hooks_run_once_on_every_wrapper(name):
+    """State-dict hooks registered on a wrapper run once per ``state_dict``/``load_state_dict``, however many
+    classes and mixins in its MRO override them, in torch.optim's order and with its return-value rules (the
+    reference test above); the post-hook sees the whole state, the base optimizer's hooks run on the base."""
+    model = mlp(0)
+    x, y = classification_data(0)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = make_optimizer(name, base, total_steps=8)
+    _train(opt, model, x, y, 2)
+    calls = []
+    _register_state_dict_hooks(opt, calls)
+    base.register_state_dict_pre_hook(lambda o: calls.append(("base", o is base)))
+    state = opt.state_dict()
+    assert state["tag"] == 7 and "sharpness" in state
+    opt.load_state_dict(state)
+    assert opt.param_groups[0]["lr"] == base.param_groups[0]["lr"] == 0.5
+    assert calls == [("save-pre", True), ("base", True), ("save-post", True, True), ("load-pre", True, 7),
+                     ("load-post", True)]
+    calls.clear()
+    _train(opt, model, x, y, 1)  # the flags that keep the hooks to the outermost call are cleared
+    opt.state_dict()
+    assert calls == [("save-pre", True), ("base", True), ("save-post", True, True)]
+
+
+def test_state_dict_hooks_of_salr_and_of_its_inner_sam_run_on_each():
+    """SALR around SAM: two optimizer instances, each running its own hooks once."""
+    model = mlp(0)
+    inner = sharpness.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    opt = sharpness.SALR(inner)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("salr"))
+    inner.register_state_dict_pre_hook(lambda o: calls.append("sam"))
+    inner.register_load_state_dict_post_hook(lambda o: calls.append("sam-load"))
+    opt.load_state_dict(opt.state_dict())
+    assert calls == ["salr", "sam", "sam-load"]
+
+
 @pytest.mark.parametrize("name", ["sam", "aesam", "looksam"])
 def test_step_hooks_run_once_per_two_phase_step_and_a_scheduler_does_not_warn(name):
     """The two-phase API (first_step / second_step) runs the hooks step(closure) runs, once per step, on SAM and

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -126,8 +127,70 @@ class SharesBaseParamGroups:
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.base_optimizer.add_param_group(param_group)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass's ``state_dict``/``load_state_dict`` runs the hooks registered on the wrapper, once.
+
+        The wrappers build their state from the base optimizer's (whose own hooks run there), so
+        ``torch.optim.Optimizer``'s hook loop never sees the wrapper. Each class's resolved method (its own, or
+        a mixin's earlier in the MRO) is wrapped; an instance flag makes only the outermost call run the hooks,
+        in torch's order and with its return-value rules.
+        """
+        super().__init_subclass__(**kwargs)
+        for name, wrap in (("state_dict", _runs_save_hooks), ("load_state_dict", _runs_load_hooks)):
+            method = getattr(cls, name)
+            if not getattr(method, "_runs_hooks", False):
+                setattr(cls, name, wrap(method))
+
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+def _outermost(flag: str, method: Callable[..., Any], with_hooks: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` with ``with_hooks`` around it on the outermost call per instance (``flag`` marks the call)."""
+
+    @functools.wraps(method)
+    def wrapped(self: Any, *args: Any) -> Any:
+        if self.__dict__.get(flag):
+            return method(self, *args)
+        self.__dict__[flag] = True
+        try:
+            return with_hooks(self, functools.partial(method, self), *args)
+        finally:
+            del self.__dict__[flag]
+
+    wrapped._runs_hooks = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _save_with_hooks(self: Any, save: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    for hook in self._optimizer_state_dict_pre_hooks.values():
+        hook(self)
+    state = save()
+    for hook in self._optimizer_state_dict_post_hooks.values():
+        result = hook(self, state)
+        if result is not None:
+            state = result
+    return state
+
+
+def _load_with_hooks(self: Any, load: Callable[[dict[str, Any]], None], state_dict: dict[str, Any]) -> None:
+    if isinstance(state_dict, dict):
+        state_dict = state_dict.copy()  # as torch does: the pre-hooks may edit the top level
+    for hook in self._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(self, state_dict)
+        if result is not None:
+            state_dict = result
+    load(state_dict)
+    for hook in self._optimizer_load_state_dict_post_hooks.values():
+        hook(self)
+
+
+def _runs_save_hooks(method: Callable[..., Any]) -> Callable[..., Any]:
+    return _outermost("_saving_state", method, _save_with_hooks)
+
+
+def _runs_load_hooks(method: Callable[..., Any]) -> Callable[..., Any]:
+    return _outermost("_loading_state", method, _load_with_hooks)

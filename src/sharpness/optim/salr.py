@@ -467,7 +467,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                              "optimizer's own state use SALR.optimizer.load_state_dict()")
         if salr.get("version") != 1:
             raise ValueError(f"Unsupported SALR state_dict version: {salr.get('version')!r} (expected 1)")
-        if "sharpness" in self.optimizer.state_dict():
+        if isinstance(self.optimizer, SharesBaseParamGroups):  # a sharpness wrapper: its entry goes back to it
             state_dict["sharpness"] = extra
         self.optimizer.load_state_dict(state_dict)
         counters = salr["counters"]
