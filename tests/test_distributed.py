@@ -198,6 +198,45 @@ def harness_images_run(world_size: int):
             "steps": run.summary["steps"]}
 
 
+class Heads(nn.Module):
+    """A trunk and three heads: rank r's batches go through head r, head ``c`` is used by no rank (a DDP model
+    built with ``find_unused_parameters=True``; the heads differ in size, so do the ranks' sets of gradients)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = nn.Linear(5, 6)
+        self.heads = nn.ModuleList([nn.Linear(6, 3), nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))])
+        self.c = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, head: int) -> torch.Tensor:
+        return self.heads[head](torch.tanh(self.trunk(x))).double()
+
+
+#: optimizers whose per-worker steps all-reduce gradients themselves (ERM branches, LookSAM's/GSAM's g), with
+#: options that take both branches in the run
+UNUSED_HEAD_OPTIONS = {"sssam": {"p": 0.0}, "sam": {}, "looksam": {"k": 2}, "gsam": {}, "aesam": {},
+                       "aelooksam": {}, "esam": {"beta": 0.6, "seed": 3}}
+
+
+def train_heads(name: str | None, rank: int) -> dict:
+    """Per-worker DDP run in which each rank reaches another head; ``name=None``: plain DDP SGD (the reference)."""
+    net = nn.parallel.DistributedDataParallel(Heads().double(), find_unused_parameters=True)
+    base = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    opt = base if name is None else create_for_test(name, base, rho=0.1, model=net,
+                                                    **{**optimizer_kwargs(name, 4), **UNUSED_HEAD_OPTIONS[name]})
+    for x, y in local_batches(rank, 4):
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(x, rank), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return {"params": flat_params(net), "c": flat_params(net.module.c),
+            "sam_steps": getattr(opt, "sam_steps", 0)}
+
+
 def ssamf_vmap(params) -> sharpness.SSAMF:
     return sharpness.SSAMF(torch.optim.SGD(params, lr=0.1), sparsity=0.5, fisher="vmap")
 
@@ -280,6 +319,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         scenario = "harness-images"
         os.environ["WORLD_SIZE"] = str(WORLD)  # what torchrun sets; the harness reads the world from it
         result[("harness-images", "sam")] = harness_images_run(WORLD)
+        # (i) find_unused_parameters=True, each rank reaching another head and none the third one.
+        for name in [None, *UNUSED_HEAD_OPTIONS]:
+            scenario = f"unused-heads/{name}"
+            result[("unused-heads", name)] = train_heads(name, rank)
         scenario = "barrier"
         dist.barrier()
     except BaseException:  # noqa: BLE001 - reported to the parent process
@@ -463,3 +506,20 @@ def test_harness_on_augmented_images_under_ddp_equals_one_process_on_the_global_
         self, count, torch.Generator().manual_seed(9)))
     other_draws = harness_images_run(1)["params"]
     assert not torch.allclose(other_draws, single["params"], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(UNUSED_HEAD_OPTIONS))
+def test_parameters_one_rank_does_not_reach_are_averaged_as_ddp_does(ddp_results, name):
+    """Under ``no_sync`` a rank has no gradient for the head it did not use; the engine's own all-reduces (ERM
+    steps, LookSAM's and GSAM's g) count it as zeros and leave a parameter no rank reached without a gradient,
+    as DDP's reducer does. Before, each rank reduced its own list: gradients of different heads were added
+    (or the ranks' buffers differed in size and the job died), and the ranks drifted apart."""
+    r0, r1 = (res[("unused-heads", name)] for res in ddp_results)
+    assert torch.equal(r0["params"], r1["params"]), (
+        f"{name}: ranks diverged, max diff {(r0['params'] - r1['params']).abs().max():.3e}")
+    assert torch.equal(r0["c"], flat_params(Heads().double().c))  # no gradient: no weight decay, no momentum
+    reference = ddp_results[0][("unused-heads", None)]["params"]
+    if name == "sssam":  # p = 0: every step is an ERM step, plain DDP SGD bit for bit
+        assert r0["sam_steps"] == 0 and torch.equal(r0["params"], reference)
+    else:
+        assert r0["sam_steps"] > 0 and not torch.equal(r0["params"], reference)

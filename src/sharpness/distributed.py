@@ -36,14 +36,33 @@ def all_reduce_mean_(tensor: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def all_reduce_grads_mean_(grads: list[Tensor]) -> None:
-    """Average gradients over ranks, one flattened collective per (device, dtype) bucket."""
+def all_reduce_grads_mean_(grads: list[Tensor], present: list[bool] | None = None) -> list[bool] | None:
+    """Average gradients over ranks in place, one flattened collective per (device, dtype) bucket.
+
+    ``present``: which of ``grads`` this rank's pass computed; the others are zeros standing in for parameters
+    it did not reach (DDP ``find_unused_parameters=True``), so that every rank reduces the same layout. Each
+    bucket's collective then also counts the ranks that computed each gradient, and the result says, per
+    gradient, whether any rank did (DDP leaves a gradient no rank computed as None). The counts are read on
+    the host only by a rank that lacks a gradient.
+    """
     if not is_distributed() or not grads:
-        return
+        return None if present is None else list(present)
     world = dist.get_world_size()
-    for (bucket,) in group_by_device_dtype(grads):
-        flat = _flatten_dense_tensors(bucket)
+    found = None if present is None else list(present)
+    for bucket, index in group_by_device_dtype(grads, list(range(len(grads)))):
+        tensors = list(bucket)
+        if found is not None:
+            tensors.append(torch.ones(len(bucket), dtype=bucket[0].dtype, device=bucket[0].device))
+            lacking = [k for k, i in enumerate(index) if not found[i]]
+            if lacking:
+                tensors[-1][lacking] = 0
+        flat = _flatten_dense_tensors(tensors)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(world)
-        for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
-            grad.copy_(reduced)
+        flat.div_(world)  # (a count divided by the world is still > 0 where some rank computed the gradient)
+        reduced = _unflatten_dense_tensors(flat, tensors)
+        for grad, mean in zip(bucket, reduced, strict=False):
+            grad.copy_(mean)
+        if found is not None and lacking:
+            for k, count in zip(lacking, reduced[-1][lacking].tolist(), strict=True):
+                found[index[k]] = count > 0
+    return found

@@ -286,6 +286,32 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             views.append(ParamGroupView(group, params, grads))
         return views
 
+    def _fill_unreached_grads(self) -> set[Tensor] | None:
+        """Under DDP ``no_sync`` with ``find_unused_parameters=True`` a rank's pass may miss parameters that
+        another rank's reaches. Each such ``p.grad`` becomes zeros (returned, by identity), so that every rank
+        averages, decomposes and perturbs over the same parameters (the collectives' layouts agree; a zero
+        gradient perturbs nothing). None, and nothing allocated, when every trainable parameter has one."""
+        unreached = [p for group in self.param_groups for p in group["params"] if p.requires_grad and p.grad is None]
+        if not unreached:
+            return None
+        for p in unreached:
+            p.grad = torch.zeros_like(p)
+        return set(unreached)
+
+    def _average_local_grads(self, views: list[ParamGroupView], filled: set[Tensor] | None) -> None:
+        """ERM step after a ``no_sync`` pass: ``p.grad`` <- the mean over ranks, as DDP's reducer makes it: a
+        gradient this rank did not compute counts as zeros, and one no rank computed goes back to None (the base
+        optimizer then skips it, weight decay and momentum included)."""
+        grads = [g for view in views for g in view.grads]
+        if filled is None:
+            all_reduce_grads_mean_(grads)
+            return
+        params = [p for view in views for p in view.params]
+        found = all_reduce_grads_mean_(grads, [p not in filled for p in params])
+        for p, computed in zip(params, found or (), strict=False):
+            if not computed:
+                p.grad = None
+
     def _scratch(self, params: list[Tensor], key: str) -> list[Tensor]:
         """Preallocated per-parameter buffers (allocated on first use, reused afterwards)."""
         return self._scratch_lists.get(self.state, params, key)
@@ -333,6 +359,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             check_not_unscaled(self.grad_scaler, self)
         self.grad_evals += 1
         self._local_grads = bool(local_grads) and is_distributed()
+        filled = self._fill_unreached_grads() if self._local_grads else None
         views = self._views()
         grads = [g for view in views for g in view.grads]
 
@@ -360,7 +387,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
 
         if not perturb:
             if self._local_grads:
-                all_reduce_grads_mean_(grads)
+                self._average_local_grads(views, filled)
             self._phase = _Phase.READY
             if self.reuse_alpha is not None:  # LookSAM's reuse step in second_step: no second walk over the groups
                 # ||g|| of these very gradients when the policy read it (AE-LookSAM): no second norm (not under DDP
