@@ -237,6 +237,17 @@ def train_heads(name: str | None, rank: int) -> dict:
             "sam_steps": getattr(opt, "sam_steps", 0)}
 
 
+def train_salr(net: nn.Module, batches, normalization: str, forward=None) -> dict:
+    """SALR with an estimate every step and its per-sample closure; ``forward(x)``: the model call."""
+    forward = forward or net
+    opt = sharpness.SALR(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01), every=1,
+                         n_descent=2, n_ascent=2, gamma=0.05, normalization=normalization, model=net)
+    for x, y in batches:
+        opt.step(sharpness.make_closure(
+            opt, lambda reduction, x=x, y=y: nn.functional.cross_entropy(forward(x), y, reduction=reduction)))
+    return {"params": flat_params(net), "sharpness": list(opt.sharpness_history)}
+
+
 def ssamf_vmap(params) -> sharpness.SSAMF:
     return sharpness.SSAMF(torch.optim.SGD(params, lr=0.1), sparsity=0.5, fisher="vmap")
 
@@ -323,6 +334,15 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for name in [None, *UNUSED_HEAD_OPTIONS]:
             scenario = f"unused-heads/{name}"
             result[("unused-heads", name)] = train_heads(name, rank)
+        # (j) SALR: each rank half of a global batch (both normalizations), and per-sample on the heads model.
+        for normalization in ("batch", "per_sample"):
+            scenario = f"salr-split/{normalization}"
+            model = nn.parallel.DistributedDataParallel(make_model())
+            result[("salr-split", normalization)] = train_salr(model, split(global_batches(4), rank), normalization)
+        scenario = "salr-heads"
+        model = nn.parallel.DistributedDataParallel(Heads().double(), find_unused_parameters=True)
+        run = train_salr(model, local_batches(rank, 4), "per_sample", forward=lambda x: model(x, rank))
+        result[("salr-heads", "per_sample")] = {**run, "c": flat_params(model.module.c)}
         scenario = "barrier"
         dist.barrier()
     except BaseException:  # noqa: BLE001 - reported to the parent process
@@ -523,3 +543,23 @@ def test_parameters_one_rank_does_not_reach_are_averaged_as_ddp_does(ddp_results
         assert r0["sam_steps"] == 0 and torch.equal(r0["params"], reference)
     else:
         assert r0["sam_steps"] > 0 and not torch.equal(r0["params"], reference)
+
+
+@pytest.mark.parametrize("normalization", ["batch", "per_sample"])
+def test_salr_on_two_ranks_equals_one_process_on_the_global_batch(ddp_results, normalization):
+    """SALR's training gradient, walk directions and endpoint losses are those of the global batch: with
+    ``normalization="per_sample"`` they come from ``autograd.grad`` (no DDP reducer) and are averaged by SALR
+    itself. Before, that mode stepped on each rank's own gradient and the ranks drifted apart (3.8e-2)."""
+    model = make_model()
+    expected = train_salr(model, global_batches(4), normalization)
+    r0, r1 = (res[("salr-split", normalization)] for res in ddp_results)
+    assert torch.equal(r0["params"], r1["params"]) and r0["sharpness"] == r1["sharpness"]
+    torch.testing.assert_close(r0["params"], expected["params"], rtol=0, atol=1e-10)
+    assert r0["sharpness"] == pytest.approx(expected["sharpness"], rel=1e-8)
+    assert not torch.equal(r0["params"], flat_params(make_model()))
+
+
+def test_salr_per_sample_with_a_head_one_rank_does_not_reach(ddp_results):
+    r0, r1 = (res[("salr-heads", "per_sample")] for res in ddp_results)
+    assert torch.equal(r0["params"], r1["params"]) and r0["sharpness"] == r1["sharpness"]
+    assert torch.equal(r0["c"], flat_params(Heads().double().c))

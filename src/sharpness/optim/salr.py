@@ -22,7 +22,7 @@ from .._validation import (
 )
 from .._walk import per_sample_inverse_norms
 from ..batchnorm import RunningStatsGuard
-from ..distributed import all_reduce_mean_, ddp_module, is_distributed
+from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, ddp_module, is_distributed
 from ._finite import FiniteLossCheck
 from ._state import SharesBaseParamGroups, scratch_buffers
 
@@ -351,7 +351,21 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                     p.grad = g.mean(0)
                 else:
                     torch.mean(g, 0, out=p.grad)
+        if is_distributed():  # autograd.grad bypasses DDP's reducer: average as it would (equal local batches)
+            all_reduce_grads_mean_(target)  # the direction over the global batch, the same on every rank
+            if first:
+                self._average_grads(params, unused)
         return losses.detach().mean()
+
+    @staticmethod
+    def _average_grads(params: list[Tensor], unused: list[bool]) -> None:
+        """``p.grad`` <- its mean over the ranks, as DDP's reducer (``find_unused_parameters=True``) leaves it: a
+        parameter this rank's losses do not use counts as zeros, one no rank's losses use keeps its ``p.grad``."""
+        grads = [torch.zeros_like(p) if skip else p.grad for p, skip in zip(params, unused)]
+        found = all_reduce_grads_mean_(grads, [not skip for skip in unused])
+        for p, g, skip, computed in zip(params, grads, unused, found or ()):
+            if skip and computed:
+                p.grad = g
 
     def _scratch(self, params: list[Tensor], key: str) -> list[Tensor]:
         return scratch_buffers(self.state, params, key)
