@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
+import pickle
 import warnings
 
 import pytest
@@ -170,6 +172,60 @@ def test_deepcopy_and_repr(name):
     assert clone.param_groups[0]["params"][0] is not opt.param_groups[0]["params"][0]
     text = repr(opt)
     assert type(opt).__name__ in text and "SGD" in text
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_copy_with_its_lr_scheduler_trains_on_its_own(name, copier):
+    """``(model, optimizer, scheduler)`` copied together mid-run (deepcopy, or torch.save/torch.load of the
+    objects) continue as the original does, bit for bit, and stepping the copy leaves the original alone.
+
+    An LR scheduler patches ``step`` onto the optimizer instance, a closure over a weak reference to it; the
+    wrappers copied it, so the copy's ``step`` drove the original (and pickling failed). Hooks are dropped on
+    copy, as torch.optim drops them."""
+    model = mlp(0)
+    x, y = classification_data(0)
+    opt = make_optimizer(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), total_steps=8)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.register_step_pre_hook(lambda o, args, kwargs: None)
+
+    def train(opt, scheduler, model, steps):
+        for _ in range(steps):
+            opt.step(make_closure(opt, model, x, y))
+            scheduler.step()
+
+    train(opt, scheduler, model, 2)
+    if copier == "deepcopy":
+        model2, opt2, scheduler2 = copy.deepcopy((model, opt, scheduler))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, opt, scheduler), buffer)
+        buffer.seek(0)
+        model2, opt2, scheduler2 = torch.load(buffer, weights_only=False)
+    assert not opt2._optimizer_step_pre_hooks
+    before = [p.detach().clone() for p in model.parameters()]
+    counts = (opt.steps, opt.grad_evals)
+    train(opt2, scheduler2, model2, 2)
+    assert params_equal(list(model.parameters()), before) and (opt.steps, opt.grad_evals) == counts
+    train(opt, scheduler, model, 2)
+    assert params_equal(model, model2) and not params_equal(list(model.parameters()), before)
+    assert (opt2.steps, opt2.grad_evals) == (opt.steps, opt.grad_evals)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.1 * 0.5 ** 4
+
+
+@pytest.mark.parametrize("measure", ["trace", "frobenius", "det", "worst"])
+def test_universal_sam_pickles_with_every_measure(measure):
+    model = mlp(0)
+    opt = sharpness.UniversalSAM(torch.optim.SGD(model.parameters(), lr=0.1), measure=measure, rho=0.05,
+                                 num_samples=2)
+    clone = pickle.loads(pickle.dumps(opt))
+    s = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    for name in ("phi", "psi", "psi_prime", "phi_grad"):
+        f, g = getattr(opt.measure, name), getattr(clone.measure, name)
+        if f is not None:
+            assert torch.equal(f(s), g(s)), name
+    if opt.measure.log_normalizer is not None:
+        assert opt.measure.log_normalizer(3) == clone.measure.log_normalizer(3)
 
 
 @pytest.mark.parametrize("name", NAMES)

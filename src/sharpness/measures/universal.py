@@ -48,6 +48,7 @@ Minimization Algorithms. ICML 2024.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -266,15 +267,49 @@ def _frobenius_phi_grad(s: Tensor) -> Tensor:
     return torch.stack([torch.full_like(s[0], 0.5), -s[1]])
 
 
-def _det_log_normalizer(half_width: float) -> Callable[[int], float]:
-    def log_normalizer(p: int) -> float:
-        return p * math.log(2 * math.pi) - 2 * p * math.log(2 * half_width)
+def _first(s: Tensor) -> Tensor:
+    return s[0]
 
-    return log_normalizer
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _det_log_normalizer(p: int, half_width: float) -> float:
+    return p * math.log(2 * math.pi) - 2 * p * math.log(2 * half_width)
+
+
+def _det_phi(s: Tensor) -> Tensor:
+    return s[0].reciprocal().square()
+
+
+def _det_psi(x: Tensor) -> Tensor:
+    return torch.exp(-x / 2)
+
+
+def _det_psi_prime(x: Tensor) -> Tensor:
+    return torch.exp(-x / 2) * -0.5
+
+
+def _det_phi_grad(s: Tensor) -> Tensor:
+    return s.pow(-3) * -2
+
+
+def _worst_phi(s: Tensor, q: int) -> Tensor:
+    return s[0].pow(1.0 / q)
+
+
+def _worst_psi(x: Tensor, q: int) -> Tensor:
+    return x.pow(q)
+
+
+def _worst_psi_prime(x: Tensor, q: int) -> Tensor:
+    return x.pow(q - 1) * q
 
 
 def sharpness_measure(name: str, *, half_width: float = 1.0, q: int = 8) -> SharpnessMeasure:
-    """The preset ``name`` (one of :data:`MEASURES`; see the module docstring's table).
+    """The preset ``name`` (one of :data:`MEASURES`; see the module docstring's table). Its functions are
+    module-level (or partials of them), so a measure, and an optimizer holding one, pickles.
 
     Args:
         name: ``"trace"``, ``"frobenius"``, ``"det"`` or ``"worst"``.
@@ -283,7 +318,7 @@ def sharpness_measure(name: str, *, half_width: float = 1.0, q: int = 8) -> Shar
     """
     check_choice("measure", name, MEASURES)
     if name == "trace":
-        return SharpnessMeasure("trace", phi=lambda s: s[0], psi=lambda x: x, sampler=GaussianSampler(),
+        return SharpnessMeasure("trace", phi=_first, psi=_identity, sampler=GaussianSampler(),
                                 target="tr H", psi_prime=torch.ones_like, phi_grad=torch.ones_like)
     if name == "frobenius":
         return SharpnessMeasure("frobenius", phi=_frobenius_phi, psi=_frobenius_psi, sampler=GaussianSampler(),
@@ -291,16 +326,17 @@ def sharpness_measure(name: str, *, half_width: float = 1.0, q: int = 8) -> Shar
                                 psi_prime=_frobenius_psi_prime, phi_grad=_frobenius_phi_grad)
     if name == "det":
         a = check_positive("half_width", half_width)
-        return SharpnessMeasure("det", phi=lambda s: s[0].reciprocal().square(), psi=lambda x: torch.exp(-x / 2),
-                                sampler=UniformSampler(a), log_normalizer=_det_log_normalizer(a),
+        return SharpnessMeasure("det", phi=_det_phi, psi=_det_psi, sampler=UniformSampler(a),
+                                log_normalizer=functools.partial(_det_log_normalizer, half_width=a),
                                 target=f"det H (Lebesgue measure truncated to [-{a}, {a}]^p)",
-                                psi_prime=lambda x: torch.exp(-x / 2) * -0.5, phi_grad=lambda s: s.pow(-3) * -2)
+                                psi_prime=_det_psi_prime, phi_grad=_det_phi_grad)
     q = check_int_at_least("q", q, 2)
     if q % 2:
         raise ValueError(f"Invalid q value: {q} (expected an even integer >= 2, so psi(t) = t^q >= 0)")
-    return SharpnessMeasure("worst", phi=lambda s: s[0].pow(1.0 / q), psi=lambda x: x.pow(q),
+    return SharpnessMeasure("worst", phi=functools.partial(_worst_phi, q=q), psi=functools.partial(_worst_psi, q=q),
                             sampler=SphereSampler(), target=f"(E (d^T H d)^{q})^(1/{q}) -> max |lambda| (q -> inf)",
-                            psi_prime=lambda x: x.pow(q - 1) * q, phi_grad=lambda s: _worst_phi_grad(s, q))
+                            psi_prime=functools.partial(_worst_psi_prime, q=q),
+                            phi_grad=functools.partial(_worst_phi_grad, q=q))
 
 
 def _worst_phi_grad(s: Tensor, q: int) -> Tensor:

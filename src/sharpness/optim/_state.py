@@ -142,10 +142,21 @@ class SharesBaseParamGroups:
                 setattr(cls, name, wrap(method))
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        """The instance ``__dict__`` without what torch.optim's own ``__getstate__`` drops too: the hooks, and
+        the ``step`` an LR scheduler patches onto the instance (a closure over a weak reference to *this*
+        optimizer: copied, it would step the original; pickled, it fails)."""
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        torch.optim.Optimizer.__setstate__(self, state)  # type: ignore[arg-type]  # empty hook dicts, step profiling
+
+
+#: instance attributes a copy or a pickle of a wrapper leaves out (see ``SharesBaseParamGroups.__getstate__``)
+_NOT_COPIED = frozenset({
+    "step", "_opt_called", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+})
 
 
 def _outermost(flag: str, method: Callable[..., Any], with_hooks: Callable[..., Any]) -> Callable[..., Any]:

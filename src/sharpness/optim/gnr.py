@@ -123,6 +123,7 @@ class GNR(SharpnessAwareOptimizer):
     neutral_options: ClassVar[dict[str, Any]] = {"alpha": 0.0}
     standard_closure_options: ClassVar[dict[str, Any]] = {"hvp": "finite_difference"}
     supports_grad_scaler: ClassVar[bool] = False
+    supports_sync_perturbation: ClassVar[bool] = False  # no per-worker pass: DDP all-reduces every pass
     description = "GNR: oracle (loss or SAM) gradient + alpha rho grad||g(w_adv)|| via Hessian-vector products"
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, rho: float = 0.1, alpha: float = 0.1,

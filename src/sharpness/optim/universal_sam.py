@@ -133,6 +133,7 @@ class UniversalSAM(SharpnessAwareOptimizer):
     min_grad_evals_per_step = 2
     max_grad_evals_per_step = 2
     neutral_options: ClassVar[dict[str, Any]] = {"lam": 0.0}
+    supports_sync_perturbation: ClassVar[bool] = False  # no per-worker pass: DDP all-reduces every pass
     description = "Universal SAM: L + lam * phi(E psi(2 (L(w + rho d) - L(w)) / rho^2)), 1 + m passes"
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, measure: str | SharpnessMeasure = "trace",
