@@ -229,6 +229,59 @@ def test_universal_sam_pickles_with_every_measure(measure):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_maximize_equals_minimizing_the_negated_loss_or_is_refused(name):
+    """torch.optim's meaning of ``maximize=True`` on L: the run of ``maximize=False`` on -L. A method whose
+    sharpness term climbs the loss it is given (SAM's ``+rho g/||g||``) would take the wrong side, so it refuses
+    such a base optimizer and such a param group; the others must equal the negated-loss run."""
+    x, y = classification_data(0)
+
+    def run(maximize):
+        model = mlp(0)
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, maximize=maximize)
+        opt = make_optimizer(name, base, total_steps=8)
+        sign = -1.0 if maximize else 1.0  # L = -CE maximized, or -L = CE minimized
+        for _ in range(4):
+            def closure():
+                opt.zero_grad()
+                loss = sign * nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        return model
+
+    cls = sharpness.get_optimizer_info(name).cls
+    if not cls.supports_maximize:
+        with pytest.raises(ValueError, match="Invalid maximize value: True"):
+            run(True)
+        model = mlp(0)
+        opt = make_optimizer(name, torch.optim.SGD(model[0].parameters(), lr=0.1), total_steps=8)
+        with pytest.raises(ValueError, match="Invalid maximize value: True"):
+            opt.add_param_group({"params": model[2].parameters(), "maximize": True})
+        assert len(opt.param_groups) == 1
+        return
+    maximized, minimized = run(True), run(False)
+    for a, b in zip(maximized.parameters(), minimized.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert not params_equal(maximized, mlp(0))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_base_optimizer_whose_step_needs_a_closure_is_refused(name):
+    """LBFGS evaluates the loss itself; the wrappers call the base's ``step()`` without a closure, so it used to
+    fail after both passes, with the counters advanced. SALR passes its closure on and accepts it."""
+    model = mlp(0)
+    if name == "salr":
+        opt = make_optimizer(name, torch.optim.LBFGS(model.parameters(), lr=0.1))
+        x, y = classification_data(0)
+        opt.step(make_closure(opt, model, x, y))
+        assert not params_equal(model, mlp(0))
+        return
+    with pytest.raises(TypeError, match="cannot wrap LBFGS: its step\\(\\) requires a closure"):
+        make_optimizer(name, torch.optim.LBFGS(model.parameters(), lr=0.1), total_steps=8)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_add_param_group_reaches_base_and_gets_the_wrapper_defaults(name):
     model = mlp(0)
     opt = make_optimizer(name, torch.optim.SGD(model[0].parameters(), lr=0.1))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -115,6 +116,9 @@ class SharesBaseParamGroups:
     """
 
     base_optimizer: torch.optim.Optimizer
+    #: the update is right for a base optimizer with ``maximize=True`` (equal to minimizing the negated loss);
+    #: False where the method climbs the loss it is given (SAM's perturbation): such a group is refused
+    supports_maximize: ClassVar[bool] = False
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -125,6 +129,13 @@ class SharesBaseParamGroups:
         self.base_optimizer.param_groups = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and not self.supports_maximize and \
+                param_group.get("maximize", self.base_optimizer.defaults.get("maximize", False)):
+            name = type(self).__name__
+            raise ValueError(f"Invalid maximize value: True ({name} does not support a base optimizer with "
+                             "maximize=True: its sharpness term is built for minimizing the loss the closure "
+                             "returns, so it would favour sharp maxima; minimize the negated objective instead, "
+                             "loss = -objective with maximize=False)")
         self.base_optimizer.add_param_group(param_group)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -149,6 +160,17 @@ class SharesBaseParamGroups:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         torch.optim.Optimizer.__setstate__(self, state)  # type: ignore[arg-type]  # empty hook dicts, step profiling
+
+
+def check_steps_without_closure(name: str, base: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Refuse a base optimizer whose ``step`` requires a closure (LBFGS re-evaluates the loss itself): the
+    wrappers hand it the gradients they combined and call ``step()`` without one."""
+    closure = inspect.signature(type(base).step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(f"{name} cannot wrap {type(base).__name__}: its step() requires a closure (it evaluates "
+                        f"the loss itself), while {name} computes the gradients and calls step() without one; use "
+                        "a first-order base optimizer such as torch.optim.SGD or torch.optim.AdamW")
+    return base
 
 
 #: instance attributes a copy or a pickle of a wrapper leaves out (see ``SharesBaseParamGroups.__getstate__``)

@@ -40,7 +40,7 @@ from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, ddp_module, 
 from ..policies.base import Policy
 from ..rules.base import ParamGroupView, PerturbationRule
 from ._finite import FiniteLossCheck
-from ._state import ScratchLists, SharesBaseParamGroups
+from ._state import ScratchLists, SharesBaseParamGroups, check_steps_without_closure
 
 __all__ = ["SharpnessAwareOptimizer"]
 
@@ -81,7 +81,7 @@ def resolve_base_optimizer(
                 f"{name} got unexpected keyword arguments {sorted(base_kwargs)}; options of an existing base "
                 "optimizer instance are set when it is constructed"
             )
-        return params_or_base
+        return check_steps_without_closure(name, params_or_base)
     if base_class is None:
         raise TypeError(
             f"{name} needs a base optimizer: {name}(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05) "
@@ -91,7 +91,7 @@ def resolve_base_optimizer(
         raise TypeError(
             f"Invalid base_class: {base_class!r} (expected a torch.optim.Optimizer subclass such as torch.optim.SGD)"
         )
-    return base_class(params_or_base, **base_kwargs)
+    return check_steps_without_closure(name, base_class(params_or_base, **base_kwargs))
 
 
 class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
@@ -224,7 +224,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict):  # checked before the group joins: a refused group is not added
             check_non_negative("rho", param_group.get("rho", self._wrapper_defaults["rho"]))
-        self.base_optimizer.add_param_group(param_group)
+        super().add_param_group(param_group)
         group = self.base_optimizer.param_groups[-1]
         for key, value in self._wrapper_defaults.items():
             group.setdefault(key, value)

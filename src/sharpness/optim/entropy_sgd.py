@@ -23,7 +23,7 @@ from ..batchnorm import RunningStatsGuard
 from ..distributed import ddp_module
 from ._finite import FiniteLossCheck
 from ._generator import LazyGenerator
-from ._state import ScratchLists, SharesBaseParamGroups, scratch_buffers
+from ._state import ScratchLists, SharesBaseParamGroups, check_steps_without_closure, scratch_buffers
 
 _LOG_MAX_SCOPE = math.log(1e300)  # beyond this the scope times a weight difference is no longer a float
 
@@ -115,6 +115,7 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(f"Invalid base_optimizer type: {type(base_optimizer).__name__} (expected a "
                             "torch.optim.Optimizer instance such as torch.optim.SGD(params, lr=0.01))")
+        check_steps_without_closure(type(self).__name__, base_optimizer)
         self.langevin_steps = check_int_at_least("langevin_steps", langevin_steps, 0)
         self.sgld_lr = check_positive("sgld_lr", sgld_lr)
         self.noise = check_non_negative("noise", noise)

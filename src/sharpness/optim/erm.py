@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ..policies.never import Never
 from ..rules.sam import SAMPerturbation
@@ -21,6 +21,7 @@ class ERM(SharpnessAwareOptimizer):
 
     min_grad_evals_per_step = 1
     max_grad_evals_per_step = 1
+    supports_maximize: ClassVar[bool] = True  # the base optimizer's own update
     description = "ERM: the base optimizer alone (one gradient evaluation per step), the baseline"
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, rho: float = 0.0, **kwargs: Any) -> None:

@@ -158,6 +158,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     scales_base_lr: ClassVar[bool] = True  # the inner step uses lr * factor (the sharpness-aware rate)
     base_gradient_is_displacement: ClassVar[bool] = False
     supports_sync_perturbation: ClassVar[bool] = False  # no per-worker pass: DDP all-reduces every pass
+    supports_maximize: ClassVar[bool] = True  # S is the same for -L (the walks swap ends); the inner decides
     description: ClassVar[str] = "SALR: lr = lr_0 * S_hat / median(S_hat) from normalized walks (Yue et al., 2023)"
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, n_descent: int = 5, n_ascent: int = 5,
