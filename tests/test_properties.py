@@ -559,3 +559,36 @@ def test_foreach_and_single_tensor_paths_agree(name):
     assert params_equal(*models)
     assert_nested_equal(opts[0].state_dict()["state"], opts[1].state_dict()["state"])
     assert_nested_equal(opts[0].state_dict()["sharpness"], opts[1].state_dict()["sharpness"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_complex_parameters_are_optimized_as_their_real_view_or_refused(name):
+    """torch.optim's convention: a complex parameter is optimized as ``torch.view_as_real`` of it. A class whose
+    arithmetic is not written for complex tensors (norms cast to complex, ``<g, g_s>`` without conjugation,
+    complex noise with half the variance per component) refuses them instead of failing or drifting."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 4, dtype=torch.complex128)
+    target = torch.randn(16, 3, dtype=torch.complex128)
+    start = torch.randn(4, 3, dtype=torch.complex128) * 0.5
+
+    def run(as_complex):
+        param = (start.clone() if as_complex else torch.view_as_real(start).clone()).requires_grad_()
+        weight = (lambda: param) if as_complex else (lambda: torch.view_as_complex(param))
+        options = {"update_freq": 1, "num_samples": 16} if name == "ssamf" else {}  # a mask from the first step
+        opt = make_optimizer(name, torch.optim.SGD([param], lr=0.05, momentum=0.9), total_steps=8, **options)
+
+        def per_sample(reduction):
+            losses = (x @ weight() - target).abs().pow(2).mean(1)
+            return losses if reduction == "none" else losses.mean()
+
+        for _ in range(3):
+            opt.step(sharpness.make_closure(opt, per_sample))
+        return torch.view_as_real(weight().detach())
+
+    if not sharpness.get_optimizer_info(name).cls.supports_complex:
+        with pytest.raises(ValueError, match="Invalid parameter dtype: complex"):
+            run(True)
+        return
+    real = run(False)
+    torch.testing.assert_close(run(True), real, rtol=0, atol=1e-12)
+    assert not torch.equal(real, torch.view_as_real(start))

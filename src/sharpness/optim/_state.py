@@ -119,6 +119,9 @@ class SharesBaseParamGroups:
     #: the update is right for a base optimizer with ``maximize=True`` (equal to minimizing the negated loss);
     #: False where the method climbs the loss it is given (SAM's perturbation): such a group is refused
     supports_maximize: ClassVar[bool] = False
+    #: complex parameters are optimized as their real view (torch.optim's convention, tested per class);
+    #: False: a group holding one is refused
+    supports_complex: ClassVar[bool] = False
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -137,6 +140,10 @@ class SharesBaseParamGroups:
                              "returns, so it would favour sharp maxima; minimize the negated objective instead, "
                              "loss = -objective with maximize=False)")
         self.base_optimizer.add_param_group(param_group)
+        if not self.supports_complex and any(torch.is_complex(p) for p in self.base_optimizer.param_groups[-1]["params"]):
+            self.base_optimizer.param_groups.pop()
+            raise ValueError(f"Invalid parameter dtype: complex ({type(self).__name__} does not support complex "
+                             "parameters; optimize their real view, torch.view_as_real, in a parametrization)")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every subclass's ``state_dict``/``load_state_dict`` runs the hooks registered on the wrapper, once.

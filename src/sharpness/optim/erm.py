@@ -19,6 +19,7 @@ class ERM(SharpnessAwareOptimizer):
     ignored (no perturbation is ever applied).
     """
 
+    supports_complex: ClassVar[bool] = True  # equal to the real view (tested)
     min_grad_evals_per_step = 1
     max_grad_evals_per_step = 1
     supports_maximize: ClassVar[bool] = True  # the base optimizer's own update

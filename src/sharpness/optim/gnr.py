@@ -117,6 +117,7 @@ class GNR(SharpnessAwareOptimizer):
     ICLR 2023 submission (OpenReview), Algorithm 1, eqs. (1)-(6), section 3.5.
     """
 
+    supports_complex: ClassVar[bool] = True  # equal to the real view (tested)
     min_grad_evals_per_step = 1
     max_grad_evals_per_step = 5
     needs_graph = True  # class flag: *can* need the graph; the instance attribute says whether it does

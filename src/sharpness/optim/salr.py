@@ -144,6 +144,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     Generalization. IEEE TNNLS 2023 (ICLR 2021 submission).
     """
 
+    supports_complex: ClassVar[bool] = True  # equal to the real view (tested)
     #: Flags of the default configuration (n_1 = n_2 = 5, batch normalization, plain inner optimizer); each
     #: instance overrides them with its own values.
     min_grad_evals_per_step: ClassVar[int] = 1

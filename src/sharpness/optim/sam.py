@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ..policies.always import Always
 from ..rules.sam import SAMPerturbation
@@ -45,6 +45,7 @@ class SAM(SharpnessAwareOptimizer):
     Improving Generalization. ICLR 2021.
     """
 
+    supports_complex: ClassVar[bool] = True  # equal to the real view (tested)
     min_grad_evals_per_step = 2
     max_grad_evals_per_step = 2
     description = "SAM: gradient at w + rho g/||g|| every step (Foret et al., 2021)"

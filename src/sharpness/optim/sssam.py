@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from ..policies.bernoulli import Bernoulli
 from ..rules.sam import SAMPerturbation
@@ -31,6 +31,7 @@ class SSSAM(SharpnessAwareOptimizer):
     Efficiently Training Deep Neural Networks. arXiv:2203.09962, 2022.
     """
 
+    supports_complex: ClassVar[bool] = True  # equal to the real view (tested)
     min_grad_evals_per_step = 1
     max_grad_evals_per_step = 2
     description = "SS-SAM: SAM with probability p, ERM otherwise (Zhao et al., 2022)"

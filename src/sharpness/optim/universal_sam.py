@@ -449,6 +449,7 @@ class DetSAM(UniversalSAM):
         num_samples: m >= 1 (authors 1). Other options: see :class:`UniversalSAM`.
     """
 
+    supports_complex: ClassVar[bool] = True  # equal to the real view (tested)
     min_grad_evals_per_step = 2
     max_grad_evals_per_step = 2
     description = "Det-SAM: exp-weighted gradients at uniform hypercube perturbations, bias toward small det H"
