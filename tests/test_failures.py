@@ -275,3 +275,18 @@ def test_sparse_gradients_are_refused_with_a_clear_message(name):
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step(sharpness.make_closure(opt, lambda r: F.cross_entropy(lin(emb(x)), y, reduction=r)))
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("fisher", ["per_sample", "sketch"])
+def test_ssamf_fisher_pass_refuses_sparse_gradients_by_name(fisher):
+    """SSAM-F's own Fisher pass (its default closure) met sparse gradients before the engine's check and
+    failed inside torch (``aten::addcmul_`` on SparseCPU)."""
+    torch.manual_seed(0)
+    emb, lin = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Linear(3, 2)
+    params = [*emb.parameters(), *lin.parameters()]
+    opt = sharpness.SSAMF(torch.optim.SGD(params, lr=0.1), fisher=fisher, update_freq=1, num_samples=3)
+    x, y = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 0])
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match="SSAMF does not support sparse gradients"):
+        opt.step(sharpness.make_closure(opt, lambda r: F.cross_entropy(lin(emb(x)), y, reduction=r)))
+    assert all(torch.equal(p, q) for p, q in zip(params, before))

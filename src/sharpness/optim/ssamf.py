@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import _foreach
 from .._compile import accepts_compiled, is_compiled_double_backward_error
-from .._validation import check_choice, check_int_at_least, check_real
+from .._validation import check_choice, check_dense_grads, check_int_at_least, check_real
 from ..distributed import all_reduce_grads_mean_, is_distributed
 from ..measures._common import measurement_mode
 from ..measures._per_sample import check_per_sample_mode, per_sample_gradients
@@ -164,6 +164,7 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
         take = min(losses.shape[0], self.num_samples - self._collected)
 
         def add_squares(grads: tuple[Tensor | None, ...], value: float) -> None:
+            check_dense_grads(type(self).__name__, grads)  # before the first sum: no half-built Fisher
             present = [(f, g) for f, g in zip(fisher, grads, strict=True) if g is not None]
             if present:
                 _foreach.addcmul_([f for f, _ in present], [g for _, g in present], [g for _, g in present], value)
