@@ -127,8 +127,59 @@ def test_a_failing_sweep_run_is_one_error_line(tmp_path):
                      '[[methods]]\noptimizer = "sam"\nlr = 1e6\n')
     result = runner.invoke(app, ["sweep", str(sweep), "--device", "cpu", "-q"])
     assert result.exit_code == 2
-    assert "error: Training diverged at step 2" in result.output and "rerun to resume" in result.output
-    assert "Traceback" not in result.output
+    assert re.search(r"error: run [0-9a-f]{16}: Training diverged at step 2", result.output), result.output
+    assert "rerun to resume" in result.output and "Traceback" not in result.output
+
+
+def test_paths_that_cannot_be_used_are_one_error_line(tmp_path):
+    """A file where a directory is needed, a directory where a file is, a file that is not a store: one error line
+    naming the path and exit code 2 (these were tracebacks), and no advice to rerun a sweep that trained nothing."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "notdb.sqlite").write_text("not a database" * 100)
+    sweep = tmp_path / "s.toml"
+    sweep.write_text('[base]\ndataset = "digits"\nmodel = "mlp"\nbudget_steps = 2\n')
+    afile = str(tmp_path / "afile")
+    good_db = tmp_path / "good.sqlite"
+    assert runner.invoke(app, ["train", *TINY, "--db", str(good_db)]).exit_code == 0
+    cases = [
+        (["train", *TINY, "--db", afile + "/x.sqlite"], f"Invalid value for --db: cannot use {afile}: File exists "
+                                                        "(a file is where a directory is needed)"),
+        (["train", *TINY, "--checkpoint-dir", afile], f"Invalid value for --checkpoint-dir: cannot use {afile}"),
+        (["sweep", str(sweep), "-q", "--db", afile + "/x.sqlite"], f"error: cannot use {afile}: File exists"),
+        (["sweep", str(sweep), "-q", "--checkpoint-dir", afile], f"error: cannot use {afile}: File exists"),
+        (["sweep", str(sweep), "-q", "--db", str(tmp_path / "notdb.sqlite")], "error: Not a sharpness results store"),
+        (["export", "--db", str(good_db), "--csv", str(tmp_path / "adir")],
+         f"error: cannot use {tmp_path / 'adir'}"),
+        (["report", "--db", str(good_db), "--out", afile], f"error: cannot use {afile}: File exists"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args)
+        text = " ".join(result.output.replace("│", " ").split())
+        assert result.exit_code == 2 and message in text, (args, result.output)
+        assert "Traceback" not in result.output and "rerun to resume" not in result.output, result.output
+
+
+@pytest.mark.parametrize("error, printed", [(ValueError("bad value"), False), (FloatingPointError("nan"), False),
+                                            (KeyboardInterrupt(), False), (RuntimeError("a bug"), True)])
+def test_a_sweep_worker_prints_a_traceback_only_for_an_unexpected_error(error, printed, monkeypatch, capsys):
+    """With --jobs, a worker's user-level error (and Ctrl-C) is reported by the parent in one line; only an
+    unexpected one prints where in the worker it happened."""
+    import os
+    import queue
+
+    from sharpness.harness import sweep
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(sweep, "run_sweep", fail)
+    monkeypatch.setattr(sweep.torch, "set_num_threads", lambda n: None)  # (this process's threads stay)
+    reports = queue.Queue()
+    sweep._sweep_worker(0, None, "cpu", 1, False, False, None, False, reports, os.getppid())
+    index, kind, payload = reports.get_nowait()
+    assert (index, kind, type(payload)) == (0, "error", type(error))
+    assert ("Traceback" in capsys.readouterr().err) is printed
 
 
 def test_python_dash_m_runs_the_cli(monkeypatch, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +17,14 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
     """Open a temporary file beside ``path``; on success fsync it and ``os.replace`` it onto ``path``.
 
     On an exception the temporary file is removed and ``path`` is left as it was. A missing folder is a
-    ``FileNotFoundError`` that names it (not the temporary file).
+    ``FileNotFoundError`` that names it, and ``path`` being a directory an ``IsADirectoryError`` that names
+    it (not the temporary file).
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"Output directory does not exist: {path.parent}")
+    if path.is_dir():  # named now, not as the temporary file the final os.replace would fail on
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, mode, **kwargs) as handle:

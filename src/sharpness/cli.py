@@ -18,6 +18,7 @@ from typing import Annotated, Any, NoReturn, Optional
 import typer
 
 from .harness import Store, TrainConfig, environment, run_key, train
+from .harness.sweep import USER_ERRORS
 from .harness.train import check_compile_backend, distributed_context, resolve_device
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Sharpness-aware training and measurement.")
@@ -155,21 +156,23 @@ def train_command(
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)  # as `sweep` and --checkpoint-dir do
         store = Store(db) if db is not None else None
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--db") from exc
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(_describe(exc), param_hint="--db") from exc
     if store is not None and store.has(key):
         typer.echo(f"run {key} is already in {db}; nothing to do")
         return
     checkpoint = None
     if checkpoint_dir is not None:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise typer.BadParameter(_describe(exc), param_hint="--checkpoint-dir") from exc
         checkpoint = checkpoint_dir / f"{key}.pt"
     try:
         result = train(config, checkpoint=checkpoint, log=None if quiet else typer.echo, download=download,
                        device=resolved, compile_backend=compile_backend)
-    except (TypeError, ValueError, FileNotFoundError, FloatingPointError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from exc
+    except USER_ERRORS as exc:
+        _fail(exc)
     s = result.summary
     if distributed_context()[0] != 0:
         return
@@ -211,9 +214,8 @@ def measure_command(
         pictures = [] if landscape is None else landscape_checkpoint(
             checkpoint, landscape_dir, landscape.split(","), examples=examples, batch_size=batch_size,
             points=points, seed=seed, split=split)
-    except (TypeError, ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from exc
+    except USER_ERRORS as exc:
+        _fail(exc)
     for picture in pictures:
         typer.echo(f"wrote {picture}")
     for name, m in result["measures"].items():
@@ -250,9 +252,8 @@ def sweep_command(
 
     try:
         plan = plan_sweep(config, db=db, checkpoint_dir=checkpoint_dir)
-    except (TypeError, ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from exc
+    except USER_ERRORS as exc:
+        _fail(exc)
     if dry_run:
         for run_config, key in zip(plan.configs, plan.keys):
             typer.echo(f"{key}  {run_config.optimizer:<10} {run_config.dataset}/{run_config.model}  "
@@ -272,7 +273,7 @@ def sweep_command(
         if "jobs" in str(exc):
             raise typer.BadParameter(str(exc), param_hint="--jobs") from exc
         _sweep_stopped(exc, plan.db)
-    except (TypeError, FileNotFoundError, FloatingPointError) as exc:
+    except USER_ERRORS as exc:
         _sweep_stopped(exc, plan.db)
     if quiet:  # otherwise the sweep's own last line said it
         typer.echo(f"{result.total} runs: {result.done_before} already done, {result.trained} trained, "
@@ -282,9 +283,27 @@ def sweep_command(
 
 
 def _sweep_stopped(exc: Exception, db: Path) -> NoReturn:
-    """A run failed and the sweep stopped (``--stop-on-error``): one line, as ``train`` reports it."""
-    typer.echo(f"error: {exc}\nThe runs finished before it are stored in {db}; rerun to resume, or pass "
-               "--keep-going to train the other runs past a failing one.", err=True)
+    """The sweep stopped: one line, as ``train`` reports it; where a run failed (``--stop-on-error``), how to
+    go on (not for an error before any run, such as a store it cannot open)."""
+    if getattr(exc, "run_key", None) is not None:
+        typer.echo(f"error: run {exc.run_key}: {_describe(exc)}\nThe runs finished before it are stored in {db}; "
+                   "rerun to resume, or pass --keep-going to train the other runs past a failing one.", err=True)
+        raise typer.Exit(code=2) from exc
+    _fail(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    """The message of a user-level error; an OS error on a path says which path and why (no errno)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        hint = " (a file is where a directory is needed)" if isinstance(exc, (FileExistsError, NotADirectoryError)) \
+            else ""
+        path = exc.filename2 if exc.filename2 is not None else exc.filename  # a rename: its target
+        return f"cannot use {path}: {exc.strerror}{hint}"
+    return str(exc)
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    typer.echo(f"error: {_describe(exc)}", err=True)
     raise typer.Exit(code=2) from exc
 
 
@@ -307,9 +326,8 @@ def export_command(
             if json_path is not None:
                 store.export_json(json_path)
             typer.echo(f"exported {len(store)} runs")
-    except (ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from exc
+    except USER_ERRORS as exc:
+        _fail(exc)
 
 
 @app.command("report")
@@ -326,9 +344,8 @@ def report_command(
 
     try:
         page = build_report(db, out, baseline=baseline, fmt="html" if html else "markdown", figures=figures)
-    except (TypeError, ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from exc
+    except USER_ERRORS as exc:
+        _fail(exc)
     typer.echo(f"wrote {page}")
 
 

@@ -376,6 +376,7 @@ def run_sweep(plan: SweepPlan, *, log: Log | None = print, progress: bool = True
                                    log=None, device=device, compile_backend=compile_backend)
                 except Exception as exc:
                     if not keep_going:
+                        exc.run_key = key  # type: ignore[attr-defined]  # a run failed (pickles with it)
                         raise
                     failed.append((key, f"{type(exc).__name__}: {exc}"))
                     say(f"{name}: FAILED ({type(exc).__name__}: {exc})")
@@ -525,6 +526,10 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+#: the errors a sweep reports in one line (bad input, a missing file, a diverging run, a path it cannot use)
+USER_ERRORS = (TypeError, ValueError, OSError, FloatingPointError)
+
+
 def _sweep_worker(index: int, plan: SweepPlan, device: str, threads: int, keep_going: bool, download: bool,
                   compile_backend: str | None, verbose: bool, queue: Any, parent: int) -> None:
     """One worker of :func:`run_sweep_parallel`: reports ``(index, "done", SweepResult)`` or
@@ -539,7 +544,8 @@ def _sweep_worker(index: int, plan: SweepPlan, device: str, threads: int, keep_g
         result = run_sweep(plan, log=log if verbose else None, progress=False, keep_going=keep_going,
                            download=download, device=device, compile_backend=compile_backend)
     except BaseException as exc:  # noqa: BLE001 -- handed to the parent, which raises it
-        traceback.print_exc()  # where in the worker it happened (the parent re-raises the exception alone)
+        if not isinstance(exc, (KeyboardInterrupt, *USER_ERRORS)):  # those the parent reports in one line
+            traceback.print_exc()  # where in the worker it happened (the parent re-raises the exception alone)
         try:
             pickle.dumps(exc)
         except Exception:  # noqa: BLE001 -- an exception that cannot cross processes: its text does
