@@ -246,6 +246,12 @@ def test_report_command(tmp_path):
     assert "| sam " in page and "| erm " in page and list((tmp_path / "rep").glob("*.png"))
     missing = runner.invoke(app, ["report", "--db", str(tmp_path / "none.sqlite")])
     assert missing.exit_code == 2
+    # a misspelled --baseline is an error listing the choices (it wrote a page with a note and exited 0)
+    typo = runner.invoke(app, ["report", "--db", str(db), "--out", str(tmp_path / "typo"), "--baseline", "sma"])
+    assert typo.exit_code == 2 and "Unknown baseline 'sma'" in typo.output and "sam" in typo.output, typo.output
+    assert not (tmp_path / "typo").exists()
+    paired = runner.invoke(app, ["report", "--db", str(db), "--out", str(tmp_path / "rep2"), "--baseline", "sam"])
+    assert paired.exit_code == 0 and "Paired against `sam`" in (tmp_path / "rep2" / "report.md").read_text()
     exported = runner.invoke(app, ["export", "--db", str(db), "--csv", str(tmp_path / "r.csv"),
                                    "--json", str(tmp_path / "r.json")])
     assert exported.exit_code == 0 and "exported 4 runs" in exported.output
@@ -335,3 +341,16 @@ def test_device_option(tmp_path, monkeypatch):
     sweep.write_text('db = "s.sqlite"\n[base]\ndataset = "digits"\n')
     bad_sweep = runner.invoke(app, ["sweep", str(sweep), "--device", "cuda:0"])
     assert bad_sweep.exit_code == 2 and "CUDA is not available" in " ".join(bad_sweep.output.split())
+
+
+def test_sweep_dry_run_shows_the_settings_that_vary(tmp_path):
+    """A grid over lr and rho listed identical-looking lines; each line now shows the settings that differ."""
+    config = tmp_path / "grid.toml"
+    config.write_text('[base]\ndataset = "digits"\nmodel = "mlp"\nepochs = 1\n[[methods]]\noptimizer = "sam"\n'
+                      '[methods.grid]\nlr = [0.05, 0.1]\n"optimizer_options.rho" = [0.05, 0.1]\n')
+    dry = runner.invoke(app, ["sweep", str(config), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    lines = [line.split("  ", 1)[1] for line in dry.output.splitlines() if "seed 0" in line]
+    assert sorted(line.split("seed 0")[1].strip() for line in lines) == [
+        "lr=0.05 optimizer_options.rho=0.05", "lr=0.05 optimizer_options.rho=0.1",
+        "lr=0.1 optimizer_options.rho=0.05", "lr=0.1 optimizer_options.rho=0.1"]

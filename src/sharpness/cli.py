@@ -255,9 +255,9 @@ def sweep_command(
     except USER_ERRORS as exc:
         _fail(exc)
     if dry_run:
-        for run_config, key in zip(plan.configs, plan.keys):
+        for run_config, key, varied in zip(plan.configs, plan.keys, _varied_settings(plan.configs)):
             typer.echo(f"{key}  {run_config.optimizer:<10} {run_config.dataset}/{run_config.model}  "
-                       f"seed {run_config.seed}")
+                       f"seed {run_config.seed}" + (f"  {varied}" if varied else ""))
         typer.echo(f"{len(plan)} runs planned into {plan.db}")
         return
     _resolve_runtime("cpu", compile_backend)  # --compile checked as a usage error
@@ -280,6 +280,24 @@ def sweep_command(
                    f"{len(result.failed)} failed; store {plan.db}")
     for key, error in result.failed:
         typer.echo(f"failed {key}: {error}", err=True)
+
+
+def _varied_settings(configs: list[TrainConfig]) -> list[str]:
+    """Per config, ``key=value`` for the settings that differ across the sweep, beyond the columns the dry run
+    prints anyway (optimizer, data set, model, seed); options flattened as ``optimizer_options.rho``."""
+    shown = {"optimizer", "dataset", "model", "seed"}
+    flat = []
+    for config in configs:
+        row = {}
+        for name, value in config.to_dict().items():
+            if isinstance(value, dict):
+                row.update({f"{name}.{k}": v for k, v in value.items()})
+            elif name not in shown:
+                row[name] = value
+        flat.append(row)
+    keys = sorted({k for row in flat for k in row})
+    varied = [k for k in keys if len({json.dumps(row.get(k), sort_keys=True, default=str) for row in flat}) > 1]
+    return [" ".join(f"{k}={row[k]}" for k in varied if k in row) for row in flat]
 
 
 def _sweep_stopped(exc: Exception, db: Path) -> NoReturn:
@@ -334,8 +352,9 @@ def export_command(
 def report_command(
     db: Annotated[Path, typer.Option(help="the SQLite results store to report on")],
     out: Annotated[Path, typer.Option(help="output directory for the page and its PNG figures")] = Path("report"),
-    baseline: Annotated[str, typer.Option(
-        help="setting label or optimizer name the others are paired against")] = "erm",
+    baseline: Annotated[Optional[str], typer.Option(
+        help="setting label or optimizer name the others are paired against (default: erm, where the store "
+             "has it)")] = None,
     html: Annotated[bool, typer.Option("--html/--markdown", help="write report.html instead of report.md")] = False,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="draw the PNG figures")] = True,
 ) -> None:
@@ -343,7 +362,8 @@ def report_command(
     from .harness.report import build_report
 
     try:
-        page = build_report(db, out, baseline=baseline, fmt="html" if html else "markdown", figures=figures)
+        page = build_report(db, out, baseline=baseline or "erm", fmt="html" if html else "markdown",
+                            figures=figures, require_baseline=baseline is not None)
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(f"wrote {page}")

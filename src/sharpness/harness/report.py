@@ -231,6 +231,10 @@ def _per_seed_acc(group: RunGroup) -> dict[Any, float]:
     return {seed: statistics.fmean(v) for seed, v in values.items()}
 
 
+def _baseline_choices(groups: Sequence[RunGroup]) -> list[str]:
+    return sorted({g.label for g in groups} | {str(g.settings.get("optimizer")) for g in groups})
+
+
 def _find_baselines(groups: Sequence[RunGroup], baseline: str) -> list[RunGroup]:
     exact = [g for g in groups if g.label == baseline]
     return exact or [g for g in groups if g.settings.get("optimizer") == baseline]
@@ -501,7 +505,8 @@ def _render_html(blocks: Sequence[Block], title: str) -> str:
 
 # ------------------------------------------------------------------------------------------------- entry point
 def build_report(store: Store | str | os.PathLike[str], out_dir: str | os.PathLike[str], *, baseline: str = "erm",
-                 group_by: Sequence[str] | None = None, fmt: str = "markdown", figures: bool = True) -> Path:
+                 group_by: Sequence[str] | None = None, fmt: str = "markdown", figures: bool = True,
+                 require_baseline: bool = False) -> Path:
     """Write a comparison report of the runs in ``store`` to ``out_dir``; returns the page's path.
 
     Args:
@@ -512,6 +517,8 @@ def build_report(store: Store | str | os.PathLike[str], out_dir: str | os.PathLi
         group_by: config keys that define a setting (default: the whole config minus ``seed``).
         fmt: ``"markdown"`` or ``"html"``.
         figures: draw the training-curve figures (needs matplotlib).
+        require_baseline: a ``baseline`` that matches no setting is an error (a misspelled name), not a note
+            on the page (the default, for the default ``"erm"`` in a store without ERM runs).
 
     Example::
 
@@ -535,9 +542,12 @@ def build_report(store: Store | str | os.PathLike[str], out_dir: str | os.PathLi
     if not runs:
         raise ValueError(f"The store {source} holds no finished runs; nothing to report (run a sweep first)")
 
+    groups = group_runs(runs, group_by)
+    if require_baseline and not _find_baselines(groups, baseline):
+        raise ValueError(f"Unknown baseline {baseline!r}: no setting label or optimizer name in {source} matches "
+                         f"(expected one of {', '.join(_baseline_choices(groups))})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(runs, group_by)
     contexts: dict[tuple[tuple[str, Any], ...], list[RunGroup]] = {}
     for g in groups:
         contexts.setdefault(g.context, []).append(g)
@@ -550,9 +560,8 @@ def build_report(store: Store | str | os.PathLike[str], out_dir: str | os.PathLi
               f"(setting − baseline `{baseline}`) in percentage points over the seeds both ran.")),
     ]
     if not _find_baselines(groups, baseline):
-        choices = sorted({g.label for g in groups} | {str(g.settings.get("optimizer")) for g in groups})
         blocks.append(("p", (f"**Note:** baseline `{baseline}` is absent from the store; no paired comparisons. "
-                            f"Available: {', '.join(choices)}.")))
+                            f"Available: {', '.join(_baseline_choices(groups))}.")))
     for context, members in contexts.items():
         heading = _context_title(context)
         blocks.append(("h", 2, heading))
