@@ -69,8 +69,13 @@ def test_resume_equals_uninterrupted(digits, tmp_path, optimizer):
     path = tmp_path / "run.pt"
     partial = train(config, data=digits, checkpoint=path, log=None, stop_after_epochs=1)
     assert partial.summary == {"finished": False} and len(partial.epochs) == 1
-    resumed = train(config, data=digits, checkpoint=path, log=None)
+    lines = []
+    resumed = train(config, data=digits, checkpoint=path, log=lines.append)
     assert _strip_times(resumed.epochs) == _strip_times(full.epochs)
+    assert lines[0] == f"checkpoint {path}: 1 epoch(s) done, resuming" and lines[1].startswith("epoch   2")
+    lines.clear()
+    train(config, data=digits, checkpoint=path, log=lines.append)  # a finished checkpoint: said, nothing trained
+    assert lines == [f"checkpoint {path}: 3 epoch(s) done, finished; its summary follows"]
     state = load_checkpoint(path)
     assert state["epoch"] == 3 and state["config"] == config.to_dict()
 

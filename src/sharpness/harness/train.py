@@ -567,6 +567,9 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
     run = _Run(config, data, model, device, compile_backend)
     if checkpoint is not None and Path(checkpoint).exists():
         run.load(load_checkpoint(checkpoint))
+        if log is not None and run.rank == 0:
+            done = "finished; its summary follows" if run.done() else "resuming"
+            log(f"checkpoint {checkpoint}: {len(run.records)} epoch(s) done, {done}")
     epochs_this_call = 0
     while not run.done():
         run.train_epoch()
