@@ -285,19 +285,11 @@ def sweep_command(
 def _varied_settings(configs: list[TrainConfig]) -> list[str]:
     """Per config, ``key=value`` for the settings that differ across the sweep, beyond the columns the dry run
     prints anyway (optimizer, data set, model, seed); options flattened as ``optimizer_options.rho``."""
-    shown = {"optimizer", "dataset", "model", "seed"}
-    flat = []
-    for config in configs:
-        row = {}
-        for name, value in config.to_dict().items():
-            if isinstance(value, dict):
-                row.update({f"{name}.{k}": v for k, v in value.items()})
-            elif name not in shown:
-                row[name] = value
-        flat.append(row)
-    keys = sorted({k for row in flat for k in row})
-    varied = [k for k in keys if len({json.dumps(row.get(k), sort_keys=True, default=str) for row in flat}) > 1]
-    return [" ".join(f"{k}={row[k]}" for k in varied if k in row) for row in flat]
+    from .harness.report import differing_keys, flat_config
+
+    rows = [flat_config(config.to_dict()) for config in configs]
+    varied = differing_keys(rows, ("optimizer", "dataset", "model", "seed"))
+    return [" ".join(f"{k}={row[k]}" for k in varied if k in row) for row in rows]
 
 
 def _sweep_stopped(exc: Exception, db: Path) -> NoReturn:

@@ -51,18 +51,18 @@ def all_reduce_grads_mean_(grads: list[Tensor], present: list[bool] | None = Non
     found = None if present is None else list(present)
     for bucket, index in group_by_device_dtype(grads, list(range(len(grads)))):
         tensors = list(bucket)
-        if found is not None:
+        lacking = [] if found is None else [k for k, i in enumerate(index) if not found[i]]
+        if found is not None:  # the count of ranks that computed each gradient rides in the same collective
             tensors.append(torch.ones(len(bucket), dtype=bucket[0].dtype, device=bucket[0].device))
-            lacking = [k for k, i in enumerate(index) if not found[i]]
             if lacking:
                 tensors[-1][lacking] = 0
         flat = _flatten_dense_tensors(tensors)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat.div_(world)  # (a count divided by the world is still > 0 where some rank computed the gradient)
         reduced = _unflatten_dense_tensors(flat, tensors)
-        for grad, mean in zip(bucket, reduced, strict=False):
+        for grad, mean in zip(bucket, reduced, strict=False):  # (the counts, if any, come last)
             grad.copy_(mean)
-        if found is not None and lacking:
+        if lacking:
             for k, count in zip(lacking, reduced[-1][lacking].tolist(), strict=True):
                 found[index[k]] = count > 0
     return found

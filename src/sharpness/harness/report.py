@@ -20,7 +20,7 @@ import os
 import re
 import statistics
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,12 +56,13 @@ class RunGroup:
 
 
 # ------------------------------------------------------------------------------------------------- grouping
-def _flatten(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"optimizer_options": {"rho": 0.05}}`` -> ``{"optimizer_options.rho": 0.05}`` (values made hashable)."""
+def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"optimizer_options": {"rho": 0.05}}`` -> ``{"optimizer_options.rho": 0.05}`` (values made hashable):
+    a run's config as settings are compared."""
     flat: dict[str, Any] = {}
     for name, value in config.items():
         if isinstance(value, Mapping):
-            for sub, inner in _flatten(value).items():
+            for sub, inner in flat_config(value).items():
                 flat[f"{name}.{sub}"] = inner
         else:
             flat[name] = _hashable(value)
@@ -106,16 +107,16 @@ def group_runs(runs: Sequence[RunRecord], group_by: Sequence[str] | None = None)
     if group_by is not None:
         if isinstance(group_by, str) or not all(isinstance(k, str) for k in group_by):
             raise TypeError(f"Invalid group_by type: {group_by!r} (expected a sequence of config key names)")
-        known = sorted({k for r in runs for k in _flatten(r.config)})
+        known = sorted({k for r in runs for k in flat_config(r.config)})
         unknown = [k for k in group_by if k not in known]
         if unknown:
             raise ValueError(f"Unknown group_by keys: {unknown} (expected some of {', '.join(known)})")
     # Fields a run's config lacks (it predates them) take TrainConfig's defaults, so old and new runs group.
-    defaults = _flatten({f.name: f.default for f in dataclasses.fields(TrainConfig)
+    defaults = flat_config({f.name: f.default for f in dataclasses.fields(TrainConfig)
                          if f.default is not dataclasses.MISSING})
     buckets: dict[tuple[tuple[str, Any], ...], list[RunRecord]] = {}
     for run in runs:
-        flat = {**defaults, **_flatten(run.config)}
+        flat = {**defaults, **flat_config(run.config)}
         flat.pop("seed", None)
         if group_by is not None:
             wanted = set(group_by) | set(CONTEXT_KEYS)
@@ -153,11 +154,17 @@ def _newest_per_seed(label: str, members: list[RunRecord]) -> list[RunRecord]:
     return list(newest.values())
 
 
+def differing_keys(settings: Sequence[Mapping[str, Any]], exclude: Iterable[str] = ()) -> list[str]:
+    """The keys (sorted) whose values differ between these flattened settings, a missing key counting as a
+    value, leaving out ``exclude``."""
+    skip = set(exclude)
+    keys = sorted({k for s in settings for k in s} - skip)
+    return [k for k in keys if len({_hashable_repr(s.get(k, _MISSING)) for s in settings}) > 1]
+
+
 def _labels(settings: list[dict[str, Any]]) -> list[str]:
     """Labels from the fields that differ between these settings (the optimizer's name always leads)."""
-    keys = sorted({k for s in settings for k in s})
-    varying = [k for k in keys if k != "optimizer" and k not in CONTEXT_KEYS
-               and len({_hashable_repr(s.get(k, _MISSING)) for s in settings}) > 1]
+    varying = differing_keys(settings, ("optimizer", *CONTEXT_KEYS))
     # Options first (they are what a reader looks for), then any other field.
     varying.sort(key=lambda k: (not k.startswith("optimizer_options."), k))
     labels = []
