@@ -213,6 +213,39 @@ def test_a_copy_with_its_lr_scheduler_trains_on_its_own(name, copier):
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.1 * 0.5 ** 4
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_an_optimizer_built_on_a_meta_model_trains_like_one_built_on_the_real_model(name):
+    """Build the model on ``meta``, the optimizer on it, then ``to_empty`` + load the weights (deferred
+    initialization): the steps, checkpoints and random streams equal those of an optimizer built on the real
+    model. Universal SAM created its generator on the parameters' device at construction and failed on meta.
+
+    ``to_empty`` keeps the parameter objects (which the optimizer holds) only when modules swap tensors on
+    conversion, torch's future default (``torch.__future__``); without it even ``torch.optim.SGD`` would
+    hold the meta tensors."""
+    reference = mlp(0)
+    x, y = classification_data(0)
+    with torch.device("meta"):
+        model = mlp(0)
+    opt = make_optimizer(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), total_steps=6)
+    early = opt.state_dict()  # a checkpoint of the fresh optimizer, taken on meta
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    assert opt.param_groups[0]["params"][0] is next(model.parameters())
+    model.load_state_dict(reference.state_dict())
+    expected_opt = make_optimizer(name, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9),
+                                  total_steps=6)
+    assert _train(opt, model, x, y, 3) == _train(expected_opt, reference, x, y, 3)
+    assert params_equal(model, reference)
+    assert_nested_equal(opt.state_dict()["sharpness"], expected_opt.state_dict()["sharpness"])
+    opt.load_state_dict(early)  # back to the start of the streams
+    expected_opt.load_state_dict(early)
+    assert _train(opt, model, x, y, 2) == _train(expected_opt, reference, x, y, 2)
+
+
 @pytest.mark.parametrize("measure", ["trace", "frobenius", "det", "worst"])
 def test_universal_sam_pickles_with_every_measure(measure):
     model = mlp(0)

@@ -25,7 +25,8 @@ differentiated by the chain rule with ``g_0 = grad L(w)``, ``g_i = grad L(w + rh
 
 Cost: ``1 + m`` closure calls (forward + backward) per step; steps a policy skips (or all steps with ``lam=0``)
 cost one and equal the base optimizer's step bit for bit. Directions are drawn from a ``torch.Generator`` on the
-parameters' device (its state is in ``state_dict()["sharpness"]["generator"]``), into the gradient buffers, so
+parameters' device, created at the first draw (so the optimizer can be built on a ``meta`` model; its state is in
+``state_dict()["sharpness"]["generator"]``), into the gradient buffers, so
 a step needs ``2 + min(m - 1, n)`` parameter-sized buffers, all preallocated: the weights backup, ``g_0``, and for
 passes ``1..m-1`` either their gradients (``m - 1 <= n``) or ``n`` running sums ``sum_i psi_j'(x_i) g_i``; the
 last pass's gradient is combined where it lies. So 2 for Trace-SAM and Det-SAM (``m = 1``), 3 for Frob-SAM
@@ -57,6 +58,7 @@ from ..measures.universal import SharpnessMeasure, resolve_measure
 from ..policies.always import Always
 from ..policies.base import Policy
 from ..rules.base import ParamGroupView, PerturbationRule
+from ._generator import LazyGenerator
 from .engine import SharpnessAwareOptimizer
 
 __all__ = ["SCALINGS", "DetSAM", "FrobSAM", "RandomDirectionPerturbation", "TraceSAM", "UniversalSAM"]
@@ -74,17 +76,24 @@ class RandomDirectionPerturbation(PerturbationRule):
 
     ``d`` is drawn into the gradient buffers (free scratch once the optimizer has used them), all parameters
     with a gradient at once and in param-group order, so a test can draw the same ``d`` from a copy of the
-    generator.
+    generator. ``generator`` is a ``torch.Generator`` or a :class:`LazyGenerator` (created at the first draw on
+    the device of the gradients).
     """
 
     name = "random_direction"
 
-    def __init__(self, sampler: Any, generator: torch.Generator) -> None:
+    def __init__(self, sampler: Any, generator: torch.Generator | LazyGenerator) -> None:
         self.sampler = sampler
         self.generator = generator
 
     def perturb_(self, views: list[ParamGroupView], *, grad_sq_norm: Tensor | None = None) -> None:
-        self.sampler([g for view in views for g in view.grads], self.generator)
+        grads = [g for view in views for g in view.grads]
+        if not grads:
+            return
+        generator = self.generator
+        if isinstance(generator, LazyGenerator):
+            generator = generator.get(grads[0].device)
+        self.sampler(grads, generator)
         for view in views:
             rho = view.group["rho"]
             if rho == 0 or not view.params:
@@ -113,8 +122,10 @@ class UniversalSAM(SharpnessAwareOptimizer):
             other measure, where they would do nothing.
         policy: when to take the ``m`` extra passes (default :class:`~sharpness.policies.Always`); any engine
             policy works, e.g. ``Periodic`` or ``Adaptive``; skipped steps cost one pass.
-        seed: seed of the direction generator (on the parameters' device); ignored when ``generator`` is given.
-        generator: a ``torch.Generator`` on the parameters' device to draw the directions from.
+        seed: seed of the direction generator, created on the parameters' device at the first draw (again, from
+            ``seed``, if the parameters later move to another device type); ignored when ``generator`` is given.
+        generator: a ``torch.Generator`` to draw the directions from; it stays on its device, so it must be on
+            the device the parameters train on.
         **kwargs: engine options ``model`` (BatchNorm running statistics from the unperturbed pass only) and
             ``max_grad_norm`` and ``grad_scaler`` (every pass is unscaled; an inf/NaN in any pass skips the step
             with the weights restored; the closure must return the *unscaled* loss); in the davda54 form, the
@@ -164,14 +175,8 @@ class UniversalSAM(SharpnessAwareOptimizer):
             raise TypeError(f"Invalid generator type: {type(generator).__name__} (expected a torch.Generator)")
         self.measure = measure
         self.rho = rho
-        rule = RandomDirectionPerturbation(measure.sampler, generator or torch.Generator())
+        rule = RandomDirectionPerturbation(measure.sampler, LazyGenerator(seed) if generator is None else generator)
         super().__init__(params_or_base, base_class, rule=rule, policy=policy, rho=rho, **kwargs)
-        if generator is None:
-            params = self._all_params()
-            device = params[0].device if params else torch.device("cpu")
-            generator = torch.Generator(device=device).manual_seed(seed)
-        self.generator = generator
-        self.rule.generator = generator
         self.seed = seed
         self.last_quadratic_forms: Tensor | None = None  # x_1..x_m of the last perturbed step (on device)
         self._set_flags()
@@ -342,29 +347,56 @@ class UniversalSAM(SharpnessAwareOptimizer):
             views.append(ParamGroupView(group, ps, [_grad_or_zero(p) for p in ps]))
         return views
 
+    # ------------------------------------------------------------------ the direction stream
+    @property
+    def generator(self) -> torch.Generator:
+        """The ``torch.Generator`` the directions are drawn from (the one given, or the seeded one on the
+        parameters' device, created now if no direction was drawn yet)."""
+        stream = self.rule.generator
+        return stream.get(self._stream_device()) if isinstance(stream, LazyGenerator) else stream
+
+    def _stream_device(self) -> torch.device:
+        stream = self.rule.generator
+        if isinstance(stream, torch.Generator):
+            return stream.device
+        params = self._all_params()
+        return params[0].device if params else torch.device("cpu")
+
     # ------------------------------------------------------------------ checkpoints and repr
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Also carries the direction stream's state (on a ``meta`` model before the first draw, the state loaded
+        into it, or None: a run resumed from it starts the stream from its own seed)."""
         state = super().state_dict()
-        state["sharpness"]["generator"] = self.generator.get_state()
+        if self._stream_device().type == "meta":  # only a seeded stream: no torch.Generator lives on meta
+            state["sharpness"]["generator"] = self.rule.generator.state_dict()["generator"]
+        else:
+            state["sharpness"]["generator"] = self.generator.get_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Also resumes the direction stream; a generator state saved on another device type (a CUDA
         checkpoint loaded into a CPU optimizer, say) is refused before anything is loaded."""
-        saved = state_dict.get("sharpness", {}).get("generator")
+        sharpness_state = state_dict.get("sharpness", {})
+        saved = sharpness_state.get("generator")
+        device = self._stream_device()
         if saved is not None:
             saved = saved.detach().to("cpu", torch.uint8)
-            probe = torch.Generator(device=self.generator.device)
-            try:
-                probe.set_state(saved)
-            except RuntimeError as error:
-                raise ValueError(
-                    f"Cannot resume the direction stream on {self.generator.device}: the checkpoint's generator "
-                    f"state was saved on another device type ({error}); nothing was loaded"
-                ) from error
+            if device.type != "meta":  # checked again at the first draw, once the parameters are materialized
+                probe = torch.Generator(device=device)
+                try:
+                    probe.set_state(saved)
+                except RuntimeError as error:
+                    raise ValueError(
+                        f"Cannot resume the direction stream on {device}: the checkpoint's generator "
+                        f"state was saved on another device type ({error}); nothing was loaded"
+                    ) from error
         super().load_state_dict(state_dict)
-        if saved is not None:
-            self.generator.set_state(saved)
+        stream = self.rule.generator
+        if isinstance(stream, LazyGenerator):
+            if "generator" in sharpness_state:  # None: saved before the first draw, the stream is at its seed
+                stream.load_state_dict({"seed": stream.seed, "generator": saved})
+        elif saved is not None:
+            stream.set_state(saved)
 
     def __repr__(self) -> str:
         parts = [f"measure={self.measure.name!r}", f"rho={self.rho}", f"lam={self.lam}",
