@@ -90,6 +90,7 @@ def test_train_writes_the_store_once_and_skips_a_finished_run(tmp_path):
     (["--lr", "-0.1"], "Invalid lr value"),
     (["--opt", "rho"], "expected KEY=VALUE"),
     (["--opt", "rho=-1"], "Invalid rho value: -1.0"),
+    (["--opt", "rho=abc"], "Invalid rho type: str 'abc' (expected a real number)"),
     (["--opt", "rho=NaN"], "Invalid value for --opt: 'rho=NaN' is not a finite number"),
     (["--opt", "rho=1e400"], "'rho=1e400' is not a finite number"),
     (["--optimizer", "sam", "--opt", "rhoo=0.1"],

@@ -14,9 +14,15 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _type_and_value(value: object) -> str:
+    """``str 'abc'``: the type and a short repr of a value of the wrong type (a CLI ``--opt rho=abc`` shows it)."""
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 40 else shown[:37] + '...'}"
+
+
 def check_real(name: str, value: object) -> float:
     if not _is_real(value):
-        raise TypeError(f"Invalid {name} type: {type(value).__name__} (expected a real number)")
+        raise TypeError(f"Invalid {name} type: {_type_and_value(value)} (expected a real number)")
     value = float(value)  # type: ignore[arg-type]
     if math.isnan(value):
         raise ValueError(f"Invalid {name} value: nan (expected a finite number)")
@@ -61,13 +67,13 @@ def check_probability(name: str, value: object) -> float:
 def check_bool(name: str, value: object) -> bool:
     """A flag must be a real bool: ``"False"``, ``None`` or ``nan`` would otherwise read as a truth value."""
     if not isinstance(value, bool):
-        raise TypeError(f"Invalid {name} type: {type(value).__name__} (expected bool)")
+        raise TypeError(f"Invalid {name} type: {_type_and_value(value)} (expected bool)")
     return value
 
 
 def check_int_at_least(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"Invalid {name} type: {type(value).__name__} (expected an integer >= {minimum})")
+        raise TypeError(f"Invalid {name} type: {_type_and_value(value)} (expected an integer >= {minimum})")
     value = int(value)
     if value < minimum:
         raise ValueError(f"Invalid {name} value: {value} (expected an integer {name} >= {minimum})")
