@@ -107,6 +107,36 @@ def test_tables_equal_hand_computed_statistics(store_path, tmp_path):
     assert not list((tmp_path / "out").glob("*.tmp-*"))  # atomic writes leave no temporaries
 
 
+def test_validation_and_final_sharpness_columns_equal_hand_computed_statistics(tmp_path):
+    """With --validation and --measure, the table adds ``Val acc (%)`` and one ``Final <measure>`` column per
+    measure: the summary's value, or (a run stored before the summary carried the measures) its last epoch's."""
+    path = tmp_path / "r.sqlite"
+    val = {("erm", 0): 0.81, ("erm", 1): 0.85, ("sam", 0): 0.9, ("sam", 1): 0.86}
+    lam = {("erm", 0): 120.0, ("erm", 1): 80.0, ("sam", 0): 0.5, ("sam", 1): 0.25}
+    with Store(path) as store:
+        for (optimizer, seed), acc in val.items():
+            sam = optimizer == "sam"
+            epochs = _epochs(0.9, sam, {"sharpness.lambda_max": 1e6})  # earlier epochs: not the final value
+            epochs[-1]["sharpness.lambda_max"] = lam[optimizer, seed]
+            summary = {"test_acc": 0.9, "val_acc": acc, "steps": 300, "grad_evals": 300}
+            if seed == 1:  # a new run: the summary carries the final measure
+                summary["sharpness.lambda_max"] = lam[optimizer, seed]
+                epochs[-1].pop("sharpness.lambda_max")
+            store.write_run(_config(optimizer, seed), summary, epochs, {})
+    rows = _table_rows(build_report(path, tmp_path / "out", figures=False).read_text(), "Setting | n | Seeds")
+    erm, sam = rows["erm"], rows["sam(rho=0.05)"]
+    assert erm["Val acc (%)"] == _pm([81.0, 85.0], 2) == "83.00 ± 2.83"
+    assert sam["Val acc (%)"] == _pm([90.0, 86.0], 2)
+    assert erm["Final lambda_max"] == "100 ± 28.28"  # mean 100, sample std 40/sqrt(2), 4 significant digits
+    assert sam["Final lambda_max"] == f"{0.375:.4g} ± {statistics.stdev([0.5, 0.25]):.4g}" == "0.375 ± 0.1768"
+
+
+def test_without_validation_or_measures_no_such_columns(store_path, tmp_path):
+    text = build_report(store_path, tmp_path / "out", figures=False).read_text()
+    headers = next(line for line in text.splitlines() if line.startswith("| Setting | n | Seeds"))
+    assert "Val acc" not in headers and "Final " + "lambda" not in headers and "Final train loss" in headers
+
+
 def test_figures_are_pngs_linked_from_the_page(tmp_path):
     path = tmp_path / "r.sqlite"
     with Store(path) as store:

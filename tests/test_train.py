@@ -234,6 +234,10 @@ def test_per_epoch_measures_are_recorded_and_do_not_change_training(digits):
     top = hessian_eigenvalues(measured.model, torch.nn.functional.cross_entropy, (torch.stack(xs),
                               torch.as_tensor(ys)), seed=0)
     assert measured.epochs[-1]["sharpness.lambda_max"] == pytest.approx(top.value, rel=1e-5)
+    # the summary carries the final measures (the report's "Final ..." columns and the CSV export read them)
+    assert {k: v for k, v in measured.summary.items() if k.startswith("sharpness.")} == {
+        k: measured.epochs[-1][k] for k in ("sharpness.lambda_max", "sharpness.sam")}
+    assert not any(k.startswith("sharpness.") for k in plain.summary)
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="Unknown measure name"):
         _config(measures=("lambda_min",))

@@ -203,29 +203,56 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def _cell(values: Sequence[Any], n_runs: int, digits: int, scale: float = 1.0, offset: float = 0.0) -> str:
-    """``mean ± std`` of ``offset + scale * v`` over the finite values, with ``(n=k)`` when some were left out."""
+def _cell(values: Sequence[Any], n_runs: int, spec: str, scale: float = 1.0, offset: float = 0.0) -> str:
+    """``mean ± std`` of ``offset + scale * v`` over the finite values (format ``spec``, e.g. ``".2f"``), with
+    ``(n=k)`` when some were left out."""
     kept = [offset + scale * v for v in _finite(values)]
     if not kept:
         return "—"
     mean, std = _mean_std(kept)
-    text = f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f} ± —"
+    text = f"{mean:{spec}} ± {std:{spec}}" if std is not None else f"{mean:{spec}} ± —"
     if len(kept) < n_runs:
         text += f" (n={len(kept)})"
     return text
 
 
-# (column title, summary key, digits, scale, offset)
-_METRICS: tuple[tuple[str, str, int, float, float], ...] = (
-    ("Test acc (%)", "test_acc", 2, 100.0, 0.0),
-    ("Test error (%)", "test_acc", 2, -100.0, 100.0),
-    ("Test loss", "test_loss", 4, 1.0, 0.0),
-    ("Final train loss", "train_loss", 4, 1.0, 0.0),
-    ("%SAM", "sam_fraction", 1, 100.0, 0.0),
-    ("Grad evals", "grad_evals", 0, 1.0, 0.0),
-    ("Steps", "steps", 0, 1.0, 0.0),
-    ("Wall time (s)", "wall_time", 1, 1.0, 0.0),
+# (column title, summary key, format, scale, offset)
+Metric = tuple[str, str, str, float, float]
+_METRICS: tuple[Metric, ...] = (
+    ("Test acc (%)", "test_acc", ".2f", 100.0, 0.0),
+    ("Test error (%)", "test_acc", ".2f", -100.0, 100.0),
+    ("Test loss", "test_loss", ".4f", 1.0, 0.0),
+    ("Final train loss", "train_loss", ".4f", 1.0, 0.0),
+    ("%SAM", "sam_fraction", ".1f", 100.0, 0.0),
+    ("Grad evals", "grad_evals", ".0f", 1.0, 0.0),
+    ("Steps", "steps", ".0f", 1.0, 0.0),
+    ("Wall time (s)", "wall_time", ".1f", 1.0, 0.0),
 )
+_VALIDATION: Metric = ("Val acc (%)", "val_acc", ".2f", 100.0, 0.0)
+_SHARPNESS_PREFIX = "sharpness."
+
+
+def _final(run: RunRecord, key: str) -> Any:
+    """A run's final value of ``key``: its summary's; a sharpness measure of a run stored before the summary
+    carried them comes from its last epoch (the last epoch is always measured)."""
+    if key in run.summary:
+        return run.summary[key]
+    if key.startswith(_SHARPNESS_PREFIX) and run.epochs:
+        return run.epochs[-1].get(key)
+    return None
+
+
+def _metrics(groups: Sequence[RunGroup]) -> list[Metric]:
+    """The table's columns: the fixed ones, validation accuracy when some run has it (``--validation``), and
+    each sharpness measure's final value when some run measured it (``--measure``)."""
+    runs = [r for g in groups for r in g.runs]
+    metrics = list(_METRICS)
+    if any(_finite([r.summary.get("val_acc")]) for r in runs):
+        metrics.insert(2, _VALIDATION)
+    measured = {k for r in runs for k in (*r.summary, *(r.epochs[-1] if r.epochs else ()))
+                if k.startswith(_SHARPNESS_PREFIX)}
+    metrics += [(f"Final {key.removeprefix(_SHARPNESS_PREFIX)}", key, ".4g", 1.0, 0.0) for key in sorted(measured)]
+    return metrics
 
 
 def _per_seed_acc(group: RunGroup) -> dict[Any, float]:
@@ -270,13 +297,14 @@ def _slug(text: str) -> str:
 
 
 def _results_table(groups: Sequence[RunGroup]) -> Block:
-    headers = ["Setting", "n", "Seeds"] + [title for title, *_ in _METRICS]
+    metrics = _metrics(groups)
+    headers = ["Setting", "n", "Seeds"] + [title for title, *_ in metrics]
     rows = []
     for g in groups:
         n = len(g.runs)
         row = [g.label, str(n), _seed_list(g.seeds)]
-        for _, key, digits, scale, offset in _METRICS:
-            row.append(_cell([r.summary.get(key) for r in g.runs], n, digits, scale, offset))
+        for _, key, spec, scale, offset in metrics:
+            row.append(_cell([_final(r, key) for r in g.runs], n, spec, scale, offset))
         rows.append(row)
     return ("table", headers, rows)
 

@@ -589,6 +589,7 @@ def train(config: TrainConfig, *, data: Any = None, checkpoint: str | Path | Non
     summary = {key: last.get(key) for key in ("test_acc", "test_loss", "train_loss", "steps", "sam_steps",
                                               "sam_fraction", "grad_evals", "wall_time")}
     summary.update({key: last[key] for key in ("val_acc", "val_loss") if key in last})  # with --validation
+    summary.update({key: value for key, value in last.items() if key.startswith("sharpness.")})  # final measures
     summary.update(finished=True, epochs=run.epoch, planned_steps=run.total_steps, world_size=run.world,
                    device=device.type)
     if compile_backend is not None:
