@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sharpness
+from helpers import classification_data, make_closure, mlp, params_equal, registered_names
 from sharpness.harness import TrainConfig, load_checkpoint, lr_factor, run_key, save_checkpoint, train
 
 
@@ -272,6 +273,36 @@ def test_optimizer_random_stream_follows_the_run_seed(digits):
     assert opt._rng.seed == 3
     opt = build_optimizer(_config(optimizer="sam", seed=7), model, total_steps=10)  # no seed option: none given
     assert isinstance(opt, sharpness.SAM)
+
+
+#: methods whose own random stream is used with their default options (SSAM-F draws only with fisher="sketch")
+_DRAWING = {"entropysgd", "esam", "smoothout", "sssam", "tracesam", "frobsam", "detsam"}
+
+
+@pytest.mark.parametrize("name, options", [*((n, {}) for n in sorted(_DRAWING | {"ssamf"})),
+                                           ("salr", {"inner": "entropysgd"}), ("salr", {"inner": "sssam"})])
+def test_every_optimizer_with_a_random_stream_is_seeded_by_the_run(name, options):
+    """A run with seed 7 steps exactly as one with ``--opt seed=7`` (and, where the stream is drawn from,
+    unlike seed 0). Trace/Frob/Det-SAM declare ``seed`` in UniversalSAM (through ``**kwargs``) and SALR passes
+    it to its inner optimizer: the harness used to look only at the class's own signature, and left them at 0."""
+    from sharpness.harness.train import build_optimizer, optimizer_option_names
+
+    seeded = {n for n in registered_names() if "seed" in (optimizer_option_names(n) or [])}
+    assert seeded == _DRAWING | {"ssamf"}
+    x, y = classification_data(0)
+
+    def run(seed, opts):
+        model = mlp(0)
+        config = _config(optimizer=name, seed=seed, optimizer_options={**options, **opts})
+        opt = build_optimizer(config, model, total_steps=20)
+        for _ in range(8):
+            opt.step(make_closure(opt, model, x, y))
+        return model
+
+    by_run = run(7, {})
+    assert params_equal(by_run, run(0, {"seed": 7}))
+    if name in _DRAWING or options.get("inner") in _DRAWING:
+        assert not params_equal(by_run, run(0, {}))
 
 
 def test_data_options_reach_the_loader_and_keep_old_run_ids():

@@ -13,7 +13,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from .. import __version__, _foreach
 from ..data._random import make_generator
 from ..data.resident import as_resident, check_shard, resident_batches, shard_bounds
 from ..optim.closure import make_closure
-from ..registry import create, get_optimizer_info
+from ..registry import create, get_optimizer_info, list_optimizers
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
@@ -176,8 +176,8 @@ def build_optimizer(config: TrainConfig, model: nn.Module, total_steps: int):
     options = dict(config.optimizer_options)
     if "total_steps" in info.required:
         options.setdefault("total_steps", total_steps)
-    if "seed" in inspect.signature(info.cls.__init__).parameters:  # the optimizer's own random stream (SS-SAM,
-        options.setdefault("seed", config.seed)                   # ESAM, SmoothOut, ...) follows the run's seed
+    if _takes_seed(config.optimizer, options):  # the optimizer's own random stream (SS-SAM, ESAM, SmoothOut,
+        options.setdefault("seed", config.seed)  # Trace-SAM, SALR's inner Entropy-SGD, ...) follows the run's seed
     return create(config.optimizer, build_base_optimizer(config, model), model=model,
                   max_grad_norm=config.max_grad_norm, **options)
 
@@ -207,6 +207,17 @@ def optimizer_option_names(name: str) -> list[str] | None:
         if klass is SharpnessAwareOptimizer or not any(p.kind is p.VAR_KEYWORD for p in parameters):
             return sorted(names - _NOT_OPTIONS)
     return None
+
+
+def _takes_seed(name: str, options: Mapping[str, Any]) -> bool:
+    """Whether the optimizer ``name`` (or, for SALR, the ``inner`` one its options build) has a ``seed`` option,
+    wherever in its constructors it is declared (Trace-SAM's comes through ``**kwargs`` from UniversalSAM)."""
+    names = optimizer_option_names(name)
+    if names is None:  # the **kwargs go to an inner optimizer (SALR)
+        inner = options.get("inner")
+        known = isinstance(inner, str) and inner.lower() in {info.name for info in list_optimizers()}
+        names = optimizer_option_names(inner) if known else None  # an unknown name fails in create()
+    return names is not None and "seed" in names
 
 
 def check_optimizer(config: TrainConfig) -> None:
