@@ -269,6 +269,16 @@ def group_by_device_dtype(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Te
     return list(buckets.values())
 
 
+def copy_grouped_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """``dst[i] <- src[i]`` over lists that may mix devices and dtypes (one foreach copy per bucket).
+
+    A function rather than a loop in the caller: an optimizer that calls the closure again later must not
+    keep a loop variable bound to ``src``'s gradient tensors, or the closure's ``zero_grad`` cannot free them
+    before its backward allocates new ones (one parameter-sized set more at the peak)."""
+    for d, s in group_by_device_dtype(dst, src):
+        copy_(d, s)
+
+
 def _norm_stacks(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
     """Per (device, dtype) bucket: the 1-d tensor of the bucket's L2 norms, on ``device``, in float32 or wider."""
     stacks = []

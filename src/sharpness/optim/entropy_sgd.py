@@ -222,16 +222,9 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                 with torch.enable_grad():
                     closure()
                 self.grad_evals += 1
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             for flat in flats:  # xi ~ N(0, I)
                 flat.normal_(generator=self._rng.get(flat.device))
-            for p, a, m, g, *xi in group_by_device_dtype(params, anchor, mean, grads, *noise):
-                # x' <- x' - eta' (g' + gamma (x' - x)) in two passes: x' <- x' + eta' gamma (x - x'), then - eta' g'
-                _foreach.lerp_(p, a, self.sgld_lr * gamma)
-                _foreach.add_(p, g, alpha=-self.sgld_lr)
-                if xi:  # x' <- x' + sqrt(eta') eps xi
-                    _foreach.add_(p, xi[0], alpha=noise_scale)
-                _foreach.lerp_(m, p, self.alpha)  # mu = (1 - alpha) mu + alpha x'
+            self._sgld_update(params, anchor, mean, noise, gamma, noise_scale)
         if self._bn_guard is not None:
             self._bn_guard.restore()
         outer = gamma if self.scale_by_gamma else 1.0
@@ -244,6 +237,22 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
             _foreach.sub_(g, m)
             if outer != 1.0:
                 _foreach.mul_(g, outer)  # the local-entropy gradient gamma (x - mu)
+
+    def _sgld_update(self, params: list[Tensor], anchor: list[Tensor], mean: list[Tensor], noise: list[list[Tensor]],
+                     gamma: float, noise_scale: float) -> None:
+        """One Langevin update of ``x'`` from the gradient in ``p.grad``, and the running mean ``mu``.
+
+        A method of its own so that no reference to the pass's gradient tensors outlives it: the next closure
+        clears them (set_to_none), and they must be freed before its backward allocates new ones (peak memory;
+        loop variables left bound in ``_langevin`` kept one set alive)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p, a, m, g, *xi in group_by_device_dtype(params, anchor, mean, grads, *noise):
+            # x' <- x' - eta' (g' + gamma (x' - x)) in two passes: x' <- x' + eta' gamma (x - x'), then - eta' g'
+            _foreach.lerp_(p, a, self.sgld_lr * gamma)
+            _foreach.add_(p, g, alpha=-self.sgld_lr)
+            if xi:  # x' <- x' + sqrt(eta') eps xi
+                _foreach.add_(p, xi[0], alpha=noise_scale)
+            _foreach.lerp_(m, p, self.alpha)  # mu = (1 - alpha) mu + alpha x'
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

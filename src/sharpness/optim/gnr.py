@@ -252,18 +252,22 @@ class GNR(SharpnessAwareOptimizer):
             )
         backup = self._displace(params)  # w and pass 1's BatchNorm statistics; an exception restores them
         oracle_grad = self._scratch(params, _ORACLE_GRAD)  # g(w) now, h_loss later
-        for dst, src in group_by_device_dtype(oracle_grad, grads):
-            _foreach.copy_(dst, [g.detach() for g in src])
+        _foreach.copy_grouped_(oracle_grad, [g.detach() for g in grads])
         grad_sq_norm_t = squared_norm(oracle_grad)
 
         # f = H(w) g(w) / (||g(w)|| + xi): shares pass 1 (exact: one double backward; FD: one more pass)
-        f = self._normalized_hvp(closure, params, grads, oracle_grad, grad_sq_norm_t.sqrt(), backup)
+        # No list may hold pass 1's gradient tensors through a later closure call (nor, after the climb, f): the
+        # closure clears p.grad, and they must be freed before its backward allocates new ones (peak memory).
+        # The finite difference takes g(w) from its copy in oracle_grad, so it gets no reference to them at all.
+        graph_grads = grads if self.hvp == "exact" else []
+        del grads
+        f = self._normalized_hvp(closure, params, graph_grads, oracle_grad, grad_sq_norm_t.sqrt(), backup)
+        del graph_grads
 
         # h_loss: the oracle gradient (g(w) is already in oracle_grad for the plain-loss oracle)
         if self.rule is not None:
             self._oracle_pass(closure, groups, params, oracle_grad, grad_sq_norm=grad_sq_norm_t, restore=False)
-            for dst, src in group_by_device_dtype(oracle_grad, [p.grad for p in params]):
-                _foreach.copy_(dst, src)
+            _foreach.copy_grouped_(oracle_grad, [p.grad for p in params])
             self._restore(params, backup)
 
         # w_adv = w + rho f / (||f|| + xi), per-group rho: SAM's climb along f (f is scratch afterwards)
@@ -272,6 +276,7 @@ class GNR(SharpnessAwareOptimizer):
             views.append(ParamGroupView(group, ps, f[offset:offset + len(ps)]))
             offset += len(ps)
         climb_(views, global_norm(f), self.xi)
+        del views, f
 
         # h_norm / rho = H(w_adv) g(w_adv) / (||g(w_adv)|| + xi)
         self._evaluate(closure)

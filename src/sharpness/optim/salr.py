@@ -381,9 +381,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         per_sample = self.normalization == "per_sample"
         for dst, src in group_by_device_dtype(weight, params):
             _foreach.copy_(dst, src)
-        grads_at_w = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        for dst, src in group_by_device_dtype(grad, grads_at_w):
-            _foreach.copy_(dst, src)
+        _foreach.copy_grouped_(grad, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
         # per-sample mode: d(w) comes from the training pass (first buffer), d(w + e) is built in a buffer; batch
         # mode steps along the gradient itself, scaled by gamma / ||g|| (no direction buffer, no offset buffer)
         first = self._scratch(params, _FIRST) if per_sample else grad
@@ -410,7 +408,9 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                             self._per_sample_pass(closure, params, first=False, out=direction)
                             moved, along = params, direction
                         else:
-                            spare = [None] * len(params)  # not held through the pass (peak memory)
+                            # No reference to the last pass's gradient tensors is held through the next pass (its
+                            # closure clears them, and they must be freed before its backward allocates new ones)
+                            spare, moved, along = [None] * len(params), [], []
                             self._pass(closure, backward=True)
                             spare = [p.grad for p in params]
                             moved = [p for p in params if p.grad is not None]  # no gradient: no move

@@ -244,6 +244,8 @@ class UniversalSAM(SharpnessAwareOptimizer):
             grad_sq_norm = squared_norm(grads).item()
             self.last_grad_sq_norm = grad_sq_norm
         perturb = self.lam != 0 and bool(grads) and bool(self.policy.decide(self.steps, grad_sq_norm))
+        del views, grads  # no reference to the pass-1 gradients across the closure calls below: once the closure
+        # clears them (set_to_none) they are freed before its backward allocates new ones (peak memory)
         if perturb:
             if not self._sharpness_gradient(closure, loss, params):
                 return loss  # inf/NaN in a perturbed pass (GradScaler): step skipped, weights restored
@@ -299,20 +301,10 @@ class UniversalSAM(SharpnessAwareOptimizer):
                 with torch.enable_grad():
                     perturbed_loss = closure()
                 self.grad_evals += 1
-                perturbed_grads = [_grad_or_zero(p) for p in params]
-                if self._found_inf is not None:  # checked once after the m passes: one host sync, not m
-                    unscale_(self.grad_scaler, perturbed_grads, self._found_inf)
                 losses.append(self._loss_value(perturbed_loss, device))
-                if i == m - 1:
-                    break  # the last pass's gradient stays in p.grad for the combination below
-                if raw:
-                    for dst, g in group_by_device_dtype(kept[i], perturbed_grads):
-                        _foreach.copy_(dst, g)
-                    continue
-                derivative = self.measure.psi_derivatives(self._forms(base_loss, losses[-1:], device))[0]
-                for j, total in enumerate(kept):
-                    for dst, g in group_by_device_dtype(total, perturbed_grads):
-                        _foreach.add_scaled_(dst, g, derivative[j])  # sum_i psi_j'(x_i) g_i
+                # the last pass's gradient stays in p.grad for the combination below
+                self._take_pass(params, kept[i] if raw and i < m - 1 else None,
+                                kept if not raw and i < m - 1 else None, base_loss, losses[-1], device)
         finally:
             for dst, src in group_by_device_dtype(params, backup):
                 _foreach.copy_(dst, src)  # back to w, bit-exact
@@ -337,6 +329,25 @@ class UniversalSAM(SharpnessAwareOptimizer):
             for k, total in enumerate(totals):
                 _foreach.add_scaled_(dst, total, kept_coefficients[k])
         return True
+
+    def _take_pass(self, params: list[Tensor], copy_to: list[Tensor] | None, sums: list[list[Tensor]] | None,
+                   base_loss: Tensor, loss: Tensor, device: torch.device) -> None:
+        """After a perturbed pass: unscale its gradient (GradScaler; checked once after the ``m`` passes, one
+        host sync), and keep it in ``copy_to`` or add ``psi_j'(x_i) g_i`` into the running sums ``sums``.
+
+        A method of its own so that no reference to the pass's gradient tensors outlives it: the next closure
+        clears them (set_to_none), and they must be freed before its backward allocates new ones (peak memory;
+        a loop variable left bound in ``_sharpness_gradient`` kept one set alive)."""
+        grads = [_grad_or_zero(p) for p in params]
+        if self._found_inf is not None:
+            unscale_(self.grad_scaler, grads, self._found_inf)
+        if copy_to is not None:
+            _foreach.copy_grouped_(copy_to, grads)
+        elif sums is not None:
+            derivative = self.measure.psi_derivatives(self._forms(base_loss, [loss], device))[0]
+            for j, total in enumerate(sums):
+                for dst, g in group_by_device_dtype(total, grads):
+                    _foreach.add_scaled_(dst, g, derivative[j])  # sum_i psi_j'(x_i) g_i
 
     def _param_views(self, params: list[Tensor]) -> list[ParamGroupView]:
         """Views of ``params`` (those of the first pass) per group, with their current gradient buffers."""
