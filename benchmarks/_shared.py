@@ -35,6 +35,24 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 # ---------------------------------------------------------------------------------------------- environment
+def block_order(n: int, repeat: int) -> list[int]:
+    """The order of ``n`` interleaved cases in repeat ``repeat``: rotated by ``repeat // 2`` and reversed on odd
+    repeats. Each case runs at every position, and each neighbouring pair in both orders (a rotation alone
+    always ran B right after A, so whatever A leaves behind, caches or allocator state, always fell on B)."""
+    shift = (repeat // 2) % n if n else 0
+    order = list(range(shift, n)) + list(range(shift))
+    return order[::-1] if repeat % 2 else order
+
+
+def paired_ratio(numerators: list[float], denominators: list[float], scale: float = 1.0) -> dict[str, float]:
+    """The median of the per-repeat paired ratios ``n_i / (scale d_i)`` (a drift common to both sides of a
+    repeat cancels in its ratio), their quartiles, and the ratio of the medians (the headline estimator before
+    session 15, kept for comparison with the older logs in docs/benchmarks.md)."""
+    q1, median, q3 = quartiles([n / (scale * d) for n, d in zip(numerators, denominators, strict=True)])
+    return {"value": median, "q1": q1, "q3": q3,
+            "ratio_of_medians": statistics.median(numerators) / (scale * statistics.median(denominators))}
+
+
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo``, else what ``platform`` knows."""
     try:

@@ -15,7 +15,7 @@ For an MLP (784-128-128-10, ReLU, batch 256) and a small CNN (conv 1->16, pool, 
 
 Every call is timed whole, the Hessian-vector-product graph set-up included (PyHessian builds it in its
 constructor, ours on the first product). All cases run once per repeat, in an order that rotates between
-repeats, after ``--warmup`` untimed rounds; the garbage collector is off while timing. Repeat ``r`` seeds
+repeats and reverses on every other one, after ``--warmup`` untimed rounds; the garbage collector is off while timing. Repeat ``r`` seeds
 our generator with ``seed + r`` and the global RNG (PyHessian's) with the same value. Reported: median and
 IQR of the wall time (``perf_counter``) and the process CPU time, Hessian-vector products per call (ours from
 ``settings["matvecs"]``, PyHessian's counted by wrapping its ``hessian_vector_product``) and the errors.
@@ -49,8 +49,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from _shared import block_order, quartiles, write_json_atomically
 from _shared import environment as shared_environment
-from _shared import quartiles, write_json_atomically
 from torch import Tensor, nn
 
 from sharpness.measures import hessian as hessian_module
@@ -265,9 +265,7 @@ def run_interleaved(all_cases: list[Case], model: nn.Module, data: Any,
     gc.disable()
     try:
         for repeat in range(args.repeats):
-            shift = repeat % len(all_cases)
-            order = list(range(len(all_cases)))
-            for i in order[shift:] + order[:shift]:
+            for i in block_order(len(all_cases), repeat):
                 samples[i].append(timed(all_cases[i], model, data, args.seed + repeat))
     finally:
         gc.enable()
@@ -361,7 +359,10 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- output
-def format_table(result: dict[str, Any]) -> str:
+def format_table(result: dict[str, Any], device: str = "cpu") -> str:
+    """The result as a table; the time to accuracy on the CPU clock, or on the wall clock on CUDA (the host's
+    process time leaves out the GPU's work whenever the host blocks in a synchronisation instead of spinning)."""
+    clock = "wall" if device.startswith("cuda") else "cpu"
     ref = result["reference_top_eigenvalue"]
     title = (f"\n{result['model']} ({result['parameters']:,} parameters, batch {result['batch_size']}); "
              f"reference top eigenvalue {ref['value']:.8g} (float64 Lanczos, tol {REFERENCE_TOL:g})")
@@ -383,8 +384,8 @@ def format_table(result: dict[str, Any]) -> str:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines += [fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*row) for row in rows]
     lines.append("time to the same accuracy (cheapest tolerance whose worst relative error meets the target; "
-                 "cpu clock):")
-    for entry in result["time_to_accuracy"]["cpu"]:
+                 f"{clock} clock):")
+    for entry in result["time_to_accuracy"][clock]:
         parts = []
         for impl in ("ours lanczos", "ours power", "pyhessian power"):
             if impl in entry:
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for key in args.models:
         results.append(bench_model(key, args))
-        print(format_table(results[-1]), flush=True)
+        print(format_table(results[-1], args.device), flush=True)
     if args.json:
         write_json_atomically(args.json, {"environment": env, "results": results})
         print(f"\nwrote {args.json}")

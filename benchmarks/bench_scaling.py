@@ -40,6 +40,7 @@ from bench_step import (
     method_specs,
     summarize,
     time_methods,
+    warn_without_peer,
 )
 from torch import nn
 
@@ -147,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.from_json:
+    if args.from_json:  # redrawn with the clocks of the device it was measured on, not this command's --device
         with open(args.from_json) as f:
             saved = json.load(f)
-        return report(saved["results"], saved["environment"], device, args)
+        return report(saved["results"], saved["environment"],
+                      torch.device(saved["environment"].get("device", "cpu")), args)
+    warn_without_peer()
     results = []
     for width in args.widths:
         results.append(bench_size(width, args, device))

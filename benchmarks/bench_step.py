@@ -14,7 +14,8 @@ The methods timed are
   driven as its documentation says (see :func:`peer_specs`), for a per-method "ours / peer" ratio.
 
 Methods are interleaved: every repeat runs one block of ``--steps-per-repeat`` steps of each method (the order
-rotates between repeats), so slow drifts of the machine hit all methods alike. Warm-up blocks are not timed.
+rotates between repeats and is reversed on every other one), so slow drifts of the machine hit all methods alike
+and no method always follows the same one. Warm-up blocks are not timed.
 Two clocks are read around each block: wall time (``perf_counter``, with ``torch.cuda.synchronize`` on CUDA)
 and, on CPU, process CPU time (``process_time``), which does not count the time the process waits while other
 jobs hold the cores. Reported per method and clock:
@@ -22,14 +23,20 @@ jobs hold the cores. Reported per method and clock:
 * median and interquartile range over the repeats of the time per step;
 * gradient passes per step (the optimizer's ``grad_evals / steps`` counter where it has one; for SGD and the
   peers, the closure calls per step) and the normalized cost ``time per step / (passes per step x SGD step)``
-  (1.0 = no cost beyond the passes themselves);
+  (1.0 = no cost beyond the passes themselves), the median over repeats of the paired ratios to that repeat's
+  SGD block. The counter equals the closure calls for the whole SAM family; two methods count otherwise:
+  GNR's exact mode counts each Hessian-vector product (a double backward, about 1.4 passes) as a pass, and
+  SALR leaves out its forward-only endpoint losses (``loss_evals``), so their normalized cost also carries
+  those differences;
 * the median time of the update alone (``first_step(); second_step()`` or ``step()`` on fixed gradients,
   timed the same way with fresh copies), which isolates the optimizer's own bookkeeping. The weights and the
   gradients are put back before every update, outside the timed region (the rules may overwrite the gradients,
   and with no second pass in between, ASAM's ``T^2 g`` compounded over repeated updates reached non-finite
   weights on the deep model); each update is timed on its own;
-* the optimizer state beyond the base SGD's (tensor bytes, between steps and the peak seen during a step)
-  and, on CUDA, ``torch.cuda.max_memory_allocated`` over a short training run;
+* the optimizer state beyond the base SGD's (tensor bytes, between steps and the largest seen at a closure
+  call), and the allocator's peak: on CUDA ``torch.cuda.max_memory_allocated`` over a short training run, on
+  CPU a step's peak above its start (``sharpness._ops.cpu_peak_bytes``: passes and temporaries included,
+  so SGD's row is its gradients and activations and any row above it is what the method holds beyond);
 * kernels and scalar reads per step outside the closure (untimed, counted at the dispatcher on the code path
   a GPU runs, the base update included; views are not kernels): on a GPU each kernel costs the host a launch,
   so this is what a host-bound GPU step pays beyond its passes. torch.optim.SGD runs its per-tensor loop on
@@ -60,12 +67,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from _shared import block_order, paired_ratio, quartiles, write_json_atomically
 from _shared import environment as shared_environment
-from _shared import quartiles, write_json_atomically
 from torch import Tensor, nn
 
 import sharpness
-from sharpness._ops import OpCounter, device_read_path
+from sharpness._ops import OpCounter, cpu_peak_bytes, device_read_path
 
 try:
     import pytorch_optimizer
@@ -333,11 +340,13 @@ def pytorch_optimizer_classes() -> tuple[type, ...]:
 
 @dataclass(frozen=True)
 class Sample:
-    """One timed block: wall and process-CPU seconds per step, gradient passes per step."""
+    """One timed block: wall and process-CPU seconds per step, gradient passes per step, and the fraction of
+    its steps that took the method's extra passes (``sam_steps``; None for SGD and the peers)."""
 
     wall: float
     cpu: float
     passes: float
+    sam: float | None = None
 
 
 @dataclass
@@ -405,6 +414,7 @@ class Runner:
         """``steps`` calls of ``action``, timed as one block; with ``between``, it runs before every call,
         untimed, and each call is timed on its own."""
         before, calls = grad_eval_counters(self.optimizer), self.closure_calls
+        sam_before = getattr(self.optimizer, "sam_steps", None)
         if between is None:
             synchronize(device)
             wall, cpu = time.perf_counter(), time.process_time()
@@ -425,7 +435,9 @@ class Runner:
         after = grad_eval_counters(self.optimizer)
         if before is None or after is None or after[1] == before[1]:  # SGD, the peers: the closure calls
             return Sample(wall, cpu, (self.closure_calls - calls) / steps)
-        return Sample(wall, cpu, (after[0] - before[0]) / (after[1] - before[1]))
+        sam = getattr(self.optimizer, "sam_steps", None)
+        sam = None if sam is None or sam_before is None else (sam - sam_before) / (after[1] - before[1])
+        return Sample(wall, cpu, (after[0] - before[0]) / (after[1] - before[1]), sam)
 
 
 def make_runner(spec: MethodSpec, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
@@ -450,7 +462,7 @@ def all_finite(runner: Runner) -> bool:
 # ---------------------------------------------------------------------------------------------- timing
 def run_interleaved(runners: list[Runner], action: str, args: argparse.Namespace,
                     device: torch.device) -> dict[str, list[Sample]]:
-    """Round-robin blocks of ``runner.<action>``, one per method per repeat; the order rotates per repeat."""
+    """Round-robin blocks of ``runner.<action>``, one per method per repeat, in :func:`block_order`."""
     samples: dict[str, list[Sample]] = {runner.spec.name: [] for runner in runners}
     def block(runner: Runner) -> Sample:
         between = runner.refresh if action == "update" else None
@@ -463,8 +475,8 @@ def run_interleaved(runners: list[Runner], action: str, args: argparse.Namespace
     gc.disable()  # no collector pauses inside timed blocks (as timeit does)
     try:
         for repeat in range(args.repeats):
-            shift = repeat % len(runners)
-            for runner in runners[shift:] + runners[:shift]:
+            for index in block_order(len(runners), repeat):
+                runner = runners[index]
                 sample = block(runner)
                 samples[runner.spec.name].append(sample)
     finally:
@@ -505,13 +517,14 @@ def param_bytes(model: nn.Module) -> int:
 
 def measure_memory(spec: MethodSpec, model: nn.Module, batches: list[tuple[Tensor, Tensor]],
                    device: torch.device, steps: int = 10) -> dict[str, Any]:
-    """Extra state at rest and its peak (probed at every closure call) over a short run; CUDA peak if any."""
+    """Extra state at rest and its largest size at a closure call over a short run; the allocator's peak: on
+    CUDA over the run (``max_memory_allocated``), on CPU per step above its start (the profiler's counters)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
-    runner = make_runner(spec, model, batches, total_steps=steps)
+    runner = make_runner(spec, model, batches, total_steps=steps + 4)  # + the CPU peak's steps
     base_keys = base_state_keys()
     peak = 0
 
@@ -528,6 +541,10 @@ def measure_memory(spec: MethodSpec, model: nn.Module, batches: list[tuple[Tenso
     result = {"extra_state_bytes_at_rest": at_rest, "extra_state_bytes_peak": peak}
     if device.type == "cuda":
         result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
+    else:  # what a step allocates beyond its start, passes and temporaries included (the state is already there)
+        runner.on_closure = None
+        cpu_peak_bytes(runner.step)  # the profiler learns the sizes of earlier blocks from a first step
+        result["cpu_step_peak_bytes"] = max(cpu_peak_bytes(runner.step) for _ in range(3))
     return result
 
 
@@ -555,21 +572,22 @@ CLOCKS = ("wall", "cpu")  # time.perf_counter; time.process_time (excludes time 
 def clock_summary(samples: list[Sample], reference: list[Sample], clock: str) -> dict[str, Any]:
     """Median/IQR of the step time on one clock, and the cost normalized by (passes x SGD step).
 
-    ``normalized`` is the median over blocks of ``t_block / (passes_block x median SGD step)``: each block is
-    divided by its own pass count, which matters for the methods whose pass count varies from block to block
-    (for the others it is the plain ratio of medians). ``normalized_q1/q3`` are the quartiles of the paired
-    per-repeat ratios ``t_block / (passes_block x SGD block of the same repeat)``, where slow drifts cancel.
+    ``normalized`` is the median of the paired per-repeat ratios ``t_block / (passes_block x SGD block of the
+    same repeat)`` (slow drifts cancel within a repeat; each block is divided by its own pass count, which
+    matters for the methods whose pass count varies from block to block), ``normalized_q1/q3`` their
+    quartiles. ``normalized_by_median_sgd`` divides by the median SGD step instead (the estimator before
+    session 15).
     """
     values = [getattr(s, clock) for s in samples]
     ref = [getattr(s, clock) for s in reference]
     q1, median, q3 = quartiles(values)
     ref_median = statistics.median(ref)
-    paired = [v / (s.passes * r) for v, s, r in zip(values, samples, ref, strict=True)]
-    paired_q1, _, paired_q3 = quartiles(paired)
+    paired_q1, paired_median, paired_q3 = quartiles(
+        [v / (s.passes * r) for v, s, r in zip(values, samples, ref, strict=True)])
     return {
         "median_s": median, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1,
-        "normalized": statistics.median(v / (s.passes * ref_median) for v, s in zip(values, samples)),
-        "normalized_q1": paired_q1, "normalized_q3": paired_q3,
+        "normalized": paired_median, "normalized_q1": paired_q1, "normalized_q3": paired_q3,
+        "normalized_by_median_sgd": statistics.median(v / (s.passes * ref_median) for v, s in zip(values, samples)),
         "per_block_s": values,
     }
 
@@ -586,17 +604,21 @@ def summarize(steps: dict[str, list[Sample]], updates: dict[str, list[Sample]]) 
             entry[clock] = clock_summary(samples, steps[REFERENCE], clock)
             entry[clock]["update_only_median_s"] = (
                 statistics.median(getattr(s, clock) for s in updates[name]) if name in updates else None)
+        # the share of extra-pass (SAM) updates in the timed steps and in the update-only blocks, which replay one
+        # frozen gradient: an adaptive policy (AE-SAM) then sees a constant ||g||^2 and may choose another mix
+        for key, blocks in (("sam_fraction", samples), ("update_only_sam_fraction", updates.get(name, []))):
+            fractions = [b.sam for b in blocks if b.sam is not None]
+            entry[key] = statistics.fmean(fractions) if fractions else None
         summary[name] = entry
     return summary
 
 
-def paired_ratio(steps: dict[str, list[Sample]], numerator: str, denominator: str, clock: str,
-                 scale: float = 1.0) -> dict[str, float]:
-    """``median(num) / (scale * median(den))`` and the quartiles of the per-repeat paired ratios."""
-    num = [getattr(s, clock) for s in steps[numerator]]
-    den = [getattr(s, clock) for s in steps[denominator]]
-    q1, _, q3 = quartiles([n / (scale * d) for n, d in zip(num, den, strict=True)])
-    return {"value": statistics.median(num) / (scale * statistics.median(den)), "q1": q1, "q3": q3}
+def step_ratio(steps: dict[str, list[Sample]], numerator: str, denominator: str, clock: str,
+               scale: float = 1.0) -> dict[str, float]:
+    """The median of the per-repeat paired ratios ``num / (scale * den)``, with their quartiles (and the ratio
+    of the medians, the estimator before session 15)."""
+    return paired_ratio([getattr(s, clock) for s in steps[numerator]],
+                        [getattr(s, clock) for s in steps[denominator]], scale)
 
 
 def predicted_ratios(summary: dict[str, dict[str, Any]], clock: str) -> dict[str, float]:
@@ -620,9 +642,9 @@ def headline_ratios(steps: dict[str, list[Sample]], summary: dict[str, dict[str,
     ratios: dict[str, Any] = {"targets": {"sam_over_2x_sgd": SAM_TARGET,
                                           "sam_over_pytorch_optimizer_sam": VS_PYTORCH_OPTIMIZER_TARGET}}
     for clock in CLOCKS:
-        entry: dict[str, Any] = {"sam_over_2x_sgd": paired_ratio(steps, OURS, REFERENCE, clock, scale=2.0)}
+        entry: dict[str, Any] = {"sam_over_2x_sgd": step_ratio(steps, OURS, REFERENCE, clock, scale=2.0)}
         if THEIRS in steps:
-            entry["sam_over_pytorch_optimizer_sam"] = paired_ratio(steps, OURS, THEIRS, clock)
+            entry["sam_over_pytorch_optimizer_sam"] = step_ratio(steps, OURS, THEIRS, clock)
         entry["predicted_from_update_only"] = predicted_ratios(summary, clock)
         sgd = summary[REFERENCE][clock]
         entry["sam_update_minus_sgd_update_s"] = (
@@ -669,7 +691,7 @@ def peer_ratios(steps: dict[str, list[Sample]], summary: dict[str, dict[str, Any
         entry: dict[str, Any] = {"peer": spec.name, "passes_per_step": [ours["passes_per_step"],
                                                                         theirs["passes_per_step"]]}
         for clock in CLOCKS:
-            entry[clock] = paired_ratio(steps, spec.peer_of, spec.name, clock)
+            entry[clock] = step_ratio(steps, spec.peer_of, spec.name, clock)
             a, b = ours[clock]["update_only_median_s"], theirs[clock]["update_only_median_s"]
             entry[clock]["update_only"] = None if a is None or b is None else a / b
         out[spec.peer_of] = entry
@@ -740,9 +762,8 @@ def table_row(name: str, m: dict[str, Any], clocks: tuple[str, ...], cuda: bool)
         update = c["update_only_median_s"]
         row += [_ms(c["median_s"]), _ms(c["iqr_s"]), f"{c['normalized']:.3f}", "-" if update is None else _ms(update)]
     row.append(f"{_mib(m['extra_state_bytes_at_rest'])} / {_mib(m['extra_state_bytes_peak'])}")
+    row.append(_mib(m["cuda_peak_bytes"] if cuda else m["cpu_step_peak_bytes"]))
     row.append(f"{m['kernels_per_step']:.0f} / {m['reads_per_step']:.1f}")
-    if cuda:
-        row.append(_mib(m["cuda_peak_bytes"]))
     return row
 
 
@@ -752,10 +773,9 @@ def format_model_table(result: dict[str, Any], device: str) -> str:
     header = ["method", "passes/step"]
     for clock in clocks:
         header += [f"{clock} ms/step", f"{clock} IQR", f"{clock} t/(passes*SGD)", f"{clock} update-only ms"]
-    header.append("extra state MiB rest / peak")
+    header.append("opt. state beyond SGD MiB (rest / max at a pass)")
+    header.append("CUDA peak MiB (run)" if cuda else "step peak MiB (over its start)")
     header.append("kernels / reads per step")
-    if cuda:
-        header.append("CUDA peak MiB")
     rows = [header] + [table_row(name, m, clocks, cuda) for name, m in result["methods"].items()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
 
@@ -764,7 +784,15 @@ def format_model_table(result: dict[str, Any], device: str) -> str:
                                  for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
     rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(rows[0]), rule] + [line(row) for row in rows[1:]])
+    table = "\n".join([line(rows[0]), rule] + [line(row) for row in rows[1:]])
+    mixes = [f"{name} {m['update_only_sam_fraction']:.2f} vs {m['sam_fraction']:.2f}"
+             for name, m in result["methods"].items()
+             if m.get("sam_fraction") is not None and m.get("update_only_sam_fraction") is not None
+             and abs(m["sam_fraction"] - m["update_only_sam_fraction"]) > 0.05]
+    if mixes:
+        table += ("\nnote: the update-only column replays one frozen gradient, so these methods took another share "
+                  "of extra-pass updates there than in the timed steps (update-only vs steps): " + "; ".join(mixes))
+    return table
 
 
 def _verdict(value: float, target: float) -> str:
@@ -832,8 +860,16 @@ def print_report(env: dict[str, Any], results: list[dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def warn_without_peer() -> None:
+    """Say so when pytorch-optimizer is missing: its rows and the "ours / peer" target would vanish silently."""
+    if pytorch_optimizer is None:
+        print("note: pytorch-optimizer is not installed, so its rows and the 'ours / pytorch-optimizer' ratios are "
+              "left out (pip install pytorch-optimizer, or the project's test extra)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    warn_without_peer()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.compile:  # SSAM-F's per-example Fisher back-propagates one graph several times (retain_graph)

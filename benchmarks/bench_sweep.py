@@ -1,7 +1,7 @@
 """Sweep throughput: ``sharpness sweep`` with one worker against ``--jobs N`` workers, whole commands, in one run.
 
 A sweep of ``--runs`` short runs (ERM and SAM alternating over seeds, MNIST-1D and its 1-D CNN by default) is
-trained from an empty store by two commands, in turn (A B A B ...), each in a fresh folder:
+trained from an empty store by two commands, in turn (A B, B A, A B ...), each in a fresh folder:
 
 * one worker: ``sharpness sweep FILE -q --threads C`` (C = the CPUs this process may use);
 * N workers: ``sharpness sweep FILE -q --jobs N`` (each worker gets C / N torch threads).
@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     many = ["--jobs", str(args.jobs)]
     walls: dict[str, list[float]] = {"one worker": [], f"{args.jobs} workers": []}
     results: dict[str, dict[str, float]] = {}
+    sides = (("one worker", one), (f"{args.jobs} workers", many))
     for repeat in range(args.warmup + args.repeats):
-        for name, extra in (("one worker", one), (f"{args.jobs} workers", many)):
+        for name, extra in sides if repeat % 2 == 0 else sides[::-1]:  # A B, B A, ...: neither side always first
             wall, result = timed_sweep(text, extra, args.device)
             results[name] = result
             if repeat >= args.warmup:

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from helpers import create_for_test, make_closure, registered_names
 from sharpness import _foreach
-from sharpness._ops import OpCounter
+from sharpness._ops import OpCounter, cpu_peak_bytes
 
 #: parameter-sized floating-point buffers the optimizer itself keeps between steps (the base optimizer's
 #: momentum is not counted), with default options
@@ -166,24 +166,7 @@ PEAK_WITH_OPTIONS = [
 ]
 
 
-def _peak_bytes(tmp_path, step) -> int:
-    """Peak bytes allocated during ``step()`` above the level at its start, from the CPU allocator's own
-    ``Total Allocated`` counter in the profiler's memory events (which include the closure's backward)."""
-    import json
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    path = tmp_path / "trace.json"
-    prof.export_chrome_trace(str(path))
-    events = sorted((e for e in json.loads(path.read_text())["traceEvents"] if e.get("name") == "[memory]"),
-                    key=lambda e: e["ts"])
-    start = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in events) - start
-
-
-def _steady_peak(tmp_path, name: str | None, options: dict) -> float:
+def _steady_peak(name: str | None, options: dict) -> float:
     """A step's peak in parameter-sized sets (the largest of three profiled steps after the first: the
     profiler learns the sizes of blocks allocated before it started only once it has seen them allocated)."""
     torch.manual_seed(0)
@@ -204,19 +187,19 @@ def _steady_peak(tmp_path, name: str | None, options: dict) -> float:
             opt.step(closure)
     for _ in range(3):
         step()
-    peaks = [_peak_bytes(tmp_path, step) for _ in range(4)][1:]
+    peaks = [cpu_peak_bytes(step) for _ in range(4)][1:]
     return max(peaks) / sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name, options, budget", [*((n, {}, PEAK_BEYOND_SGD.get(n, 0)) for n in registered_names()),
                                                    *PEAK_WITH_OPTIONS])
-def test_peak_memory_of_a_step_is_sgds_plus_the_methods_own(tmp_path, name, options, budget):
+def test_peak_memory_of_a_step_is_sgds_plus_the_methods_own(name, options, budget):
     """The peak during a whole step (closures included) exceeds plain SGD's by the method's own budget of
     parameter-sized sets, measured, not derived. State kept between steps is not in the peak (it is there at
     the start); what is, is a set of gradient tensors a list in the step kept alive while the next closure
     ran (its ``zero_grad`` could not free them before the backward allocated new ones): Trace/Frob/Det-SAM,
     SALR, GNR and Entropy-SGD held one to three such sets."""
-    excess = _steady_peak(tmp_path, name, options) - _steady_peak(tmp_path, None, {})
+    excess = _steady_peak(name, options) - _steady_peak(None, {})
     assert excess == pytest.approx(budget, abs=0.2)
 
 
@@ -262,6 +245,24 @@ def test_the_scalar_read_probe_sees_an_item_call():
         t.sum().item()
         bool(t.any())
     assert mode.reads == 2 and mode.kernels == 2  # sum, any; the reads are not kernels
+
+
+def test_the_peak_probe_sees_two_live_temporaries():
+    """The peak probe is not blind: two 2 MiB tensors alive together peak at 4 MiB, freed in turn at 2 MiB."""
+    def together():
+        a = torch.ones(1 << 18, dtype=torch.float64)
+        b = a * 2
+        del a, b
+
+    def in_turn():
+        a = torch.ones(1 << 18, dtype=torch.float64)
+        del a
+        b = torch.ones(1 << 18, dtype=torch.float64)
+        del b
+
+    cpu_peak_bytes(together)
+    assert cpu_peak_bytes(together) == pytest.approx(4 << 20, rel=0.01)
+    assert cpu_peak_bytes(in_turn) == pytest.approx(2 << 20, rel=0.01)
 
 
 def test_the_allocation_probe_sees_an_allocating_update():

@@ -1,11 +1,15 @@
 """What reaches torch's dispatcher during a step, counted: the probe of ``benchmarks/bench_step.py``'s kernel
-column and of ``tests/test_memory.py``'s kernel and host-read budgets (one counter for both)."""
+column and of ``tests/test_memory.py``'s kernel and host-read budgets (one counter for both); and the peak of the
+CPU allocator during a step (the benchmark's "step peak" column and the test's peak budgets)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -61,3 +65,28 @@ def device_read_path() -> Iterator[None]:
         yield
     finally:
         _foreach.host_read_is_free = saved
+
+
+def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes the CPU allocator held during ``fn()`` above its level at the start, closures and backward
+    passes included: the allocator's own ``Total Allocated`` counter, read from the profiler's memory events.
+
+    The profiler learns the size of a block only once it has seen it allocated while profiling, so call this a
+    first time (on a step that frees what earlier steps allocated) before the value that counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    handle, path = tempfile.mkstemp(suffix=".json")
+    os.close(handle)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as file:
+            events = [e for e in json.load(file)["traceEvents"] if e.get("name") == "[memory]"]
+    finally:
+        os.unlink(path)
+    if not events:
+        return 0
+    events.sort(key=lambda e: e["ts"])
+    start = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in events) - start
