@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -75,7 +76,7 @@ def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     first time (on a step that frees what earlier steps allocated) before the value that counts."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     handle, path = tempfile.mkstemp(suffix=".json")
     os.close(handle)
@@ -90,3 +91,23 @@ def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     events.sort(key=lambda e: e["ts"])
     start = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
     return max(e["args"]["Total Allocated"] for e in events) - start
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ side logs two lines per session there); a no-op where
+    ``sys.stderr`` has no descriptor (pytest's capture)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
