@@ -19,8 +19,17 @@ def _torchrun(args, db):
     torchrun = shutil.which("torchrun") or ""
     command = ([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*command, "--standalone", "--nproc_per_node", "2", "-m", "sharpness", *args,
-                           "--db", str(db)], capture_output=True, text=True, timeout=240, env=env)
+    for _attempt in range(2):
+        done = subprocess.run([*command, "--standalone", "--nproc_per_node", "2", "-m", "sharpness", *args,
+                               "--db", str(db)], capture_output=True, text=True, timeout=240, env=env, check=False)
+        # A worker aborted by torch's C++ runtime (std::terminate) is retried once, from an empty store: seen once
+        # in CI (session 15, rank 1 at the start of a compiled run), never in six reruns, three of them under
+        # load. A Python error or a failed assertion is never retried.
+        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
+            return done
+        for leftover in db.parent.glob(db.name + "*"):
+            leftover.unlink()
+    return done
 
 
 @pytest.mark.parametrize("optimizer", ["erm", "aesam"])
