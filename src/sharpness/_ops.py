@@ -68,12 +68,18 @@ def device_read_path() -> Iterator[None]:
         _foreach.host_read_is_free = saved
 
 
-def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+def cpu_peak_bytes(fn: Callable[[], Any], *, calls: int = 3) -> int:
     """Peak bytes the CPU allocator held during ``fn()`` above its level at the start, closures and backward
     passes included: the allocator's own ``Total Allocated`` counter, read from the profiler's memory events.
 
-    The profiler learns the size of a block only once it has seen it allocated while profiling, so call this a
-    first time (on a step that frees what earlier steps allocated) before the value that counts."""
+    ``fn`` runs ``calls + 1`` times and the result is the largest peak of the last ``calls``: the profiler learns
+    the size of a block only once it has seen it allocated while profiling, so the first call (which frees what
+    earlier calls allocated) is not counted."""
+    _profiled_peak(fn)
+    return max(_profiled_peak(fn) for _ in range(calls))
+
+
+def _profiled_peak(fn: Callable[[], Any]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

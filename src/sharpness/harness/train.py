@@ -26,7 +26,7 @@ from .. import __version__, _foreach
 from ..data._random import make_generator
 from ..data.resident import as_resident, check_shard, resident_batches, shard_bounds
 from ..optim.closure import make_closure
-from ..registry import create, get_optimizer_info, list_optimizers
+from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 
@@ -213,10 +213,11 @@ def _takes_seed(name: str, options: Mapping[str, Any]) -> bool:
     """Whether the optimizer ``name`` (or, for SALR, the ``inner`` one its options build) has a ``seed`` option,
     wherever in its constructors it is declared (Trace-SAM's comes through ``**kwargs`` from UniversalSAM)."""
     names = optimizer_option_names(name)
-    if names is None:  # the **kwargs go to an inner optimizer (SALR)
-        inner = options.get("inner")
-        known = isinstance(inner, str) and inner.lower() in {info.name for info in list_optimizers()}
-        names = optimizer_option_names(inner) if known else None  # an unknown name fails in create()
+    if names is None and isinstance(options.get("inner"), str):  # the **kwargs go to an inner optimizer (SALR)
+        try:
+            names = optimizer_option_names(options["inner"])
+        except ValueError:  # an unknown name: create() reports it
+            names = None
     return names is not None and "seed" in names
 
 
