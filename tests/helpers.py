@@ -109,3 +109,72 @@ def checkpoint_round_trip(model: nn.Module, opt: torch.optim.Optimizer) -> dict[
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+def run_spawned(worker: Callable[[int, str, str], None], world: int, tmp: Any, join_timeout_s: float) -> list[dict]:
+    """Run ``worker(rank, init_file, out_dir)`` in ``world`` spawned processes and return each rank's results,
+    which the worker saves to ``out_dir/rank{rank}.pt`` (a dict; ``{"error": traceback}`` on failure).
+
+    A hang fails the test (hard join timeout) instead of blocking the run; a rank's error fails it with that
+    rank's traceback."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(rank, str(tmp / "init"), str(tmp)), daemon=True)
+             for rank in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + join_timeout_s
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.terminate()
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    if hung:
+        pytest.fail(f"worker processes did not finish within {join_timeout_s}s (hang)")
+    results = []
+    for rank, p in enumerate(procs):
+        path = tmp / f"rank{rank}.pt"
+        assert path.exists(), f"rank {rank} exited with code {p.exitcode} and wrote no result"
+        res = torch.load(path, weights_only=False)
+        if "error" in res:
+            pytest.fail(f"rank {rank} failed:\n{res['error']}")
+        assert p.exitcode == 0, f"rank {rank} exit code {p.exitcode}"
+        results.append(res)
+    return results
+
+
+def run_scenarios(rank: int, init_file: str, out_dir: str, world: int, timeout_s: float,
+                  scenarios: Callable[[int, dict], Any]) -> None:
+    """The body of a spawned worker: join a gloo group of ``world`` ranks, run the generator ``scenarios(rank,
+    result)`` (it fills ``result`` and yields each scenario's name before running it), then save ``result``, or
+    the traceback of the failing scenario, to ``out_dir/rank{rank}.pt`` for :func:`run_spawned`."""
+    import datetime
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    result: dict = {}
+    scenario = "init_process_group"
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        for scenario in scenarios(rank, result):  # (the name is reported on failure)
+            pass
+        scenario = "barrier"
+        dist.barrier()
+    except BaseException:  # noqa: BLE001 - reported to the parent process
+        result = {"error": f"in scenario {scenario}:\n{traceback.format_exc()}"}
+    finally:
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        if dist.is_initialized():
+            dist.destroy_process_group()

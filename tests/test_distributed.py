@@ -14,19 +14,14 @@ A hang fails the test (hard join timeout, collective timeout) instead of blockin
 
 from __future__ import annotations
 
-import datetime
 import os
-import time
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import sharpness
-from helpers import create_for_test
+from helpers import create_for_test, run_scenarios, run_spawned
 
 WORLD = 2
 STEPS_LOCAL = 20  # per-worker perturbation scenario
@@ -257,135 +252,95 @@ def fisher_mask(opt: sharpness.SSAMF, model: nn.Module) -> torch.Tensor:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    """Runs in a spawned process; writes its results (or its traceback) to ``out_dir/rank{rank}.pt``."""
-    torch.set_num_threads(1)
-    result: dict = {}
-    scenario = "init_process_group"
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        # (a) per-worker perturbation, every registered optimizer, different data on each rank.
-        for name in OPTIMIZER_NAMES:
-            scenario = f"local/{name}"
-            model = nn.parallel.DistributedDataParallel(make_model())
-            opt = train(name, model, local_batches(rank, STEPS_LOCAL), STEPS_LOCAL, model=model)
-            result[("local", name)] = {"params": flat_params(model), **counters(opt)}
-        # (a') the same with gradients as bucket views (p.grad aliases DDP's buffers).
-        for name in OPTIMIZER_NAMES:
-            scenario = f"bucket-view/{name}"
-            model = nn.parallel.DistributedDataParallel(make_model(), gradient_as_bucket_view=True)
-            opt = train(name, model, local_batches(rank, STEPS_SYNC), STEPS_SYNC, model=model)
-            result[("bucket-view", name)] = {"params": flat_params(model), **counters(opt)}
-        # (b) global perturbation: each rank takes its half of the global batch.
-        for name in OPTIMIZER_NAMES:
-            scenario = f"sync/{name}"
-            model = nn.parallel.DistributedDataParallel(make_model())
-            opt = train(name, model, split(global_batches(STEPS_SYNC), rank), STEPS_SYNC, model=model,
-                        **sync_kwargs(name))
-            result[("sync", name)] = {"params": flat_params(model), **counters(opt)}
-        # Same split data as (b) but per-worker perturbation: must differ from (b) (the test is sensitive).
-        scenario = "split-local/sam"
-        model = nn.parallel.DistributedDataParallel(make_model())
-        train("sam", model, split(global_batches(STEPS_SYNC), rank), STEPS_SYNC, model=model)
-        result[("split-local", "sam")] = {"params": flat_params(model)}
-        # (c) GradScaler: an overflow on one rank only must skip the step on every rank.
-        for name in ("sam", "aesam", "aelooksam"):
-            scenario = f"amp/{name}"
-            model = nn.parallel.DistributedDataParallel(make_model())
-            opt, scale = train_scaled_with_one_rank_overflow(name, model, rank, local_batches(rank, 4), 1)
-            result[("amp", name)] = {"params": flat_params(model), "scale": scale, **counters(opt)}
-        # (d) the per-sample-loss closures (ESAM's data selection, SSAM-F's Fisher mask) under DDP.
-        for name, options in PER_SAMPLE_OPTIONS.items():
-            scenario = f"per-sample/{name}"
-            model = nn.parallel.DistributedDataParallel(make_model())
-            opt = sharpness.create(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model=model,
-                                   **options)
-            assert opt.needs_per_sample_losses
-            for x, y in local_batches(rank, STEPS_LOCAL):
-                def compute_loss(reduction, x=x, y=y):
-                    return nn.functional.cross_entropy(model(x), y, reduction=reduction)
+    run_scenarios(rank, init_file, out_dir, WORLD, COLLECTIVE_TIMEOUT_S, _scenarios)
 
-                opt.step(sharpness.make_closure(opt, compute_loss))
-            result[("per-sample", name)] = {"params": flat_params(model), **counters(opt)}
-        # (e) SSAM-F's vectorized exact Fisher: each rank its half of a global batch, through the DDP wrapper.
-        scenario = "fisher-vmap/ssamf"
+
+def _scenarios(rank: int, result: dict):
+    """The scenarios, run by each spawned rank (see :func:`helpers.run_scenarios`); each yields its name first."""
+    # (a) per-worker perturbation, every registered optimizer, different data on each rank.
+    for name in OPTIMIZER_NAMES:
+        yield f"local/{name}"
         model = nn.parallel.DistributedDataParallel(make_model())
-        opt = ssamf_vmap(model.parameters())
-        (x, y), = split(global_batches(1), rank)
-        opt.update_mask(model, nn.functional.cross_entropy, x, y)
-        result[("fisher-vmap", "ssamf")] = {"mask": fisher_mask(opt, model)}
-        # (f) a NaN loss in rank 1's perturbed pass only: every rank refuses the update (the verdict is reduced).
-        for name in ("sam", "gnr"):
-            scenario = f"nan/{name}"
-            model = nn.parallel.DistributedDataParallel(make_model())
-            result[("nan", name)] = train_with_one_rank_nan(name, model, rank, local_batches(rank, 2))
-        # (g) the same through torch.compile(DDP(model)): the optimizers must find the DDP module behind the
-        # wrapper (no_sync, the reduced verdict). The NaN is in the last pass, so only the verdict stops rank 0.
-        for name, options in COMPILED_NAN_OPTIONS.items():
-            scenario = f"nan-compiled/{name}"
-            model = nn.parallel.DistributedDataParallel(make_model())
-            result[("nan-compiled", name)] = train_with_one_rank_nan(
-                name, torch.compile(model, backend="aot_eager"), rank, local_batches(rank, 2), **options)
-        # (h) the harness on augmented images: the resident data path under DDP
-        scenario = "harness-images"
-        os.environ["WORLD_SIZE"] = str(WORLD)  # what torchrun sets; the harness reads the world from it
-        result[("harness-images", "sam")] = harness_images_run(WORLD)
-        # (i) find_unused_parameters=True, each rank reaching another head and none the third one.
-        for name in [None, *UNUSED_HEAD_OPTIONS]:
-            scenario = f"unused-heads/{name}"
-            result[("unused-heads", name)] = train_heads(name, rank)
-        # (j) SALR: each rank half of a global batch (both normalizations), and per-sample on the heads model.
-        for normalization in ("batch", "per_sample"):
-            scenario = f"salr-split/{normalization}"
-            model = nn.parallel.DistributedDataParallel(make_model())
-            result[("salr-split", normalization)] = train_salr(model, split(global_batches(4), rank), normalization)
-        scenario = "salr-heads"
-        model = nn.parallel.DistributedDataParallel(Heads().double(), find_unused_parameters=True)
-        run = train_salr(model, local_batches(rank, 4), "per_sample", forward=lambda x: model(x, rank))
-        result[("salr-heads", "per_sample")] = {**run, "c": flat_params(model.module.c)}
-        scenario = "barrier"
-        dist.barrier()
-    except BaseException:  # noqa: BLE001 - reported to the parent process
-        result = {"error": f"in scenario {scenario}:\n{traceback.format_exc()}"}
-    finally:
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        opt = train(name, model, local_batches(rank, STEPS_LOCAL), STEPS_LOCAL, model=model)
+        result[("local", name)] = {"params": flat_params(model), **counters(opt)}
+    # (a') the same with gradients as bucket views (p.grad aliases DDP's buffers).
+    for name in OPTIMIZER_NAMES:
+        yield f"bucket-view/{name}"
+        model = nn.parallel.DistributedDataParallel(make_model(), gradient_as_bucket_view=True)
+        opt = train(name, model, local_batches(rank, STEPS_SYNC), STEPS_SYNC, model=model)
+        result[("bucket-view", name)] = {"params": flat_params(model), **counters(opt)}
+    # (b) global perturbation: each rank takes its half of the global batch.
+    for name in OPTIMIZER_NAMES:
+        yield f"sync/{name}"
+        model = nn.parallel.DistributedDataParallel(make_model())
+        opt = train(name, model, split(global_batches(STEPS_SYNC), rank), STEPS_SYNC, model=model,
+                    **sync_kwargs(name))
+        result[("sync", name)] = {"params": flat_params(model), **counters(opt)}
+    # Same split data as (b) but per-worker perturbation: must differ from (b) (the test is sensitive).
+    yield "split-local/sam"
+    model = nn.parallel.DistributedDataParallel(make_model())
+    train("sam", model, split(global_batches(STEPS_SYNC), rank), STEPS_SYNC, model=model)
+    result[("split-local", "sam")] = {"params": flat_params(model)}
+    # (c) GradScaler: an overflow on one rank only must skip the step on every rank.
+    for name in ("sam", "aesam", "aelooksam"):
+        yield f"amp/{name}"
+        model = nn.parallel.DistributedDataParallel(make_model())
+        opt, scale = train_scaled_with_one_rank_overflow(name, model, rank, local_batches(rank, 4), 1)
+        result[("amp", name)] = {"params": flat_params(model), "scale": scale, **counters(opt)}
+    # (d) the per-sample-loss closures (ESAM's data selection, SSAM-F's Fisher mask) under DDP.
+    for name, options in PER_SAMPLE_OPTIONS.items():
+        yield f"per-sample/{name}"
+        model = nn.parallel.DistributedDataParallel(make_model())
+        opt = sharpness.create(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model=model,
+                               **options)
+        assert opt.needs_per_sample_losses
+        for x, y in local_batches(rank, STEPS_LOCAL):
+            def compute_loss(reduction, x=x, y=y):
+                return nn.functional.cross_entropy(model(x), y, reduction=reduction)
+
+            opt.step(sharpness.make_closure(opt, compute_loss))
+        result[("per-sample", name)] = {"params": flat_params(model), **counters(opt)}
+    # (e) SSAM-F's vectorized exact Fisher: each rank its half of a global batch, through the DDP wrapper.
+    yield "fisher-vmap/ssamf"
+    model = nn.parallel.DistributedDataParallel(make_model())
+    opt = ssamf_vmap(model.parameters())
+    (x, y), = split(global_batches(1), rank)
+    opt.update_mask(model, nn.functional.cross_entropy, x, y)
+    result[("fisher-vmap", "ssamf")] = {"mask": fisher_mask(opt, model)}
+    # (f) a NaN loss in rank 1's perturbed pass only: every rank refuses the update (the verdict is reduced).
+    for name in ("sam", "gnr"):
+        yield f"nan/{name}"
+        model = nn.parallel.DistributedDataParallel(make_model())
+        result[("nan", name)] = train_with_one_rank_nan(name, model, rank, local_batches(rank, 2))
+    # (g) the same through torch.compile(DDP(model)): the optimizers must find the DDP module behind the
+    # wrapper (no_sync, the reduced verdict). The NaN is in the last pass, so only the verdict stops rank 0.
+    for name, options in COMPILED_NAN_OPTIONS.items():
+        yield f"nan-compiled/{name}"
+        model = nn.parallel.DistributedDataParallel(make_model())
+        result[("nan-compiled", name)] = train_with_one_rank_nan(
+            name, torch.compile(model, backend="aot_eager"), rank, local_batches(rank, 2), **options)
+    # (h) the harness on augmented images: the resident data path under DDP
+    yield "harness-images"
+    os.environ["WORLD_SIZE"] = str(WORLD)  # what torchrun sets; the harness reads the world from it
+    result[("harness-images", "sam")] = harness_images_run(WORLD)
+    # (i) find_unused_parameters=True, each rank reaching another head and none the third one.
+    for name in [None, *UNUSED_HEAD_OPTIONS]:
+        yield f"unused-heads/{name}"
+        result[("unused-heads", name)] = train_heads(name, rank)
+    # (j) SALR: each rank half of a global batch (both normalizations), and per-sample on the heads model.
+    for normalization in ("batch", "per_sample"):
+        yield f"salr-split/{normalization}"
+        model = nn.parallel.DistributedDataParallel(make_model())
+        result[("salr-split", normalization)] = train_salr(model, split(global_batches(4), rank), normalization)
+    yield "salr-heads"
+    model = nn.parallel.DistributedDataParallel(Heads().double(), find_unused_parameters=True)
+    run = train_salr(model, local_batches(rank, 4), "per_sample", forward=lambda x: model(x, rank))
+    result[("salr-heads", "per_sample")] = {**run, "c": flat_params(model.module.c)}
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    init_file = str(tmp / "init")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(rank, init_file, str(tmp)), daemon=True)
-             for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    hung = []
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            hung.append(p)
-    for p in hung:
-        p.terminate()
-        p.join(5)
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    if hung:
-        pytest.fail(f"DDP workers did not finish within {JOIN_TIMEOUT_S}s (hang)")
-    results = []
-    for rank, p in enumerate(procs):
-        path = tmp / f"rank{rank}.pt"
-        assert path.exists(), f"rank {rank} exited with code {p.exitcode} and wrote no result"
-        res = torch.load(path, weights_only=False)
-        if "error" in res:
-            pytest.fail(f"rank {rank} failed:\n{res['error']}")
-        assert p.exitcode == 0, f"rank {rank} exit code {p.exitcode}"
-        results.append(res)
-    return results
+    return run_spawned(_worker, WORLD, tmp_path_factory.mktemp("ddp"), JOIN_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)

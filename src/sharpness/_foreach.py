@@ -19,6 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+try:
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+except ImportError:  # a torch built without distributed: no parameter can be sharded
+    DTensor = None
+
 __all__: list[str] = []
 
 _FOREACH: contextvars.ContextVar[bool] = contextvars.ContextVar("sharpness_foreach", default=True)
@@ -254,8 +259,29 @@ def _one_device_and_dtype(tensors: Sequence[Tensor]) -> bool:
         return all(t.device == device and t.dtype == dtype for t in tensors)
 
 
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a parameter sharded by FSDP2's ``fully_shard``, or its gradient)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def _any_sharded(tensor_lists: Sequence[Sequence[Tensor]]) -> bool:
+    return DTensor is not None and any(tensors and isinstance(tensors[0], DTensor) for tensors in tensor_lists)
+
+
+def local(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """This rank's shards of ``tensors``: a ``DTensor``'s local tensor (an alias under ``no_grad``: writing to it
+    writes the ``DTensor``), other tensors as they are."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
 def group_by_device_dtype(*tensor_lists: Sequence[Tensor]) -> list[tuple[list[Tensor], ...]]:
-    """Split parallel lists of tensors into buckets sharing the first list's (device, dtype)."""
+    """Split parallel lists of tensors into buckets sharing the first list's (device, dtype).
+
+    ``DTensor`` s (FSDP2) are replaced by their local shards: the list ops are elementwise, so each rank updates
+    its own shard with plain fused kernels (no sharding propagation per op). The reductions below sum their
+    per-rank values over the shards."""
+    if _any_sharded(tensor_lists):
+        tensor_lists = tuple(local(tensors) for tensors in tensor_lists)
     first = tensor_lists[0]
     if first and _one_device_and_dtype(first):  # the common case: one bucket
         return [tuple(list(tensors) for tensors in tensor_lists)]
@@ -313,6 +339,8 @@ def squared_norm(tensors: Sequence[Tensor], device: torch.device | None = None) 
     """
     if not tensors:
         return torch.zeros((), device=device or "cpu")
+    if _any_sharded([tensors]):
+        return _sum_over_shards(squared_norm, tensors, device=device)
     return _sum_parts([stack.square().sum() for stack in _norm_stacks(tensors, device or tensors[0].device)])
 
 
@@ -321,6 +349,8 @@ def global_norm(tensors: Sequence[Tensor], device: torch.device | None = None) -
     (three kernels in all for one (device, dtype): the per-tensor norms, their stack, the norm of the stack)."""
     if not tensors:
         return torch.zeros((), device=device or "cpu")
+    if _any_sharded([tensors]):
+        return squared_norm(tensors, device).sqrt()
     stacks = _norm_stacks(tensors, device or tensors[0].device)
     if len(stacks) == 1:
         return torch.linalg.vector_norm(stacks[0])
@@ -339,6 +369,8 @@ def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device | None 
     """
     if not xs:
         return torch.zeros((), device=device or "cpu")
+    if _any_sharded([xs, ys]):
+        return _sum_over_shards(dot, xs, ys, device=device, scratch=scratch)
     device = device or xs[0].device
     parts = []
     for bucket_x, bucket_y, *bucket_s in group_by_device_dtype(xs, ys, *([scratch] if scratch is not None else [])):
@@ -357,4 +389,32 @@ def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device | None 
             products = [torch.dot(x.reshape(-1).to(acc), y.reshape(-1).to(acc))
                         for x, y in zip(bucket_x, bucket_y, strict=True)]
         parts.append(torch.stack(products).sum().to(device))
+    return _sum_parts(parts)
+
+
+def _sum_over_shards(reduce: Callable[..., Tensor], *tensor_lists: Sequence[Tensor], **options: Any) -> Tensor:
+    """``reduce`` (a sum over elements: :func:`squared_norm`, :func:`dot`) of lists holding ``DTensor`` s.
+
+    Tensors are grouped by their first list's layout (device mesh and placements); each group is reduced over
+    this rank's local shards, and the partial sums are added over the mesh dimensions the layout shards (a
+    ``Partial`` DTensor made whole by DTensor's own collective); replicated dimensions hold equal copies and
+    are not summed. Plain tensors are whole on every rank. One all-reduce per layout (FSDP2: one)."""
+    groups: dict[Any, tuple[list[Tensor], ...]] = {}
+    for items in zip(*tensor_lists, strict=True):
+        lead = items[0]
+        key = (lead.device_mesh, lead.placements) if isinstance(lead, DTensor) else None
+        members = groups.setdefault(key, tuple([] for _ in tensor_lists))
+        for dst, item in zip(members, items, strict=True):
+            dst.append(item.to_local() if isinstance(item, DTensor) else item)
+    parts = []
+    for key, members in groups.items():
+        part = reduce(*members, **options)
+        if key is not None:
+            mesh, placements = key
+            if any(placement.is_partial() for placement in placements):
+                raise ValueError(f"Invalid DTensor placements {placements} (expected Shard or Replicate: a Partial "
+                                 "gradient has not been reduced yet)")
+            part = DTensor.from_local(part, mesh, [Partial() if placement.is_shard() else Replicate()
+                                                   for placement in placements], run_check=False).full_tensor()
+        parts.append(part)
     return _sum_parts(parts)

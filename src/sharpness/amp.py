@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._foreach import group_by_device_dtype
+from ._foreach import group_by_device_dtype, is_sharded
+from .distributed import all_reduce_mean_, is_distributed
 
 __all__: list[str] = []
 
@@ -25,10 +26,13 @@ def unscale_(scaler: torch.amp.GradScaler, grads: list[Tensor], found_inf: Tenso
             "GradScaler has no scale yet: call scaler.scale(loss).backward() in the closure before step()"
         )
     inv_scale = scale.double().reciprocal().float()
+    sharded = grads and is_sharded(grads[0]) and is_distributed()
     for (bucket,) in group_by_device_dtype(grads):
         device = bucket[0].device
         flag = torch.zeros(1, dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(bucket, flag, inv_scale.to(device))
+        if sharded:  # FSDP2: each rank checked its shards only; an inf in any rank's shard skips every rank's step
+            all_reduce_mean_(flag)
         found_inf.add_(flag.to(found_inf.device))
 
 

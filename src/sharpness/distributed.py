@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ._compile import uncompiled
-from ._foreach import group_by_device_dtype
+from ._foreach import group_by_device_dtype, is_sharded
 
 __all__ = ["ddp_module", "is_distributed"]
 
@@ -20,6 +20,14 @@ def ddp_module(model: object) -> nn.parallel.DistributedDataParallel | None:
     ranks; a compiled wrapper must not hide it (its ``no_sync`` works on the compiled module)."""
     model = uncompiled(model)
     return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+
+
+def check_not_sharded(name: str, param_groups: list[dict], setting: str, instead: str) -> None:
+    """Refuse a ``setting`` that cannot run on parameters sharded by FSDP2 (``DTensor`` s): ``NotImplementedError``
+    naming what to use ``instead``."""
+    if any(is_sharded(p) for group in param_groups for p in group["params"]):
+        raise NotImplementedError(f"{name}({setting}) does not support parameters sharded by FSDP2 (DTensor); "
+                                  f"{instead}")
 
 
 def is_distributed() -> bool:

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from .._compile import accepts_compiled
+from .._foreach import local, squared_norm
 from .._validation import check_choice, check_int_at_least, check_positive
 from ._common import Batch, LossFn, as_batches, mean_loss, measurement_mode, shifted_parameters, trainable_parameters
 from .hessian import dense_hessian
@@ -73,8 +74,9 @@ HESSIAN_SOURCES = ("hvp", "dense")
 
 # ---------------------------------------------------------------------------------------------- samplers
 def _fill(tensors: Sequence[Tensor], generator: torch.Generator, draw: Callable[[Tensor], None]) -> None:
-    """Apply the in-place ``draw`` to each tensor, on the generator's device (copied over when it differs)."""
-    for t in tensors:
+    """Apply the in-place ``draw`` to each tensor, on the generator's device (copied over when it differs); to a
+    ``DTensor``'s local shard (FSDP2: the generator is then the shard's own stream)."""
+    for t in local(tensors):
         if t.device == generator.device:
             draw(t)
         else:
@@ -119,9 +121,10 @@ class SphereSampler:
 
     def __call__(self, tensors: Sequence[Tensor], generator: torch.Generator) -> None:
         GaussianSampler()(tensors, generator)
-        sq = sum(t.double().square().sum() for t in tensors)
-        inv = sq.rsqrt() if isinstance(sq, Tensor) else 1.0
-        for t in tensors:
+        if not tensors:
+            return
+        inv = squared_norm(tensors).rsqrt()  # (over every shard of a DTensor)
+        for t in local(tensors):
             t.mul_(inv.to(device=t.device, dtype=t.dtype))
 
     def fill_rows(self, matrix: Tensor, generator: torch.Generator) -> None:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _foreach
+from .._foreach import is_sharded
 from ..distributed import is_distributed
 
 __all__: list[str] = []
@@ -27,14 +28,22 @@ class FiniteLossCheck:
     """Mixin: ``_watch_losses(closure)`` at the start of ``step``, ``_check_losses()`` before the base update.
 
     The instance sets ``check_finite`` (bool) and, under DDP, ``_ddp`` (the wrapped model or None): with a
-    DDP model the verdict is reduced over the ranks, so every rank raises together (no rank waits alone in
-    the next collective). Costs two small kernels and one host read per step on a device (reads of scalar losses
+    DDP model, or parameters sharded by FSDP2, the verdict is reduced over the ranks, so every rank raises
+    together (no rank waits alone in the next collective). Costs two small kernels and one host read per step on a device (reads of scalar losses
     alone on the CPU); ``check_finite=False`` removes it.
     """
 
     check_finite: bool
     _ddp: Any = None
     _step_losses: list[Tensor] | None = None
+
+    def _reduces_over_ranks(self) -> bool:
+        """Whether the verdict is reduced over the ranks: under DDP (``_ddp``) or with parameters sharded by FSDP2
+        (``DTensor`` s; each rank sees its own data's losses), in a process group of more than one rank."""
+        if self._ddp is None and not any(group["params"] and is_sharded(group["params"][0])
+                                         for group in getattr(self, "param_groups", ())):
+            return False
+        return is_distributed()
 
     def _watch_losses(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         """``closure``, recording the loss of each call (detached; floats as tensors) for :meth:`_check_losses`."""
@@ -64,7 +73,7 @@ class FiniteLossCheck:
     def _free_total(self, losses: list[Tensor]) -> float | None:
         """The sum of ``losses`` read in Python where that waits for nothing (scalars on the CPU, one process);
         ``None`` where it would take a kernel and a host synchronisation (or an all-reduce)."""
-        if (not losses or (self._ddp is not None and is_distributed())
+        if (not losses or self._reduces_over_ranks()
                 or not all(loss.dim() == 0 and _foreach.host_read_is_free(loss) for loss in losses)):
             return None
         return sum(loss.item() for loss in losses)
@@ -81,7 +90,7 @@ class FiniteLossCheck:
         scaler = getattr(self, "grad_scaler", None)
         if not losses or (scaler is not None and scaler.is_enabled()):  # the scaler skips such steps itself
             return
-        distributed = self._ddp is not None and is_distributed()
+        distributed = self._reduces_over_ranks()
         total = self._free_total(losses)  # CPU scalars: reading them is free, no kernel needed
         if total is None:
             device = losses[0].device

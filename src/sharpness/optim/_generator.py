@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
+from .._foreach import is_sharded
 from .._validation import check_int_at_least
 
 __all__: list[str] = []
@@ -51,6 +54,30 @@ class LazyGenerator:
         saved = state.get("generator")
         self._generator = None
         self._pending = None if saved is None else saved.clone()
+
+
+def shard_stream(generator: torch.Generator, like: Tensor) -> torch.Generator:
+    """The generator that fills this rank's shards of tensors laid out as ``like``: ``generator`` itself for a
+    whole tensor; for a ``DTensor`` (FSDP2) a fresh one, so that every shard gets its own numbers.
+
+    Every rank holds the same shared ``generator`` (one state to checkpoint). Drawing a shard's noise from it
+    directly would give every shard the *same* numbers (a Gaussian direction with repeated blocks, not
+    isotropic). Instead the shard stream is seeded from the shared state (hashed with the rank's coordinates
+    along the mesh dimensions that ``like`` is sharded on) and the shared stream moves one draw on, the same
+    on every rank: replicas of a shard (HSDP) draw equal numbers, different shards independent ones, and the
+    draws are reproducible from the seed. A sharded run's noise is not the one-process run's numbers (those
+    would need every rank to draw the whole tensor), only the same distribution."""
+    if not is_sharded(like):
+        return generator
+    coordinates = like.device_mesh.get_coordinate() or []
+    shard = [c for c, placement in zip(coordinates, like.placements, strict=False) if placement.is_shard()]
+    digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8)
+    digest.update(repr(shard).encode())
+    # the shared stream moves on by one draw on every rank (no host read: it stays on the generator's device)
+    torch.empty((), dtype=torch.int64, device=generator.device).random_(generator=generator)
+    stream = torch.Generator(device=generator.device)
+    stream.manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+    return stream
 
 
 class GeneratorCheckpoint:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._foreach import group_by_device_dtype
+from .._foreach import group_by_device_dtype, local
 
 __all__: list[str] = []
 
@@ -40,10 +40,11 @@ def flat_scratch_buffers(state: dict[Tensor, dict[str, Any]], params: list[Tenso
     its views are not (all) views of one flat buffer of the bucket's size.
     """
     flats: list[Tensor] = []
-    views: dict[int, Tensor] = {}
-    for (bucket,) in group_by_device_dtype(params):
+    views: list[Tensor | None] = [None] * len(params)
+    # (a DTensor parameter's buffer is shaped like its local shard: the noise is drawn per shard)
+    for bucket, index in group_by_device_dtype(local(params), list(range(len(params)))):
         numels = [p.numel() for p in bucket]
-        current = [state[p].get(key) for p in bucket]
+        current = [state[params[i]].get(key) for i in index]
         base = current[0]._base if current[0] is not None else None
         reusable = base is not None and base.dim() == 1 and base.numel() == sum(numels) and all(
             v is not None and v._base is base and v.shape == p.shape and v.dtype == p.dtype and v.device == p.device
@@ -51,11 +52,12 @@ def flat_scratch_buffers(state: dict[Tensor, dict[str, Any]], params: list[Tenso
         if not reusable:
             base = torch.empty(sum(numels), dtype=bucket[0].dtype, device=bucket[0].device)
             current = [chunk.view(p.shape) for chunk, p in zip(base.split(numels), bucket, strict=True)]
-            for p, v in zip(bucket, current, strict=True):
-                state[p][key] = v
+            for i, v in zip(index, current, strict=True):
+                state[params[i]][key] = v
         flats.append(base)
-        views.update((id(p), v) for p, v in zip(bucket, current, strict=True))
-    return flats, [views[id(p)] for p in params]
+        for i, v in zip(index, current, strict=True):
+            views[i] = v
+    return flats, views  # type: ignore[return-value]  (every index is in one bucket)
 
 
 class ScratchLists:

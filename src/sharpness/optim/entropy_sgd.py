@@ -22,7 +22,7 @@ from .._validation import (
 from ..batchnorm import RunningStatsGuard
 from ..distributed import ddp_module
 from ._finite import FiniteLossCheck
-from ._generator import LazyGenerator
+from ._generator import LazyGenerator, shard_stream
 from ._state import ScratchLists, SharesBaseParamGroups, check_steps_without_closure, scratch_buffers
 
 _LOG_MAX_SCOPE = math.log(1e300)  # beyond this the scope times a weight difference is no longer a float
@@ -222,8 +222,8 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                 with torch.enable_grad():
                     closure()
                 self.grad_evals += 1
-            for flat in flats:  # xi ~ N(0, I)
-                flat.normal_(generator=self._rng.get(flat.device))
+            for flat in flats:  # xi ~ N(0, I) (on each rank its shards' own numbers under FSDP2)
+                flat.normal_(generator=shard_stream(self._rng.get(flat.device), params[0]))
             self._sgld_update(params, anchor, mean, noise, gamma, noise_scale)
         if self._bn_guard is not None:
             self._bn_guard.restore()

@@ -8,10 +8,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._foreach import local
 from .._validation import check_choice, check_real
 from ..policies.always import Always
 from ..rules.masked import MaskedSAMPerturbation
-from ._generator import GeneratorCheckpoint, LazyGenerator
+from ._generator import GeneratorCheckpoint, LazyGenerator, shard_stream
 from .engine import Closure, SharpnessAwareOptimizer
 
 __all__ = ["ESAM"]
@@ -166,9 +167,10 @@ class ESAM(PerSampleLossStep, GeneratorCheckpoint, SharpnessAwareOptimizer):
             keep = torch.rand(len(params), generator=generator, device=generator.device) < self.beta
             return [keep[i].to(p.device) for i, p in enumerate(params)]
         masks = scratch if scratch is not None else [torch.empty_like(p) for p in params]
+        generator = shard_stream(generator, params[0])  # FSDP2: each shard its own coordinates' draws
         # Bernoulli(beta) as U(0, 1) < beta: the same distribution, about 2.5x faster than bernoulli_ on CPU
         # (16.9 ms vs 6.6 ms for 670k coordinates, one thread).
-        for m in masks:
+        for m in local(masks):
             if m.device == generator.device:
                 m.uniform_(generator=generator).lt_(self.beta)
             else:  # model parallel: draw on the generator's device

@@ -12,7 +12,7 @@ from .. import _foreach
 from .._compile import is_compiled_double_backward_error
 from .._foreach import global_norm, group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_choice, check_int_at_least, check_non_negative, check_positive
-from ..distributed import ddp_module
+from ..distributed import check_not_sharded, ddp_module
 from ..policies.base import Policy
 from ..policies.periodic import Periodic
 from ..rules.base import ParamGroupView, PerturbationRule
@@ -174,6 +174,9 @@ class GNR(SharpnessAwareOptimizer):
         self.min_grad_evals_per_step = self.max_grad_evals_per_step if every_step else self.oracle_grad_evals
         #: instance flag: the closure must call ``loss.backward(create_graph=True)``
         self.needs_graph = hvp == "exact" and alpha > 0
+        if self.needs_graph:
+            check_not_sharded("GNR", self.param_groups, "hvp='exact'", "FSDP2 reduce-scatters gradients without "
+                              "their graph (no double backward); use GNR(..., hvp='finite_difference')")
         if oracle_rho is not None:
             self._wrapper_defaults["oracle_rho"] = oracle_rho
             self.defaults["oracle_rho"] = oracle_rho

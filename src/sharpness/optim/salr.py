@@ -22,7 +22,7 @@ from .._validation import (
 )
 from .._walk import per_sample_inverse_norms
 from ..batchnorm import RunningStatsGuard
-from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, ddp_module, is_distributed
+from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, check_not_sharded, ddp_module, is_distributed
 from ._finite import FiniteLossCheck
 from ._state import SharesBaseParamGroups, scratch_buffers
 
@@ -229,6 +229,10 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         self.lr_history: list[float] = []
         self._median = _RunningMedian()
         super().__init__(list(optimizer.param_groups), dict(optimizer.defaults))
+        if per_sample:
+            check_not_sharded("SALR", self.param_groups, "normalization='per_sample'", "its per-sample gradients "
+                              "(autograd.grad with is_grads_batched) bypass FSDP2's reduce-scatter; use "
+                              "normalization='batch'")
 
     # ------------------------------------------------------------------ shared param groups (SharesBaseParamGroups)
     @property

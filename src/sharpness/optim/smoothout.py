@@ -8,12 +8,12 @@ import torch
 from torch import Tensor
 
 from .. import _foreach
-from .._foreach import group_by_device_dtype, uses_foreach_option
+from .._foreach import group_by_device_dtype, local, uses_foreach_option
 from .._validation import check_bool, check_int_at_least, check_non_negative
 from ..amp import record_step, unscale_
 from ..policies.never import Never
 from ..rules.sam import SAMPerturbation
-from ._generator import GeneratorCheckpoint, LazyGenerator
+from ._generator import GeneratorCheckpoint, LazyGenerator, shard_stream
 from .engine import _BACKUP, Closure, SharpnessAwareOptimizer
 
 __all__ = ["SmoothOut"]
@@ -88,8 +88,8 @@ class SmoothOut(GeneratorCheckpoint, SharpnessAwareOptimizer):
     # ------------------------------------------------------------------ noise
     def _noise_(self, weights: list[Tensor], noise: list[Tensor], a: float) -> None:
         """Fill ``noise`` with U(-a, a) (AdaSmoothOut: times each filter's norm of ``weights``), in place."""
-        generator = self._rng.get(weights[0].device)
-        for p, xi in zip(weights, noise, strict=True):
+        generator = shard_stream(self._rng.get(weights[0].device), weights[0])
+        for p, xi in zip(local(weights), local(noise), strict=True):
             if xi.device == generator.device:
                 xi.uniform_(-a, a, generator=generator)
             else:

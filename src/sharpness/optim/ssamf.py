@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .. import _foreach
 from .._compile import accepts_compiled, is_compiled_double_backward_error
 from .._validation import check_choice, check_dense_grads, check_int_at_least, check_real
-from ..distributed import all_reduce_grads_mean_, is_distributed
+from ..distributed import all_reduce_grads_mean_, check_not_sharded, is_distributed
 from ..measures._common import measurement_mode
 from ..measures._per_sample import check_per_sample_mode, per_sample_gradients
 from ..policies.always import Always
@@ -129,6 +129,10 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
         self._collected = 0  # examples in the running Fisher sum (0: not collecting)
         rule = MaskedSAMPerturbation(self._masks if sparsity > 0.0 else None, norm="full", eps=eps)
         super().__init__(params_or_base, base_class, rule=rule, policy=Always(), rho=rho, **kwargs)
+        if sparsity > 0.0:
+            check_not_sharded("SSAMF", self.param_groups, f"sparsity={sparsity}", "its mask is the top "
+                              "(1 - sparsity) of the Fisher over all the weights, not yet computed across shards; "
+                              "use SAM, or SSAMF(..., sparsity=0.0) (plain SAM)")
 
     # ------------------------------------------------------------------ the mask
     def _fisher_params(self) -> list[Tensor]:

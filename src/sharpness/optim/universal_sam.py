@@ -58,7 +58,7 @@ from ..measures.universal import SharpnessMeasure, resolve_measure
 from ..policies.always import Always
 from ..policies.base import Policy
 from ..rules.base import ParamGroupView, PerturbationRule
-from ._generator import LazyGenerator
+from ._generator import LazyGenerator, shard_stream
 from .engine import SharpnessAwareOptimizer
 
 __all__ = ["SCALINGS", "DetSAM", "FrobSAM", "RandomDirectionPerturbation", "TraceSAM", "UniversalSAM"]
@@ -93,7 +93,7 @@ class RandomDirectionPerturbation(PerturbationRule):
         generator = self.generator
         if isinstance(generator, LazyGenerator):
             generator = generator.get(grads[0].device)
-        self.sampler(grads, generator)
+        self.sampler(grads, shard_stream(generator, grads[0]))
         for view in views:
             rho = view.group["rho"]
             if rho == 0 or not view.params:
@@ -283,9 +283,8 @@ class UniversalSAM(SharpnessAwareOptimizer):
         # the last pass's gradient is combined straight from p.grad (no buffer at all for m = 1).
         raw = m - 1 <= n
         kept = [self._scratch(params, _KEPT.format(k)) for k in range(min(m - 1, n))]
-        for dst_w, dst_g, p in group_by_device_dtype(backup, clean, params):
-            _foreach.copy_(dst_w, p)
-            _foreach.copy_(dst_g, [q.grad for q in p])
+        _foreach.copy_grouped_(backup, params)
+        _foreach.copy_grouped_(clean, [q.grad for q in params])  # (a function: no name outlives it, see its doc)
         for total in [] if raw else kept:
             for (bucket,) in group_by_device_dtype(total):
                 _foreach.zero_(bucket)

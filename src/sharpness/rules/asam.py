@@ -62,7 +62,8 @@ class ASAMPerturbation(PerturbationRule):
                 buckets.append((view.group, params, grads, scales, orig))
         if not buckets:
             return
-        norm = global_norm([g for _, _, grads, _, _ in buckets for g in grads])  # ||T_w g||
+        # ||T_w g||, over the views' own lists: the buckets hold a DTensor's local shard, the views the DTensor
+        norm = global_norm([g for view in views for g in view.grads])
         for _, params, grads, scales, orig in buckets:
             _foreach.mul_(grads, scales)  # grads <- T^2 g (the unnormalized e(w))
             if orig is not None:

@@ -1,0 +1,306 @@
+"""FSDP2 (``fully_shard``): two gloo processes on CPU, parameters and gradients sharded as ``DTensor`` s.
+
+One spawn (two ranks) runs every scenario; the tests below check its results:
+
+* every optimizer whose step draws no random numbers, each rank with half of a global batch, equals one
+  process on the global batch (the engine's list ops run on each rank's shards, its norms and inner products
+  are summed over the shards); the output layer's 3 rows split unevenly (2 + 1) over the ranks;
+* the random methods (Trace/Frob/Det-SAM, SmoothOut, Entropy-SGD, ESAM's masks) train, and their shared
+  random stream stays in step on both ranks; each shard draws its own numbers (:func:`shard_stream`);
+* a NaN loss on one rank stops every rank with the weights unchanged; an inf in one rank's shard of the
+  gradients flags the GradScaler step on every rank;
+* the settings that cannot run sharded (GNR's exact HVPs, SSAM-F's global mask, SALR's per-sample
+  normalization) refuse at construction with a clear error.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sharpness
+from helpers import create_for_test, run_scenarios, run_spawned
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(fsdp, "fully_shard"):
+    pytest.skip("torch without FSDP2 (torch.distributed.fsdp.fully_shard)", allow_module_level=True)
+
+WORLD = 2
+STEPS = 6
+GLOBAL_BATCH = 16
+JOIN_TIMEOUT_S = 150
+COLLECTIVE_TIMEOUT_S = 60
+
+NAMES = [info.name for info in sharpness.list_optimizers()]
+#: options under which a step draws no random numbers (the others are the defaults of the random methods)
+DETERMINISTIC_OPTIONS = {
+    "aesam": {"lambda1": 0.0, "lambda2": 0.0},
+    "aelooksam": {"lambda1": 0.0, "lambda2": 0.0},
+    "looksam": {"k": 3},
+    "sssam": {"p": 0.5, "seed": 3},  # the policy's coin is one host draw, the same on every rank
+    "entropysgd": {"noise": 0.0},
+    "esam": {"beta": 1.0},
+}
+RANDOM = ["tracesam", "frobsam", "detsam", "smoothout", "entropysgd", "esam"]
+DETERMINISTIC = [name for name in NAMES if name not in RANDOM or name in DETERMINISTIC_OPTIONS]
+#: extra runs under another name: clipping (torch's clip_grad_norm_ on DTensors) and GNR's SAM oracle
+VARIANTS = {"sam+clip": ("sam", {"max_grad_norm": 0.05}),
+            "gnr+sam": ("gnr", {"oracle": "sam"})}
+#: checkpoint round trips: LookSAM's stored direction (a DTensor in the state), Trace-SAM's random stream
+RESUMED = {"looksam": {"k": 3}, "tracesam": {}}
+REFUSED = {"gnr": {"hvp": "exact"}, "ssamf": {"sparsity": 0.5}, "salr": {"normalization": "per_sample"}}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+def shard(model: nn.Module) -> nn.Module:
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fsdp.fully_shard(layer)
+    fsdp.fully_shard(model)
+    return model
+
+
+def global_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(GLOBAL_BATCH, 5, generator=g, dtype=torch.float64),
+             torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)) for _ in range(steps)]
+
+
+def split(batches, rank: int):
+    half = GLOBAL_BATCH // WORLD
+    return [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]) for x, y in batches]
+
+
+def full_params(model: nn.Module) -> torch.Tensor:
+    """The whole parameter vector (a ``DTensor`` is gathered from every rank)."""
+    parts = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return torch.cat([p.detach().reshape(-1) for p in parts]).clone()
+
+
+def build(name: str, model: nn.Module, **options):
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return create_for_test(name, base, rho=0.1, total_steps=STEPS, **options)
+
+
+def train(opt, model: nn.Module, batches, nan_in_pass: int | None = None):
+    """``nan_in_pass``: the loss of that pass (1, 2, ...) of every step is NaN."""
+    for x, y in batches:
+        passes = []
+
+        def closure(x=x, y=y, passes=passes):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            passes.append(1)
+            if len(passes) == nan_in_pass:
+                loss = loss * float("nan")
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return opt
+
+
+def counters(opt) -> dict:
+    return {key: getattr(opt, key) for key in ("steps", "sam_steps", "grad_evals")}
+
+
+def run(name: str, options: dict, rank: int | None) -> dict:
+    """``rank`` None: one process on the global batch; else this rank's half, FSDP2-sharded."""
+    model = make_model()
+    batches = global_batches(STEPS)
+    if rank is not None:
+        model, batches = shard(model), split(batches, rank)
+    opt = train(build(name, model, **options), model, batches)
+    return {"params": full_params(model), **counters(opt)}
+
+
+def generator_states(tree) -> list[torch.Tensor]:
+    """Every ``torch.Generator`` state (a uint8 tensor) in a nested state dict."""
+    if isinstance(tree, torch.Tensor):
+        return [tree] if tree.dtype == torch.uint8 else []
+    if isinstance(tree, dict):
+        return [s for value in tree.values() for s in generator_states(value)]
+    if isinstance(tree, (list, tuple)):
+        return [s for value in tree for s in generator_states(value)]
+    return []
+
+
+def draws(rank: int) -> dict:
+    """:func:`shard_stream` on a sharded and on a replicated DTensor, from equal shared generators."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from sharpness.optim._generator import shard_stream
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {}
+    for kind, placement in (("shard", Shard(0)), ("replicate", Replicate())):
+        like = distribute_tensor(torch.zeros(8, 3), mesh, [placement])
+        shared = torch.Generator().manual_seed(5)
+        values = [torch.randn(4, 3, generator=shard_stream(shared, like)) for _ in range(2)]  # two steps
+        out[kind] = {"values": torch.stack(values), "shared": shared.get_state()}
+    return out
+
+
+def unscale_flag(rank: int) -> float:
+    """``amp.unscale_`` on DTensor gradients with an inf in rank 1's shard only: the flag every rank sees."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from sharpness.amp import unscale_
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    grad = distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])
+    if rank == 1:
+        grad.to_local()[0, 0] = float("inf")
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+    found = torch.zeros(1)
+    unscale_(scaler, [grad], found)
+    return float(found)
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    run_scenarios(rank, init_file, out_dir, WORLD, COLLECTIVE_TIMEOUT_S, _scenarios)
+
+
+def _scenarios(rank: int, result: dict):
+    """The scenarios, run by each spawned rank (see :func:`helpers.run_scenarios`); each yields its name first."""
+    for name in NAMES:
+        yield name
+        result[name] = run(name, DETERMINISTIC_OPTIONS.get(name, {}) if name in DETERMINISTIC else {}, rank)
+    for name in RANDOM:  # the random defaults too, and the shared stream's state at the end
+        yield f"random/{name}"
+        model = shard(make_model())
+        opt = train(build(name, model), model, split(global_batches(STEPS), rank))
+        result[f"random/{name}"] = {"params": full_params(model), "streams": generator_states(opt.state_dict()),
+                                    **counters(opt)}
+    for label, (name, options) in VARIANTS.items():
+        yield label
+        result[label] = run(name, options, rank)
+    for name, options in RESUMED.items():  # per-rank checkpoints: state_dict() holds DTensors
+        yield f"resume/{name}"
+        batches = split(global_batches(STEPS), rank)
+        model = shard(make_model())
+        opt = train(build(name, model, **options), model, batches[:3])
+        saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+        train(opt, model, batches[3:])
+        again = shard(make_model())
+        resumed = build(name, again, **options)
+        again.load_state_dict(saved[0])
+        resumed.load_state_dict(saved[1])
+        train(resumed, again, batches[3:])
+        result[f"resume/{name}"] = {"straight": full_params(model), "resumed": full_params(again),
+                                    "state": saved[1]}
+    yield "nan"
+    model = shard(make_model())
+    opt = build("sam", model)
+    batches = split(global_batches(2), rank)
+    train(opt, model, batches[:1])
+    before = full_params(model)
+    try:
+        # rank 1's perturbed pass only: its NaN gradients reach rank 0's shards through the reduce-scatter,
+        # while rank 0's own losses stay finite, so only the reduced verdict stops rank 0
+        train(opt, model, batches[1:], nan_in_pass=2 if rank == 1 else None)
+        result["nan"] = {"raised": None}
+    except FloatingPointError as error:
+        result["nan"] = {"raised": str(error)}
+    result["nan"].update(before=before, after=full_params(model), steps=opt.steps)
+    yield "draws"
+    result["draws"] = draws(rank)
+    yield "unscale"
+    result["unscale"] = unscale_flag(rank)
+    for name, options in REFUSED.items():
+        yield f"refused/{name}"
+        try:
+            build(name, shard(make_model()), **options)
+            result[f"refused/{name}"] = None
+        except NotImplementedError as error:
+            result[f"refused/{name}"] = str(error)
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    return run_spawned(_worker, WORLD, tmp_path_factory.mktemp("fsdp"), JOIN_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("name", [*DETERMINISTIC, *VARIANTS])
+def test_sharded_run_equals_one_process_on_the_global_batch(fsdp_results, name):
+    """FSDP2 reduce-scatters the mean gradient, so every pass sees the global batch's gradient (there is no
+    per-worker perturbation to keep, unlike DDP's ``no_sync``): the run must be the one-process run."""
+    optimizer, options = VARIANTS.get(name, (name, DETERMINISTIC_OPTIONS.get(name, {})))
+    expected = run(optimizer, options, None)
+    for rank, res in enumerate(fsdp_results):
+        got = res[name]
+        torch.testing.assert_close(got["params"], expected["params"], rtol=0, atol=1e-10,
+                                   msg=lambda m, rank=rank: f"{name} rank {rank}: {m}")
+        assert {k: got[k] for k in ("steps", "sam_steps", "grad_evals")} == {
+            k: expected[k] for k in ("steps", "sam_steps", "grad_evals")}
+    assert not torch.equal(expected["params"], full_params(make_model()))  # it trained
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_random_methods_train_sharded_with_the_shared_stream_in_step(fsdp_results, name):
+    r0, r1 = (res[f"random/{name}"] for res in fsdp_results)
+    assert torch.isfinite(r0["params"]).all() and not torch.equal(r0["params"], full_params(make_model()))
+    assert r0["streams"] and len(r0["streams"]) == len(r1["streams"])
+    for s0, s1 in zip(r0["streams"], r1["streams"], strict=True):  # one shared state: a checkpoint holds it once
+        assert torch.equal(s0, s1)
+    assert {k: r0[k] for k in ("steps", "sam_steps", "grad_evals")} == {
+        k: r1[k] for k in ("steps", "sam_steps", "grad_evals")}
+    assert r0["steps"] == STEPS
+
+
+def test_shard_stream_gives_each_shard_its_own_numbers_and_replicas_the_same(fsdp_results):
+    d0, d1 = (res["draws"] for res in fsdp_results)
+    # different shards: different numbers (a shared stream would give both halves the same ones)
+    assert not torch.allclose(d0["shard"]["values"], d1["shard"]["values"])
+    # replicas of one layout (HSDP's replicate dimension): equal numbers
+    assert torch.equal(d0["replicate"]["values"], d1["replicate"]["values"])
+    # a new stream every step, and the shared generator moves on alike on every rank
+    assert not torch.equal(d0["shard"]["values"][0], d0["shard"]["values"][1])
+    assert torch.equal(d0["shard"]["shared"], d1["shard"]["shared"])
+    assert not torch.equal(d0["shard"]["shared"], torch.Generator().manual_seed(5).get_state())
+    # N(0, 1) draws: a loose check that the stream is a normal one (24 numbers per rank and step)
+    both = torch.cat([d0["shard"]["values"].reshape(-1), d1["shard"]["values"].reshape(-1)])
+    assert abs(float(both.mean())) < 0.5 and 0.5 < float(both.std()) < 1.5
+
+
+def test_nan_loss_on_one_rank_stops_every_rank_with_weights_unchanged(fsdp_results):
+    for rank, res in enumerate(fsdp_results):
+        nan = res["nan"]
+        assert nan["raised"] is not None, f"rank {rank} applied the step"
+        assert "non-finite loss" in nan["raised"]
+        assert torch.equal(nan["before"], nan["after"]) and nan["steps"] == 1
+    assert "another rank" in fsdp_results[0]["nan"]["raised"]  # rank 0's own losses were finite
+
+
+def test_inf_in_one_ranks_shard_flags_the_scaler_step_on_every_rank(fsdp_results):
+    assert [res["unscale"] for res in fsdp_results] == [pytest.approx(0.5), pytest.approx(0.5)]  # mean of 0 and 1
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_settings_that_cannot_run_sharded_refuse_at_construction(fsdp_results, name):
+    for res in fsdp_results:
+        message = res[f"refused/{name}"]
+        assert message is not None and "sharded by FSDP2" in message and "use" in message
+
+
+@pytest.mark.parametrize("name", sorted(RESUMED))
+def test_per_rank_checkpoint_resumes_the_sharded_run_exactly(fsdp_results, name):
+    for res in fsdp_results:
+        got = res[f"resume/{name}"]
+        assert torch.equal(got["resumed"], got["straight"])
+    if name == "looksam":  # the stored direction is saved as this rank's shard of a DTensor
+        from torch.distributed.tensor import DTensor
+
+        param_state = fsdp_results[0]["resume/looksam"]["state"]["sharpness"]["param_state"]
+        directions = [s["reuse_direction"] for s in param_state.values() if "reuse_direction" in s]
+        assert directions and all(isinstance(d, DTensor) for d in directions)
