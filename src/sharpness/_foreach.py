@@ -265,7 +265,13 @@ def is_sharded(tensor: Tensor) -> bool:
 
 
 def _any_sharded(tensor_lists: Sequence[Sequence[Tensor]]) -> bool:
-    return DTensor is not None and any(tensors and isinstance(tensors[0], DTensor) for tensors in tensor_lists)
+    """Whether a list holds ``DTensor`` s (judged by its first tensor; a loop, not ``any()``: a step calls this
+    in every list op)."""
+    if DTensor is not None:
+        for tensors in tensor_lists:
+            if tensors and isinstance(tensors[0], DTensor):
+                return True
+    return False
 
 
 def local(tensors: Sequence[Tensor]) -> list[Tensor]:
