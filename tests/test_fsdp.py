@@ -149,6 +149,26 @@ def draws(rank: int) -> dict:
     return out
 
 
+def reductions(rank: int) -> dict:
+    """``squared_norm`` and ``dot`` (with its scratch list) over a mix of layouts: a row-sharded DTensor (5 rows:
+    3 + 2), a replicated one and a plain tensor, against the same sums of the whole tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from sharpness._foreach import dot, squared_norm
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    g = torch.Generator().manual_seed(11)
+    whole = [[torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64),
+              torch.randn(2, generator=g, dtype=torch.float64)] for _ in range(2)]
+    laid = [[distribute_tensor(a.clone(), mesh, [Shard(0)]), distribute_tensor(b.clone(), mesh, [Replicate()]),
+             c.clone()] for a, b, c in whole]
+    scratch = [torch.empty_like(t) for t in laid[0]]
+    return {"squared_norm": float(squared_norm(laid[0])), "dot": float(dot(laid[0], laid[1], scratch=scratch)),
+            "expected_squared_norm": float(sum(t.square().sum() for t in whole[0])),
+            "expected_dot": float(sum((x * y).sum() for x, y in zip(*whole, strict=True)))}
+
+
 def unscale_flag(rank: int) -> float:
     """``amp.unscale_`` on DTensor gradients with an inf in rank 1's shard only: the flag every rank sees."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -215,6 +235,8 @@ def _scenarios(rank: int, result: dict):
     result["nan"].update(before=before, after=full_params(model), steps=opt.steps)
     yield "draws"
     result["draws"] = draws(rank)
+    yield "reductions"
+    result["reductions"] = reductions(rank)
     yield "unscale"
     result["unscale"] = unscale_flag(rank)
     for name, options in REFUSED.items():
@@ -271,6 +293,13 @@ def test_shard_stream_gives_each_shard_its_own_numbers_and_replicas_the_same(fsd
     # N(0, 1) draws: a loose check that the stream is a normal one (24 numbers per rank and step)
     both = torch.cat([d0["shard"]["values"].reshape(-1), d1["shard"]["values"].reshape(-1)])
     assert abs(float(both.mean())) < 0.5 and 0.5 < float(both.std()) < 1.5
+
+
+def test_norms_and_inner_products_sum_over_shards_only(fsdp_results):
+    for res in fsdp_results:
+        got = res["reductions"]
+        assert got["squared_norm"] == pytest.approx(got["expected_squared_norm"], rel=1e-12)
+        assert got["dot"] == pytest.approx(got["expected_dot"], rel=1e-12)
 
 
 def test_nan_loss_on_one_rank_stops_every_rank_with_weights_unchanged(fsdp_results):

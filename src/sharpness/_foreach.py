@@ -375,8 +375,9 @@ def dot(xs: Sequence[Tensor], ys: Sequence[Tensor], device: torch.device | None 
     """
     if not xs:
         return torch.zeros((), device=device or "cpu")
-    if _any_sharded([xs, ys]):
-        return _sum_over_shards(dot, xs, ys, device=device, scratch=scratch)
+    if _any_sharded([xs, ys]):  # (the scratch list is grouped with them, so it stays aligned with xs)
+        return _sum_over_shards(lambda x, y, *s: dot(x, y, device, scratch=s[0] if s else None),
+                                xs, ys, *([scratch] if scratch is not None else []))
     device = device or xs[0].device
     parts = []
     for bucket_x, bucket_y, *bucket_s in group_by_device_dtype(xs, ys, *([scratch] if scratch is not None else [])):

@@ -29,8 +29,8 @@ class FiniteLossCheck:
 
     The instance sets ``check_finite`` (bool) and, under DDP, ``_ddp`` (the wrapped model or None): with a
     DDP model, or parameters sharded by FSDP2, the verdict is reduced over the ranks, so every rank raises
-    together (no rank waits alone in the next collective). Costs two small kernels and one host read per step on a device (reads of scalar losses
-    alone on the CPU); ``check_finite=False`` removes it.
+    together (no rank waits alone in the next collective). Costs two small kernels and one host read per step
+    on a device (reads of scalar losses alone on the CPU); ``check_finite=False`` removes it.
     """
 
     check_finite: bool
