@@ -26,14 +26,17 @@ def unscale_(scaler: torch.amp.GradScaler, grads: list[Tensor], found_inf: Tenso
             "GradScaler has no scale yet: call scaler.scale(loss).backward() in the closure before step()"
         )
     inv_scale = scale.double().reciprocal().float()
-    sharded = grads and is_sharded(grads[0]) and is_distributed()
+    # FSDP2: each rank checks its own shards, so an inf in any rank's shards must flag every rank's step (one
+    # all-reduce of this call's flags)
+    sharded = bool(grads) and is_sharded(grads[0]) and is_distributed()
+    flags = torch.zeros_like(found_inf) if sharded else found_inf
     for (bucket,) in group_by_device_dtype(grads):
         device = bucket[0].device
         flag = torch.zeros(1, dtype=torch.float32, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(bucket, flag, inv_scale.to(device))
-        if sharded:  # FSDP2: each rank checked its shards only; an inf in any rank's shard skips every rank's step
-            all_reduce_mean_(flag)
-        found_inf.add_(flag.to(found_inf.device))
+        flags.add_(flag.to(flags.device))
+    if sharded:
+        found_inf.add_(all_reduce_mean_(flags))
 
 
 def check_not_unscaled(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:

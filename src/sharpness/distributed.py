@@ -22,10 +22,16 @@ def ddp_module(model: object) -> nn.parallel.DistributedDataParallel | None:
     return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
 
 
+def has_sharded_params(param_groups: list[dict]) -> bool:
+    """Whether the groups hold parameters sharded by FSDP2 (``DTensor`` s), judged by each group's first
+    parameter (``fully_shard`` converts every parameter of the modules it wraps)."""
+    return any(group["params"] and is_sharded(group["params"][0]) for group in param_groups)
+
+
 def check_not_sharded(name: str, param_groups: list[dict], setting: str, instead: str) -> None:
     """Refuse a ``setting`` that cannot run on parameters sharded by FSDP2 (``DTensor`` s): ``NotImplementedError``
     naming what to use ``instead``."""
-    if any(is_sharded(p) for group in param_groups for p in group["params"]):
+    if has_sharded_params(param_groups):
         raise NotImplementedError(f"{name}({setting}) does not support parameters sharded by FSDP2 (DTensor); "
                                   f"{instead}")
 

@@ -18,8 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _foreach
-from .._foreach import is_sharded
-from ..distributed import is_distributed
+from ..distributed import has_sharded_params, is_distributed
 
 __all__: list[str] = []
 
@@ -40,10 +39,7 @@ class FiniteLossCheck:
     def _reduces_over_ranks(self) -> bool:
         """Whether the verdict is reduced over the ranks: under DDP (``_ddp``) or with parameters sharded by FSDP2
         (``DTensor`` s; each rank sees its own data's losses), in a process group of more than one rank."""
-        if self._ddp is None and not any(group["params"] and is_sharded(group["params"][0])
-                                         for group in getattr(self, "param_groups", ())):
-            return False
-        return is_distributed()
+        return is_distributed() and (self._ddp is not None or has_sharded_params(getattr(self, "param_groups", [])))
 
     def _watch_losses(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         """``closure``, recording the loss of each call (detached; floats as tensors) for :meth:`_check_losses`."""
