@@ -16,6 +16,14 @@ import sharpness
 REQUIRED_DEFAULTS: dict[str, Any] = {"total_steps": 100}
 
 
+def native(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A wrapper's ``state_dict`` in the layout its methods read: the wrapper's entry at ``["sharpness"]`` (with
+    its per-parameter tensors under ``["param_state"]``), the groups and state as the base optimizer's."""
+    from sharpness.optim._checkpoint import unpack
+
+    return unpack(state_dict)
+
+
 def registered_names() -> list[str]:
     return [info.name for info in sharpness.list_optimizers()]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import sharpness
-from helpers import create_for_test, registered_names
+from helpers import create_for_test, native, registered_names
 from sharpness import _foreach
 
 
@@ -252,7 +252,7 @@ def test_a_direction_stream_from_another_device_type_is_refused_before_anything_
     model, x, y, src = _setup(name)
     for _ in range(2):
         src.step(_closure(src, model, x, y, [0]))
-    saved = src.state_dict()
+    saved = native(src.state_dict())
     saved["sharpness"]["generator"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator saves
     _, _, _, dst = _setup(name)
     generator_state = dst.generator.get_state()

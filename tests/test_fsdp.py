@@ -16,13 +16,14 @@ One spawn (two ranks) runs every scenario; the tests below check its results:
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 from torch import nn
 
 import sharpness
-from helpers import create_for_test, run_scenarios, run_spawned
+from helpers import create_for_test, native, run_scenarios, run_spawned
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
@@ -51,6 +52,9 @@ VARIANTS = {"sam+clip": ("sam", {"max_grad_norm": 0.05}),
             "gnr+sam": ("gnr", {"oracle": "sam"})}
 #: checkpoint round trips: LookSAM's stored direction (a DTensor in the state), Trace-SAM's random stream
 RESUMED = {"looksam": {"k": 3}, "tracesam": {}}
+#: DCP round trips (torch.distributed.checkpoint): LookSAM's direction is a DTensor in the state, Trace-SAM's
+#: stream a plain tensor in the first param group
+DCP = {"looksam": {"k": 2}, "tracesam": {}}  # (k=2: the first step after the save reuses the stored direction)
 REFUSED = {"gnr": {"hvp": "exact"}, "ssamf": {"sparsity": 0.5}, "salr": {"normalization": "per_sample"}}
 
 
@@ -187,11 +191,47 @@ def unscale_flag(rank: int) -> float:
     return float(found)
 
 
+def dcp_round_trip(name: str, options: dict, rank: int, path: str) -> dict:
+    """3 sharded steps, a DCP checkpoint (``get_optimizer_state_dict`` + ``dcp.save``, each rank writing its
+    shards), 3 more steps; and a fresh sharded model and optimizer that load it and take the same 3 steps. Also
+    rank 0's full (gathered, CPU) optimizer state dict, as ``StateDictOptions(full_state_dict=True)`` gives it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    batches = split(global_batches(STEPS), rank)
+    model = shard(make_model())
+    opt = train(build(name, model, **options), model, batches[:3])
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+    gathered = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = {"model": get_model_state_dict(model, options=gathered),
+            "optim": get_optimizer_state_dict(model, opt, options=gathered)}
+    train(opt, model, batches[3:])
+    again = shard(make_model())
+    resumed = build(name, again, **options)
+    target = {"model": get_model_state_dict(again), "optim": get_optimizer_state_dict(again, resumed)}
+    dcp.load(target, checkpoint_id=path)
+    set_model_state_dict(again, target["model"])
+    set_optimizer_state_dict(again, resumed, target["optim"])
+    loaded = counters(resumed)
+    train(resumed, again, batches[3:])
+    return {"straight": full_params(model), "resumed": full_params(again), "loaded_counters": loaded,
+            "counters": counters(opt), "resumed_counters": counters(resumed), "path": path,
+            "full": full if rank == 0 else None}
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    run_scenarios(rank, init_file, out_dir, WORLD, COLLECTIVE_TIMEOUT_S, _scenarios)
+    run_scenarios(rank, init_file, out_dir, WORLD, COLLECTIVE_TIMEOUT_S,
+                  lambda rank, result: _scenarios(rank, result, out_dir))
 
 
-def _scenarios(rank: int, result: dict):
+def _scenarios(rank: int, result: dict, out_dir: str):
     """The scenarios, run by each spawned rank (see :func:`helpers.run_scenarios`); each yields its name first."""
     for name in NAMES:
         yield name
@@ -219,6 +259,9 @@ def _scenarios(rank: int, result: dict):
         train(resumed, again, batches[3:])
         result[f"resume/{name}"] = {"straight": full_params(model), "resumed": full_params(again),
                                     "state": saved[1]}
+    for name, options in DCP.items():
+        yield f"dcp/{name}"
+        result[f"dcp/{name}"] = dcp_round_trip(name, options, rank, os.path.join(out_dir, f"dcp-{name}"))
     yield "nan"
     model = shard(make_model())
     opt = build("sam", model)
@@ -330,6 +373,58 @@ def test_per_rank_checkpoint_resumes_the_sharded_run_exactly(fsdp_results, name)
     if name == "looksam":  # the stored direction is saved as this rank's shard of a DTensor
         from torch.distributed.tensor import DTensor
 
-        param_state = fsdp_results[0]["resume/looksam"]["state"]["sharpness"]["param_state"]
+        param_state = native(fsdp_results[0]["resume/looksam"]["state"])["sharpness"]["param_state"]
         directions = [s["reuse_direction"] for s in param_state.values() if "reuse_direction" in s]
         assert directions and all(isinstance(d, DTensor) for d in directions)
+
+
+@pytest.mark.parametrize("name", list(DCP))
+def test_a_dcp_checkpoint_resumes_the_sharded_run_exactly(fsdp_results, name):
+    """``torch.distributed.checkpoint`` on FSDP2: each rank saves its shards (the wrapper's state included) and
+    a fresh sharded model and optimizer resume the run bit for bit."""
+    for res in fsdp_results:
+        got = res[f"dcp/{name}"]
+        assert torch.equal(got["resumed"], got["straight"])
+        assert got["resumed_counters"] == got["counters"] and got["loaded_counters"]["steps"] == 3
+
+
+def _one_process_resume(name: str, load) -> torch.Tensor:
+    """An unsharded model and optimizer, ``load(model, opt)``, then the last 3 steps on the global batch."""
+    model = make_model()
+    opt = build(name, model, **DCP[name])
+    load(model, opt)
+    assert opt.steps == 3
+    train(opt, model, global_batches(STEPS)[3:])
+    return full_params(model)
+
+
+def test_a_sharded_dcp_checkpoint_resumes_in_one_process(fsdp_results):
+    """Resharding: the 2-rank DCP checkpoint loaded by one process (no process group) continues as the one-process
+    run on the global batch does (the sharded run equals that run to rounding, see above)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def load(model, opt):
+        target = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(target, checkpoint_id=fsdp_results[0]["dcp/looksam"]["path"])
+        model.load_state_dict(target["model"])
+        set_optimizer_state_dict(model, opt, target["optim"])
+
+    expected = run("looksam", DCP["looksam"], None)["params"]
+    torch.testing.assert_close(_one_process_resume("looksam", load), expected, rtol=0, atol=1e-10)
+
+
+def test_the_full_state_dict_of_a_sharded_run_loads_into_one_process(fsdp_results):
+    """``StateDictOptions(full_state_dict=True, cpu_offload=True)`` gathers the shards, the wrapper's per-parameter
+    state included, keyed by parameter name; a plain ``load_state_dict`` in one process resumes from it."""
+    full = fsdp_results[0]["dcp/looksam"]["full"]
+    assert all(isinstance(k, str) for k in full["optim"]["state"])  # parameter names, as DCP keys them
+    directions = [s["sharpness_reuse_direction"] for s in full["optim"]["state"].values()]
+    assert len(directions) == 4 and all(type(d) is torch.Tensor for d in directions)
+
+    def load(model, opt):
+        model.load_state_dict(full["model"])
+        opt.load_state_dict(full["optim"])
+
+    expected = run("looksam", DCP["looksam"], None)["params"]
+    torch.testing.assert_close(_one_process_resume("looksam", load), expected, rtol=0, atol=1e-10)

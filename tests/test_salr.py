@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import sharpness
-from helpers import checkpoint_round_trip, classification_data, make_closure, mlp
+from helpers import checkpoint_round_trip, classification_data, make_closure, mlp, native
 from sharpness.optim.salr import _RunningMedian
 
 
@@ -335,7 +335,7 @@ def test_state_dict_lockstep_with_inner_sam_and_per_sample_mode():
             opt.step(make_closure(opt, model, x, y))
             opt2.step(make_closure(opt2, model2, x, y))
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
-        assert opt.state_dict()["sharpness"]["salr"] == opt2.state_dict()["sharpness"]["salr"]
+        assert native(opt.state_dict())["sharpness"]["salr"] == native(opt2.state_dict())["sharpness"]["salr"]
         assert opt.sharpness_history == opt2.sharpness_history and opt.grad_evals == opt2.grad_evals
 
 

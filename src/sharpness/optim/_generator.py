@@ -45,7 +45,12 @@ class LazyGenerator:
             self._generator = generator
         return generator
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, device: torch.device | None = None) -> dict[str, Any]:
+        """``{"seed", "generator"}``. ``device``: where the stream draws (the parameters'); a stream not drawn
+        from yet is created there first, as its first draw would create it, so a fresh optimizer's state has
+        the shape of a trained one's (DCP loads a checkpoint into the state of a fresh optimizer)."""
+        if self._generator is None and self._pending is None and device is not None and device.type != "meta":
+            self.get(device)
         state = self._generator.get_state() if self._generator is not None else self._pending
         return {"seed": self.seed, "generator": None if state is None else state.clone()}
 
@@ -80,11 +85,19 @@ def shard_stream(generator: torch.Generator, like: Tensor) -> torch.Generator:
     return stream
 
 
+def draw_device(optimizer: torch.optim.Optimizer) -> torch.device | None:
+    """The device of the optimizer's first parameter, where its streams draw (None without parameters)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            return p.device
+    return None
+
+
 class GeneratorCheckpoint:
     """Mixin for an optimizer drawing from ``self._rng`` (a :class:`LazyGenerator`): checkpoints the stream.
 
-    ``state_dict()["sharpness"][_rng_key]`` holds ``{"generator": self._rng.state_dict()}``; loading a
-    state without that entry (saved by another optimizer) raises a ValueError. List it before the engine in
+    The wrapper's entry (``state_dict()["param_groups"][0]["sharpness"]``) holds ``{"generator": ...}`` under
+    ``_rng_key``; loading a state without it (saved by another optimizer) raises a ValueError. List it before the engine in
     the bases, e.g. ``class ESAM(GeneratorCheckpoint, SharpnessAwareOptimizer)``.
     """
 
@@ -93,7 +106,7 @@ class GeneratorCheckpoint:
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()  # type: ignore[misc]
-        state["sharpness"][self._rng_key] = {"generator": self._rng.state_dict()}
+        state["sharpness"][self._rng_key] = {"generator": self._rng.state_dict(draw_device(self))}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .._foreach import group_by_device_dtype, local
+from ._checkpoint import is_state_initialization, pack, unpack
 
 __all__: list[str] = []
 
@@ -153,13 +154,24 @@ class SharesBaseParamGroups:
         The wrappers build their state from the base optimizer's (whose own hooks run there), so
         ``torch.optim.Optimizer``'s hook loop never sees the wrapper. Each class's resolved method (its own, or
         a mixin's earlier in the MRO) is wrapped; an instance flag makes only the outermost call run the hooks,
-        in torch's order and with its return-value rules.
+        in torch's order and with its return-value rules. The outermost call also converts between the layout
+        the methods build and read (native) and the public one (:mod:`._checkpoint`).
         """
         super().__init_subclass__(**kwargs)
         for name, wrap in (("state_dict", _runs_save_hooks), ("load_state_dict", _runs_load_hooks)):
             method = getattr(cls, name)
             if not getattr(method, "_runs_hooks", False):
                 setattr(cls, name, wrap(method))
+        own_step = cls.__dict__.get("step")
+        if own_step is not None and not getattr(own_step, "_initializes_state", False):
+            cls.step = _initializes_state(own_step)  # type: ignore[method-assign]
+
+    def _initialize_state(self) -> None:
+        """DCP's state initialization (:func:`._checkpoint.is_state_initialization`): the base optimizer
+        allocates its state by a step at learning rate 0 over the zero gradients, unless it already holds state
+        (loaded, or from earlier steps: a step would move its momenta). No counter moves, no weight changes."""
+        if not self.base_optimizer.state:
+            self.base_optimizer.step()
 
     def __getstate__(self) -> dict[str, Any]:
         """The instance ``__dict__`` without what torch.optim's own ``__getstate__`` drops too: the hooks, and
@@ -194,12 +206,12 @@ def _outermost(flag: str, method: Callable[..., Any], with_hooks: Callable[..., 
     """``method`` with ``with_hooks`` around it on the outermost call per instance (``flag`` marks the call)."""
 
     @functools.wraps(method)
-    def wrapped(self: Any, *args: Any) -> Any:
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:  # (DCP passes ``state_dict=`` by keyword)
         if self.__dict__.get(flag):
-            return method(self, *args)
+            return method(self, *args, **kwargs)
         self.__dict__[flag] = True
         try:
-            return with_hooks(self, functools.partial(method, self), *args)
+            return with_hooks(self, functools.partial(method, self), *args, **kwargs)
         finally:
             del self.__dict__[flag]
 
@@ -207,10 +219,26 @@ def _outermost(flag: str, method: Callable[..., Any], with_hooks: Callable[..., 
     return wrapped
 
 
+def _initializes_state(step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step`` that answers DCP's ``step()`` without a closure at learning rate 0 over zero gradients (it builds
+    the state of a fresh optimizer before loading a checkpoint into it) by initializing the state; any other
+    call goes to ``step``, which refuses a missing closure as before."""
+
+    @functools.wraps(step)
+    def wrapped(self: Any, closure: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if closure is None and not args and not kwargs and is_state_initialization(self):
+            self._initialize_state()
+            return None
+        return step(self, closure, *args, **kwargs)
+
+    wrapped._initializes_state = True  # type: ignore[attr-defined]
+    return wrapped
+
+
 def _save_with_hooks(self: Any, save: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     for hook in self._optimizer_state_dict_pre_hooks.values():
         hook(self)
-    state = save()
+    state = pack(save())  # the public layout (_checkpoint): the hooks see what the caller gets
     for hook in self._optimizer_state_dict_post_hooks.values():
         result = hook(self, state)
         if result is not None:
@@ -225,7 +253,7 @@ def _load_with_hooks(self: Any, load: Callable[[dict[str, Any]], None], state_di
         result = hook(self, state_dict)
         if result is not None:
             state_dict = result
-    load(state_dict)
+    load(unpack(state_dict))  # the methods read the native layout
     for hook in self._optimizer_load_state_dict_post_hooks.values():
         hook(self)
 

@@ -537,6 +537,10 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             self.state.get(p, {}).pop(_REUSE, None)
         self._reuse_norm = None
 
+    def _keeps_reuse_direction(self) -> bool:
+        """Whether ``g_v`` (LookSAM's stored direction) outlives a step and goes into the checkpoint."""
+        return self.reuse_alpha is not None
+
     def _clean_grad_key(self) -> str:
         """Where a LookSAM SAM step keeps ``g`` until ``g_s`` is known: in the reuse buffer itself (``g_v`` is
         then built over it, so LookSAM keeps two parameter-sized buffers, not three), except under a
@@ -640,8 +644,14 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             )
         state = self.base_optimizer.state_dict()
         param_state = {}
+        keeps_reuse = self._keeps_reuse_direction()
         for index, p in enumerate(self._all_params()):
             kept = {k: v.clone() for k, v in self.state.get(p, {}).items() if k in _PERSISTENT_KEYS}
+            if keeps_reuse and p.requires_grad and not p.is_meta and _REUSE not in kept:
+                # no direction yet (it adds nothing then, as a zero one does): saved as zeros, so that a fresh
+                # optimizer's state has the entries of a trained one's (DCP loads a checkpoint into it; a meta
+                # model's state dict has no data to load from, so it gets none)
+                kept[_REUSE] = torch.zeros_like(p)
             if kept:
                 param_state[index] = kept
         state["sharpness"] = {
@@ -702,7 +712,8 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
                 raise ValueError(f"Invalid parameter index {index} in state_dict (the optimizer has {len(params)})")
             p = params[index]
             for key, value in saved.items():
-                self.state[p][key] = value.detach().clone().to(device=p.device, dtype=p.dtype)
+                if key in _PERSISTENT_KEYS:  # (a subclass reads its own keys)
+                    self.state[p][key] = value.detach().clone().to(device=p.device, dtype=p.dtype)
 
     def __repr__(self) -> str:
         rho = sorted({group["rho"] for group in self.param_groups})

@@ -22,7 +22,7 @@ from .._validation import (
 from ..batchnorm import RunningStatsGuard
 from ..distributed import ddp_module
 from ._finite import FiniteLossCheck
-from ._generator import LazyGenerator, shard_stream
+from ._generator import LazyGenerator, draw_device, shard_stream
 from ._state import ScratchLists, SharesBaseParamGroups, check_steps_without_closure, scratch_buffers
 
 _LOG_MAX_SCOPE = math.log(1e300)  # beyond this the scope times a weight difference is no longer a float
@@ -261,7 +261,7 @@ class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
             "version": 1,
             "optimizer": "EntropySGD",
             "counters": {"steps": self.steps, "grad_evals": self.grad_evals, "sam_steps": self.sam_steps},
-            "entropy_sgd": {"generator": self._rng.state_dict()},
+            "entropy_sgd": {"generator": self._rng.state_dict(draw_device(self))},
         }
         return state
 

@@ -143,7 +143,7 @@ class ESAM(PerSampleLossStep, GeneratorCheckpoint, SharpnessAwareOptimizer):
     neutral_options: ClassVar[dict[str, Any]] = {"rho": 0.0, "gamma": 1.0}
     standard_closure_options: ClassVar[dict[str, Any]] = {"gamma": 1.0}  # stochastic weight perturbation only
     per_sample_condition = "gamma < 1"
-    _rng_key = "esam"  # state_dict()["sharpness"]["esam"]: the mask generator
+    _rng_key = "esam"  # state_dict()["param_groups"][0]["sharpness"]["esam"]: the mask generator
     description = "ESAM: random-subset perturbation (beta) + top-gamma sharpness data selection (Du et al., 2022)"
 
     def __init__(self, params_or_base: Any, base_class: Any = None, *, rho: float = 0.05, beta: float = 0.6,

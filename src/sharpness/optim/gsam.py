@@ -103,6 +103,10 @@ class GSAM(SharpnessAwareOptimizer):
             self.rule = LRProportionalRho(self.rule.inner, **schedule)
 
     # ------------------------------------------------------------------ the GSAM gradient
+    def _keeps_reuse_direction(self) -> bool:
+        """GSAM's ``alpha`` combines ``g`` and ``g_s`` within the step: no direction outlives it."""
+        return False
+
     def _clean_grad_key(self) -> str:
         """GSAM consumes ``g`` within the step and stores no reuse direction: ``g`` has its own scratch buffer."""
         return _CLEAN_GRAD

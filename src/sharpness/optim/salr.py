@@ -23,6 +23,7 @@ from .._validation import (
 from .._walk import per_sample_inverse_norms
 from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, check_not_sharded, ddp_module, is_distributed
+from ._checkpoint import unpack
 from ._finite import FiniteLossCheck
 from ._state import SharesBaseParamGroups, scratch_buffers
 
@@ -461,7 +462,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The inner optimizer's ``state_dict`` with SALR's state under ``state["sharpness"]["salr"]``."""
-        state = self.optimizer.state_dict()
+        state = unpack(self.optimizer.state_dict())  # a sharpness wrapper's entry, native, joins SALR's
         extra = dict(state.get("sharpness", {"version": 1}))
         extra["salr"] = {
             "version": 1,

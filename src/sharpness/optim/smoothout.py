@@ -60,7 +60,7 @@ class SmoothOut(GeneratorCheckpoint, SharpnessAwareOptimizer):
     max_grad_evals_per_step = 1
     neutral_options: ClassVar[dict[str, Any]] = {"a": 0.0}
     has_unperturbed_pass: ClassVar[bool] = False  # the only pass is at w + noise (its BN statistics are kept)
-    _rng_key = "smoothout"  # state_dict()["sharpness"]["smoothout"]: the noise generator
+    _rng_key = "smoothout"  # state_dict()["param_groups"][0]["sharpness"]["smoothout"]: the noise generator
     supports_maximize: ClassVar[bool] = True  # symmetric noise: the same update for -L
     description = "SmoothOut: gradient at w + U(-a, a) noise, applied at w (Wen et al., 2018)"
 

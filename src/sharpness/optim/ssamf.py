@@ -17,7 +17,7 @@ from ..measures._common import measurement_mode
 from ..measures._per_sample import check_per_sample_mode, per_sample_gradients
 from ..policies.always import Always
 from ..rules.masked import MaskedSAMPerturbation
-from ._generator import LazyGenerator
+from ._generator import LazyGenerator, draw_device
 from .engine import SharpnessAwareOptimizer
 from .esam import PerSampleLossStep
 
@@ -301,26 +301,37 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The mask and, while a refresh collects, the Fisher sum go into ``param_state`` (per parameter); with
+        ``sparsity > 0`` every trainable parameter has both entries, zeros where none exists yet (the mask
+        before the first refresh is all False, as :meth:`_masks` starts it), so a fresh optimizer's state has
+        the entries of a trained one's (DCP loads a checkpoint into it)."""
         state = super().state_dict()
-        masks, fisher = {}, {}
+        param_state = state["sharpness"]["param_state"]
         for index, p in enumerate(self._all_params()):
             saved = self.state.get(p, {})
+            placeholder = self.sparsity > 0.0 and p.requires_grad and not p.is_meta
+            entries = {}
             if _MASK in saved:
-                masks[index] = saved[_MASK].clone()
+                entries[_MASK] = saved[_MASK].clone()
+            elif placeholder:
+                entries[_MASK] = torch.zeros_like(p, dtype=torch.bool)
             if self._collected > 0 and _FISHER in saved:
-                fisher[index] = saved[_FISHER].clone()
+                entries[_FISHER] = saved[_FISHER].clone()
+            elif placeholder:
+                entries[_FISHER] = torch.zeros_like(p)
+            if entries:
+                param_state.setdefault(index, {}).update(entries)
         state["sharpness"]["ssamf"] = {
-            "masks": masks,
-            "fisher_sum": fisher,
             "collected": self._collected,
             "fisher_samples": self.fisher_samples,
             "fisher_backward_passes": self.fisher_backward_passes,
             "mask_updates": self.mask_updates,
-            "generator": self._rng.state_dict(),
+            "generator": self._rng.state_dict(draw_device(self)),
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Also reads the masks and Fisher sums of the earlier layout (``ssamf["masks"]``/``["fisher_sum"]``)."""
         super().load_state_dict(state_dict)
         extra = state_dict["sharpness"].get("ssamf")
         if extra is None:
@@ -329,14 +340,20 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
         for p in params:
             self.state[p].pop(_MASK, None)
             self.state[p].pop(_FISHER, None)
-        for key, dtype in ((_MASK, torch.bool), (_FISHER, None)):
-            for index, value in extra["masks" if key == _MASK else "fisher_sum"].items():
-                index = int(index)
-                if not 0 <= index < len(params):
-                    raise ValueError(f"Invalid parameter index {index} in state_dict (the optimizer has {len(params)})")
-                p = params[index]
-                self.state[p][key] = value.detach().clone().to(device=p.device, dtype=dtype or p.dtype)
-        self._collected = int(extra["collected"])
+        collected = int(extra["collected"])
+        saved = {(int(index), key): value for index, entries in state_dict["sharpness"]["param_state"].items()
+                 for key, value in entries.items() if key in (_MASK, _FISHER)}
+        for key, legacy in ((_MASK, "masks"), (_FISHER, "fisher_sum")):
+            saved.update({(int(index), key): value for index, value in extra.get(legacy, {}).items()})
+        for (index, key), value in saved.items():
+            if key == _FISHER and collected == 0:  # a placeholder: no refresh was collecting
+                continue
+            if not 0 <= index < len(params):
+                raise ValueError(f"Invalid parameter index {index} in state_dict (the optimizer has {len(params)})")
+            p = params[index]
+            dtype = torch.bool if key == _MASK else p.dtype
+            self.state[p][key] = value.detach().clone().to(device=p.device, dtype=dtype)
+        self._collected = collected
         self.fisher_samples = int(extra["fisher_samples"])
         self.fisher_backward_passes = int(extra.get("fisher_backward_passes", self.fisher_samples))
         if "generator" in extra:

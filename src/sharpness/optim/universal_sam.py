@@ -26,7 +26,7 @@ differentiated by the chain rule with ``g_0 = grad L(w)``, ``g_i = grad L(w + rh
 Cost: ``1 + m`` closure calls (forward + backward) per step; steps a policy skips (or all steps with ``lam=0``)
 cost one and equal the base optimizer's step bit for bit. Directions are drawn from a ``torch.Generator`` on the
 parameters' device, created at the first draw (so the optimizer can be built on a ``meta`` model; its state is in
-``state_dict()["sharpness"]["generator"]``), into the gradient buffers, so
+``state_dict()["param_groups"][0]["sharpness"]["generator"]``), into the gradient buffers, so
 a step needs ``2 + min(m - 1, n)`` parameter-sized buffers, all preallocated: the weights backup, ``g_0``, and for
 passes ``1..m-1`` either their gradients (``m - 1 <= n``) or ``n`` running sums ``sum_i psi_j'(x_i) g_i``; the
 last pass's gradient is combined where it lies. So 2 for Trace-SAM and Det-SAM (``m = 1``), 3 for Frob-SAM
