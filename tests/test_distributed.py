@@ -45,6 +45,9 @@ PER_SAMPLE_OPTIONS = {
     "ssamf": {"rho": 0.1, "sparsity": 0.5, "num_samples": 8, "update_freq": 2},
 }
 
+#: DCP round trips: LookSAM's direction reused right after the resume (k=2), AE-SAM's EMAs, Trace-SAM's stream
+DCP_OPTIONS = {"looksam": {"k": 2}, "aesam": {}, "tracesam": {}}
+
 
 def optimizer_kwargs(name: str, total_steps: int) -> dict:
     kwargs = dict(OPTIMIZER_KWARGS.get(name, {}))
@@ -251,11 +254,51 @@ def fisher_mask(opt: sharpness.SSAMF, model: nn.Module) -> torch.Tensor:
     return torch.cat([opt.state[p]["perturbation_mask"].reshape(-1) for p in model.parameters()])
 
 
+def dcp_resume(name: str, options: dict, rank: int, path: str) -> dict:
+    """3 per-worker steps under DDP, a ``torch.distributed.checkpoint`` save (parameter names without DDP's
+    ``module.``), 3 more steps; and a fresh DDP model and optimizer that load it and take the same 3 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def build(model):
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return create_for_test(name, base, rho=0.1, model=model, **{**optimizer_kwargs(name, 6), **options})
+
+    def steps(opt, model, batches):
+        for x, y in batches:
+            opt.step(lambda x=x, y=y: _backward(opt, model, x, y))
+
+    batches = local_batches(rank, 6)
+    model = nn.parallel.DistributedDataParallel(make_model())
+    opt = build(model)
+    steps(opt, model, batches[:3])
+    weights, optim = get_state_dict(model, opt)
+    dcp.save({"model": weights, "optim": optim}, checkpoint_id=path)
+    steps(opt, model, batches[3:])
+    again = nn.parallel.DistributedDataParallel(make_model())
+    resumed = build(again)
+    weights, optim = get_state_dict(again, resumed)
+    target = {"model": weights, "optim": optim}
+    dcp.load(target, checkpoint_id=path)
+    set_state_dict(again, resumed, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    steps(resumed, again, batches[3:])
+    return {"straight": flat_params(model), "resumed": flat_params(again), "counters": counters(opt),
+            "resumed_counters": counters(resumed), "names": sorted(optim["state"])}
+
+
+def _backward(opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    run_scenarios(rank, init_file, out_dir, WORLD, COLLECTIVE_TIMEOUT_S, _scenarios)
+    run_scenarios(rank, init_file, out_dir, WORLD, COLLECTIVE_TIMEOUT_S,
+                  lambda rank, result: _scenarios(rank, result, out_dir))
 
 
-def _scenarios(rank: int, result: dict):
+def _scenarios(rank: int, result: dict, out_dir: str):
     """The scenarios, run by each spawned rank (see :func:`helpers.run_scenarios`); each yields its name first."""
     # (a) per-worker perturbation, every registered optimizer, different data on each rank.
     for name in OPTIMIZER_NAMES:
@@ -336,6 +379,10 @@ def _scenarios(rank: int, result: dict):
     model = nn.parallel.DistributedDataParallel(Heads().double(), find_unused_parameters=True)
     run = train_salr(model, local_batches(rank, 4), "per_sample", forward=lambda x: model(x, rank))
     result[("salr-heads", "per_sample")] = {**run, "c": flat_params(model.module.c)}
+    # (k) torch.distributed.checkpoint round trips under DDP
+    for name, options in DCP_OPTIONS.items():
+        yield f"dcp/{name}"
+        result[("dcp", name)] = dcp_resume(name, options, rank, os.path.join(out_dir, f"dcp-{name}"))
 
 
 @pytest.fixture(scope="module")
@@ -518,3 +565,14 @@ def test_salr_per_sample_with_a_head_one_rank_does_not_reach(ddp_results):
     r0, r1 = (res[("salr-heads", "per_sample")] for res in ddp_results)
     assert torch.equal(r0["params"], r1["params"]) and r0["sharpness"] == r1["sharpness"]
     assert torch.equal(r0["c"], flat_params(Heads().double().c))
+
+
+@pytest.mark.parametrize("name", list(DCP_OPTIONS))
+def test_a_dcp_checkpoint_resumes_the_ddp_run_exactly(ddp_results, name):
+    """``get_state_dict`` / ``dcp.save`` / ``dcp.load`` / ``set_state_dict`` on a DDP model: the resumed run equals
+    the uninterrupted one bit for bit on every rank, with the state keyed by the module's parameter names."""
+    for res in ddp_results:
+        got = res[("dcp", name)]
+        assert torch.equal(got["resumed"], got["straight"])
+        assert got["resumed_counters"] == got["counters"]
+        assert got["names"] == ["0.bias", "0.weight", "2.bias", "2.weight"]

@@ -221,8 +221,17 @@ def dcp_round_trip(name: str, options: dict, rank: int, path: str) -> dict:
     set_optimizer_state_dict(again, resumed, target["optim"])
     loaded = counters(resumed)
     train(resumed, again, batches[3:])
+    # the gathered state dict held by rank 0 only, broadcast and sharded into a fresh sharded run
+    third = shard(make_model())
+    from_full = build(name, third, **options)
+    broadcast = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    given = copy.deepcopy(full) if rank == 0 else {"model": {}, "optim": {}}  # (loading edits the dicts given)
+    set_model_state_dict(third, given["model"], options=broadcast)
+    set_optimizer_state_dict(third, from_full, given["optim"], options=broadcast)
+    train(from_full, third, batches[3:])
     return {"straight": full_params(model), "resumed": full_params(again), "loaded_counters": loaded,
             "counters": counters(opt), "resumed_counters": counters(resumed), "path": path,
+            "from_full": full_params(third), "from_full_counters": counters(from_full),
             "full": full if rank == 0 else None}
 
 
@@ -386,6 +395,17 @@ def test_a_dcp_checkpoint_resumes_the_sharded_run_exactly(fsdp_results, name):
         got = res[f"dcp/{name}"]
         assert torch.equal(got["resumed"], got["straight"])
         assert got["resumed_counters"] == got["counters"] and got["loaded_counters"]["steps"] == 3
+
+
+@pytest.mark.parametrize("name", list(DCP))
+def test_a_gathered_state_dict_on_rank_0_resumes_the_sharded_run_exactly(fsdp_results, name):
+    """``StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)``: rank 0 holds the whole state dict
+    (weights and optimizer, the wrapper's state included), the others nothing; loading broadcasts and shards it,
+    and the run continues bit for bit."""
+    for res in fsdp_results:
+        got = res[f"dcp/{name}"]
+        assert torch.equal(got["from_full"], got["straight"])
+        assert got["from_full_counters"] == got["counters"]
 
 
 def _one_process_resume(name: str, load) -> torch.Tensor:

@@ -686,7 +686,9 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             raise ValueError(f"This state_dict was saved by {saved_by}, not {name}; nothing was loaded (build the "
                              f"same optimizer class to resume, or load the base state with "
                              f"{name}.base_optimizer.load_state_dict())")
-        missing = [key for key in ("counters", "policy", "param_state") if key not in extra]
+        # (an empty "policy" or "param_state" may be absent: DCP's flattening, as under broadcast_from_rank0,
+        # drops empty dicts)
+        missing = [key for key in ("counters",) if key not in extra]
         if missing:
             raise ValueError(f"Invalid state_dict: its 'sharpness' entry has no {missing} (saved by another "
                              "optimizer?); nothing was loaded")
@@ -699,14 +701,14 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         self.sam_steps = int(counters["sam_steps"])
         self.grad_evals = int(counters["grad_evals"])
         self.skipped_steps = int(counters.get("skipped_steps", 0))
-        self.policy.load_state_dict(extra["policy"])
+        self.policy.load_state_dict(extra.get("policy", {}))
         params = self._all_params()
         self._reuse_norm = None
         self._scratch_lists.clear()
         for p in params:
             for key in _PERSISTENT_KEYS:
                 self.state[p].pop(key, None)
-        for index, saved in extra["param_state"].items():
+        for index, saved in extra.get("param_state", {}).items():
             index = int(index)
             if not 0 <= index < len(params):
                 raise ValueError(f"Invalid parameter index {index} in state_dict (the optimizer has {len(params)})")

@@ -341,7 +341,7 @@ class SSAMF(PerSampleLossStep, SharpnessAwareOptimizer):
             self.state[p].pop(_MASK, None)
             self.state[p].pop(_FISHER, None)
         collected = int(extra["collected"])
-        saved = {(int(index), key): value for index, entries in state_dict["sharpness"]["param_state"].items()
+        saved = {(int(index), key): value for index, entries in state_dict["sharpness"].get("param_state", {}).items()
                  for key, value in entries.items() if key in (_MASK, _FISHER)}
         for key, legacy in ((_MASK, "masks"), (_FISHER, "fisher_sum")):
             saved.update({(int(index), key): value for index, value in extra.get(legacy, {}).items()})
