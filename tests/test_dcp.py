@@ -59,11 +59,15 @@ def load(case: str, path):
     """A fresh model (another init) and optimizer, everything loaded from the DCP checkpoint at ``path``."""
     model = mlp(5)
     opt = build(case, model)
+    load_into(model, opt, path)
+    return model, opt
+
+
+def load_into(model: nn.Module, opt, path) -> None:
     target = {"model": model.state_dict(), "optim": dcp_state.get_optimizer_state_dict(model, opt)}
     dcp.load(target, checkpoint_id=str(path))
     model.load_state_dict(target["model"])
     dcp_state.set_optimizer_state_dict(model, opt, target["optim"])
-    return model, opt
 
 
 def assert_same_runs(*runs) -> None:
@@ -178,3 +182,26 @@ def test_a_state_dict_saved_by_the_earlier_version_resumes_its_run_exactly(case)
     train(opt, model, 4)
     for p, expected in zip(model.parameters(), saved["after"], strict=True):
         assert torch.equal(p, expected)
+
+
+@pytest.mark.parametrize("name", ["looksam", "aesam", "tracesam"])
+def test_dcp_resumes_an_optimizer_with_two_param_groups(name, tmp_path):
+    """Weights and biases in two groups with their own lr and rho: DCP maps each saved group to the group
+    holding the same parameter names, the wrapper's entry (in the first) included."""
+
+    def build_groups(model):
+        weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+        biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+        base = torch.optim.SGD([{"params": weights}, {"params": biases, "lr": 0.05, "rho": 0.02}], lr=0.1,
+                               momentum=0.9)
+        return create_for_test(name, base, rho=0.1, total_steps=12, **({"k": 2} if name == "looksam" else {}))
+
+    model = mlp(0)
+    opt = build_groups(model)
+    train(opt, model, 5)
+    save(model, opt, tmp_path)
+    model2 = mlp(5)
+    opt2 = build_groups(model2)
+    load_into(model2, opt2, tmp_path)
+    assert [g["rho"] for g in opt2.param_groups] == [0.1, 0.02]
+    assert_same_runs((model, opt), (model2, opt2))
