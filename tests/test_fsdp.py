@@ -10,7 +10,11 @@ One spawn (two ranks) runs every scenario; the tests below check its results:
 * a NaN loss on one rank stops every rank with the weights unchanged; an inf in one rank's shard of the
   gradients flags the GradScaler step on every rank;
 * the settings that cannot run sharded (GNR's exact HVPs, SSAM-F's global mask, SALR's per-sample
-  normalization) refuse at construction with a clear error.
+  normalization) refuse at construction with a clear error;
+* ``torch.distributed.checkpoint`` round trips: per-rank shards, resharding to one process, a gathered state
+  dict broadcast from rank 0;
+* HSDP (a second spawn, 4 ranks on a (replicate 2, shard 2) mesh): the run equals one process on the global
+  batch, and a shard's replicas draw the same numbers.
 """
 
 from __future__ import annotations
@@ -63,11 +67,12 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
 
 
-def shard(model: nn.Module) -> nn.Module:
+def shard(model: nn.Module, mesh=None) -> nn.Module:
+    """``fully_shard`` on each Linear and on the root (``mesh``: a 2-D (replicate, shard) mesh makes it HSDP)."""
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fsdp.fully_shard(layer)
-    fsdp.fully_shard(model)
+            fsdp.fully_shard(layer, mesh=mesh)
+    fsdp.fully_shard(model, mesh=mesh)
     return model
 
 
@@ -77,9 +82,9 @@ def global_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)) for _ in range(steps)]
 
 
-def split(batches, rank: int):
-    half = GLOBAL_BATCH // WORLD
-    return [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]) for x, y in batches]
+def split(batches, rank: int, world: int = WORLD):
+    part = GLOBAL_BATCH // world
+    return [(x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]) for x, y in batches]
 
 
 def full_params(model: nn.Module) -> torch.Tensor:
@@ -115,14 +120,15 @@ def counters(opt) -> dict:
     return {key: getattr(opt, key) for key in ("steps", "sam_steps", "grad_evals")}
 
 
-def run(name: str, options: dict, rank: int | None) -> dict:
-    """``rank`` None: one process on the global batch; else this rank's half, FSDP2-sharded."""
+def run(name: str, options: dict, rank: int | None, mesh=None, world: int = WORLD) -> dict:
+    """``rank`` None: one process on the global batch; else this rank's part of it, FSDP2-sharded (over
+    ``mesh``; None: all ``world`` ranks)."""
     model = make_model()
     batches = global_batches(STEPS)
     if rank is not None:
-        model, batches = shard(model), split(batches, rank)
+        model, batches = shard(model, mesh), split(batches, rank, world)
     opt = train(build(name, model, **options), model, batches)
-    return {"params": full_params(model), **counters(opt)}
+    return {"params": full_params(model), "streams": generator_states(opt.state_dict()), **counters(opt)}
 
 
 def generator_states(tree) -> list[torch.Tensor]:
@@ -448,3 +454,68 @@ def test_the_full_state_dict_of_a_sharded_run_loads_into_one_process(fsdp_result
 
     expected = run("looksam", DCP["looksam"], None)["params"]
     torch.testing.assert_close(_one_process_resume("looksam", load), expected, rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------- HSDP
+#: HSDP: 4 ranks on a (replicate 2, shard 2) mesh; each rank takes a quarter of the global batch
+HSDP_WORLD = 4
+HSDP_DETERMINISTIC = {"sam": {}, "asam": {}, "looksam": {"k": 3}, "gnr": {}, "aesam": DETERMINISTIC_OPTIONS["aesam"]}
+HSDP_RANDOM = {"tracesam": {}, "smoothout": {}}
+
+
+def _hsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    run_scenarios(rank, init_file, out_dir, HSDP_WORLD, COLLECTIVE_TIMEOUT_S, _hsdp_scenarios)
+
+
+def _hsdp_scenarios(rank: int, result: dict):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from sharpness.optim._generator import shard_stream
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    result["coordinate"] = mesh.get_coordinate()
+    like = distribute_tensor(torch.zeros(8, 3), mesh, [Replicate(), Shard(0)])
+    result["draw"] = torch.randn(4, 3, generator=shard_stream(torch.Generator().manual_seed(5), like))
+    for name, options in {**HSDP_DETERMINISTIC, **HSDP_RANDOM}.items():
+        yield f"hsdp/{name}"
+        result[name] = run(name, options, rank, mesh, HSDP_WORLD)
+
+
+@pytest.fixture(scope="module")
+def hsdp_results(tmp_path_factory):
+    return run_spawned(_hsdp_worker, HSDP_WORLD, tmp_path_factory.mktemp("hsdp"), JOIN_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("name", list(HSDP_DETERMINISTIC))
+def test_hsdp_run_equals_one_process_on_the_global_batch(hsdp_results, name):
+    """HSDP: norms and inner products are summed over the shard dimension only (the replicas hold the same
+    numbers, summing them too would double them), so the run is still the one-process run."""
+    expected = run(name, HSDP_DETERMINISTIC[name], None)
+    for rank, res in enumerate(hsdp_results):
+        got = res[name]
+        torch.testing.assert_close(got["params"], expected["params"], rtol=0, atol=1e-10,
+                                   msg=lambda m, rank=rank: f"{name} rank {rank}: {m}")
+        assert {k: got[k] for k in ("steps", "sam_steps", "grad_evals")} == {
+            k: expected[k] for k in ("steps", "sam_steps", "grad_evals")}
+
+
+def test_hsdp_replicas_of_a_shard_draw_the_same_numbers(hsdp_results):
+    """:func:`shard_stream` on a (Replicate, Shard(0)) DTensor: seeded from the shard coordinate only, so the
+    two replicas of a shard draw equal numbers and the two shards different ones."""
+    draws = {tuple(res["coordinate"]): res["draw"] for res in hsdp_results}
+    assert sorted(draws) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for shard_index in (0, 1):
+        assert torch.equal(draws[(0, shard_index)], draws[(1, shard_index)])
+    assert not torch.equal(draws[(0, 0)], draws[(0, 1)])
+
+
+@pytest.mark.parametrize("name", list(HSDP_RANDOM))
+def test_hsdp_random_methods_keep_every_rank_in_step(hsdp_results, name):
+    """The random methods train under HSDP with the same weights and the shared stream in step on every rank."""
+    first = hsdp_results[0][name]
+    assert not torch.equal(first["params"], full_params(make_model()))
+    for res in hsdp_results[1:]:
+        assert torch.equal(res[name]["params"], first["params"])
+        assert all(torch.equal(a, b) for a, b in zip(res[name]["streams"], first["streams"], strict=True))
