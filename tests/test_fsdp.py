@@ -316,8 +316,12 @@ def test_sharded_run_equals_one_process_on_the_global_batch(fsdp_results, name):
     """FSDP2 reduce-scatters the mean gradient, so every pass sees the global batch's gradient (there is no
     per-worker perturbation to keep, unlike DDP's ``no_sync``): the run must be the one-process run."""
     optimizer, options = VARIANTS.get(name, (name, DETERMINISTIC_OPTIONS.get(name, {})))
-    expected = run(optimizer, options, None)
-    for rank, res in enumerate(fsdp_results):
+    assert_every_rank_equals_one_process(fsdp_results, name, run(optimizer, options, None))
+
+
+def assert_every_rank_equals_one_process(results: list[dict], name: str, expected: dict) -> None:
+    """Each rank's weights equal the one-process run's to 1e-10, its counters exactly, and the run trained."""
+    for rank, res in enumerate(results):
         got = res[name]
         torch.testing.assert_close(got["params"], expected["params"], rtol=0, atol=1e-10,
                                    msg=lambda m, rank=rank: f"{name} rank {rank}: {m}")
@@ -469,7 +473,6 @@ def _hsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def _hsdp_scenarios(rank: int, result: dict):
     from torch.distributed.device_mesh import init_device_mesh
-
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from sharpness.optim._generator import shard_stream
@@ -492,13 +495,7 @@ def hsdp_results(tmp_path_factory):
 def test_hsdp_run_equals_one_process_on_the_global_batch(hsdp_results, name):
     """HSDP: norms and inner products are summed over the shard dimension only (the replicas hold the same
     numbers, summing them too would double them), so the run is still the one-process run."""
-    expected = run(name, HSDP_DETERMINISTIC[name], None)
-    for rank, res in enumerate(hsdp_results):
-        got = res[name]
-        torch.testing.assert_close(got["params"], expected["params"], rtol=0, atol=1e-10,
-                                   msg=lambda m, rank=rank: f"{name} rank {rank}: {m}")
-        assert {k: got[k] for k in ("steps", "sam_steps", "grad_evals")} == {
-            k: expected[k] for k in ("steps", "sam_steps", "grad_evals")}
+    assert_every_rank_equals_one_process(hsdp_results, name, run(name, HSDP_DETERMINISTIC[name], None))
 
 
 def test_hsdp_replicas_of_a_shard_draw_the_same_numbers(hsdp_results):
