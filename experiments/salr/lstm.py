@@ -113,7 +113,7 @@ def factors(budget: int) -> None:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "run.pt"
             r = train(config(label, 0, budget), data=data, checkpoint=path, log=None)
-            state = torch.load(path, weights_only=True)["optimizer"]["sharpness"]["salr"]
+            state = torch.load(path, weights_only=True)["optimizer"]["param_groups"][0]["sharpness"]["salr"]
         f, s = state["factor_history"], state["sharpness_history"]
         quarters = [statistics.mean(f[i * len(f) // 4:(i + 1) * len(f) // 4]) for i in range(4)]
         print(f"{label}: test ppl {math.exp(r.summary['test_loss']):.3f}  factor min {min(f):.2f} "

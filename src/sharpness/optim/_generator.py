@@ -97,8 +97,8 @@ class GeneratorCheckpoint:
     """Mixin for an optimizer drawing from ``self._rng`` (a :class:`LazyGenerator`): checkpoints the stream.
 
     The wrapper's entry (``state_dict()["param_groups"][0]["sharpness"]``) holds ``{"generator": ...}`` under
-    ``_rng_key``; loading a state without it (saved by another optimizer) raises a ValueError. List it before the engine in
-    the bases, e.g. ``class ESAM(GeneratorCheckpoint, SharpnessAwareOptimizer)``.
+    ``_rng_key``; loading a state without it (saved by another optimizer) raises a ValueError. List it before
+    the engine in the bases, e.g. ``class ESAM(GeneratorCheckpoint, SharpnessAwareOptimizer)``.
     """
 
     _rng: LazyGenerator
