@@ -478,6 +478,7 @@ def test_nan_on_one_rank_stops_every_rank_with_weights_unchanged(ddp_results, na
     r0, r1 = (res[("nan", name)] for res in ddp_results)
     assert r0["error"] is not None, "rank 0 applied the update"
     if name == "sam":  # GNR's later passes on rank 0 start from the NaN-averaged gradient: its own NaN
+        # (rank 0's losses are finite; its all-reduced gradient carries rank 1's NaN)
         assert "a pass of this step on another rank" in r0["error"], r0["error"]
     assert r1["error"] is not None and "pass 2 of this step" in r1["error"], r1["error"]
     for res in (r0, r1):

@@ -23,12 +23,28 @@ def _setup(name: str, **options):
     return model, x, y, opt
 
 
+class _NaNGradient(torch.autograd.Function):
+    """The identity whose backward returns NaN: a finite loss with a NaN gradient (as ``sqrt`` at 0 gives inf)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 def _closure(opt, model, x, y, calls, fault=None):
-    """The standard closure; on call number ``fault[0]`` it applies ``fault[1]`` (NaN loss or an exception)."""
+    """The standard closure; on call number ``fault[0]`` it applies ``fault[1]`` (NaN loss, a NaN gradient behind
+    a finite loss, or an exception)."""
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        if fault is not None and calls[0] == fault[0]:
+        if fault is not None and calls[0] == fault[0] and fault[1] == "nan-grad":
+            loss = F.cross_entropy(_NaNGradient.apply(model(x)), y)
+        else:
+            loss = F.cross_entropy(model(x), y)
+        if fault is not None and calls[0] == fault[0] and fault[1] != "nan-grad":
             if fault[1] == "nan":
                 loss = loss * float("nan")
             else:
@@ -81,6 +97,62 @@ def test_a_non_finite_loss_in_any_pass_raises_and_changes_nothing(name, step, re
         assert opt.steps == steps
         opt.step(_closure(opt, model, x, y, [0]))  # and it goes on
         assert opt.steps == steps + 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("read", ["cpu", "device"])
+@pytest.mark.parametrize("step", [0, 1])
+@pytest.mark.parametrize("name", registered_names())
+def test_a_nan_gradient_behind_a_finite_loss_raises_and_changes_nothing(name, step, read, monkeypatch):
+    """A finite loss whose backward gives NaN, in any pass: the gradient joins the finite check, so the update is
+    refused with the weights and the momentum unchanged (before, an ERM-type step wrote the NaN into the weights
+    for all but a few methods, and a SAM step's perturbed-pass NaN went through for every one). The one pass
+    whose NaN gradient may pass: the last of each SALR walk, whose gradient nothing uses (only its loss)."""
+    if read == "device":
+        monkeypatch.setattr(_foreach, "host_read_is_free", lambda tensor: False)
+    passes = _passes_in_step(name, step)
+    for bad_pass in range(passes):
+        model, x, y, opt = _setup(name)
+        for _ in range(step):
+            opt.step(_closure(opt, model, x, y, [0]))
+        before = _snapshot(model, opt)
+        steps = opt.steps
+        try:
+            opt.step(_closure(opt, model, x, y, [0], fault=(bad_pass, "nan-grad")))
+        except FloatingPointError as error:
+            # (a NaN gradient in a pass that sets the climb makes the next pass's loss NaN: either message)
+            assert re.search("non-finite (gradient|loss)", str(error)), error
+        else:
+            assert name == "salr" and opt.steps == steps + 1, f"{name} pass {bad_pass}: nothing raised"
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+            continue
+        after = _snapshot(model, opt)
+        assert all(torch.equal(a, b) for a, b in zip(before[0], after[0])), f"{name} pass {bad_pass}: weights changed"
+        assert all(torch.equal(a, b) for a, b in zip(before[1], after[1])), f"{name}: momentum changed"
+        assert opt.steps == steps
+        opt.step(_closure(opt, model, x, y, [0]))
+        assert opt.steps == steps + 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["sam", "erm", "aesam"])
+def test_the_gradient_check_names_the_gradient_and_passes_a_finite_one_beyond_float32s_norm_range(name):
+    """The one-pass ERM step's error says the gradient (not a loss) was non-finite; and a finite gradient whose
+    norm overflows float32 (elements of 1e20) is not an error: the probe's inf is confirmed element-wise."""
+    model, x, y, opt = _setup(name)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient .* with finite losses") if name == "erm" \
+            else pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step(_closure(opt, model, x, y, [0], fault=(0, "nan-grad")))
+    w = torch.nn.Parameter(torch.ones(64))  # float32: ||g|| = 8e20 is beyond its range, every element finite
+    opt = create_for_test(name, torch.optim.SGD([w], lr=1e-30), total_steps=10)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w * 1e20).sum()
+        loss.backward()
+        return loss
+
+    assert not torch.isfinite(_foreach.largest_norm([torch.full((64,), 1e20)]))  # the probe does overflow
+    opt.step(closure)
+    assert opt.steps == 1 and torch.isfinite(w).all()
 
 
 @pytest.mark.parametrize("name", ["sam", "asam", "gnr", "tracesam", "frobsam"])

@@ -388,7 +388,7 @@ def test_nan_loss_on_one_rank_stops_every_rank_with_weights_unchanged(fsdp_resul
     for rank, res in enumerate(fsdp_results):
         nan = res["nan"]
         assert nan["raised"] is not None, f"rank {rank} applied the step"
-        assert "non-finite loss" in nan["raised"]
+        assert "non-finite" in nan["raised"]  # (rank 0: its reduce-scattered gradient carries rank 1's NaN)
         assert torch.equal(nan["before"], nan["after"]) and nan["steps"] == 1
     assert "another rank" in fsdp_results[0]["nan"]["raised"]  # rank 0's own losses were finite
 

@@ -300,13 +300,17 @@ def test_scratch_lists_are_reused_and_rebuilt_when_the_parameters_move():
 _CLIMB = {"device": {"add": 1, "_foreach_div_": 1, "_foreach_add_": 1},
           "cpu": {"_local_scalar_dense": 1, "_foreach_add_": 1}}
 _NORM = {"_foreach_norm": 1, "stack": 1, "linalg_vector_norm": 1}
+#: the finite check before the base step (``check_finite``): the largest per-tensor norm of g_s (norms, their
+#: stack, its max), read once (on a device the step's one host synchronisation; a closure's losses join it)
+_FINITE = {"_foreach_norm": 1, "stack": 1, "max": 1, "_local_scalar_dense": 1}
 #: ASAM adds: T_w = |w| + eta built in the parameters (abs, add), T g and T^2 g (two muls), w back from the
 #: backup before the climb (a third copy)
 UPDATE_OPS = {
-    ("sam", read): dict(Counter({"_foreach_copy_": 2, **_NORM}) + Counter(_CLIMB[read])) for read in _CLIMB
+    ("sam", read): dict(Counter({"_foreach_copy_": 2, **_NORM}) + Counter(_CLIMB[read]) + Counter(_FINITE))
+    for read in _CLIMB
 } | {
     ("asam", read): dict(Counter({"_foreach_copy_": 3, "_foreach_abs_": 1, "_foreach_add_": 1, "_foreach_mul_": 2,
-                                  **_NORM}) + Counter(_CLIMB[read])) for read in _CLIMB
+                                  **_NORM}) + Counter(_CLIMB[read]) + Counter(_FINITE)) for read in _CLIMB
 }
 
 

