@@ -304,6 +304,20 @@ def _scenarios(rank: int, result: dict, out_dir: str):
     result["reductions"] = reductions(rank)
     yield "unscale"
     result["unscale"] = unscale_flag(rank)
+    yield "adaptive-smoothout"  # per-filter norms: whole rows under Shard(0), refused under Shard(1)
+    from torch.distributed.tensor import Shard
+
+    model = shard(make_model())
+    opt = train(build("smoothout", model, adaptive=True), model, split(global_batches(2), rank))
+    # (the output layer's 3 x 16 weight by its 16 columns; FSDP2 wants even shards on a dimension other than 0)
+    by_columns = shard(make_model(), shard_placement_fn=lambda p: Shard(1) if p.shape == (3, 16) else None)
+    try:
+        build("smoothout", by_columns, adaptive=True)
+        refused = None
+    except NotImplementedError as error:
+        refused = str(error)
+    result["adaptive-smoothout"] = {"steps": opt.steps, "refused": refused,
+                                    "plain_builds": build("smoothout", by_columns).steps == 0}
     for name, options in REFUSED.items():
         yield f"refused/{name}"
         try:
@@ -446,6 +460,16 @@ def _one_process_resume(name: str, load) -> torch.Tensor:
     assert opt.steps == 3
     train(opt, model, global_batches(STEPS)[3:])
     return full_params(model)
+
+
+def test_adaptive_smoothout_needs_whole_filters(fsdp_results):
+    """AdaSmoothOut scales each filter's (row's) noise by its norm: under FSDP2's Shard(0) every row is on one
+    rank and it trains; a parameter sharded by columns (``shard_placement_fn``) would give partial norms, so it is
+    refused at construction, while the plain SmoothOut builds on the same model."""
+    for res in fsdp_results:
+        got = res["adaptive-smoothout"]
+        assert got["steps"] == 2 and got["plain_builds"]
+        assert got["refused"] is not None and "whole filters" in got["refused"] and "Shard(dim=1)" in got["refused"]
 
 
 def test_a_sharded_dcp_checkpoint_resumes_in_one_process(fsdp_results):

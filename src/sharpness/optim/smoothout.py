@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _foreach
-from .._foreach import group_by_device_dtype, local, uses_foreach_option
+from .._foreach import group_by_device_dtype, is_sharded, local, uses_foreach_option
 from .._validation import check_bool, check_int_at_least, check_non_negative
 from ..amp import record_step, unscale_
 from ..policies.never import Never
@@ -80,6 +80,15 @@ class SmoothOut(GeneratorCheckpoint, SharpnessAwareOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if self.adaptive:
+            split = next((p for p in group["params"] if _splits_filters(p)), None)
+            if split is not None:
+                self.base_optimizer.param_groups.pop()  # refused: the group is not added
+                raise NotImplementedError(
+                    f"{type(self).__name__}(adaptive=True) scales each filter's noise by that filter's norm, which "
+                    f"needs whole filters (rows), but a parameter of shape {tuple(split.shape)} is sharded as "
+                    f"{tuple(split.placements)}; keep FSDP2's default Shard(0) (no shard_placement_fn) or use "
+                    "adaptive=False")
         if "a" in self._wrapper_defaults:
             group.setdefault("a", self._wrapper_defaults["a"])
         if "a" in group:
@@ -190,3 +199,10 @@ class SmoothOut(GeneratorCheckpoint, SharpnessAwareOptimizer):
         return (f"{type(self).__name__}(a={a[0] if len(a) == 1 else a}, adaptive={self.adaptive}, "
                 f"copies={self.copies}, "
                 f"seed={self._rng.seed},\n  base={base})")
+
+
+def _splits_filters(p: Tensor) -> bool:
+    """Whether a ``DTensor`` parameter of two or more dimensions is sharded along a dimension other than 0, so
+    that a rank holds parts of filters (AdaSmoothOut's per-filter norm would then be a partial one)."""
+    return is_sharded(p) and p.dim() > 1 and any(
+        placement.is_shard() and placement.dim != 0 for placement in p.placements)
