@@ -99,23 +99,31 @@ class FiniteLossCheck:
             return
         distributed = self._reduces_over_ranks()
         peak = _foreach.largest_norm(grads) if grads else None  # this rank's shards under FSDP2: reduced below
+        if math.isfinite(self._read_total(losses, peak, distributed)):
+            return
+        self._raise_non_finite(losses, grads, peak, distributed)
+
+    def _read_total(self, losses: list[Tensor], peak: Tensor | None, distributed: bool) -> float:
+        """The sum of the losses and ``peak`` (over the ranks when ``distributed``), read once: in Python where
+        that is free (CPU scalars, one process), else two or three small kernels and one ``.item()``."""
         total = self._free_total(losses) if losses else (None if distributed else 0.0)
         if total is not None and (peak is None or _foreach.host_read_is_free(peak)):
-            total += 0.0 if peak is None else float(peak)  # CPU scalars: reading them is free, no kernel needed
-        else:
-            device = losses[0].device if losses else peak.device
-            dtype = _foreach.sum_dtype(device)
-            parts = [] if peak is None else [peak.to(device=device, dtype=dtype)]
-            if len(losses) and all(loss.dim() == 0 and loss.device == device for loss in losses):  # the usual
-                parts.append(torch.stack(losses).sum(dtype=dtype))
-            elif losses:
-                parts.append(torch.cat([loss.reshape(-1).to(device) for loss in losses]).sum(dtype=dtype))
-            total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-            if distributed:
-                dist.all_reduce(total)  # a bad pass on any rank stops every rank
-            total = total.item()  # the one host read
-        if math.isfinite(total):
-            return
+            return total + (0.0 if peak is None else float(peak))  # CPU scalars: free to read, no kernel needed
+        device = losses[0].device if losses else peak.device  # type: ignore[union-attr]  (one of them exists)
+        dtype = _foreach.sum_dtype(device)
+        parts = [] if peak is None else [peak.to(device=device, dtype=dtype)]
+        if losses and all(loss.dim() == 0 and loss.device == device for loss in losses):  # the usual: scalars
+            parts.append(torch.stack(losses).sum(dtype=dtype))
+        elif losses:
+            parts.append(torch.cat([loss.reshape(-1).to(device) for loss in losses]).sum(dtype=dtype))
+        summed = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        if distributed:
+            dist.all_reduce(summed)  # a bad pass on any rank stops every rank
+        return summed.item()  # the one host read
+
+    def _raise_non_finite(self, losses: list[Tensor], grads: list[Tensor], peak: Tensor | None,
+                          distributed: bool) -> None:
+        """The error path: which loss or gradient it was (returns where finite values only overflowed a sum)."""
         bad = next((i for i, loss in enumerate(losses) if not bool(torch.isfinite(loss).all())), None)
         name = type(self).__name__
         advice = ("the update was not applied and the weights are unchanged. Lower the learning rate or rho, or "
