@@ -172,3 +172,38 @@ def test_bench_sweep(tmp_path):
     assert positive(walls["one worker"]["median"]) and positive(walls["2 workers"]["median"])
     assert result["ratio_parallel_over_one"]["median"] == pytest.approx(
         walls["2 workers"]["median"] / walls["one worker"]["median"])
+
+
+def _runbook_calls() -> list[tuple[str, list[str]]]:
+    """``(script, flags)`` of each ``benchmarks/<script>.py`` call in ``gpu_runbook.sh`` (continuation lines
+    joined)."""
+    import re
+    import shlex
+
+    text = (BENCHMARKS / "gpu_runbook.sh").read_text().replace("\\\n", " ")
+    calls = []
+    for line in text.splitlines():
+        match = re.search(r"benchmarks/(bench_\w+\.py)(.*?)(?:2>&1|$)", line)
+        if match and not line.lstrip().startswith("#"):
+            calls.append((match.group(1), [t for t in shlex.split(match.group(2)) if t.startswith("--")]))
+    return calls
+
+
+def test_the_gpu_runbook_calls_every_benchmark_with_flags_it_takes():
+    """The runbook runs where nothing can be fixed cheaply (a lent GPU, minutes of device time): its shell is
+    valid, every stage is known, and every flag it passes is one the script's ``--help`` lists."""
+    script = BENCHMARKS / "gpu_runbook.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    calls = _runbook_calls()
+    assert {name for name, _ in calls} == {"bench_step.py", "bench_hessian.py", "bench_scaling.py", "bench_data.py",
+                                          "bench_sweep.py"}
+    helps = {}
+    for name, flags in calls:
+        if name not in helps:
+            helps[name] = subprocess.run([sys.executable, str(BENCHMARKS / name), "--help"], capture_output=True,
+                                         text=True, timeout=120, check=True).stdout
+        assert flags and all(flag in helps[name] for flag in flags), (name, flags)
+    unknown = subprocess.run(["bash", str(script), "no-such-stage"], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin", "OUT": "/tmp/sharpness-runbook-test",
+                                  "PYTHON": sys.executable}, check=False)
+    assert unknown.returncode == 2 and "unknown stage" in unknown.stderr
