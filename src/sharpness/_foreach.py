@@ -311,22 +311,27 @@ def copy_grouped_(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
         copy_(d, s)
 
 
+def _bucket_norms(bucket: Sequence[Tensor]) -> Tensor:
+    """The 1-d tensor of the L2 norms of one (device, dtype) bucket's tensors, on their device (one fused norm)."""
+    # Norms of bf16/fp16 tensors are computed in float32: a low-precision result loses ~3 digits.
+    acc = accumulation_dtype(bucket[0].dtype)
+    if not _FOREACH.get():
+        norms = [torch.linalg.vector_norm(t, dtype=acc) for t in bucket]
+    elif bucket[0].dtype == acc:
+        norms = torch._foreach_norm(bucket)
+    else:
+        try:
+            norms = torch._foreach_norm(bucket, 2, dtype=acc)
+        except TypeError:  # torch without the dtype argument
+            norms = [t.to(acc).norm() for t in bucket]
+    return torch.stack(norms)
+
+
 def _norm_stacks(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
     """Per (device, dtype) bucket: the 1-d tensor of the bucket's L2 norms, on ``device``, in float32 or wider."""
     stacks = []
     for (bucket,) in group_by_device_dtype(tensors):
-        # Norms of bf16/fp16 tensors are computed in float32: a low-precision result loses ~3 digits.
-        acc = accumulation_dtype(bucket[0].dtype)
-        if not _FOREACH.get():
-            norms = [torch.linalg.vector_norm(t, dtype=acc) for t in bucket]
-        elif bucket[0].dtype == acc:
-            norms = torch._foreach_norm(bucket)
-        else:
-            try:
-                norms = torch._foreach_norm(bucket, 2, dtype=acc)
-            except TypeError:  # torch without the dtype argument
-                norms = [t.to(acc).norm() for t in bucket]
-        stack = torch.stack(norms)
+        stack, acc = _bucket_norms(bucket), accumulation_dtype(bucket[0].dtype)
         stacks.append(stack if stack.device == device and stack.dtype == acc else stack.to(device=device, dtype=acc))
     return stacks
 
@@ -358,15 +363,8 @@ def largest_norm(tensors: Sequence[Tensor]) -> Tensor:
     that rare path."""
     parts = []
     for (bucket,) in group_by_device_dtype(tensors):
-        dtype = bucket[0].dtype
-        acc = accumulation_dtype(dtype) if dtype.is_floating_point else None  # bf16/fp16: summed in float32
-        if not _FOREACH.get():
-            norms = [torch.linalg.vector_norm(t, dtype=acc) for t in bucket]
-        elif acc is None or acc == dtype:
-            norms = torch._foreach_norm(bucket)
-        else:
-            norms = torch._foreach_norm(bucket, 2, dtype=acc)
-        parts.append(torch.stack(norms).max())
+        stack = _bucket_norms(bucket)
+        parts.append((stack.real if stack.is_complex() else stack).max())  # (a complex tensor's norm is real)
     if not parts:
         return torch.zeros(())
     # (float32 across buckets: no float64 on MPS; a float64 norm beyond float32's range reads inf, see above)

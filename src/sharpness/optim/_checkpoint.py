@@ -77,16 +77,19 @@ def unpack(state_dict: Any) -> Any:
     state: dict[Any, Any] = {}
     param_state: dict[int, dict[str, Any]] = {}
     for key, entries in state_dict.get("state", {}).items():
-        ours = {k[len(PREFIX):]: v for k, v in entries.items() if isinstance(k, str) and k.startswith(PREFIX)}
+        ours, base = {}, {}
+        for k, v in entries.items():
+            if isinstance(k, str) and k.startswith(PREFIX):
+                ours[k[len(PREFIX):]] = v
+            else:
+                base[k] = v
         if ours:
             if key not in position:
                 raise ValueError(f"Invalid state_dict: state entry {key!r} belongs to no parameter of its "
                                  "param_groups")
             param_state[position[key]] = ours
-            entries = {k: v for k, v in entries.items() if not (isinstance(k, str) and k.startswith(PREFIX))}
-            if not entries:
-                continue
-        state[key] = entries
+        if base or not ours:
+            state[key] = base
     if PARAM_STATE in extra or param_state:
         extra[PARAM_STATE] = param_state
     return {**{k: v for k, v in state_dict.items() if k not in ("state", "param_groups")},

@@ -58,7 +58,7 @@ from ..measures.universal import SharpnessMeasure, resolve_measure
 from ..policies.always import Always
 from ..policies.base import Policy
 from ..rules.base import ParamGroupView, PerturbationRule
-from ._generator import LazyGenerator, shard_stream
+from ._generator import LazyGenerator, draw_device, shard_stream
 from .engine import SharpnessAwareOptimizer
 
 __all__ = ["SCALINGS", "DetSAM", "FrobSAM", "RandomDirectionPerturbation", "TraceSAM", "UniversalSAM"]
@@ -369,8 +369,7 @@ class UniversalSAM(SharpnessAwareOptimizer):
         stream = self.rule.generator
         if isinstance(stream, torch.Generator):
             return stream.device
-        params = self._all_params()
-        return params[0].device if params else torch.device("cpu")
+        return draw_device(self) or torch.device("cpu")
 
     # ------------------------------------------------------------------ checkpoints and repr
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
