@@ -155,6 +155,80 @@ def test_the_gradient_check_names_the_gradient_and_passes_a_finite_one_beyond_fl
     assert opt.steps == 1 and torch.isfinite(w).all()
 
 
+def _norms_per_step(opt, model, x, y, steps: int) -> list[int]:
+    """``_foreach_norm`` calls in each of ``steps`` steps (forward and backward launch none)."""
+    from sharpness._ops import OpCounter
+
+    counts = []
+    for _ in range(steps):
+        closure = _closure(opt, model, x, y, [0])
+        with OpCounter() as mode:
+            opt.step(closure)
+        counts.append(mode.ops["_foreach_norm"])
+    return counts
+
+
+@pytest.mark.parametrize("read", ["cpu", "device"])
+@pytest.mark.parametrize(("name", "options"), [
+    ("aesam", {"lambda1": 100.0, "lambda2": 100.0}),  # every step ERM: the policy's ||g||^2
+    ("aelooksam", {"lambda1": 100.0, "lambda2": 100.0}),
+    ("looksam", {"k": 2}),  # SAM steps (||g_s||^2 for the direction) and reuse steps (||g|| for its scale)
+    ("gsam", {}),  # ||g_s||^2 for the surrogate gap's combination
+])
+def test_the_gradient_check_reuses_a_norm_the_method_already_took(name, options, read, monkeypatch):
+    """#9: where the method itself takes a norm of the gradients about to be applied (or of those the update is
+    built from), the finite check uses it and takes none of its own: ``check_finite`` adds no ``_foreach_norm``.
+    (SAM has no such norm: its check adds one per step, the control.)"""
+    if read == "device":
+        monkeypatch.setattr(_foreach, "host_read_is_free", lambda tensor: False)
+    counts = {}
+    for check in (False, True):
+        model, x, y, opt = _setup(name, check_finite=check, total_steps=10, **options)
+        counts[check] = _norms_per_step(opt, model, x, y, 4)
+    assert counts[True] == counts[False], counts
+    model, x, y, opt = _setup("sam", check_finite=True)
+    checked = _norms_per_step(opt, model, x, y, 2)
+    model, x, y, opt = _setup("sam", check_finite=False)
+    assert [a - b for a, b in zip(checked, _norms_per_step(opt, model, x, y, 2))] == [1, 1]
+
+
+@pytest.mark.parametrize("name", ["aesam", "aelooksam"])
+def test_the_two_phase_api_checks_a_gradient_changed_after_first_step(name):
+    """first_step's ERM decision read ||g||^2; with the two-phase API the caller may change the gradients before
+    second_step, so that norm does not stand for them: a NaN written in between is still refused."""
+    model, x, y, opt = _setup(name, total_steps=10, lambda1=100.0, lambda2=100.0)
+    _closure(opt, model, x, y, [0])()
+    assert opt.first_step() is False  # an ERM step
+    before = _snapshot(model, opt)
+    model[0].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        opt.second_step()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], _snapshot(model, opt)[0]))
+
+
+def test_a_parameter_first_reached_by_the_perturbed_pass_is_checked():
+    """LookSAM's ||g_s||^2 covers the parameters that had a gradient at first_step; a parameter whose first
+    gradient comes from the perturbed pass is outside it, so the check takes its own norm and sees its NaN."""
+    model, x, y, opt = _setup("looksam", k=2)
+    extra = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt.add_param_group({"params": [extra]})
+    calls = [0]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if calls[0] == 1:  # the perturbed pass only
+            loss = loss + (_NaNGradient.apply(extra) * 0.0).sum()
+        calls[0] += 1
+        loss.backward()
+        return loss
+
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters())) and torch.equal(extra, torch.zeros(3))
+
+
 @pytest.mark.parametrize("name", ["sam", "asam", "gnr", "tracesam", "frobsam"])
 def test_a_nan_first_pass_stops_before_the_climb_and_leaves_batchnorm_finite(name):
     """One corrupt label makes pass 1's loss NaN with finite activations. The optimizer has no ``model=`` so it

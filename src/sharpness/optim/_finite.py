@@ -11,7 +11,7 @@ and the base optimizer's state unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,11 @@ from .. import _foreach
 from ..distributed import has_sharded_params, is_distributed
 
 __all__: list[str] = []
+
+#: ``(params, value)``: a norm (or squared norm) a method already took of exactly these parameters' gradients, the
+#: ones about to be applied (or those the update is built from), so finite iff every one of them is; the check then
+#: needs no norm of its own
+GradWitness = tuple[Sequence[Tensor], "Tensor | float"]
 
 
 class FiniteLossCheck:
@@ -76,13 +81,16 @@ class FiniteLossCheck:
             return None
         return sum(loss.item() for loss in losses)
 
-    def _check_losses(self) -> None:
+    def _check_losses(self, witness: GradWitness | None = None) -> None:
         """Raise ``FloatingPointError`` if a loss recorded in this step, or a gradient about to be applied (the
         ``p.grad`` of the parameters), is NaN or inf (one host read).
 
         A finite loss can still have a non-finite gradient (``sqrt`` or a norm at 0, a custom backward), which the
         base optimizer would write into the weights; so the largest per-tensor norm of the gradients
-        (:func:`largest_norm`, one fused norm per bucket) joins the check. Every value is finite iff the sum of
+        (:func:`largest_norm`, one fused norm per bucket) joins the check. A method that already holds a norm of
+        these gradients passes it as ``witness`` (see :data:`GradWitness`; AE-SAM's ``||g||^2`` on an ERM step,
+        LookSAM's ``||g||`` on a reuse step and ``||g_s||^2`` on a SAM step) and the check reads no gradient:
+        it is used when its parameters are, in order, those that have a gradient now, else the norm is taken. Every value is finite iff the sum of
         the losses and that norm is (NaN and inf propagate through a sum; it is taken in float64, so finite
         float32 values cannot overflow it): a few kernels and one read, whatever the number of passes. Scalar
         losses on the CPU, where a read waits for nothing, are read and summed in Python instead. The per-pass
@@ -94,34 +102,41 @@ class FiniteLossCheck:
         if not self.check_finite or (scaler is not None and scaler.is_enabled()):  # the scaler skips such steps
             return
         losses = losses or []
-        grads = [p.grad for group in getattr(self, "param_groups", []) for p in group["params"] if p.grad is not None]
+        params = [p for group in getattr(self, "param_groups", []) for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
         if not losses and not grads:
             return
         distributed = self._reduces_over_ranks()
-        peak = _foreach.largest_norm(grads) if grads else None  # this rank's shards under FSDP2: reduced below
+        peak = _witnessed(params, witness)
+        if peak is None and grads:
+            peak = _foreach.largest_norm(grads)  # this rank's shards under FSDP2: reduced below
+        elif distributed and not isinstance(peak, Tensor):
+            peak = torch.tensor(peak, device=grads[0].device)  # a number read for the policy: all-reduced below
         if math.isfinite(self._read_total(losses, peak, distributed)):
             return
         self._raise_non_finite(losses, grads, peak, distributed)
 
-    def _read_total(self, losses: list[Tensor], peak: Tensor | None, distributed: bool) -> float:
+    def _read_total(self, losses: list[Tensor], peak: Tensor | float | None, distributed: bool) -> float:
         """The sum of the losses and ``peak`` (over the ranks when ``distributed``), read once: in Python where
         that is free (CPU scalars, one process), else two or three small kernels and one ``.item()``."""
         total = self._free_total(losses) if losses else (None if distributed else 0.0)
-        if total is not None and (peak is None or _foreach.host_read_is_free(peak)):
+        if total is not None and (not isinstance(peak, Tensor) or _foreach.host_read_is_free(peak)):
             return total + (0.0 if peak is None else float(peak))  # CPU scalars: free to read, no kernel needed
-        device = losses[0].device if losses else peak.device  # type: ignore[union-attr]  (one of them exists)
+        device = losses[0].device if losses else peak.device  # type: ignore[union-attr]  (a tensor here)
         dtype = _foreach.sum_dtype(device)
-        parts = [] if peak is None else [peak.to(device=device, dtype=dtype)]
+        parts = [peak.to(device=device, dtype=dtype)] if isinstance(peak, Tensor) else []
         if losses and all(loss.dim() == 0 and loss.device == device for loss in losses):  # the usual: scalars
             parts.append(torch.stack(losses).sum(dtype=dtype))
         elif losses:
             parts.append(torch.cat([loss.reshape(-1).to(device) for loss in losses]).sum(dtype=dtype))
         summed = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+        if peak is not None and not isinstance(peak, Tensor):
+            summed = summed + peak  # a number the policy read (one process): added on the device, no copy
         if distributed:
             dist.all_reduce(summed)  # a bad pass on any rank stops every rank
         return summed.item()  # the one host read
 
-    def _raise_non_finite(self, losses: list[Tensor], grads: list[Tensor], peak: Tensor | None,
+    def _raise_non_finite(self, losses: list[Tensor], grads: list[Tensor], peak: Tensor | float | None,
                           distributed: bool) -> None:
         """The error path: which loss or gradient it was (returns where finite values only overflowed a sum)."""
         bad = next((i for i, loss in enumerate(losses) if not bool(torch.isfinite(loss).all())), None)
@@ -136,9 +151,21 @@ class FiniteLossCheck:
             cause = "a backward produced NaN or inf (sqrt or a norm at 0, a custom backward?)"
             if distributed:  # DDP's all-reduce (FSDP2's reduce-scatter) brings another rank's NaN into these
                 cause = f"a non-finite loss or backward in a pass of this step on another rank, or here: {cause}"
-            raise FloatingPointError(f"{name}: non-finite gradient (largest norm {float(peak)}) with finite losses "
+            raise FloatingPointError(f"{name}: non-finite gradient (norm {float(peak)}) with finite losses "
                                      f"({values or 'none recorded'}); {cause}; {advice}")
         if not distributed:
             return  # finite float64 values whose sum overflowed
         raise FloatingPointError(f"{name}: non-finite loss or gradient in a pass of this step on another rank "
                                  f"(losses here {values}); {advice}")
+
+
+def _witnessed(params: list[Tensor], witness: GradWitness | None) -> Tensor | float | None:
+    """The witness's value where it covers exactly ``params`` (the same tensors, in order, at least one), else
+    None."""
+    if witness is None or not params:
+        return None
+    covered, value = witness
+    if len(covered) != len(params) or any(a is not b for a, b in zip(covered, params, strict=True)):
+        return None
+    return value
+

@@ -39,7 +39,7 @@ from ..batchnorm import RunningStatsGuard
 from ..distributed import all_reduce_grads_mean_, all_reduce_mean_, ddp_module, is_distributed
 from ..policies.base import Policy
 from ..rules.base import ParamGroupView, PerturbationRule
-from ._finite import FiniteLossCheck
+from ._finite import FiniteLossCheck, GradWitness
 from ._state import ScratchLists, SharesBaseParamGroups, check_steps_without_closure
 
 __all__ = ["SharpnessAwareOptimizer"]
@@ -210,6 +210,9 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         self._perturbed_params: list[Tensor] = []
         # LookSAM: first_step's parameters for second_step's reuse step, and their ||g|| when the policy read it
         self._reuse_step: tuple[list[Tensor], float | None] = ([], None)
+        # an ERM step's ||g||^2 the policy read, for second_step's finite check (step(closure) only: with the
+        # two-phase API the caller may change the gradients in between)
+        self._policy_witness: GradWitness | None = None
         self._backup_buckets: list[tuple[list[Tensor], ...]] = []
         self._found_inf: Tensor | None = None
         self._local_grads = False
@@ -348,7 +351,9 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         """
         if self._phase is _Phase.IDLE:
             self._run_step_hooks(pre=True)
-        return self._first_step(zero_grad, local_grads)
+        perturbed = self._first_step(zero_grad, local_grads)
+        self._policy_witness = None  # the caller may change the gradients before second_step
+        return perturbed
 
     def _first_step(self, zero_grad: bool, local_grads: bool) -> bool:
         if self._phase is not _Phase.IDLE:
@@ -358,6 +363,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         if self._scaler_enabled():
             check_not_unscaled(self.grad_scaler, self)
         self.grad_evals += 1
+        self._policy_witness = None
         self._local_grads = bool(local_grads) and is_distributed()
         filled = self._fill_unreached_grads() if self._local_grads else None
         views = self._views()
@@ -389,12 +395,15 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             if self._local_grads:
                 self._average_local_grads(views, filled)
             self._phase = _Phase.READY
-            if self.reuse_alpha is not None:  # LookSAM's reuse step in second_step: no second walk over the groups
-                # ||g|| of these very gradients when the policy read it (AE-LookSAM): no second norm (not under DDP
-                # no_sync, where that value is a mean of local norms)
-                known = grad_sq_norm is not None and not self._local_grads
-                self._reuse_step = ([p for view in views for p in view.params],
-                                    math.sqrt(grad_sq_norm) if known else None)
+            # ||g||^2 of these very gradients when the policy read it (AE-SAM, AE-LookSAM): no second norm for the
+            # finite check or the reuse step (not under DDP no_sync, where that value is a mean of local norms)
+            known = grad_sq_norm is not None and not self._local_grads
+            if known or self.reuse_alpha is not None:
+                params = [p for view in views for p in view.params]
+                if known:
+                    self._policy_witness = (params, grad_sq_norm)
+                if self.reuse_alpha is not None:  # LookSAM's reuse step in second_step: no second walk over groups
+                    self._reuse_step = (params, math.sqrt(grad_sq_norm) if known else None)
             return False
 
         params = [p for view in views for p in view.params]
@@ -490,18 +499,19 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
                     self._skip(zero_grad)
                     return
             try:
-                self._check_losses()  # before LookSAM's direction is built from the gradients
+                # LookSAM/GSAM build their direction first: its ||g_s||^2 is the check's (a failed check drops it)
+                witness = self._store_reuse_direction(params) if self.reuse_alpha is not None else None
+                self._check_losses(witness)
             except FloatingPointError:
                 self._forget_reuse_direction()
                 raise
-            if self.reuse_alpha is not None:
-                self._store_reuse_direction(params)
             self.sam_steps += 1
         else:
-            self._check_losses()
+            witness, self._policy_witness = self._policy_witness, None
             if self.reuse_alpha is not None:
                 (params, grad_norm), self._reuse_step = self._reuse_step, ([], None)
-                self._apply_reuse_direction(params, grad_norm)
+                witness = self._apply_reuse_direction(params, grad_norm) or witness
+            self._check_losses(witness)
 
         if self.max_grad_norm is not None:
             params_with_grad = [p for view in self._views() for p in view.params]
@@ -561,12 +571,13 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         scratch = None if _foreach.host_read_is_free(sam_grads[0]) else self._scratch(params, _BACKUP)
         return params, clean, sam_grads, dot(clean, sam_grads, scratch=scratch)
 
-    def _store_reuse_direction(self, params: list[Tensor]) -> None:
+    def _store_reuse_direction(self, params: list[Tensor]) -> GradWitness | None:
         r"""LookSAM: ``g_v = g_s - (<g, g_s> / ||g||^2) g``, the part of the SAM gradient orthogonal to ``g``.
 
         A ``g_v`` at rounding level (``||g_v|| <= 32 eps ||g_s||``, e.g. ``rho = 0`` where ``g_s = g``) is
         stored as exactly zero: normalizing rounding noise to ``alpha ||g||`` would inject a random direction.
-        ``||g_v||`` is cached for the reuse steps (recomputed after a checkpoint load).
+        ``||g_v||`` is cached for the reuse steps (recomputed after a checkpoint load). Returns ``||g_s||^2``
+        over the parameters it used, for the finite check (None when no parameter has a gradient).
         """
         over_clean = self._clean_grad_key() == _REUSE
         if over_clean:  # a parameter without a perturbed gradient holds g, not a g_v: it adds no direction
@@ -575,7 +586,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
                     self.state[p][_REUSE].zero_()
         pair = self._gradient_pair(params)
         if pair is None:
-            return
+            return None
         params, clean, sam_grads, inner = pair
         # a number on the CPU (no 0-d kernels), a 0-d tensor elsewhere (no host synchronisation)
         neg_coef = -_foreach.divide_floored(inner, squared_norm(clean))
@@ -597,11 +608,12 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
                 for (bucket,) in group_by_device_dtype(direction):
                     _foreach.zero_(bucket)
                 self._reuse_norm = 0.0
-            return
+            return params, sam_sq
         keep = (sq > level * sam_sq).to(sq.dtype)
         for (bucket,) in group_by_device_dtype(direction):
             _foreach.mul_(bucket, _foreach.like(keep, bucket[0]))
         self._reuse_norm = self._norm_from_squared(sq * keep)
+        return params, sam_sq
 
     @staticmethod
     def _norm_from_squared(sq: Tensor) -> Tensor | float:
@@ -609,15 +621,16 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         formula for a step and for a checkpoint load, so a resumed run stays bit-identical)."""
         return math.sqrt(float(sq)) if _foreach.host_read_is_free(sq) else sq.sqrt()
 
-    def _apply_reuse_direction(self, params: list[Tensor], grad_norm: float | None = None) -> None:
+    def _apply_reuse_direction(self, params: list[Tensor], grad_norm: float | None = None) -> GradWitness | None:
         r"""LookSAM reuse step: ``g <- g + alpha * ||g|| / ||g_v|| * g_v`` (no-op before the first SAM step) over
-        ``params``, those first_step found with a gradient; ``grad_norm``: their ``||g||`` when already read."""
+        ``params``, those first_step found with a gradient; ``grad_norm``: their ``||g||`` when already read.
+        Returns the ``||g||`` it took itself, for the finite check (which then reads no gradient), else None."""
         reusing = [p for p in params if p.grad is not None and _REUSE in self.state[p]]
         if len(reusing) != len(params):  # ||g|| over another set of tensors
             grad_norm = None
         params = reusing
         if not params:
-            return
+            return None
         grads = [p.grad for p in params]
         direction = [self.state[p][_REUSE] for p in params]
         if self._reuse_norm is None:  # after a checkpoint load: the same formula as _store_reuse_direction's
@@ -627,6 +640,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         scale = self.reuse_alpha * norm / (self._reuse_norm + 1e-12)
         for g, v in group_by_device_dtype(grads, direction):
             _foreach.add_scaled_(g, v, scale)  # g <- g + scale * g_v, in place
+        return (params, norm) if grad_norm is None else None
 
     # ------------------------------------------------------------------ checkpoints
     def _all_params(self) -> list[Tensor]:

@@ -12,6 +12,7 @@ from .._validation import check_non_negative, check_real
 from ..policies.always import Always
 from ..rules.sam import SAMPerturbation
 from ..rules.scheduled import LRProportionalRho
+from ._finite import GradWitness
 from .engine import _CLEAN_GRAD, SharpnessAwareOptimizer
 
 __all__ = ["GSAM"]
@@ -112,17 +113,20 @@ class GSAM(SharpnessAwareOptimizer):
         return _CLEAN_GRAD
 
     @_foreach.no_grad
-    def _store_reuse_direction(self, params: list[Tensor]) -> None:
-        r"""``p.grad <- g_s - alpha (g - c g_s) = (1 + alpha c) g_s - alpha g`` with ``c = <g, g_s>/||g_s||^2``."""
+    def _store_reuse_direction(self, params: list[Tensor]) -> GradWitness | None:
+        r"""``p.grad <- g_s - alpha (g - c g_s) = (1 + alpha c) g_s - alpha g`` with ``c = <g, g_s>/||g_s||^2``.
+        Returns ``||g_s||^2`` over the parameters it combined, for the finite check."""
         pair = self._gradient_pair(params)
         if pair is None:
-            return
-        _, clean, sam_grads, inner = pair
+            return None
+        params, clean, sam_grads, inner = pair
+        sam_sq = squared_norm(sam_grads)
         # a number on the CPU (no 0-d kernels), a 0-d tensor elsewhere (no host synchronisation)
-        factor = 1.0 + _foreach.divide_floored(self.alpha * inner, squared_norm(sam_grads))
+        factor = 1.0 + _foreach.divide_floored(self.alpha * inner, sam_sq)
         for g_s, g in group_by_device_dtype(sam_grads, clean):
             _foreach.mul_(g_s, _foreach.like(factor, g_s[0]))
             _foreach.add_(g_s, g, alpha=-self.alpha)
+        return params, sam_sq
 
-    def _apply_reuse_direction(self, params: list[Tensor], grad_norm: float | None = None) -> None:
+    def _apply_reuse_direction(self, params: list[Tensor], grad_norm: float | None = None) -> GradWitness | None:
         """GSAM has no reuse steps (every step is a SAM step)."""
