@@ -213,6 +213,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         # an ERM step's ||g||^2 the policy read, for second_step's finite check (step(closure) only: with the
         # two-phase API the caller may change the gradients in between)
         self._policy_witness: GradWitness | None = None
+        self._policy_before: dict[str, Any] | None = None  # the policy's state before this step's decision
         self._backup_buckets: list[tuple[list[Tensor], ...]] = []
         self._found_inf: Tensor | None = None
         self._local_grads = False
@@ -363,7 +364,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         if self._scaler_enabled():
             check_not_unscaled(self.grad_scaler, self)
         self.grad_evals += 1
-        self._policy_witness = None
+        self._policy_witness = self._policy_before = None
         self._local_grads = bool(local_grads) and is_distributed()
         filled = self._fill_unreached_grads() if self._local_grads else None
         views = self._views()
@@ -389,7 +390,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
                 local_sq = sq
             grad_sq_norm = sq.item()
             self.last_grad_sq_norm = grad_sq_norm
-        perturb = bool(self.policy.decide(self.steps, grad_sq_norm)) and bool(grads)
+        perturb = self._decide(grad_sq_norm) and bool(grads)
 
         if not perturb:
             if self._local_grads:
@@ -432,6 +433,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         if phase is _Phase.PERTURBED:
             self._restore_perturbed()
             self._forget_reuse_direction()
+            self._undo_decision()
 
     def _displace(self, params: list[Tensor]) -> list[Tensor]:
         """Before the weights leave ``w``: back them up (returned) and the first pass's BatchNorm statistics;
@@ -504,6 +506,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
                 self._check_losses(witness)
             except FloatingPointError:
                 self._forget_reuse_direction()
+                self._undo_decision()
                 raise
             self.sam_steps += 1
         else:
@@ -511,13 +514,18 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             if self.reuse_alpha is not None:
                 (params, grad_norm), self._reuse_step = self._reuse_step, ([], None)
                 witness = self._apply_reuse_direction(params, grad_norm) or witness
-            self._check_losses(witness)
+            try:
+                self._check_losses(witness)
+            except FloatingPointError:
+                self._undo_decision()
+                raise
 
         if self.max_grad_norm is not None:
             params_with_grad = [p for view in self._views() for p in view.params]
             torch.nn.utils.clip_grad_norm_(params_with_grad, self.max_grad_norm)
         self.base_optimizer.step()
         self.steps += 1
+        self._policy_before = None  # the decision stands
         if self._scaler_enabled():
             record_step(self.grad_scaler, self, self._found_inf)
         if zero_grad:
@@ -527,10 +535,26 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
     def _scaler_enabled(self) -> bool:
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()
 
+    def _decide(self, grad_sq_norm: float | None) -> bool:
+        """``policy.decide`` for this step. The policy's state before it is kept until the step is applied, so a
+        step that fails or is skipped after the decision (:meth:`_undo_decision`) leaves the policy as it found
+        it: AE-SAM's running mean and variance see no ``||g||^2`` of a step that never happened, and a retried
+        SS-SAM step draws the same decision. (One small dict per step: three floats, or a generator's state.)"""
+        self._policy_before = self.policy.state_dict()
+        return bool(self.policy.decide(self.steps, grad_sq_norm))
+
+    def _undo_decision(self) -> None:
+        """Put the policy back as it was before this step's :meth:`_decide` (nothing when there was none)."""
+        before, self._policy_before = self._policy_before, None
+        if before is not None:
+            self.policy.load_state_dict(before)
+
     def _skip(self, zero_grad: bool = False) -> None:
         """Abandon the step (inf/NaN under a GradScaler): weights are already back at ``w``. ``zero_grad`` is
         honoured as on an applied step: the non-finite gradients left in ``p.grad`` would poison the next
-        step's backward, and every step after it would overflow too."""
+        step's backward, and every step after it would overflow too. The policy's state goes back to what it
+        was before this step's decision."""
+        self._undo_decision()
         self.skipped_steps += 1
         record_step(self.grad_scaler, self, self._found_inf)
         if zero_grad:

@@ -207,11 +207,13 @@ class GNR(SharpnessAwareOptimizer):
 
         closure = self._watch_losses(closure)
         self._perturbed_params = []
+        self._policy_before = None
         try:
             return self._step(closure)
         except BaseException as error:
             if self._perturbed_params:  # a pass raised while the weights were moved: back to w
                 self._restore_perturbed()
+            self._undo_decision()
             if self.hvp == "exact" and is_compiled_double_backward_error(error):
                 raise RuntimeError(
                     "GNR(hvp='exact') differentiates the gradients again (double backward), which a torch.compile'd "
@@ -237,7 +239,7 @@ class GNR(SharpnessAwareOptimizer):
             if self.policy.needs_grad_sq_norm:
                 grad_sq_norm = squared_norm([g.detach() for g in grads]).item()
                 self.last_grad_sq_norm = grad_sq_norm
-            gnr = bool(self.policy.decide(self.steps, grad_sq_norm))
+            gnr = self._decide(grad_sq_norm)
 
         if not gnr:
             del grads
@@ -300,8 +302,8 @@ class GNR(SharpnessAwareOptimizer):
                 _foreach.add_(bucket_h, bucket_l)
             for p, h in zip(ps, hs):
                 p.grad = h
-        self.sam_steps += 1
         self._apply(params)
+        self.sam_steps += 1  # counted once applied (a failed check raises in _apply)
         return loss
 
     # ------------------------------------------------------------------ passes

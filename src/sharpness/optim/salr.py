@@ -57,6 +57,14 @@ class _RunningMedian:
         elif len(self._high) > len(self._low):
             heapq.heappush(self._low, -heapq.heappop(self._high))
 
+    @classmethod
+    def of(cls, values: list[float]) -> _RunningMedian:
+        """The running median of ``values`` pushed in order."""
+        median = cls()
+        for value in values:
+            median.push(value)
+        return median
+
     def median(self) -> float:
         if not self._low:
             return math.nan
@@ -270,6 +278,29 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                             "normalization='per_sample' return the per-sample losses without backward: build it "
                             "with sharpness.make_closure(opt, compute_loss))")
         closure = self._watch_losses(closure)
+        saved = self._history_marks()
+        try:
+            return self._step(closure)
+        except BaseException:
+            self._rewind(saved)  # a failed step records no estimate, factor or rate
+            raise
+
+    def _history_marks(self) -> tuple[Any, ...]:
+        """The estimator's counters and last values, and the lengths of its histories (what a step adds to)."""
+        return (self.estimates, self.skipped_estimates, self.last_sharpness, self.last_factor,
+                len(self.sharpness_history), len(self.factor_history), len(self.lr_history))
+
+    def _rewind(self, marks: tuple[Any, ...]) -> None:
+        """Back to :meth:`_history_marks`' values: the running median is rebuilt only if an estimate was added."""
+        (self.estimates, self.skipped_estimates, self.last_sharpness, self.last_factor,
+         sharpness, factors, rates) = marks
+        if len(self.sharpness_history) != sharpness:
+            del self.sharpness_history[sharpness:]
+            self._median = _RunningMedian.of(self.sharpness_history)
+        del self.factor_history[factors:]
+        del self.lr_history[rates:]
+
+    def _step(self, closure: Closure) -> Any:
         estimate = self.steps % self.every == 0
         per_sample = self.normalization == "per_sample"
         if per_sample and estimate:
@@ -502,9 +533,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         self.sharpness_history = [float(s) for s in salr["sharpness_history"]]
         self.factor_history = [float(s) for s in salr["factor_history"]]
         self.lr_history = [float(s) for s in salr["lr_history"]]
-        self._median = _RunningMedian()
-        for value in self.sharpness_history:
-            self._median.push(value)
+        self._median = _RunningMedian.of(self.sharpness_history)
 
     def __repr__(self) -> str:
         parts = [f"n_descent={self.n_descent}", f"n_ascent={self.n_ascent}", f"gamma={self.gamma}",

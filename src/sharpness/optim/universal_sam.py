@@ -226,6 +226,7 @@ class UniversalSAM(SharpnessAwareOptimizer):
             raise TypeError(f"{type(self).__name__}.step() requires a closure that clears the gradients, runs "
                             "forward and backward and returns the loss")
         closure = self._watch_losses(closure)
+        self._policy_before = None
         with torch.enable_grad():
             loss = closure()
         self.grad_evals += 1
@@ -243,14 +244,17 @@ class UniversalSAM(SharpnessAwareOptimizer):
         if self.policy.needs_grad_sq_norm:
             grad_sq_norm = squared_norm(grads).item()
             self.last_grad_sq_norm = grad_sq_norm
-        perturb = self.lam != 0 and bool(grads) and bool(self.policy.decide(self.steps, grad_sq_norm))
+        perturb = self.lam != 0 and bool(grads) and self._decide(grad_sq_norm)
         del views, grads  # no reference to the pass-1 gradients across the closure calls below: once the closure
         # clears them (set_to_none) they are freed before its backward allocates new ones (peak memory)
-        if perturb:
-            if not self._sharpness_gradient(closure, loss, params):
+        try:
+            if perturb and not self._sharpness_gradient(closure, loss, params):
                 return loss  # inf/NaN in a perturbed pass (GradScaler): step skipped, weights restored
-            self.sam_steps += 1
-        self._check_losses()
+            self._check_losses()
+        except BaseException:
+            self._undo_decision()  # (a failed pass has already put the weights back at w)
+            raise
+        self.sam_steps += int(perturb)  # counted once the step is sure to be applied
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for view in self._views() for p in view.params], self.max_grad_norm)
         self.base_optimizer.step()
