@@ -269,6 +269,38 @@ def test_the_gradient_check_reuses_a_norm_the_method_already_took(name, options,
     assert [a - b for a, b in zip(checked, _norms_per_step(opt, model, x, y, 2))] == [1, 1]
 
 
+def _salr_around_sam(check: bool):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(3, (16,), generator=g)
+    inner = sharpness.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05, check_finite=check)
+    return model, x, y, sharpness.SALR(inner, n_descent=1, n_ascent=1, gamma=0.01, every=1, check_finite=check)
+
+
+def test_salr_around_a_wrapper_leaves_the_gradient_probe_to_it():
+    """SALR(SAM): the inner SAM checks the gradients it applies, so SALR checks its losses only and the step
+    takes one gradient probe, not two; a NaN gradient in the passes whose gradients are used (the training pass
+    and SAM's perturbed pass; the walks' end passes count only by their losses) is still refused."""
+    counts = {}
+    for check in (False, True):
+        model, x, y, opt = _salr_around_sam(check)
+        counts[check] = _norms_per_step(opt, model, x, y, 2)
+    assert [a - b for a, b in zip(counts[True], counts[False])] == [1, 1]
+    for bad_pass in range(4):  # training pass, the ends of the two walks (n = 1 step each), SAM's second pass
+        model, x, y, opt = _salr_around_sam(True)
+        opt.step(_closure(opt, model, x, y, [0]))
+        weights = [p.detach().clone() for p in model.parameters()]
+        try:
+            opt.step(_closure(opt, model, x, y, [0], fault=(bad_pass, "nan-grad")))
+        except FloatingPointError as error:
+            assert re.search("non-finite (gradient|loss)", str(error)), error
+            assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters())), bad_pass
+        else:  # the last pass of a walk: only its loss is used
+            assert bad_pass in (1, 2), bad_pass
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("name", ["aesam", "aelooksam"])
 def test_the_two_phase_api_checks_a_gradient_changed_after_first_step(name):
     """first_step's ERM decision read ||g||^2; with the two-phase API the caller may change the gradients before

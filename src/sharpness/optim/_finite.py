@@ -81,7 +81,7 @@ class FiniteLossCheck:
             return None
         return sum(loss.item() for loss in losses)
 
-    def _check_losses(self, witness: GradWitness | None = None) -> None:
+    def _check_losses(self, witness: GradWitness | None = None, *, gradients: bool = True) -> None:
         """Raise ``FloatingPointError`` if a loss recorded in this step, or a gradient about to be applied (the
         ``p.grad`` of the parameters), is NaN or inf (one host read).
 
@@ -90,7 +90,8 @@ class FiniteLossCheck:
         (:func:`largest_norm`, one fused norm per bucket) joins the check. A method that already holds a norm of
         these gradients passes it as ``witness`` (see :data:`GradWitness`; AE-SAM's ``||g||^2`` on an ERM step,
         LookSAM's ``||g||`` on a reuse step and ``||g_s||^2`` on a SAM step) and the check reads no gradient:
-        it is used when its parameters are, in order, those that have a gradient now, else the norm is taken. Every value is finite iff the sum of
+        it is used when its parameters are, in order, those that have a gradient now, else the norm is taken.
+        ``gradients=False`` checks the losses only (SALR around a wrapper that checks the gradients it applies). Every value is finite iff the sum of
         the losses and that norm is (NaN and inf propagate through a sum; it is taken in float64, so finite
         float32 values cannot overflow it): a few kernels and one read, whatever the number of passes. Scalar
         losses on the CPU, where a read waits for nothing, are read and summed in Python instead. The per-pass
@@ -102,7 +103,8 @@ class FiniteLossCheck:
         if not self.check_finite or (scaler is not None and scaler.is_enabled()):  # the scaler skips such steps
             return
         losses = losses or []
-        params = [p for group in getattr(self, "param_groups", []) for p in group["params"] if p.grad is not None]
+        groups = getattr(self, "param_groups", []) if gradients else []
+        params = [p for group in groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
         if not losses and not grads:
             return

@@ -314,7 +314,10 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         if estimate and params:
             self._estimate(closure, params)
 
-        self._check_losses()  # the training pass and the estimate's walks, before the factor or the update is used
+        # the training pass and the estimate's walks, before the factor or the update is used; the gradients too,
+        # unless the inner optimizer checks those it applies (a sharpness wrapper: one gradient probe per step)
+        inner = self.optimizer
+        self._check_losses(gradients=not (isinstance(inner, FiniteLossCheck) and inner.check_finite))
         factor = self.last_factor
         base_lrs = [group["lr"] for group in self.param_groups]
         replayed = False
