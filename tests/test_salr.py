@@ -374,3 +374,52 @@ def test_bad_base_rate_and_types_raise():
     per_sample = sharpness.SALR(_sgd(), normalization="per_sample")
     with pytest.raises(ValueError, match="per-sample losses"):
         per_sample.step(lambda: torch.tensor(1.0, requires_grad=True))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 16])
+def test_per_sample_chunks_give_the_whole_batch_result(chunk):
+    """``per_sample_chunk`` runs the vmapped backward over a few samples at a time: the same direction, mean
+    gradient, estimates and weights as the whole batch at once (float64, to rounding; 16 is the batch)."""
+    x, y = classification_data(2, n=16)
+    results = []
+    for option in (None, chunk):
+        model = mlp(0)
+        opt = sharpness.SALR(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), gamma=0.05, every=1,
+                             n_descent=2, n_ascent=3, normalization="per_sample", per_sample_chunk=option)
+        for _ in range(4):
+            opt.step(make_closure(opt, model, x, y))
+        results.append((list(opt.sharpness_history), [p.detach().clone() for p in model.parameters()]))
+    (s_whole, w_whole), (s_chunk, w_chunk) = results
+    assert len(s_whole) == 4 and s_chunk == pytest.approx(s_whole, rel=1e-10, abs=1e-14)
+    for a, b in zip(w_whole, w_chunk):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-13)
+
+
+def test_per_sample_chunks_bound_the_step_memory():
+    """The step's allocation peak holds |B| per-sample gradients at once without chunks (at least |B| x the
+    parameter bytes) and a small fraction of that with ``per_sample_chunk=2``."""
+    from sharpness._ops import cpu_peak_bytes
+
+    torch.manual_seed(0)
+    batch = 64
+    x, y = torch.randn(batch, 128, dtype=torch.float64), torch.randint(0, 4, (batch,))
+    peaks = {}
+    for option in (None, 2):
+        model = nn.Sequential(nn.Linear(128, 256), nn.Tanh(), nn.Linear(256, 4)).double()
+        opt = sharpness.SALR(torch.optim.SGD(model.parameters(), lr=0.01), gamma=0.01, every=1,
+                             normalization="per_sample", per_sample_chunk=option)
+        opt.step(make_closure(opt, model, x, y))  # buffers allocated
+        peaks[option] = cpu_peak_bytes(lambda: opt.step(make_closure(opt, model, x, y)), calls=1)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert peaks[None] >= batch * param_bytes
+    assert peaks[2] < 0.1 * peaks[None], (peaks, param_bytes)
+
+
+def test_per_sample_chunk_is_validated():
+    model = mlp(0)
+    with pytest.raises(ValueError, match=r"Invalid per_sample_chunk value: 0 \(expected"):
+        sharpness.SALR(torch.optim.SGD(model.parameters(), lr=0.1), normalization="per_sample", per_sample_chunk=0)
+    with pytest.raises(ValueError, match="Invalid per_sample_chunk value: 4 with normalization='batch'"):
+        sharpness.SALR(torch.optim.SGD(model.parameters(), lr=0.1), per_sample_chunk=4)
+    opt = sharpness.SALR(torch.optim.SGD(model.parameters(), lr=0.1), normalization="per_sample", per_sample_chunk=4)
+    assert "per_sample_chunk=4" in repr(opt)

@@ -110,7 +110,9 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     both normalizations. A hand-written closure that back-propagates a scalar loss is accepted too (batch
     normalization), at the paper's count.
     Per-sample gradients come from one forward and a ``vmap``-ed backward
-    (``torch.autograd.grad(..., is_grads_batched=True)``): memory ``|B| x`` the parameter count per pass.
+    (``torch.autograd.grad(..., is_grads_batched=True)``): memory ``|B| x`` the parameter count per pass, or
+    ``per_sample_chunk x`` with the backward run over that many samples at a time (the same total work in
+    more, smaller launches; the sums then differ from one chunk's in rounding only).
     The walks move the live weights (``w <- w + sign gamma d``) and restore them bit for bit; SALR keeps two
     parameter-sized buffers (``w`` and ``g(w)``) in batch mode, four in per-sample mode (``+ d(w), d(w + e)``).
 
@@ -127,6 +129,8 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         gamma: step length ``> 0`` of the walks (paper 0.002 for MNIST/CIFAR).
         every: estimate every ``c >= 1`` steps (paper 2).
         normalization: ``"batch"`` or ``"per_sample"`` (see above).
+        per_sample_chunk: ``"per_sample"`` only: samples per vmapped backward (``>= 1``; None: the whole batch
+            at once), which bounds the per-sample gradients' memory (see above).
         min_factor, max_factor: optional bounds ``> 0`` on the factor (``min_factor <= max_factor``);
             ``min_factor = max_factor = 1`` makes SALR its inner optimizer exactly (``neutral_options``).
         inner: a registered optimizer name (``"sam"``, ``"entropysgd"``, ...) to build around ``optimizer``
@@ -173,6 +177,7 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, n_descent: int = 5, n_ascent: int = 5,
                  gamma: float = 0.002, every: int = 2, normalization: str = "batch",
+                 per_sample_chunk: int | None = None,
                  min_factor: float | None = None, max_factor: float | None = None, inner: str | None = None,
                  model: nn.Module | None = None, max_grad_norm: float | None = None,
                  check_finite: bool = True, foreach: bool | None = None, **inner_options: Any) -> None:
@@ -186,6 +191,13 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         self.gamma = check_positive("gamma", gamma)
         self.every = check_int_at_least("every", every, 1)
         self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
+        if per_sample_chunk is not None:
+            per_sample_chunk = check_int_at_least("per_sample_chunk", per_sample_chunk, 1)
+            if self.normalization != "per_sample":
+                raise ValueError(f"Invalid per_sample_chunk value: {per_sample_chunk} with normalization="
+                                 f"{normalization!r} (it bounds the per-sample gradients of "
+                                 "normalization='per_sample' only)")
+        self.per_sample_chunk = per_sample_chunk
         self.min_factor = None if min_factor is None else check_positive("min_factor", min_factor)
         self.max_factor = None if max_factor is None else check_positive("max_factor", max_factor)
         if self.min_factor is not None and self.max_factor is not None and self.min_factor > self.max_factor:
@@ -375,28 +387,57 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                              "per-sample losses, shape [B], without backward: use sharpness.make_closure)")
         self.grad_evals += 1
         size = losses.shape[0]
+        chunk = size if self.per_sample_chunk is None else min(self.per_sample_chunk, size)
         eye = torch.eye(size, dtype=losses.dtype, device=losses.device)
-        grads = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
-        unused = [g is None for g in grads]
-        grads = [torch.zeros((size, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
-                 for g, p in zip(grads, params)]
-        scale = per_sample_inverse_norms(grads) / size
         target = out if out is not None else self._scratch(params, _FIRST)
-        for dst, g in zip(target, grads):
-            torch.tensordot(scale.to(g.dtype), g, dims=1, out=dst)
-        if first:  # a parameter the losses do not use keeps its p.grad (None after zero_grad), as backward leaves it
-            for p, g, skip in zip(params, grads, unused):
-                if skip:
-                    continue
-                if p.grad is None:
-                    p.grad = g.mean(0)
+        unused: list[bool] = []
+        for start in range(0, size, chunk):
+            rows = eye[start:start + chunk]  # the backward of these samples' losses, vmapped
+            grads = torch.autograd.grad(losses, params, grad_outputs=rows, is_grads_batched=True, allow_unused=True,
+                                        retain_graph=start + chunk < size)
+            unused = [g is None for g in grads]
+            grads = [torch.zeros((len(rows), *p.shape), dtype=p.dtype, device=p.device) if g is None else g
+                     for g, p in zip(grads, params)]
+            scale = per_sample_inverse_norms(grads) / size
+            for dst, g in zip(target, grads):
+                if start == 0:
+                    torch.tensordot(scale.to(g.dtype), g, dims=1, out=dst)
                 else:
-                    torch.mean(g, 0, out=p.grad)
+                    dst.add_(torch.tensordot(scale.to(g.dtype), g, dims=1))
+            if first:
+                self._accumulate_mean_grad(params, grads, unused, start, len(rows), size)
+            del grads
         if is_distributed():  # autograd.grad bypasses DDP's reducer: average as it would (equal local batches)
             all_reduce_grads_mean_(target)  # the direction over the global batch, the same on every rank
             if first:
                 self._average_grads(params, unused)
         return losses.detach().mean()
+
+    @staticmethod
+    def _accumulate_mean_grad(params: list[Tensor], grads: list[Tensor], unused: list[bool], start: int,
+                              count: int, size: int) -> None:
+        """``p.grad`` <- the mean of the per-sample gradients, from the chunk of ``count`` samples from ``start``
+        of ``size`` (one chunk: ``mean``; several: their sum, divided by ``size`` after the last). A parameter
+        the losses do not use keeps its ``p.grad`` (None after zero_grad), as backward leaves it."""
+        whole, last = count == size, start + count >= size
+        for p, g, skip in zip(params, grads, unused):
+            if skip:
+                continue
+            if whole:
+                if p.grad is None:
+                    p.grad = g.mean(0)
+                else:
+                    torch.mean(g, 0, out=p.grad)
+                continue
+            if start == 0:
+                if p.grad is None:
+                    p.grad = g.sum(0)
+                else:
+                    torch.sum(g, 0, out=p.grad)
+            else:
+                p.grad.add_(g.sum(0))
+            if last:
+                p.grad.div_(size)
 
     @staticmethod
     def _average_grads(params: list[Tensor], unused: list[bool]) -> None:
@@ -541,6 +582,8 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     def __repr__(self) -> str:
         parts = [f"n_descent={self.n_descent}", f"n_ascent={self.n_ascent}", f"gamma={self.gamma}",
                  f"every={self.every}", f"normalization={self.normalization!r}"]
+        if self.per_sample_chunk is not None:
+            parts.append(f"per_sample_chunk={self.per_sample_chunk}")
         if self.min_factor is not None or self.max_factor is not None:
             parts.append(f"factor_bounds=({self.min_factor}, {self.max_factor})")
         inner = "\n    ".join(repr(self.optimizer).splitlines())
