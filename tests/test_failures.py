@@ -302,6 +302,28 @@ def test_salr_around_a_wrapper_leaves_the_gradient_probe_to_it():
             assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_the_verdict_reduced_over_ranks_takes_a_number_witness_or_the_losses_alone(monkeypatch):
+    """Under DDP the verdict is one all-reduced tensor: AE-SAM's witness (a number the policy read) goes in as a
+    tensor, and SALR around SAM (losses only) reduces its losses alone, once each per step. One process, the
+    reduction patched to record what it gets."""
+    from sharpness.optim import _finite
+
+    reduced = []
+    monkeypatch.setattr(_finite.FiniteLossCheck, "_reduces_over_ranks", lambda self: True)
+    monkeypatch.setattr(_finite.dist, "all_reduce", lambda tensor: reduced.append(tensor.clone()))
+    model, x, y, opt = _salr_around_sam(True)
+    opt.step(_closure(opt, model, x, y, [0]))
+    assert len(reduced) == 2 and all(torch.isfinite(t) for t in reduced)  # SALR's losses, then SAM's verdict
+    model, x, y, opt = _setup("aesam", total_steps=10, lambda1=100.0, lambda2=100.0)
+    reduced.clear()
+    loss = F.cross_entropy(model(x), y).item()
+    opt.step(_closure(opt, model, x, y, [0]))
+    assert opt.sam_steps == 0 and len(reduced) == 1  # an ERM step: the loss plus ||g||^2, the policy's number
+    assert float(reduced[0]) == pytest.approx(loss + opt.last_grad_sq_norm, rel=1e-12)
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        opt.step(_closure(opt, model, x, y, [0], fault=(0, "nan-grad")))
+
+
 @pytest.mark.parametrize("name", ["aesam", "aelooksam"])
 def test_the_two_phase_api_checks_a_gradient_changed_after_first_step(name):
     """first_step's ERM decision read ||g||^2; with the two-phase API the caller may change the gradients before

@@ -91,12 +91,13 @@ class FiniteLossCheck:
         these gradients passes it as ``witness`` (see :data:`GradWitness`; AE-SAM's ``||g||^2`` on an ERM step,
         LookSAM's ``||g||`` on a reuse step and ``||g_s||^2`` on a SAM step) and the check reads no gradient:
         it is used when its parameters are, in order, those that have a gradient now, else the norm is taken.
-        ``gradients=False`` checks the losses only (SALR around a wrapper that checks the gradients it applies). Every value is finite iff the sum of
-        the losses and that norm is (NaN and inf propagate through a sum; it is taken in float64, so finite
-        float32 values cannot overflow it): a few kernels and one read, whatever the number of passes. Scalar
-        losses on the CPU, where a read waits for nothing, are read and summed in Python instead. The per-pass
-        values, and each gradient (a norm beyond float32's range is not an error), are only looked at on the
-        error path.
+        ``gradients=False`` checks the losses only (SALR around a wrapper that checks the gradients it applies).
+
+        Every value is finite iff the sum of the losses and that norm is (NaN and inf propagate through a sum;
+        it is taken in float64, so finite float32 values cannot overflow it): a few kernels and one read,
+        whatever the number of passes. Scalar losses on the CPU, where a read waits for nothing, are read and
+        summed in Python instead. The per-pass values, and each gradient (a norm beyond float32's range is not
+        an error), are only looked at on the error path.
         """
         losses, self._step_losses = self._step_losses, None
         scaler = getattr(self, "grad_scaler", None)
@@ -112,7 +113,7 @@ class FiniteLossCheck:
         peak = _witnessed(params, witness)
         if peak is None and grads:
             peak = _foreach.largest_norm(grads)  # this rank's shards under FSDP2: reduced below
-        elif distributed and not isinstance(peak, Tensor):
+        elif distributed and peak is not None and not isinstance(peak, Tensor):
             peak = torch.tensor(peak, device=grads[0].device)  # a number read for the policy: all-reduced below
         if math.isfinite(self._read_total(losses, peak, distributed)):
             return
@@ -170,4 +171,3 @@ def _witnessed(params: list[Tensor], witness: GradWitness | None) -> Tensor | fl
     if len(covered) != len(params) or any(a is not b for a, b in zip(covered, params, strict=True)):
         return None
     return value
-
