@@ -114,7 +114,8 @@ class FiniteLossCheck:
         if peak is None and grads:
             peak = _foreach.largest_norm(grads)  # this rank's shards under FSDP2: reduced below
         elif distributed and peak is not None and not isinstance(peak, Tensor):
-            peak = torch.tensor(peak, device=grads[0].device)  # a number read for the policy: all-reduced below
+            device = grads[0].device  # a number read for the policy, all-reduced below (float64: as read)
+            peak = torch.tensor(peak, dtype=_foreach.sum_dtype(device), device=device)
         if math.isfinite(self._read_total(losses, peak, distributed)):
             return
         self._raise_non_finite(losses, grads, peak, distributed)
