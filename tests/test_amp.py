@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -329,3 +330,27 @@ def test_bf16_autocast_trains(name):
     assert losses[-1] < 0.8 * losses[0], losses
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
     assert opt.steps == 30
+
+
+@pytest.mark.parametrize("poison_call", [0, 1])
+@pytest.mark.parametrize("name", ["aesam", "sssam"])
+def test_a_skipped_step_leaves_the_policy_as_the_last_applied_step_left_it(name, poison_call):
+    """An overflow in the perturbed pass (call 1) skips a step whose decision was made: the policy goes back to
+    its state before it. One in the first pass (call 0) skips before any decision: the warm-up step's decision,
+    already applied, stands (it is not undone)."""
+    (x0, y0), (x1, y1) = batches(2)
+    model = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = make_opt(name, model, settings=ALWAYS_SAM, grad_scaler=scaler)
+    before_warm_up = copy.deepcopy(opt.policy.state_dict())
+    _warm_up(opt, model, scaler, x0, y0)
+    after_warm_up = copy.deepcopy(opt.policy.state_dict())
+    assert not _same_state(before_warm_up, after_warm_up)  # the warm-up's decision moved the policy
+    opt.step(scaled_closure(opt, model, x1, y1, scaler, poison_call=poison_call))
+    assert opt.skipped_steps == 1
+    assert _same_state(opt.policy.state_dict(), after_warm_up)
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)

@@ -213,7 +213,8 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         # an ERM step's ||g||^2 the policy read, for second_step's finite check (step(closure) only: with the
         # two-phase API the caller may change the gradients in between)
         self._policy_witness: GradWitness | None = None
-        self._policy_before: dict[str, Any] | None = None  # the policy's state before this step's decision
+        # (step index, the policy's state before that step's decision): undone while the step is not applied
+        self._policy_before: tuple[int, dict[str, Any]] | None = None
         self._backup_buckets: list[tuple[list[Tensor], ...]] = []
         self._found_inf: Tensor | None = None
         self._local_grads = False
@@ -364,7 +365,7 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         if self._scaler_enabled():
             check_not_unscaled(self.grad_scaler, self)
         self.grad_evals += 1
-        self._policy_witness = self._policy_before = None
+        self._policy_witness = None
         self._local_grads = bool(local_grads) and is_distributed()
         filled = self._fill_unreached_grads() if self._local_grads else None
         views = self._views()
@@ -525,7 +526,6 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
             torch.nn.utils.clip_grad_norm_(params_with_grad, self.max_grad_norm)
         self.base_optimizer.step()
         self.steps += 1
-        self._policy_before = None  # the decision stands
         if self._scaler_enabled():
             record_step(self.grad_scaler, self, self._found_inf)
         if zero_grad:
@@ -540,14 +540,15 @@ class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.opti
         step that fails or is skipped after the decision (:meth:`_undo_decision`) leaves the policy as it found
         it: AE-SAM's running mean and variance see no ``||g||^2`` of a step that never happened, and a retried
         SS-SAM step draws the same decision. (One small dict per step: three floats, or a generator's state.)"""
-        self._policy_before = self.policy.state_dict()
+        self._policy_before = (self.steps, self.policy.state_dict())
         return bool(self.policy.decide(self.steps, grad_sq_norm))
 
     def _undo_decision(self) -> None:
-        """Put the policy back as it was before this step's :meth:`_decide` (nothing when there was none)."""
+        """Put the policy back as it was before this step's :meth:`_decide`: nothing when this step made none
+        (its index is ``self.steps`` until the step is applied, so an applied step's decision is never undone)."""
         before, self._policy_before = self._policy_before, None
-        if before is not None:
-            self.policy.load_state_dict(before)
+        if before is not None and before[0] == self.steps:
+            self.policy.load_state_dict(before[1])
 
     def _skip(self, zero_grad: bool = False) -> None:
         """Abandon the step (inf/NaN under a GradScaler): weights are already back at ``w``. ``zero_grad`` is

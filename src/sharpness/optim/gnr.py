@@ -207,7 +207,6 @@ class GNR(SharpnessAwareOptimizer):
 
         closure = self._watch_losses(closure)
         self._perturbed_params = []
-        self._policy_before = None
         try:
             return self._step(closure)
         except BaseException as error:

@@ -226,7 +226,6 @@ class UniversalSAM(SharpnessAwareOptimizer):
             raise TypeError(f"{type(self).__name__}.step() requires a closure that clears the gradients, runs "
                             "forward and backward and returns the loss")
         closure = self._watch_losses(closure)
-        self._policy_before = None
         with torch.enable_grad():
             loss = closure()
         self.grad_evals += 1
