@@ -33,6 +33,11 @@ FORWARD = [
     ("wideresnet", 10, (3, 32, 32), {"depth": 10, "widen_factor": 1, "dropout": 0.3},
      torch.randn(2, 3, 32, 32)),
     ("char_lstm", 65, (16,), {"embedding_dim": 8, "hidden_size": 16}, torch.randint(0, 65, (3, 16))),
+    ("cifar_resnet", 10, (3, 32, 32), {"depth": 8}, torch.randn(2, 3, 32, 32)),
+    ("cifar_resnet", 7, (1, 28, 28), {"depth": 8, "shortcut": "B", "batch_norm": False},
+     torch.randn(2, 1, 28, 28)),
+    ("pyramidnet", 10, (3, 32, 32), {"depth": 8, "alpha": 6}, torch.randn(2, 3, 32, 32)),
+    ("pyramidnet", 5, (1, 28, 28), {"depth": 11, "alpha": 3.5, "bottleneck": True}, torch.randn(2, 1, 28, 28)),
 ]
 
 
@@ -55,7 +60,8 @@ def test_output_shapes(name, num_classes, input_shape, options, x):
 
 def test_registry_lists_every_model():
     names = [info.name for info in list_models()]
-    assert names == sorted(names) == ["char_lstm", "cnn1d", "lenet5", "mlp", "mlp6", "resnet18", "wideresnet"]
+    assert names == sorted(names) == ["char_lstm", "cifar_resnet", "cnn1d", "lenet5", "mlp", "mlp6", "pyramidnet",
+                                      "resnet18", "wideresnet"]
     assert all(info.description for info in list_models())
     assert dict(get_model_info("wideresnet").options) == {"depth": 28, "widen_factor": 10, "dropout": 0.0,
                                                           "batch_norm": True}
@@ -79,6 +85,91 @@ def test_wrn_28_10_has_the_published_parameter_count():
                         dropout=0.3)
     assert count(wide) == 11_007_540  # WRN-16-8, CIFAR-100
     assert {m.p for m in modules(wide, nn.Dropout)} == {0.3} and len(modules(wide, nn.Dropout)) == 6
+
+
+def _cifar_resnet_size(n: int, classes: int, projections: bool = False) -> int:
+    """By hand: 3x3 convolutions without bias, each followed by BN (2 parameters per channel)."""
+    def conv(c_in: int, c_out: int) -> int:
+        return 9 * c_in * c_out + 2 * c_out
+
+    size = conv(3, 16) + n * 2 * conv(16, 16)
+    size += conv(16, 32) + (2 * n - 1) * conv(32, 32) + conv(32, 64) + (2 * n - 1) * conv(64, 64)
+    if projections:  # option B: a 1x1 convolution and BN where the stage starts
+        size += (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+    return size + 64 * classes + classes
+
+
+@pytest.mark.parametrize("depth, published", [(20, 0.27e6), (32, 0.46e6), (56, 0.85e6), (110, 1.7e6)])
+def test_cifar_resnets_have_the_published_parameter_counts(depth, published):
+    """He et al. (2016), Table 6: 0.27M, 0.46M, 0.85M, 1.7M parameters with option A shortcuts."""
+    model = create_model("cifar_resnet", num_classes=10, input_shape=(3, 32, 32), depth=depth)
+    n = (depth - 2) // 6
+    assert count(model) == _cifar_resnet_size(n, 10)  # 464,154 for ResNet-32
+    assert round(count(model) / 1e6, 2 if depth < 100 else 1) == published / 1e6
+    assert len(modules(model, nn.Conv2d)) == depth - 1  # every weighted layer but the Linear
+    assert count(create_model("cifar_resnet", num_classes=100, input_shape=(3, 32, 32), depth=depth,
+                              shortcut="B")) == _cifar_resnet_size(n, 100, projections=True)
+
+
+def test_cifar_resnet_option_a_shortcut_is_the_subsampled_input_between_zero_channels():
+    model = create_model("cifar_resnet", num_classes=10, input_shape=(3, 32, 32), depth=8)
+    block = model.stages[1][0]  # 16 -> 32 channels, stride 2
+    x = torch.randn(2, 16, 9, 9)
+    out = block.shortcut(x)
+    assert out.shape == (2, 32, 5, 5) == block.conv1(x).shape  # odd maps: ceil(9 / 2) like the convolution
+    assert torch.equal(out[:, 8:24], x[:, :, ::2, ::2])
+    assert not out[:, :8].any() and not out[:, 24:].any()
+    assert not list(block.shortcut.parameters())
+
+
+def _pyramid_size(depth: int, alpha: float, classes: int, bottleneck: bool = False) -> int:
+    """By hand from Han et al.'s definition: block k of N has width round(16 + k alpha / N)."""
+    blocks = 3 * ((depth - 2) // (9 if bottleneck else 6))
+    def bn(c: int) -> int:
+        return 2 * c
+
+    size, channels = 9 * 3 * 16 + bn(16), 16  # stem: conv3x3 and BN
+    for k in range(1, blocks + 1):
+        w = round(16 + k * alpha / blocks)
+        if bottleneck:
+            size += bn(channels) + channels * w + bn(w) + 9 * w * w + bn(w) + w * 4 * w + bn(4 * w)
+            channels = 4 * w
+        else:
+            size += bn(channels) + 9 * channels * w + bn(w) + 9 * w * w + bn(w)
+            channels = w
+    return size + bn(channels) + channels * classes + classes
+
+
+@pytest.mark.parametrize("depth, alpha, bottleneck, exact, published", [
+    (110, 48, False, 1_772_706, 1.7e6), (110, 270, False, 28_485_477, 28.3e6),
+    (272, 200, True, 26_210_842, 26.0e6)])
+def test_pyramidnet_parameter_counts(depth, alpha, bottleneck, exact, published):
+    """Han et al. (2017), Table 4, reports 1.7M, 28.3M and 26.0M; the authors' PyTorch code
+    (dyhan0920/PyramidNet-PyTorch) builds 1,772,706, 28,485,477 and 26,210,842 parameters for 10 classes
+    (counted there on 2026-11-24; the same layer shapes in the same order, and outputs equal to 1e-14 in
+    float64 with its weights), about 1-4% above the table's rounded figures."""
+    model = create_model("pyramidnet", num_classes=10, input_shape=(3, 32, 32), depth=depth, alpha=alpha,
+                         bottleneck=bottleneck)
+    assert count(model) == _pyramid_size(depth, alpha, 10, bottleneck) == exact
+    assert abs(count(model) / published - 1) < 0.045
+    if not bottleneck:
+        assert len(modules(model, nn.Conv2d)) == depth - 1
+        assert model.fc.in_features == 16 + alpha  # the last block is 16 + alpha wide
+
+
+def test_pyramidnet_widens_linearly_and_pads_its_shortcuts():
+    model = create_model("pyramidnet", num_classes=10, input_shape=(3, 32, 32), depth=20, alpha=27)
+    widths = [block.residual[-1].num_features for stage in model.stages for block in stage]
+    assert widths == [19, 22, 25, 28, 31, 34, 37, 40, 43]  # 16 + 3k
+    block = model.stages[1][0]  # 25 -> 28 channels, stride 2
+    x = torch.randn(2, 25, 9, 9)
+    with torch.no_grad():
+        residual = block.residual(x)
+        out = block(x)
+    pooled = torch.nn.functional.avg_pool2d(x, 2, ceil_mode=True)
+    assert out.shape == residual.shape == (2, 28, 5, 5)
+    torch.testing.assert_close(out - residual, torch.cat([pooled, torch.zeros(2, 3, 5, 5)], 1))
+    assert not [m for m in block.residual[:1] if isinstance(m, nn.ReLU)]  # BN first, no ReLU before conv1
 
 
 def test_mlp6_is_the_universal_sam_mnist_network():
@@ -143,7 +234,7 @@ def test_char_lstm_logits_feed_cross_entropy_directly():
 @pytest.mark.parametrize("name, kwargs, error, message", [
     ("vgg16", {}, ValueError,
      ("Unknown model name: 'vgg16' "
-      "(expected one of char_lstm, cnn1d, lenet5, mlp, mlp6, resnet18, wideresnet)")),
+      "(expected one of char_lstm, cifar_resnet, cnn1d, lenet5, mlp, mlp6, pyramidnet, resnet18, wideresnet)")),
     ("mlp", {"layers": 3}, TypeError,
      ("Unknown option(s) ['layers'] for model 'mlp' "
       "(valid options: depth, width, activation, batch_norm, dropout)")),
@@ -165,9 +256,20 @@ def test_char_lstm_logits_feed_cross_entropy_directly():
     ("wideresnet", {"widen_factor": 0}, ValueError, "Invalid widen_factor value: 0"),
     ("char_lstm", {"input_shape": (3, 32, 32)}, ValueError,
      "(expected (block_size,), a sequence of token ids)"),
+    ("cifar_resnet", {"depth": 30}, ValueError, "Invalid depth value: 30 (expected depth = 6n + 2"),
+    ("cifar_resnet", {"depth": 2}, ValueError, "Invalid depth value: 2 (expected an integer depth >= 8)"),
+    ("cifar_resnet", {"shortcut": "C"}, ValueError, "Invalid shortcut value: 'C' (expected one of 'A', 'B')"),
+    ("cifar_resnet", {"input_shape": (32, 32)}, ValueError, "Invalid input_shape for 'cifar_resnet'"),
+    ("pyramidnet", {"depth": 165}, ValueError, "Invalid depth value: 165 (expected depth = 6n + 2"),
+    ("pyramidnet", {"depth": 112, "bottleneck": True}, ValueError,
+     "Invalid depth value: 112 (expected depth = 9n + 2"),
+    ("pyramidnet", {"alpha": -1}, ValueError, "Invalid alpha value: -1.0 (expected alpha >= 0 and finite)"),
+    ("pyramidnet", {"alpha": float("inf")}, ValueError, "Invalid alpha value: inf"),
+    ("pyramidnet", {"bottleneck": 1}, TypeError, "Invalid bottleneck type: int (expected bool)"),
 ])
 def test_bad_arguments(name, kwargs, error, message):
-    kwargs = {"num_classes": 10, "input_shape": (3, 32, 32) if name in ("resnet18", "wideresnet", "lenet5")
+    kwargs = {"num_classes": 10, "input_shape": (3, 32, 32) if name in ("resnet18", "wideresnet", "lenet5",
+                                                                          "cifar_resnet", "pyramidnet")
               else (40,) if name in ("cnn1d", "char_lstm") else (1, 28, 28), **kwargs}
     with pytest.raises(error) as info:
         create_model(name, **kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 
 from torch import nn
 
@@ -55,3 +56,29 @@ def check_input_shape(model: str, input_shape: tuple[int, ...], ranks: tuple[int
     """Raise ``ValueError`` unless ``len(input_shape)`` is one of ``ranks``."""
     if len(input_shape) not in ranks:
         raise ValueError(f"Invalid input_shape for {model!r}: {input_shape} (expected {meaning})")
+
+
+def residual_stages(widths: list[list[int]], make_block: Callable[[int, int, int], nn.Module], in_channels: int,
+                    expansion: int = 1) -> tuple[nn.Sequential, int]:
+    """Stages of residual blocks and their output channels: ``widths[i][j]`` is block ``j`` of stage ``i``,
+    built as ``make_block(in_channels, width, stride)`` with stride 2 at the first block of every stage after
+    the first; a block outputs ``expansion * width`` channels."""
+    stages, channels = [], in_channels
+    for index, stage in enumerate(widths):
+        blocks = []
+        for position, width in enumerate(stage):
+            blocks.append(make_block(channels, width, 2 if index > 0 and position == 0 else 1))
+            channels = expansion * width
+        stages.append(nn.Sequential(*blocks))
+    return nn.Sequential(*stages), channels
+
+
+def init_conv_bn_(model: nn.Module) -> None:
+    """He-normal (fan-out) convolutions, BatchNorm at scale 1 and shift 0, as the WRN and PyramidNet authors'
+    code initialises them."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)

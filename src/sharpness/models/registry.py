@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from . import char_lstm, cnn1d, lenet, mlp, resnet, wideresnet
+from . import char_lstm, cifar_resnet, cnn1d, lenet, mlp, pyramidnet, resnet, wideresnet
 
 __all__ = ["ModelInfo", "create_model", "get_model_info", "list_models", "register_model"]
 
@@ -118,6 +118,10 @@ register_model("cnn1d", cnn1d.build,
                description="three strided Conv1d + linear, for MNIST-1D (the default job's model)")
 register_model("resnet18", resnet.build,
                description="ResNet-18, CIFAR variant (3x3 stem, no max pool), 11.2M parameters (10 classes)")
+register_model("cifar_resnet", cifar_resnet.build,
+               description="He et al.'s CIFAR ResNet-(6n+2), default ResNet-32 (0.46M parameters, zero-padded shortcuts)")
+register_model("pyramidnet", pyramidnet.build,
+               description="PyramidNet, default PyramidNet-110 with alpha 270 (28.3M parameters for 10 classes)")
 register_model("wideresnet", wideresnet.build,
                description="Wide ResNet WRN-depth-k, default WRN-28-10 (36.5M parameters for 10 classes)")
 register_model("char_lstm", char_lstm.build,

@@ -6,23 +6,45 @@ so the four stages see 32, 16, 8 and 4 pixels. 11,173,962 parameters for 10 clas
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_int_at_least
 from ._layers import batch_norm as make_norm
-from ._layers import check_bool, check_input_shape
+from ._layers import check_bool, check_input_shape, residual_stages
 
-__all__ = ["BasicBlock", "ResNet"]
+__all__ = ["BasicBlock", "ResNet", "ZeroPadShortcut"]
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int, bias: bool) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with BatchNorm and a residual connection (1x1 projection if the shape changes)."""
+class ZeroPadShortcut(nn.Module):
+    """He et al.'s option A: ``x`` subsampled by ``stride``, with ``extra`` zero channels split evenly before
+    and after it (no parameters; the layout of the widely used PyTorch CIFAR ResNets, so their weights load
+    in order)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, batch_norm: bool = True) -> None:
+    def __init__(self, stride: int, extra: int) -> None:
+        super().__init__()
+        self.stride, self.extra = stride, extra
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride != 1:
+            x = x[:, :, ::self.stride, ::self.stride]  # the same map size as the 3x3 stride-2 convolution's
+        before = self.extra // 2
+        return F.pad(x, (0, 0, 0, 0, before, self.extra - before))  # (B, C, H, W) -> (B, C + extra, H, W)
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, extra={self.extra}"
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a residual connection, then ReLU. Where the shape changes the
+    shortcut is a 1x1 projection with BatchNorm (``shortcut="B"``) or :class:`ZeroPadShortcut` (``"A"``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, batch_norm: bool = True,
+                 shortcut: str = "B") -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_channels, out_channels, stride, bias=not batch_norm)
         self.bn1 = make_norm("2d", out_channels, batch_norm)
@@ -31,9 +53,12 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=not batch_norm),
-                make_norm("2d", out_channels, batch_norm))
+            if shortcut == "A":
+                self.shortcut = ZeroPadShortcut(stride, out_channels - in_channels)
+            else:
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=not batch_norm),
+                    make_norm("2d", out_channels, batch_norm))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -57,16 +82,9 @@ class ResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(_conv3x3(in_channels, width, 1, bias=not batch_norm),
                                   make_norm("2d", width, batch_norm), nn.ReLU())
-        stages, channels = [], width
-        for index, count in enumerate(blocks):
-            out_channels = width * 2**index
-            stage = []
-            for block in range(count):
-                stride = 2 if index > 0 and block == 0 else 1
-                stage.append(BasicBlock(channels, out_channels, stride, batch_norm))
-                channels = out_channels
-            stages.append(nn.Sequential(*stage))
-        self.stages = nn.Sequential(*stages)
+        self.stages, channels = residual_stages(
+            [[width * 2**index] * count for index, count in enumerate(blocks)],
+            lambda c_in, c_out, stride: BasicBlock(c_in, c_out, stride, batch_norm), width)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(channels, num_classes)
 

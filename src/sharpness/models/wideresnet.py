@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .._validation import check_int_at_least
 from ._layers import batch_norm as make_norm
-from ._layers import check_bool, check_dropout, check_input_shape
+from ._layers import check_bool, check_dropout, check_input_shape, init_conv_bn_, residual_stages
 
 __all__ = ["WideBasic", "WideResNet"]
 
@@ -69,30 +69,17 @@ class WideResNet(nn.Module):
         batch_norm = check_bool("batch_norm", batch_norm)
         per_stage = (depth - 4) // 6
         self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
-        stages, channels = [], 16
-        for index, base in enumerate((16, 32, 64)):
-            out_channels = base * widen_factor
-            blocks = []
-            for block in range(per_stage):
-                stride = 2 if index > 0 and block == 0 else 1
-                blocks.append(WideBasic(channels, out_channels, stride, dropout, batch_norm))
-                channels = out_channels
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
+        self.stages, channels = residual_stages(
+            [[base * widen_factor] * per_stage for base in (16, 32, 64)],
+            lambda c_in, c_out, stride: WideBasic(c_in, c_out, stride, dropout, batch_norm), 16)
         self.head = nn.Sequential(make_norm("2d", channels, batch_norm), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                   nn.Flatten())
         self.fc = nn.Linear(channels, num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.zeros_(module.bias)
+        init_conv_bn_(self)
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.head(self.stages(self.stem(x))))  # (B, C, H, W) -> (B, num_classes)
