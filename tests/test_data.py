@@ -490,6 +490,24 @@ def test_cifar10_augments_training_inputs_only(tmp_path, monkeypatch):
     assert set(root_indices(data.train).tolist()).isdisjoint(root_indices(data.validation).tolist())
 
 
+@pytest.mark.parametrize("model, options", [("cifar_resnet", {"depth": 8}),
+                                            ("pyramidnet", {"depth": 8, "alpha": 6})])
+def test_the_harness_trains_the_cifar_networks_on_cifar_files(tmp_path, monkeypatch, model, options):
+    """The label-noise example's path, end to end on tiny files: CIFAR-10 from $SHARPNESS_DATA, 40% of the
+    labels flipped, He et al.'s ResNet or PyramidNet (small depths), AE-SAM with lambda1 = -1, lambda2 = 1."""
+    from sharpness.harness import TrainConfig, train
+
+    write_cifar(tmp_path, monkeypatch, per_batch=8)
+    monkeypatch.setenv("SHARPNESS_DATA", str(tmp_path))
+    config = TrainConfig(dataset="cifar10", model=model, model_options=options, optimizer="aesam",
+                         optimizer_options={"lambda1": -1.0, "lambda2": 1.0}, label_noise=0.4, batch_size=8,
+                         epochs=2, weight_decay=1e-4)
+    result = train(config, log=None, device="cpu")
+    assert result.summary["grad_evals"] == result.summary["steps"] * (1 + result.summary["sam_fraction"])
+    assert result.summary["steps"] == 2 * 40 // 8 and np.isfinite(result.summary["train_loss"])
+    assert 0.0 <= result.summary["test_acc"] <= 1.0 and 0.0 < result.summary["sam_fraction"] <= 1.0
+
+
 def test_cifar100_reads_torchvision_files(tmp_path, monkeypatch):
     write_cifar(tmp_path, monkeypatch, hundred=True)
     data = load_dataset("cifar100", root=tmp_path)

@@ -524,19 +524,36 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
             pass
 
 
-@pytest.mark.parametrize("name", ["mnist1d_equal_budget.toml", "mnist1d_all_methods.toml"])
-def test_shipped_example_sweeps_expand_and_build_every_optimizer(name):
-    """The example files parse, expand to valid configs, and every optimizer in them can be constructed."""
-    import torch
+EXAMPLES = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "examples").glob("*.toml"))
+# (classes, input shape) of each data set the examples train on, as the loaders report them
+EXAMPLE_DATA = {"mnist1d": (10, (40,)), "cifar10": (10, (3, 32, 32)), "cifar100": (100, (3, 32, 32))}
 
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_shipped_example_sweeps_expand_and_build_every_optimizer_and_model(name):
+    """Each example file parses and expands to the run count its header states, every optimizer in it can be
+    constructed, and every model builds for its data set (the CIFAR files' full-size networks included)."""
+    import re
+
+    from sharpness.harness import run_key
     from sharpness.harness.sweep import load_sweep_file
     from sharpness.harness.train import build_optimizer
+    from sharpness.models import create_model
 
     path = Path(__file__).resolve().parent.parent / "examples" / name
     configs = expand_sweep(load_sweep_file(path))
-    assert len(configs) == len({c.to_dict()["optimizer"] for c in configs}) * len({c.seed for c in configs}) * len(
-        {c.budget_grad_evals for c in configs})
+    stated = re.search(r"list the (\d+) runs", path.read_text())
+    assert stated, "the header says how many runs --dry-run lists"
+    assert len(configs) == int(stated.group(1))
+    assert len({c.optimizer for c in configs}) >= 4 and len({c.seed for c in configs}) >= 3
+    assert len({run_key(c.to_dict()) for c in configs}) == len(configs)
     for config in {c.optimizer: c for c in configs}.values():
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 10))
         opt = build_optimizer(config, model, total_steps=100)
         assert opt.param_groups[0]["lr"] == config.lr
+    for model_name, dataset in sorted({(c.model, c.dataset) for c in configs}):
+        classes, shape = EXAMPLE_DATA[dataset]
+        options = next(c.model_options for c in configs if (c.model, c.dataset) == (model_name, dataset))
+        with torch.device("meta"):  # the shapes only: WRN-28-10 and PyramidNet-110 hold 36M and 28M weights
+            model = create_model(model_name, num_classes=classes, input_shape=shape, **options)
+            assert model(torch.empty(2, *shape)).shape == (2, classes)
