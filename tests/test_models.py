@@ -38,6 +38,9 @@ FORWARD = [
      torch.randn(2, 1, 28, 28)),
     ("pyramidnet", 10, (3, 32, 32), {"depth": 8, "alpha": 6}, torch.randn(2, 3, 32, 32)),
     ("pyramidnet", 5, (1, 28, 28), {"depth": 11, "alpha": 3.5, "bottleneck": True}, torch.randn(2, 1, 28, 28)),
+    ("vit", 10, (3, 32, 32), {"dim": 12, "depth": 2, "heads": 3}, torch.randn(2, 3, 32, 32)),
+    ("vit", 4, (1, 28, 20), {"patch_size": 4, "dim": 8, "depth": 1, "heads": 2, "mlp_ratio": 1.5, "dropout": 0.1},
+     torch.randn(2, 1, 28, 20)),
 ]
 
 
@@ -61,7 +64,7 @@ def test_output_shapes(name, num_classes, input_shape, options, x):
 def test_registry_lists_every_model():
     names = [info.name for info in list_models()]
     assert names == sorted(names) == ["char_lstm", "cifar_resnet", "cnn1d", "lenet5", "mlp", "mlp6", "pyramidnet",
-                                      "resnet18", "wideresnet"]
+                                      "resnet18", "vit", "wideresnet"]
     assert all(info.description for info in list_models())
     assert dict(get_model_info("wideresnet").options) == {"depth": 28, "widen_factor": 10, "dropout": 0.0,
                                                           "batch_norm": True}
@@ -172,6 +175,22 @@ def test_pyramidnet_widens_linearly_and_pads_its_shortcuts():
     assert not [m for m in block.residual[:1] if isinstance(m, nn.ReLU)]  # BN first, no ReLU before conv1
 
 
+def test_vit_s16_has_timm_parameter_count_and_independent_layers():
+    """ViT-S/16 at 224 px: 22,050,664 parameters for 1,000 classes (timm's vit_small_patch16_224), by hand:
+    patch embedding, class token, 197 position embeddings, 12 layers (2 LayerNorms, qkv, projection, MLP),
+    final LayerNorm and head."""
+    d, hidden, tokens = 384, 1536, 14 * 14 + 1
+    layer = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * hidden + hidden) + (hidden * d + d)
+    by_hand = (3 * 16 * 16 * d + d) + d + tokens * d + 12 * layer + 2 * d + (d * 1000 + 1000)
+    with torch.device("meta"):
+        model = create_model("vit", num_classes=1000, input_shape=(3, 224, 224), patch_size=16)
+    assert count(model) == by_hand == 22_050_664
+    small = create_model("vit", num_classes=10, input_shape=(3, 32, 32), dim=8, depth=3, heads=2)
+    first, second = small.encoder[0].linear1.weight, small.encoder[1].linear1.weight
+    assert not torch.equal(first, second)  # nn.TransformerEncoder would have copied one layer
+    assert small.pos_embed.shape == (1, 65, 8) and float(small.pos_embed.abs().max()) <= 0.04
+
+
 def test_mlp6_is_the_universal_sam_mnist_network():
     model = create_model("mlp6", num_classes=10, input_shape=(1, 28, 28))
     linears = modules(model, nn.Linear)
@@ -234,7 +253,8 @@ def test_char_lstm_logits_feed_cross_entropy_directly():
 @pytest.mark.parametrize("name, kwargs, error, message", [
     ("vgg16", {}, ValueError,
      ("Unknown model name: 'vgg16' "
-      "(expected one of char_lstm, cifar_resnet, cnn1d, lenet5, mlp, mlp6, pyramidnet, resnet18, wideresnet)")),
+      "(expected one of char_lstm, cifar_resnet, cnn1d, lenet5, mlp, mlp6, pyramidnet, resnet18, vit, "
+      "wideresnet)")),
     ("mlp", {"layers": 3}, TypeError,
      ("Unknown option(s) ['layers'] for model 'mlp' "
       "(valid options: depth, width, activation, batch_norm, dropout)")),
@@ -266,10 +286,16 @@ def test_char_lstm_logits_feed_cross_entropy_directly():
     ("pyramidnet", {"alpha": -1}, ValueError, "Invalid alpha value: -1.0 (expected alpha >= 0 and finite)"),
     ("pyramidnet", {"alpha": float("inf")}, ValueError, "Invalid alpha value: inf"),
     ("pyramidnet", {"bottleneck": 1}, TypeError, "Invalid bottleneck type: int (expected bool)"),
+    ("vit", {"patch_size": 5}, ValueError,
+     "Invalid patch_size value: 5 (expected a divisor of the image's height and width, 32 x 32)"),
+    ("vit", {"heads": 5}, ValueError, "Invalid heads value: 5 (expected a divisor of dim = 384)"),
+    ("vit", {"mlp_ratio": 0}, ValueError, "Invalid mlp_ratio value: 0.0 (expected mlp_ratio > 0 and finite)"),
+    ("vit", {"depth": 0}, ValueError, "Invalid depth value: 0 (expected an integer depth >= 1)"),
+    ("vit", {"input_shape": (64,)}, ValueError, "Invalid input_shape for 'vit': (64,) (expected (C, H, W))"),
 ])
 def test_bad_arguments(name, kwargs, error, message):
     kwargs = {"num_classes": 10, "input_shape": (3, 32, 32) if name in ("resnet18", "wideresnet", "lenet5",
-                                                                          "cifar_resnet", "pyramidnet")
+                                                                          "cifar_resnet", "pyramidnet", "vit")
               else (40,) if name in ("cnn1d", "char_lstm") else (1, 28, 28), **kwargs}
     with pytest.raises(error) as info:
         create_model(name, **kwargs)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
+from .._attention import math_attention
 from ._common import LossFn, batch_randomness
 
 __all__: list[str] = []
@@ -50,6 +51,7 @@ def per_sample_gradients(model: nn.Module, loss_fn: LossFn, inputs: Any, targets
     # randomness="different": in train mode each sample draws its own dropout mask, as in a batched forward
     per_sample = torch.func.vmap(torch.func.grad(sample_loss, has_aux=True), in_dims=(None, 0, 0),
                                  randomness="different", chunk_size=chunk_size)
-    with batch_randomness(inputs):  # a train-mode measurement: this batch's masks on every call
+    # the math attention kernel: vmap runs fused attention kernels one example at a time
+    with batch_randomness(inputs), math_attention():  # a train-mode measurement: this batch's masks each call
         grads, losses = per_sample(primals, tuple(inputs) if as_tuple else inputs, targets)
     return losses, list(grads)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._attention import math_attention
 from .._compile import accepts_compiled
 from .._validation import check_choice, check_positive
 from ._common import (Batch, LossFn, Vector, as_batches, batch_loss, batch_randomness, gradient, measurement_mode,
@@ -89,7 +90,7 @@ class HessianOperator:
 
     def _gradient_graph(self, x: Any, y: Any) -> tuple[Tensor | None, ...]:
         """``grad L_B(w)`` with its graph kept (``None`` for parameters the loss does not use)."""
-        with torch.enable_grad():
+        with torch.enable_grad(), math_attention():  # attention's fused kernels have no double backward
             loss = batch_loss(self.model, self.loss_fn, x, y)
             return torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
 
@@ -123,7 +124,7 @@ class HessianOperator:
                     outputs = functional_call(self.model, state, inputs)
                     return self.loss_fn(outputs, y)
 
-                with batch_randomness(x):
+                with batch_randomness(x), math_attention():  # fused attention has no forward-mode AD
                     _, tangent_out = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vector),))
                 yield list(tangent_out)
 

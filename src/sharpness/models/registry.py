@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from . import char_lstm, cifar_resnet, cnn1d, lenet, mlp, pyramidnet, resnet, wideresnet
+from . import char_lstm, cifar_resnet, cnn1d, lenet, mlp, pyramidnet, resnet, vit, wideresnet
 
 __all__ = ["ModelInfo", "create_model", "get_model_info", "list_models", "register_model"]
 
@@ -122,6 +122,8 @@ register_model("cifar_resnet", cifar_resnet.build,
                description="He et al.'s CIFAR ResNet-(6n+2), default ResNet-32 (0.46M parameters, zero-padded shortcuts)")
 register_model("pyramidnet", pyramidnet.build,
                description="PyramidNet, default PyramidNet-110 with alpha 270 (28.3M parameters for 10 classes)")
+register_model("vit", vit.build,
+               description="Vision Transformer, default ViT-S (384 wide, 12 layers, 6 heads) on 4x4 patches")
 register_model("wideresnet", wideresnet.build,
                description="Wide ResNet WRN-depth-k, default WRN-28-10 (36.5M parameters for 10 classes)")
 register_model("char_lstm", char_lstm.build,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _foreach
+from .._attention import math_attention
 from .._compile import is_compiled_double_backward_error
 from .._foreach import global_norm, group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_choice, check_int_at_least, check_non_negative, check_positive
@@ -307,7 +309,8 @@ class GNR(SharpnessAwareOptimizer):
 
     # ------------------------------------------------------------------ passes
     def _evaluate(self, closure: Callable[[], Any]) -> Any:
-        with torch.enable_grad():
+        # exact HVPs differentiate the closure's backward again, which attention's fused kernels cannot
+        with torch.enable_grad(), math_attention() if self.hvp == "exact" else contextlib.nullcontext():
             loss = closure()
         self.grad_evals += 1
         return loss
