@@ -1,10 +1,10 @@
 """PyramidNet for CIFAR (Han, Kim, Kim, CVPR 2017): channels grow by ``alpha / N`` at every block.
 
-PyramidNet-110 with ``alpha = 270`` (28.3M parameters for 10 classes, Han et al.'s Table 4) is the third
-CIFAR architecture of the AE-SAM, ESAM, LookSAM and SS-SAM tables (300 epochs), and SALR reports PyramidNet
-too. ``bottleneck=True`` gives the bottleneck variant (depth ``9n + 2``, 4x wider outputs), e.g. the
-PyramidNet-272 (``alpha = 200``, 26.0M) that Foret et al. train with SAM (their ShakeDrop regularisation is
-not included).
+PyramidNet-110 with ``alpha = 270`` (28,485,477 parameters for 10 classes, as the authors' code builds it;
+their Table 4 rounds to 28.3M) is the third CIFAR architecture of the AE-SAM, ESAM, LookSAM and SS-SAM
+tables (300 epochs), and SALR reports PyramidNet too. ``bottleneck=True`` gives the bottleneck variant (depth
+``9n + 2``, 4x wider outputs), e.g. the PyramidNet-272 (``alpha = 200``, 26.2M; the table says 26.0M) that
+Foret et al. train with SAM (their ShakeDrop regularisation is not included).
 
 Widths follow the authors' code: a running width ``d`` starts at 16, grows by ``alpha / N`` per block
 (``N`` = all blocks of the three stages), and each block has ``round(d)`` channels (Python's rounding).

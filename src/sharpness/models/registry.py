@@ -121,7 +121,7 @@ register_model("resnet18", resnet.build,
 register_model("cifar_resnet", cifar_resnet.build,
                description="He et al.'s CIFAR ResNet-(6n+2), default ResNet-32 (0.46M parameters, zero-padded shortcuts)")
 register_model("pyramidnet", pyramidnet.build,
-               description="PyramidNet, default PyramidNet-110 with alpha 270 (28.3M parameters for 10 classes)")
+               description="PyramidNet, default PyramidNet-110 with alpha 270 (28.5M parameters for 10 classes)")
 register_model("vit", vit.build,
                description="Vision Transformer, default ViT-S (384 wide, 12 layers, 6 heads) on 4x4 patches")
 register_model("wideresnet", wideresnet.build,
