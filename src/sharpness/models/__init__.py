@@ -2,9 +2,8 @@
 
 ``mlp``, ``mlp6`` (the universal-SAM MNIST network), ``lenet5``, ``cnn1d`` (MNIST-1D), ``resnet18`` (CIFAR
 variant), ``cifar_resnet`` (He et al.'s ResNet-20/32/.../110, ResNet-32 by default), ``pyramidnet``
-(PyramidNet-110, alpha 270 by default), ``vit`` (ViT-S by default), ``wideresnet`` (WRN-28-10 by default), ``char_lstm`` (Tiny
-Shakespeare). Every model returns
-logits with the class dimension second.
+(PyramidNet-110, alpha 270 by default), ``vit`` (ViT-S by default), ``wideresnet`` (WRN-28-10 by default),
+``char_lstm`` (Tiny Shakespeare). Every model returns logits with the class dimension second.
 """
 
 from .char_lstm import CharLSTM

@@ -119,7 +119,8 @@ register_model("cnn1d", cnn1d.build,
 register_model("resnet18", resnet.build,
                description="ResNet-18, CIFAR variant (3x3 stem, no max pool), 11.2M parameters (10 classes)")
 register_model("cifar_resnet", cifar_resnet.build,
-               description="He et al.'s CIFAR ResNet-(6n+2), default ResNet-32 (0.46M parameters, zero-padded shortcuts)")
+               description="He et al.'s CIFAR ResNet-(6n+2), default ResNet-32 (0.46M parameters, "
+                           "zero-padded shortcuts)")
 register_model("pyramidnet", pyramidnet.build,
                description="PyramidNet, default PyramidNet-110 with alpha 270 (28.5M parameters for 10 classes)")
 register_model("vit", vit.build,
