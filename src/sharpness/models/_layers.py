@@ -5,7 +5,8 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 __all__: list[str] = []
 
@@ -82,3 +83,27 @@ def init_conv_bn_(model: nn.Module) -> None:
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+class ZeroPadShortcut(nn.Module):
+    """A parameter-free shortcut to ``extra`` more channels: ``x`` downsampled by ``stride`` (``pool="subsample"``,
+    every ``stride``-th pixel, He et al.'s option A; ``"average"``, ``stride`` x ``stride`` average pooling, odd
+    maps rounded up, PyramidNet's), then zero channels, split evenly before and after it (``centre=True``, the
+    layout of the widely used PyTorch CIFAR ResNets, so their weights load in order) or appended (PyramidNet).
+    Either way the map size is the 3x3 stride-``stride`` convolution's, ``ceil(H / stride)``."""
+
+    def __init__(self, stride: int, extra: int, *, pool: str = "subsample", centre: bool = True) -> None:
+        super().__init__()
+        self.stride, self.extra, self.pool, self.centre = stride, extra, pool, centre
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride != 1:
+            x = (x[:, :, ::self.stride, ::self.stride] if self.pool == "subsample"
+                 else F.avg_pool2d(x, self.stride, ceil_mode=True))
+        if not self.extra:
+            return x
+        before = self.extra // 2 if self.centre else 0
+        return F.pad(x, (0, 0, 0, 0, before, self.extra - before))  # (B, C, H, W) -> (B, C + extra, H, W)
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}, extra={self.extra}, pool={self.pool}, centre={self.centre}"

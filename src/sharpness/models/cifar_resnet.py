@@ -7,27 +7,28 @@ and where a stage starts, the input subsampled by 2 between zero channels (no pa
 the published sizes: 0.27M (ResNet-20), 0.46M (ResNet-32), 0.85M (ResNet-56), 1.7M (ResNet-110) for 10
 classes. Option B projects with a 1x1 convolution and BatchNorm instead.
 
-This is not :mod:`.resnet`'s ResNet-18, the ImageNet design with a 3x3 stem (64 to 512 channels, 11.2M).
+The same :class:`.resnet.ResNet` as ``resnet18`` (four stages of 64 to 512 channels, 11.2M), with three
+stages from 16 channels.
 
 Reference: K. He, X. Zhang, S. Ren, J. Sun. Deep Residual Learning for Image Recognition. CVPR 2016.
 """
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from .._validation import check_choice, check_int_at_least
-from ._layers import batch_norm as make_norm
-from ._layers import check_bool, check_input_shape, residual_stages
-from .resnet import BasicBlock
+from ._layers import check_bool, check_input_shape
+from .resnet import ResNet
 
 __all__ = ["CifarResNet"]
 
 SHORTCUTS = ("A", "B")
 
 
-class CifarResNet(nn.Module):
-    """ResNet-``depth`` for CIFAR: ``depth = 6n + 2`` (20, 32, 44, 56, 110, 1202).
+class CifarResNet(ResNet):
+    """ResNet-``depth`` for CIFAR: ``depth = 6n + 2`` (20, 32, 44, 56, 110, 1202), i.e. :class:`ResNet` with
+    three stages of ``n`` blocks, a width of 16 and (by default) option A shortcuts.
 
     Weights are initialised He-normal (fan-in) for the convolutions and the Linear layer, as in the paper
     (its reference [13]); BatchNorm starts at scale 1, shift 0.
@@ -43,27 +44,17 @@ class CifarResNet(nn.Module):
 
     def __init__(self, num_classes: int, *, depth: int = 32, shortcut: str = "A", in_channels: int = 3,
                  batch_norm: bool = True) -> None:
-        super().__init__()
         depth = check_int_at_least("depth", depth, 8)
         if (depth - 2) % 6:
             raise ValueError(f"Invalid depth value: {depth} (expected depth = 6n + 2 with n >= 1: 8, 20, 32, "
                              "44, 56, 110...)")
-        shortcut = check_choice("shortcut", shortcut, SHORTCUTS)
-        batch_norm = check_bool("batch_norm", batch_norm)
         per_stage = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=not batch_norm),
-                                  make_norm("2d", 16, batch_norm), nn.ReLU())
-        self.stages, channels = residual_stages(
-            [[width] * per_stage for width in (16, 32, 64)],
-            lambda c_in, c_out, stride: BasicBlock(c_in, c_out, stride, batch_norm, shortcut), 16)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(channels, num_classes)
+        super().__init__((per_stage,) * 3, num_classes, in_channels=in_channels, width=16,
+                         batch_norm=check_bool("batch_norm", batch_norm),
+                         shortcut=check_choice("shortcut", shortcut, SHORTCUTS))
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.pool(self.stages(self.stem(x))))  # (B, C, H, W) -> (B, num_classes)
 
 
 def build(*, num_classes: int, input_shape: tuple[int, ...], depth: int = 32, shortcut: str = "A",

@@ -12,11 +12,10 @@ Widths follow the authors' code: a running width ``d`` starts at 16, grows by ``
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_int_at_least, check_non_negative
-from ._layers import check_bool, check_input_shape, init_conv_bn_, residual_stages
+from ._layers import ZeroPadShortcut, check_bool, check_input_shape, init_conv_bn_, residual_stages
 
 __all__ = ["PyramidNet", "pyramid_widths"]
 
@@ -52,15 +51,10 @@ class _Block(nn.Module):
                       nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False),
                       nn.BatchNorm2d(width)]
         self.residual = nn.Sequential(*layers)
-        # ceil_mode: odd maps (7x7 from 28x28 inputs) pool to the convolution's ceil(H / 2)
-        self.pool = nn.AvgPool2d(2, ceil_mode=True) if stride != 1 else nn.Identity()
-        self.extra = out_channels - in_channels
+        self.shortcut = ZeroPadShortcut(stride, out_channels - in_channels, pool="average", centre=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        shortcut = self.pool(x)
-        if self.extra:
-            shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.extra))
-        return self.residual(x) + shortcut
+        return self.residual(x) + self.shortcut(x)
 
 
 class PyramidNet(nn.Module):

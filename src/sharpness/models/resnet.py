@@ -6,37 +6,17 @@ so the four stages see 32, 16, 8 and 4 pixels. 11,173,962 parameters for 10 clas
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_int_at_least
+from ._layers import ZeroPadShortcut, check_bool, check_input_shape, residual_stages
 from ._layers import batch_norm as make_norm
-from ._layers import check_bool, check_input_shape, residual_stages
 
-__all__ = ["BasicBlock", "ResNet", "ZeroPadShortcut"]
+__all__ = ["BasicBlock", "ResNet"]
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int, bias: bool) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
-
-
-class ZeroPadShortcut(nn.Module):
-    """He et al.'s option A: ``x`` subsampled by ``stride``, with ``extra`` zero channels split evenly before
-    and after it (no parameters; the layout of the widely used PyTorch CIFAR ResNets, so their weights load
-    in order)."""
-
-    def __init__(self, stride: int, extra: int) -> None:
-        super().__init__()
-        self.stride, self.extra = stride, extra
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.stride != 1:
-            x = x[:, :, ::self.stride, ::self.stride]  # the same map size as the 3x3 stride-2 convolution's
-        before = self.extra // 2
-        return F.pad(x, (0, 0, 0, 0, before, self.extra - before))  # (B, C, H, W) -> (B, C + extra, H, W)
-
-    def extra_repr(self) -> str:
-        return f"stride={self.stride}, extra={self.extra}"
 
 
 class BasicBlock(nn.Module):
@@ -75,16 +55,17 @@ class ResNet(nn.Module):
         in_channels: image channels.
         width: channels of the stem and first stage (64 in the paper; smaller for quick tests).
         batch_norm: BatchNorm after every convolution (``False``: convolutions get biases instead).
+        shortcut: where a block changes the shape, ``"B"`` (1x1 projection + BN) or ``"A"`` (zero-padded).
     """
 
     def __init__(self, blocks: tuple[int, ...], num_classes: int, *, in_channels: int = 3, width: int = 64,
-                 batch_norm: bool = True) -> None:
+                 batch_norm: bool = True, shortcut: str = "B") -> None:
         super().__init__()
         self.stem = nn.Sequential(_conv3x3(in_channels, width, 1, bias=not batch_norm),
                                   make_norm("2d", width, batch_norm), nn.ReLU())
         self.stages, channels = residual_stages(
             [[width * 2**index] * count for index, count in enumerate(blocks)],
-            lambda c_in, c_out, stride: BasicBlock(c_in, c_out, stride, batch_norm), width)
+            lambda c_in, c_out, stride: BasicBlock(c_in, c_out, stride, batch_norm, shortcut), width)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(channels, num_classes)
 
