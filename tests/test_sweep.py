@@ -95,6 +95,81 @@ def test_expansion_counts_and_overrides(tmp_path):
     assert other.db == tmp_path / "x.sqlite" and other.checkpoint_dir == tmp_path / "ck"
 
 
+def test_variants_and_overrides(tmp_path):
+    """Variants are a second axis of field tables; overrides set fields of the runs whose config matches, in file
+    order (the universal-SAM paper's per-setting hyperparameters), checked against a by-hand list of the runs."""
+    path = _write(tmp_path, """
+        seeds = [0, 1]
+        datasets = ["digits", "mnist1d"]
+        [base]
+        model = "mlp"
+        budget_grad_evals = 100
+        optimizer_options = { rho = 0.05 }
+        [[variants]]
+        [[variants]]
+        subset = 0.5
+        subset_strategy = "first"
+        [[variants]]
+        label_noise = 0.2
+        [[methods]]
+        optimizer = "erm"
+        optimizer_options = {}
+        [[methods]]
+        optimizer = "sam"
+        [[overrides]]
+        match = { dataset = "mnist1d", optimizer = "sam" }
+        optimizer_options = { rho = 0.1 }
+        lr = 0.05
+        [[overrides]]                       # matches the default subset strategy, which to_dict leaves out
+        match = { dataset = "mnist1d", optimizer = "sam", subset_strategy = "stratified", label_noise = 0.2 }
+        "optimizer_options.rho" = 0.2
+        [[overrides]]                       # a budget set here replaces the base's
+        match = { "optimizer_options.rho" = 0.05, subset = 0.5 }
+        epochs = 3
+        """)
+    plan = plan_sweep(path)
+    assert len(plan) == 2 * 3 * 2 * 2 == len(set(plan.keys))
+    expected = []
+    for dataset in ("digits", "mnist1d"):
+        for variant in ({}, {"subset": 0.5, "subset_strategy": "first"}, {"label_noise": 0.2}):
+            for method in ("erm", "sam"):
+                for seed in (0, 1):
+                    options = {"rho": 0.05}  # ERM's empty table merges into the base's options
+                    fields = {"lr": 0.1, "budget_grad_evals": 100, "epochs": None}
+                    if dataset == "mnist1d" and method == "sam":
+                        options, fields["lr"] = {"rho": 0.2 if "label_noise" in variant else 0.1}, 0.05
+                    if "subset" in variant:  # matched before any override applies: rho is 0.05 in all of them
+                        fields.update(epochs=3, budget_grad_evals=None)
+                    expected.append(TrainConfig(dataset=dataset, model="mlp", optimizer=method, seed=seed,
+                                                optimizer_options=options, **variant, **fields))
+    assert list(plan.configs) == expected
+
+
+@pytest.mark.parametrize("top, tables, match", [
+    ("", '[[overrides]]\nmatch = { optimizer = "adam" }\nlr = 0.5\n',
+     r"Override\(s\) \[0\] in sweep.toml match no run: match = \{'optimizer': 'adam'\}"),
+    ("", "[[overrides]]\nmatch = { lrr = 0.1 }\nlr = 0.5\n", r"Unknown match key 'lrr' in sweep.toml overrides\[0\]"),
+    ("", "[[overrides]]\nlr = 0.5\n", r"Invalid match in sweep.toml overrides\[0\]: None"),
+    ("", "[[overrides]]\nmatch = { lr = 0.1 }\n", r"overrides\[0\]: it sets no field"),
+    ("", "[[overrides]]\nmatch = { lr = 0.1 }\nrhoo = 1\n", r"Unknown key\(s\) \['rhoo'\] in sweep.toml overrides\[0\]"),
+    ("", "[[overrides]]\nmatch = { lr = 0.1 }\nlr = -1.0\n", r"overrides \[0\]: Invalid lr value: -1.0"),
+    ("seeds = [0]\n", "[[overrides]]\nmatch = { lr = 0.1 }\nseed = 3\n",
+     r"Conflicting seed in sweep.toml overrides\[0\]"),
+    ("", "[[variants]]\nlr = 0.2\n[[methods]]\nlr = 0.3\n",
+     r"Conflicting lr in sweep.toml methods\[0\]: set by its variant"),
+    ("", "[[variants]]\nepochs = 2\n[[methods]]\nbudget_steps = 3\n", r"Conflicting budget"),
+    ("", '[[variants]]\noptimizer_options = { rho = 0.1 }\n[grid]\n"optimizer_options.rho" = [0.2]\n',
+     r"Conflicting optimizer_options.rho"),
+    ("variants = []\n", "", r"Invalid variants value in sweep.toml: \[\]"),
+    ("", "[[variants]]\nlrr = 1\n", r"Unknown key\(s\) \['lrr'\] in sweep.toml variants\[0\]"),
+    ("", "[[variants]]\nlr = 0.2\n[[variants]]\nlr = 0.2\n",
+     r"Duplicate run in sweep.toml: sweep.toml variants\[1\] methods\[0\]"),
+])
+def test_bad_variants_and_overrides_give_clear_errors(tmp_path, top, tables, match):
+    with pytest.raises(ValueError, match=match):
+        plan_sweep(_write(tmp_path, top + BASE + tables))
+
+
 def test_minimal_sweep_is_base_alone():
     configs = expand_sweep({"base": {"dataset": "digits", "model": "mlp"}})
     assert configs == [TrainConfig(dataset="digits", model="mlp")]

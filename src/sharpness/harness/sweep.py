@@ -18,9 +18,24 @@ A sweep file (paths are relative to the file; every key is optional)::
     grid = { "optimizer_options.rho" = [0.05, 0.1] }   # optional per-method grid (overrides the global one)
     [grid]                           # optional: cartesian product over TrainConfig fields or options
     lr = [0.05, 0.1]                 # ("optimizer_options.X" / "model_options.X" set one option)
+    [[variants]]                     # optional: a second axis of field tables (default: base alone),
+    label_noise = 0.0                #   e.g. a paper's clean, "-S" and "-C" settings
+    [[variants]]
+    label_noise = 0.2
+    [[overrides]]                    # optional: set fields of every run whose config matches `match`
+    match = { dataset = "cifar100", optimizer = "sam" }
+    optimizer_options = { rho = 0.1 }
 
-Runs are ``datasets x methods x grid points x seeds``, in that order. ``optimizer_options`` and
-``model_options`` merge key by key (base, then method, then grid point); other fields are replaced.
+Runs are ``datasets x variants x methods x grid points x seeds``, in that order. A run's fields come from
+base, then its variant, then its method, then its grid point (``optimizer_options``, ``model_options`` and
+``data_options`` merge key by key; other fields are replaced; a budget set at one level replaces the
+budgets of the levels before it). A variant may not set a field (or option) that a method or the grid also
+sets. Then every override whose ``match`` holds for the run as those levels define it (each key a
+TrainConfig field or ``optimizer_options.X`` / ``model_options.X`` / ``data_options.X``, compared with ``==``
+to the config's value, defaults included; an override's own changes are not matched by another) applies
+its fields, in file order, so a later override wins where two set one field; an override that
+matches no run is an error (a typo would otherwise silently change nothing). Overrides encode a paper's
+per-setting hyperparameters (its "rho = 0.1 on CIFAR-100") without one file per setting.
 Integers given for float fields (``lr = 1``) become floats, so a run has the same key as from the CLI.
 Every config is built and checked (names against the registries, values by ``TrainConfig``) before
 anything trains. TOML needs Python >= 3.11 (``tomllib``) or the ``tomli`` package; YAML needs ``pyyaml``.
@@ -66,9 +81,10 @@ __all__ = ["SweepPlan", "SweepResult", "load_sweep_file", "plan_sweep", "run_swe
 
 Log = Callable[[str], None]
 
-_TOP_KEYS = ("base", "checkpoint_dir", "datasets", "db", "grid", "methods", "seeds")
+_TOP_KEYS = ("base", "checkpoint_dir", "datasets", "db", "grid", "methods", "overrides", "seeds", "variants")
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_OPTION_FIELDS = ("optimizer_options", "model_options")
+_OPTION_FIELDS = ("optimizer_options", "model_options", "data_options")
+_BUDGETS = ("epochs", "budget_steps", "budget_grad_evals")
 
 
 @dataclass(frozen=True)
@@ -165,7 +181,7 @@ def plan_sweep(path: str | os.PathLike[str], *, db: str | os.PathLike[str] | Non
 
 
 def expand_sweep(spec: Mapping[str, Any], *, where: str = "sweep") -> list[TrainConfig]:
-    """Expand a parsed sweep spec into validated configs (``datasets x methods x grid x seeds``)."""
+    """Expand a parsed sweep spec into validated configs (``datasets x variants x methods x grid x seeds``)."""
     unknown = sorted(set(spec) - set(_TOP_KEYS))
     if unknown:
         raise ValueError(f"Unknown key(s) {unknown} in {where} (expected some of {', '.join(_TOP_KEYS)})")
@@ -174,10 +190,12 @@ def expand_sweep(spec: Mapping[str, Any], *, where: str = "sweep") -> list[Train
         raise TypeError(f"Invalid base value in {where}: {base!r} (expected a table of TrainConfig fields)")
     _check_fields(base, f"{where} [base]")
 
-    methods = spec.get("methods", [{}])
-    if not isinstance(methods, list) or not methods or not all(isinstance(m, Mapping) for m in methods):
-        raise ValueError(f"Invalid methods value in {where}: {methods!r} (expected a non-empty list of tables, "
-                         "[[methods]] in TOML)")
+    methods = _tables(spec, "methods", where)
+    variants = _tables(spec, "variants", where)
+    for index, variant in enumerate(variants):
+        _check_fields(variant, f"{where} variants[{index}]")
+    overrides = [_check_override(table, f"{where} overrides[{index}]")
+                 for index, table in enumerate(_tables(spec, "overrides", where, default=[]))]
     global_grid = _check_grid(spec.get("grid", {}), f"{where} [grid]")
 
     seeds = spec.get("seeds")
@@ -193,32 +211,128 @@ def expand_sweep(spec: Mapping[str, Any], *, where: str = "sweep") -> list[Train
             raise ValueError(f"Invalid datasets value: {datasets!r} (expected a non-empty list of dataset names)")
         if len(set(datasets)) != len(datasets):
             raise ValueError(f"Invalid datasets value: {datasets!r} (expected distinct names)")
+    for index, (_, fields) in enumerate(overrides):
+        _check_conflicts({}, fields, {}, seeds, datasets, f"{where} overrides[{index}]")
 
     configs: list[TrainConfig] = []
     seen: dict[str, str] = {}
+    matched = [0] * len(overrides)
     for dataset in datasets if datasets is not None else [None]:
-        for index, method in enumerate(methods):
-            label = f"{where} methods[{index}]" + (f" (optimizer={method['optimizer']!r})"
-                                                   if "optimizer" in method else "")
-            fields = {k: v for k, v in method.items() if k != "grid"}
-            _check_fields(fields, label)
-            grid = {**global_grid, **_check_grid(method.get("grid", {}), f"{label} grid")}
-            _check_conflicts(base, fields, grid, seeds, datasets, label)
-            names = list(grid)
-            for point in itertools.product(*(grid[n] for n in names)):
-                point_dict = dict(zip(names, point))
-                for seed in seeds if seeds is not None else [None]:
-                    context = label + (f", grid point {point_dict}" if point_dict else "") + (
-                        f", seed {seed}" if seed is not None else "") + (
-                        f", dataset {dataset!r}" if dataset is not None else "")
-                    config = _build(base, fields, point_dict, seed, dataset, context)
-                    key = run_key(config.to_dict())
-                    if key in seen:
-                        raise ValueError(f"Duplicate run in {where}: {context} is the same config as "
-                                         f"{seen[key]} (run {key}); remove one of them")
-                    seen[key] = context
-                    configs.append(config)
+        for v_index, variant in enumerate(variants):
+            v_label = f" variants[{v_index}]" if len(variants) > 1 else ""
+            for index, method in enumerate(methods):
+                label = f"{where}{v_label} methods[{index}]" + (
+                    f" (optimizer={method['optimizer']!r})" if "optimizer" in method else "")
+                fields = {k: v for k, v in method.items() if k != "grid"}
+                _check_fields(fields, label)
+                grid = {**global_grid, **_check_grid(method.get("grid", {}), f"{label} grid")}
+                _check_conflicts(base, {**variant, **fields}, grid, seeds, datasets, label)
+                _check_variant(variant, fields, grid, label)
+                names = list(grid)
+                for point in itertools.product(*(grid[n] for n in names)):
+                    point_dict = dict(zip(names, point))
+                    for seed in seeds if seeds is not None else [None]:
+                        context = label + (f", grid point {point_dict}" if point_dict else "") + (
+                            f", seed {seed}" if seed is not None else "") + (
+                            f", dataset {dataset!r}" if dataset is not None else "")
+                        layers = [base, variant, fields, point_dict]
+                        axes = {"seed": seed, "dataset": dataset}
+                        config = _build(layers, axes, context)
+                        if overrides:
+                            current = config.to_dict()
+                            chosen = [i for i, (match, _) in enumerate(overrides) if _matches(current, match)]
+                            for i in chosen:
+                                matched[i] += 1
+                            if chosen:
+                                config = _build([*layers, *(overrides[i][1] for i in chosen)], axes,
+                                                context + f", overrides {chosen}")
+                        key = run_key(config.to_dict())
+                        if key in seen:
+                            raise ValueError(f"Duplicate run in {where}: {context} is the same config as "
+                                             f"{seen[key]} (run {key}); remove one of them")
+                        seen[key] = context
+                        configs.append(config)
+    unused = [i for i, count in enumerate(matched) if count == 0]
+    if unused:
+        raise ValueError(f"Override(s) {unused} in {where} match no run: "
+                         + "; ".join(f"match = {dict(overrides[i][0])}" for i in unused)
+                         + " (check the field names and values against the runs that --dry-run lists)")
     return configs
+
+
+def _tables(spec: Mapping[str, Any], name: str, where: str, default: list[Any] | None = None) -> list[Mapping[str, Any]]:
+    """A list of tables (``[[name]]`` in TOML), by default one empty table."""
+    tables = spec.get(name, [{}] if default is None else default)
+    if not isinstance(tables, list) or (not tables and default is None) or not all(
+            isinstance(t, Mapping) for t in tables):
+        raise ValueError(f"Invalid {name} value in {where}: {tables!r} (expected a non-empty list of tables, "
+                         f"[[{name}]] in TOML)")
+    return tables
+
+
+def _check_override(override: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split an override table into its ``match`` (checked keys) and the fields it sets."""
+    match = override.get("match")
+    if not isinstance(match, Mapping) or not match:
+        raise ValueError(f"Invalid match in {where}: {match!r} (expected a non-empty table of field = value, "
+                         'e.g. match = { dataset = "cifar100" })')
+    for name in match:
+        prefix, _, option = name.partition(".")
+        if option and prefix not in _OPTION_FIELDS or not option and name not in _FIELDS:
+            raise ValueError(f"Unknown match key {name!r} in {where} (expected a TrainConfig field or "
+                             f"{' / '.join(f'{o}.X' for o in _OPTION_FIELDS)})")
+    fields = {k: v for k, v in override.items() if k != "match"}
+    if not fields:
+        raise ValueError(f"Invalid override in {where}: it sets no field (add the fields to set beside match)")
+    _check_fields(fields, where)
+    return dict(match), fields
+
+
+def _check_variant(variant: Mapping[str, Any], method: Mapping[str, Any], grid: Mapping[str, Any],
+                   where: str) -> None:
+    """A variant and a method (or the grid) must not both set one field or option: which wins would be a guess."""
+    def keys(layer: Mapping[str, Any]) -> set[str]:
+        flat = set()
+        for name, value in _layer(layer).items():
+            flat |= {f"{name}.{k}" for k in value} if name in _OPTION_FIELDS else {name}
+        if flat & set(_BUDGETS):
+            flat |= {"budget"}
+        return flat
+
+    clash = sorted(keys(variant) & (keys(method) | keys(grid)))
+    if clash:
+        raise ValueError(f"Conflicting {', '.join(clash)} in {where}: set by its variant and by the method or grid "
+                         "(set it in one place only, or use [[overrides]])")
+
+
+def _layer(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Fields with dotted option keys (``optimizer_options.rho = 0.1``) folded into their option tables."""
+    layer: dict[str, Any] = {}
+    for name, value in fields.items():
+        prefix, _, option = name.partition(".")
+        if option:
+            layer[prefix] = {**layer.get(prefix, {}), option: value}
+        elif name in _OPTION_FIELDS and isinstance(value, Mapping):
+            layer[name] = {**layer.get(name, {}), **value}
+        else:
+            layer[name] = value
+    return layer
+
+
+def _matches(config: Mapping[str, Any], match: Mapping[str, Any]) -> bool:
+    missing = object()
+    for name, wanted in match.items():
+        prefix, _, option = name.partition(".")
+        value = config.get(prefix, {}).get(option, missing) if option else config.get(name, missing)
+        if value is missing:
+            if option or name not in _FIELDS:
+                return False
+            value = _FIELDS[name].default  # a field to_dict leaves out at its default (subset_strategy, ...)
+        if isinstance(value, tuple):
+            value = list(value)
+        if value != wanted:
+            return False
+    return True
 
 
 def _path_value(spec: Mapping[str, Any], name: str, default: str, where: str) -> str:
@@ -229,7 +343,7 @@ def _path_value(spec: Mapping[str, Any], name: str, default: str, where: str) ->
 
 
 def _check_fields(fields: Mapping[str, Any], where: str) -> None:
-    unknown = sorted(set(fields) - set(_FIELDS))
+    unknown = sorted(name for name in fields if name not in _FIELDS and name.partition(".")[0] not in _OPTION_FIELDS)
     if unknown:
         hint = ("; top-level keys such as " + ", ".join(repr(k) for k in unknown if k in _TOP_KEYS)
                 + " go before the first [table] in TOML") if set(unknown) & set(_TOP_KEYS) else ""
@@ -269,32 +383,24 @@ def _check_conflicts(base: Mapping[str, Any], method: Mapping[str, Any], grid: M
                              f"{given!r} (set it in one place only)")
 
 
-def _build(base: Mapping[str, Any], method: Mapping[str, Any], point: Mapping[str, Any], seed: int | None,
-           dataset: str | None, context: str) -> TrainConfig:
-    values: dict[str, Any] = {**base, **method}
-    for name in _OPTION_FIELDS:  # options merge key by key: base, then method, then grid point
-        values[name] = {**base.get(name, {}), **method.get(name, {})}
-    for name, value in point.items():
-        prefix, _, option = name.partition(".")
-        if option:
-            values[prefix] = {**values[prefix], option: value}
-        elif name in _OPTION_FIELDS:
-            values[name] = {**values[name], **value} if isinstance(value, Mapping) else value
-        else:
-            values[name] = value
-    if seed is not None:
-        values["seed"] = seed
-    if dataset is not None:
-        values["dataset"] = dataset
-    # Budgets: one set in the method or grid replaces the base's (TrainConfig's default epochs=20 too).
-    budgets = ("epochs", "budget_steps", "budget_grad_evals")
-    chosen = [b for b in budgets if b in point] or [b for b in budgets if b in method] or \
-             [b for b in budgets if b in base]
-    for name in budgets:
-        if name not in chosen:
-            values[name] = None
-    if not chosen:
-        values.pop("epochs")  # TrainConfig's default budget
+def _build(layers: list[Mapping[str, Any]], axes: Mapping[str, Any], context: str) -> TrainConfig:
+    """A config from layers of fields applied in order (options merge key by key; a layer that sets a budget
+    replaces the budgets of the layers before it), then the axes (seed, dataset) that are given."""
+    values: dict[str, Any] = {name: {} for name in _OPTION_FIELDS}
+    budget_set = False
+    for layer in map(_layer, layers):
+        if any(b in layer for b in _BUDGETS):
+            values.update(dict.fromkeys(_BUDGETS))
+            budget_set = True
+        for name, value in layer.items():
+            if name in _OPTION_FIELDS and isinstance(value, Mapping):
+                values[name] = {**values[name], **value}
+            else:
+                values[name] = value
+    values.update({name: value for name, value in axes.items() if value is not None})
+    if not budget_set:
+        for name in _BUDGETS:  # TrainConfig's default budget (epochs=20)
+            values.pop(name, None)
     try:
         config = TrainConfig(**values)
         _check_names(config)
