@@ -30,6 +30,11 @@ FORWARD = [
     ("cnn1d", 5, (2, 37), {"channels": 8, "batch_norm": True}, torch.randn(3, 2, 37)),
     ("resnet18", 10, (3, 32, 32), {"width": 4}, torch.randn(2, 3, 32, 32)),
     ("resnet18", 7, (1, 16, 16), {"width": 4, "batch_norm": False}, torch.randn(2, 1, 16, 16)),
+    ("resnet", 10, (3, 32, 32), {"width": 4}, torch.randn(2, 3, 32, 32)),
+    ("resnet", 7, (1, 16, 16), {"depth": 34, "width": 2, "batch_norm": False}, torch.randn(2, 1, 16, 16)),
+    ("resnext", 10, (3, 32, 32), {"depth": 11, "cardinality": 2, "base_width": 4}, torch.randn(2, 3, 32, 32)),
+    ("resnext", 5, (1, 28, 28), {"depth": 11, "cardinality": 1, "base_width": 1, "batch_norm": False},
+     torch.randn(2, 1, 28, 28)),
     ("wideresnet", 10, (3, 32, 32), {"depth": 10, "widen_factor": 1, "dropout": 0.3},
      torch.randn(2, 3, 32, 32)),
     ("char_lstm", 65, (16,), {"embedding_dim": 8, "hidden_size": 16}, torch.randint(0, 65, (3, 16))),
@@ -63,8 +68,9 @@ def test_output_shapes(name, num_classes, input_shape, options, x):
 
 def test_registry_lists_every_model():
     names = [info.name for info in list_models()]
-    assert names == sorted(names) == ["char_lstm", "cifar_resnet", "cnn1d", "lenet5", "mlp", "mlp6", "pyramidnet",
-                                      "resnet18", "vit", "wideresnet"]
+    assert names == sorted(names) == ["allcnn", "char_lstm", "cifar_resnet", "cnn1d", "lenet5", "mlp", "mlp6",
+                                      "mobilenetv2", "pyramidnet", "regnetx", "resnet", "resnet18", "resnext", "vit",
+                                      "wideresnet"]
     assert all(info.description for info in list_models())
     assert dict(get_model_info("wideresnet").options) == {"depth": 28, "widen_factor": 10, "dropout": 0.0,
                                                           "batch_norm": True}
@@ -253,8 +259,8 @@ def test_char_lstm_logits_feed_cross_entropy_directly():
 @pytest.mark.parametrize("name, kwargs, error, message", [
     ("vgg16", {}, ValueError,
      ("Unknown model name: 'vgg16' "
-      "(expected one of char_lstm, cifar_resnet, cnn1d, lenet5, mlp, mlp6, pyramidnet, resnet18, vit, "
-      "wideresnet)")),
+      "(expected one of allcnn, char_lstm, cifar_resnet, cnn1d, lenet5, mlp, mlp6, mobilenetv2, pyramidnet, "
+      "regnetx, resnet, resnet18, resnext, vit, wideresnet)")),
     ("mlp", {"layers": 3}, TypeError,
      ("Unknown option(s) ['layers'] for model 'mlp' "
       "(valid options: depth, width, activation, batch_norm, dropout)")),
@@ -300,3 +306,244 @@ def test_bad_arguments(name, kwargs, error, message):
     with pytest.raises(error) as info:
         create_model(name, **kwargs)
     assert message in str(info.value)
+
+
+# ResNet-18/34/50/101/152 ("resnet") and ResNeXt-29 ("resnext"), CIFAR variants
+
+
+def _bn(channels: int) -> int:
+    return 2 * channels  # scale and shift
+
+
+def _bottleneck_size(c_in: int, planes: int, stride: int, groups: int = 1, base_width: int = 64) -> int:
+    """By hand: 1x1 reduce, 3x3 in ``groups`` groups, 1x1 expand to 4 planes, BN after each, a 1x1 projection
+    with BN where the shape changes; convolutions without bias."""
+    inner, out = planes * base_width // 64 * groups, 4 * planes
+    size = c_in * inner + _bn(inner) + 9 * inner * inner // groups + _bn(inner) + inner * out + _bn(out)
+    return size + (c_in * out + _bn(out) if stride != 1 or c_in != out else 0)
+
+
+def _resnet_size(depth: int, classes: int) -> int:
+    """By hand from He et al. (2016), Table 1, with the CIFAR stem (one 3x3 convolution of 64 channels)."""
+    bottleneck = depth >= 50
+    stages = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}[depth]
+    size, channels = 9 * 3 * 64 + _bn(64), 64
+    for index, count in enumerate(stages):
+        planes = 64 * 2**index
+        for position in range(count):
+            stride = 2 if index and not position else 1
+            if bottleneck:
+                size += _bottleneck_size(channels, planes, stride)
+                channels = 4 * planes
+            else:
+                size += 9 * channels * planes + _bn(planes) + 9 * planes * planes + _bn(planes)
+                size += channels * planes + _bn(planes) if channels != planes else 0
+                channels = planes
+    return size + channels * classes + classes
+
+
+@pytest.mark.parametrize("depth, published", [(18, 11_173_962), (34, 21_282_122), (50, 23_520_842),
+                                              (101, 42_512_970), (152, 58_156_618)])
+def test_resnet_depths_have_the_published_parameter_counts(depth, published):
+    """kuangliu/pytorch-cifar's CIFAR ResNets: ResNet-50 23,520,842 and ResNet-101 42,512,970 parameters for 10
+    classes (23.5M and 42.5M; the SALR and GNR papers' CIFAR ResNet-50 and 101)."""
+    with torch.device("meta"):
+        model = create_model("resnet", num_classes=10, input_shape=(3, 32, 32), depth=depth)
+        assert model(torch.empty(2, 3, 32, 32)).shape == (2, 10)
+        hundred = create_model("resnet", num_classes=100, input_shape=(3, 32, 32), depth=depth)
+    assert count(model) == _resnet_size(depth, 10) == published
+    assert count(hundred) == _resnet_size(depth, 100)
+    first = model.stem[0]
+    assert (first.kernel_size, first.stride) == ((3, 3), (1, 1)) and not modules(model, nn.MaxPool2d)
+    assert len(modules(model, nn.Conv2d)) == depth - 1 + (4 if depth >= 50 else 3)  # + 1x1 projections
+    assert model.fc.in_features == (2048 if depth >= 50 else 512)
+
+
+def test_resnet_bottleneck_strides_on_its_3x3_convolution():
+    model = create_model("resnet", num_classes=10, input_shape=(3, 32, 32), width=4)
+    assert get_model_info("resnet").options["depth"] == 50
+    block = model.stages[1][0]  # 16 -> 32 channels at 8 planes, stride 2 (ResNet v1.5)
+    assert block.conv1.stride == (1, 1) and block.conv2.stride == (2, 2) and block.shortcut[0].stride == (2, 2)
+    assert [block.conv1.out_channels, block.conv2.out_channels, block.conv3.out_channels] == [8, 8, 32]
+    first = model.stages[0][0]  # 4 -> 16 channels at stride 1: projected too
+    assert isinstance(first.shortcut, nn.Sequential) and first.conv2.stride == (1, 1)
+    assert isinstance(model.stages[0][1].shortcut, nn.Identity)
+
+
+def test_resnet_depth_18_is_resnet18():
+    """The same weights from the same seed, the same state-dict keys and the same outputs."""
+    torch.manual_seed(0)
+    old = create_model("resnet18", num_classes=10, input_shape=(3, 32, 32), width=8)
+    torch.manual_seed(0)
+    new = create_model("resnet", num_classes=10, input_shape=(3, 32, 32), depth=18, width=8)
+    old_state, new_state = old.state_dict(), new.state_dict()
+    assert list(old_state) == list(new_state) and all(torch.equal(old_state[k], new_state[k]) for k in old_state)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(old(x), new(x))
+    old.eval(), new.eval()
+    assert torch.equal(old(x), new(x))
+
+
+def _copy_state(source: nn.Module, target: nn.Module) -> None:
+    """Load ``source``'s tensors into ``target`` in order (the same layers in the same order, other names)."""
+    values, keys = list(source.state_dict().values()), list(target.state_dict())
+    assert [v.shape for v in values] == [v.shape for v in target.state_dict().values()]
+    target.load_state_dict(dict(zip(keys, (v.clone() for v in values))), assign=True)
+
+
+def _randomise_(model: nn.Module) -> None:
+    """Random weights, BN affine parameters and running statistics, so that eval mode tests them too."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if name.endswith("running_var") or tensor.dim() == 1 and name.endswith("weight"):  # BN scales
+                tensor.uniform_(0.5, 1.5)
+            elif tensor.dim() > 1:
+                tensor.normal_(0, (2 / tensor[0].numel()) ** 0.5)  # He-normal, fan-in
+            else:
+                tensor.normal_(0, 0.1)
+
+
+def _check_same_outputs(reference: nn.Module, model: nn.Module, x: torch.Tensor) -> float:
+    worst = 0.0
+    for train in (True, False):  # batch statistics, then the running statistics both updated alike
+        reference.train(train), model.train(train)
+        with torch.no_grad():
+            expected, out = reference(x), model(x)
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-10)
+        worst = max(worst, float((out - expected).abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_resnet_matches_torchvision_with_a_cifar_stem(depth):
+    """torchvision's ResNet-50/101 (v1.5: stride on the 3x3 convolution) with its stem replaced by a 3x3
+    stride-1 convolution of 64 channels and no max pooling is the same network: its weights, loaded in order,
+    give our outputs in float64 (equal in practice)."""
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):  # no initialisation: both get the same random weights below
+        reference = getattr(torchvision.models, f"resnet{depth}")(num_classes=10)
+        reference.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        reference.maxpool = nn.Identity()
+        model = create_model("resnet", num_classes=10, input_shape=(3, 32, 32), depth=depth)
+    reference.to_empty(device="cpu").double()
+    torch.manual_seed(0)
+    _randomise_(reference)
+    _copy_state(reference, model)
+    assert count(model) == count(reference)
+    _check_same_outputs(reference, model, torch.randn(2, 3, 8, 8, dtype=torch.float64))  # 8, 4, 2, 1 pixels
+
+
+def _resnext_size(depth: int, cardinality: int, base_width: int, classes: int) -> int:
+    """By hand from Xie et al. (2017), section 5.3: a 64-channel 3x3 stem, three stages of (depth - 2) / 9
+    bottleneck blocks of 64, 128, 256 planes (4x outputs), C x (d 2**i) grouped 3x3 convolutions."""
+    size, channels = 9 * 3 * 64 + _bn(64), 64
+    for index in range(3):
+        planes = 64 * 2**index
+        for position in range((depth - 2) // 9):
+            size += _bottleneck_size(channels, planes, 2 if index and not position else 1, cardinality, base_width)
+            channels = 4 * planes
+    return size + channels * classes + classes
+
+
+@pytest.mark.parametrize("cardinality, published", [(8, 34.4e6), (16, 68.1e6)])
+def test_resnext29_has_the_published_parameter_count(cardinality, published):
+    """Xie et al. (2017), Table 7: ResNeXt-29 8x64d 34.4M, 16x64d 68.1M parameters on CIFAR-10; we build
+    34,426,698 and 68,155,210 (0.08% off the rounded figures)."""
+    with torch.device("meta"):
+        model = create_model("resnext", num_classes=10, input_shape=(3, 32, 32), cardinality=cardinality)
+        assert model(torch.empty(2, 3, 32, 32)).shape == (2, 10)
+        hundred = create_model("resnext", num_classes=100, input_shape=(3, 32, 32), cardinality=cardinality)
+    assert count(model) == _resnext_size(29, cardinality, 64, 10)
+    assert count(hundred) == _resnext_size(29, cardinality, 64, 100)
+    assert abs(count(model) / published - 1) < 0.01
+    assert len(modules(model, nn.Conv2d)) == 1 + 9 * 3 + 3  # 29 layers = 28 convolutions + fc; 3 projections
+
+
+def test_resnext_blocks_are_grouped_bottlenecks():
+    model = create_model("resnext", num_classes=10, input_shape=(3, 32, 32), depth=20, cardinality=4,
+                         base_width=2)
+    assert dict(get_model_info("resnext").options) == {"depth": 29, "cardinality": 8, "base_width": 64,
+                                                       "batch_norm": True}
+    for index, stage in enumerate(model.stages):
+        assert len(stage) == 2
+        for block in stage:
+            assert block.conv2.groups == 4 and block.conv2.out_channels == 4 * 2 * 2**index  # C x (d 2**i)
+            assert block.conv3.out_channels == 256 * 2**index
+    assert model.stem[0].out_channels == 64 and model.fc.in_features == 1024
+    assert model.stages[2][0].conv2.stride == (2, 2) and model.stages[0][0].conv2.stride == (1, 1)
+    # the authors' initialisation: BN at scale 1 and shift 0, zero Linear bias
+    assert all(torch.equal(bn.weight, torch.ones_like(bn.weight)) for bn in modules(model, nn.BatchNorm2d))
+    assert not model.fc.bias.any()
+
+
+def test_resnext_matches_torchvision_grouped_bottlenecks():
+    """torchvision's Bottleneck with ``groups`` and ``base_width`` (its ResNeXt block) is ours: one block of
+    ResNeXt-29 8x64d (256 -> 512 channels, stride 2), and a whole small ResNeXt-29 built as torchvision's
+    ResNet without its fourth stage, with the CIFAR stem."""
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        ours = create_model("resnext", num_classes=10, input_shape=(3, 32, 32)).stages[1][0]
+        downsample = nn.Sequential(nn.Conv2d(256, 512, 1, stride=2, bias=False), nn.BatchNorm2d(512))
+        reference = TorchvisionBottleneck(256, 128, stride=2, downsample=downsample, groups=8, base_width=64)
+    reference.to_empty(device="cpu").double()
+    _randomise_(reference)
+    _copy_state(reference, ours)
+    assert ours.conv2.groups == 8 and ours.conv2.out_channels == 1024  # 8 groups x (64 x 2) channels
+    _check_same_outputs(reference, ours, torch.randn(2, 256, 6, 6, dtype=torch.float64))
+
+    with torch.device("meta"):
+        reference = torchvision.models.ResNet(TorchvisionBottleneck, [3, 3, 3, 1], num_classes=10, groups=4,
+                                              width_per_group=8)
+        reference.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        reference.maxpool = reference.layer4 = nn.Identity()
+        reference.fc = nn.Linear(1024, 10)
+        model = create_model("resnext", num_classes=10, input_shape=(3, 32, 32), cardinality=4, base_width=8)
+    reference.to_empty(device="cpu").double()
+    _randomise_(reference)
+    _copy_state(reference, model)
+    _check_same_outputs(reference, model, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name, options, error, message", [
+    ("resnet", {"depth": 20}, ValueError, "Invalid depth value: 20 (expected one of 18, 34, 50, 101, 152)"),
+    ("resnet", {"depth": "50"}, TypeError,
+     "Invalid depth type: str '50' (expected an integer, one of 18, 34, 50, 101, 152)"),
+    ("resnet", {"depth": 50.0}, TypeError, "Invalid depth type: float 50.0"),
+    ("resnet", {"depth": True}, TypeError, "Invalid depth type: bool True"),
+    ("resnet", {"width": 0}, ValueError, "Invalid width value: 0 (expected an integer width >= 1)"),
+    ("resnet", {"batch_norm": 1}, TypeError, "Invalid batch_norm type: int (expected bool)"),
+    ("resnet", {"input_shape": (784,)}, ValueError, "Invalid input_shape for 'resnet': (784,) (expected (C, H, W))"),
+    ("resnet", {"groups": 2}, TypeError, "Unknown option(s) ['groups'] for model 'resnet'"),
+    ("resnext", {"depth": 30}, ValueError,
+     "Invalid depth value: 30 (expected depth = 9n + 2 with n >= 1: 11, 20, 29, 38...)"),
+    ("resnext", {"depth": 2}, ValueError, "Invalid depth value: 2 (expected an integer depth >= 11)"),
+    ("resnext", {"cardinality": 0}, ValueError, "Invalid cardinality value: 0 (expected an integer cardinality >= 1)"),
+    ("resnext", {"cardinality": 2.5}, TypeError, "Invalid cardinality type: float 2.5 (expected an integer >= 1)"),
+    ("resnext", {"base_width": 0}, ValueError, "Invalid base_width value: 0 (expected an integer base_width >= 1)"),
+    ("resnext", {"batch_norm": "no"}, TypeError, "Invalid batch_norm type: str (expected bool)"),
+    ("resnext", {"input_shape": (32, 32)}, ValueError, "Invalid input_shape for 'resnext': (32, 32)"),
+])
+def test_resnet_and_resnext_bad_arguments(name, options, error, message):
+    kwargs = {"num_classes": 10, "input_shape": (3, 32, 32), **options}
+    with pytest.raises(error) as info, torch.device("meta"):
+        create_model(name, **kwargs)
+    assert message in str(info.value)
+
+
+def test_resnet_blocks_reject_options_they_cannot_honour():
+    from sharpness.models import Bottleneck, ResNet
+
+    with pytest.raises(ValueError, match=r"Invalid groups and base_width values for BasicBlock: 2, 64 "
+                                         r"\(expected 1 and 64; grouped or widened 3x3 convolutions need Bottleneck\)"):
+        ResNet((1, 1), 10, groups=2)
+    with pytest.raises(ValueError, match=r"Invalid base_width value: 8 \(expected planes \* base_width >= 64, "
+                                         r"planes = 4, so that the bottleneck has channels\)"):
+        Bottleneck(16, 4, 1, base_width=8)
+    narrow = ResNet((1, 1), 10, block=Bottleneck, width=16, groups=2, base_width=32)  # 16 * 32 / 64 * 2 = 16
+    assert narrow.stages[0][0].conv2.out_channels == 16 and narrow.stages[1][0].conv2.out_channels == 32

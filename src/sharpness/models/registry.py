@@ -20,7 +20,21 @@ from typing import Any
 
 from torch import nn
 
-from . import char_lstm, cifar_resnet, cnn1d, lenet, mlp, pyramidnet, resnet, vit, wideresnet
+from . import (
+    allcnn,
+    char_lstm,
+    cifar_resnet,
+    cnn1d,
+    lenet,
+    mlp,
+    mobilenetv2,
+    pyramidnet,
+    regnet,
+    resnet,
+    resnext,
+    vit,
+    wideresnet,
+)
 
 __all__ = ["ModelInfo", "create_model", "get_model_info", "list_models", "register_model"]
 
@@ -118,6 +132,12 @@ register_model("cnn1d", cnn1d.build,
                description="three strided Conv1d + linear, for MNIST-1D (the default job's model)")
 register_model("resnet18", resnet.build,
                description="ResNet-18, CIFAR variant (3x3 stem, no max pool), 11.2M parameters (10 classes)")
+register_model("resnet", resnet.build_by_depth,
+               description="ResNet-depth (18, 34, 50, 101, 152), CIFAR variant, default ResNet-50 (23.5M "
+                           "parameters for 10 classes; ResNet-101 42.5M)")
+register_model("resnext", resnext.build,
+               description="ResNeXt-29 for CIFAR (Xie et al.), default 8x64d (34.4M parameters for 10 classes; "
+                           "16x64d 68.2M)")
 register_model("cifar_resnet", cifar_resnet.build,
                description="He et al.'s CIFAR ResNet-(6n+2), default ResNet-32 (0.46M parameters, "
                            "zero-padded shortcuts)")
@@ -127,5 +147,14 @@ register_model("vit", vit.build,
                description="Vision Transformer, default ViT-S (384 wide, 12 layers, 6 heads) on 4x4 patches")
 register_model("wideresnet", wideresnet.build,
                description="Wide ResNet WRN-depth-k, default WRN-28-10 (36.5M parameters for 10 classes)")
+register_model("allcnn", allcnn.build,
+               description="All-CNN-C with BatchNorm (All-CNN-BN) as in Entropy-SGD, dropout 0.2/0.5 "
+                           "(1.67M parameters for 10 classes)")
+register_model("mobilenetv2", mobilenetv2.build,
+               description="MobileNetV2, CIFAR strides (stem and second stage stride 1), width_mult 1.0 "
+                           "(2.24M parameters for 10 classes)")
+register_model("regnetx", regnet.build,
+               description="RegNetX, CIFAR stem (3x3, 64 channels, stride 1), default 200MF (2.32M parameters "
+                           "for 10 classes)")
 register_model("char_lstm", char_lstm.build,
                description="character LSTM language model: embedding, LSTM, linear; logits (B, vocab, T)")
