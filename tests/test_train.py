@@ -33,6 +33,47 @@ def test_lr_factor_schedules():
     assert lr_factor("cosine", 0.5) == pytest.approx(0.5)
 
 
+def test_multistep_schedule_is_torch_multisteplr_over_the_budget(digits):
+    """``multistep`` with milestones as fractions of the budget is ``MultiStepLR`` with them in steps (the
+    universal-SAM paper's decay by 0.1 every 50 of 200 epochs), and the harness applies it: the lr recorded at
+    each epoch's end is the lr that MultiStepLR stepped per epoch gives."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    sgd = torch.optim.SGD([param], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(sgd, milestones=[50, 100, 150], gamma=0.1)
+    for step in range(200):
+        assert lr_factor("multistep", step / 200, (0.25, 0.5, 0.75), 0.1) == pytest.approx(sgd.param_groups[0]["lr"],
+                                                                                             rel=1e-12)
+        sgd.step()
+        scheduler.step()
+    config = _config(epochs=4, schedule="multistep", lr_milestones=[0.25, 0.5, 0.75], lr_gamma=0.5)
+    result = train(config, data=digits, log=None)
+    sgd = torch.optim.SGD([param], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(sgd, milestones=[1, 2, 3], gamma=0.5)
+    expected = []
+    for _ in range(4):
+        expected.append(sgd.param_groups[0]["lr"])
+        scheduler.step()
+    assert [record["lr"] for record in result.epochs] == pytest.approx(expected, rel=1e-12)
+    assert result.config.to_dict()["lr_milestones"] == (0.25, 0.5, 0.75)
+    # other schedules leave both fields out of their run ids: runs stored before the schedule existed keep them
+    assert "lr_milestones" not in _config().to_dict() and "lr_gamma" not in _config().to_dict()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"lr_milestones": [0.5]}, r"Invalid lr_milestones/lr_gamma for schedule 'cosine'"),
+    ({"lr_gamma": 0.5, "schedule": "step"}, r"Invalid lr_milestones/lr_gamma for schedule 'step'"),
+    ({"schedule": "multistep"}, r"Invalid lr_milestones value: \(\) \(expected one or more increasing"),
+    ({"schedule": "multistep", "lr_milestones": [0.5, 0.5]}, r"Invalid lr_milestones value: \(0.5, 0.5\)"),
+    ({"schedule": "multistep", "lr_milestones": [1.0]}, r"Invalid lr_milestones value: \(1.0,\)"),
+    ({"schedule": "multistep", "lr_milestones": [0.5], "lr_gamma": 1.5}, r"Invalid lr_gamma value: 1.5"),
+])
+def test_multistep_schedule_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _config(**overrides)
+    with pytest.raises(TypeError, match=r"Invalid lr_milestones type: '0.5'"):
+        _config(schedule="multistep", lr_milestones="0.5")
+
+
 def test_equal_grad_eval_budget_gives_sam_half_the_steps(digits):
     budget = 60
     erm = train(_config(epochs=None, budget_grad_evals=budget), data=digits, log=None)

@@ -59,6 +59,17 @@ def _parse_options(pairs: list[str] | None, flag: str) -> dict[str, object]:
     return options
 
 
+def _parse_milestones(text: str | None) -> tuple[float, ...]:
+    """``"0.25,0.5,0.75"`` -> ``(0.25, 0.5, 0.75)``; the values themselves are checked by ``TrainConfig``."""
+    if text is None:
+        return ()
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated fractions such as 0.25,0.5,0.75, got {text!r}",
+                                 param_hint="--lr-milestones") from None
+
+
 @app.command("list")
 def list_command(
     what: Annotated[str, typer.Argument(help="optimizers, datasets, models, measures or all")] = "all",
@@ -98,7 +109,11 @@ def train_command(
     budget_steps: Annotated[Optional[int], typer.Option(help="budget in optimizer steps")] = None,
     budget_grad_evals: Annotated[Optional[int], typer.Option(
         help="budget in gradient evaluations (forward+backward passes): equal compute for every method")] = None,
-    schedule: Annotated[str, typer.Option(help="LR schedule over the budget: constant, step or cosine")] = "cosine",
+    schedule: Annotated[str, typer.Option(
+        help="LR schedule over the budget: constant, step, cosine or multistep")] = "cosine",
+    lr_milestones: Annotated[Optional[str], typer.Option(
+        help="multistep: fractions of the budget where the lr is multiplied by --lr-gamma, e.g. 0.25,0.5,0.75")] = None,
+    lr_gamma: Annotated[float, typer.Option(help="multistep: the lr's factor at each milestone")] = 0.1,
     label_smoothing: Annotated[float, typer.Option(help="label smoothing in [0, 1)")] = 0.0,
     max_grad_norm: Annotated[Optional[float], typer.Option(help="clip the final gradient to this L2 norm")] = None,
     bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast for forward passes")] = False,
@@ -145,6 +160,7 @@ def train_command(
             weight_decay=weight_decay, optimizer_options=_parse_options(opt, "--opt"),
             model_options=_parse_options(model_opt, "--model-opt"), data_options=_parse_options(data_opt, "--data-opt"), batch_size=batch_size, epochs=epochs,
             budget_steps=budget_steps, budget_grad_evals=budget_grad_evals, schedule=schedule,
+            lr_milestones=_parse_milestones(lr_milestones), lr_gamma=lr_gamma,
             label_smoothing=label_smoothing, max_grad_norm=max_grad_norm, bf16=bf16, label_noise=label_noise,
             subset=subset, subset_strategy=subset_strategy, validation=validation, seed=seed, measures=tuple(measure or ()),
             measure_every=measure_every, measure_examples=measure_examples, swa_start=swa_start, swa_lr=swa_lr,

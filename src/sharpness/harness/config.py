@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 __all__ = ["BASE_OPTIMIZERS", "SCHEDULES", "TrainConfig"]
 
 BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "multistep")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class TrainConfig:
     budget_steps: int | None = None
     budget_grad_evals: int | None = None
     schedule: str = "cosine"
+    # schedule "multistep": the lr is multiplied by lr_gamma at each of these fractions of the budget (200 epochs
+    # with decays at epochs 50, 100 and 150: (0.25, 0.5, 0.75)); both are left out of other schedules' run ids
+    lr_milestones: tuple[float, ...] = ()
+    lr_gamma: float = 0.1
     label_smoothing: float = 0.0
     max_grad_norm: float | None = None
     bf16: bool = False
@@ -83,6 +88,7 @@ class TrainConfig:
             raise ValueError(f"Invalid base value: {self.base!r} (expected one of {', '.join(BASE_OPTIMIZERS)})")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Invalid schedule value: {self.schedule!r} (expected one of {', '.join(SCHEDULES)})")
+        self._check_milestones()
         _check_range("lr", self.lr, 0.0, math.inf, low_open=True)
         _check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
         _check_range("weight_decay", self.weight_decay, 0.0, math.inf)
@@ -138,6 +144,25 @@ class TrainConfig:
                     keys = keys | _option_floats(name, inner)
                 object.__setattr__(self, name, {k: _as_float(v) if k in keys else v for k, v in options.items()})
 
+    def _check_milestones(self) -> None:
+        milestones = self.lr_milestones
+        if isinstance(milestones, (str, bytes)) or not isinstance(milestones, (tuple, list)) or not all(
+                isinstance(m, (int, float)) and not isinstance(m, bool) for m in milestones):
+            raise TypeError(f"Invalid lr_milestones type: {milestones!r} (expected a sequence of fractions of the "
+                            "budget, e.g. (0.25, 0.5, 0.75))")
+        milestones = tuple(float(m) for m in milestones)
+        object.__setattr__(self, "lr_milestones", milestones)
+        if self.schedule != "multistep":
+            if milestones or self.lr_gamma != 0.1:
+                raise ValueError(f"Invalid lr_milestones/lr_gamma for schedule {self.schedule!r}: they apply to "
+                                 "schedule = 'multistep' only")
+            return
+        if not milestones or any(not 0.0 < m < 1.0 for m in milestones) or any(
+                a >= b for a, b in itertools.pairwise(milestones)):
+            raise ValueError(f"Invalid lr_milestones value: {milestones} (expected one or more increasing fractions "
+                             "of the budget in (0, 1), e.g. (0.25, 0.5, 0.75))")
+        _check_range("lr_gamma", self.lr_gamma, 0.0, 1.0, low_open=True)
+
     _SWA_FIELDS = ("swa_start", "swa_lr", "swa_lr_min", "swa_cycle")
 
     def _check_swa(self) -> None:
@@ -158,6 +183,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        if self.schedule != "multistep":  # other schedules keep the keys (and run ids) they had before it existed
+            data.pop("lr_milestones")
+            data.pop("lr_gamma")
         if self.swa_start is None:  # runs without SWA keep the keys (and run ids) they had before SWA existed
             for name in self._SWA_FIELDS:
                 data.pop(name)

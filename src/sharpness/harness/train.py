@@ -51,10 +51,12 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False, compare=False)
 
 
-def lr_factor(schedule: str, progress: float) -> float:
+def lr_factor(schedule: str, progress: float, milestones: tuple[float, ...] = (), gamma: float = 0.1) -> float:
     """The learning-rate multiplier at ``progress`` in [0, 1] of the budget.
 
-    ``constant``: 1; ``step``: 1, then 0.1 from 50% and 0.01 from 75%; ``cosine``: ``(1 + cos(pi p)) / 2``.
+    ``constant``: 1; ``step``: 1, then 0.1 from 50% and 0.01 from 75%; ``cosine``: ``(1 + cos(pi p)) / 2``;
+    ``multistep``: ``gamma ** (number of milestones <= p)`` (``torch.optim.lr_scheduler.MultiStepLR`` with the
+    milestones as fractions of the budget).
     """
     progress = min(max(progress, 0.0), 1.0)
     if schedule == "constant":
@@ -63,7 +65,9 @@ def lr_factor(schedule: str, progress: float) -> float:
         return 1.0 if progress < 0.5 else 0.1 if progress < 0.75 else 0.01
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"Invalid schedule value: {schedule!r} (expected constant, step or cosine)")
+    if schedule == "multistep":
+        return gamma ** sum(progress >= milestone for milestone in milestones)
+    raise ValueError(f"Invalid schedule value: {schedule!r} (expected constant, step, cosine or multistep)")
 
 
 def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -393,7 +397,7 @@ class _Run:
                 group.setdefault("initial_lr", group["lr"])
                 group["lr"] = (1 - t) * c.swa_lr + t * low
             return
-        factor = lr_factor(self.config.schedule, self.progress())
+        factor = lr_factor(c.schedule, self.progress(), c.lr_milestones, c.lr_gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
