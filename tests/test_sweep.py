@@ -601,7 +601,8 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
 
 EXAMPLES = sorted(p.name for p in (Path(__file__).resolve().parent.parent / "examples").glob("*.toml"))
 # (classes, input shape) of each data set the examples train on, as the loaders report them
-EXAMPLE_DATA = {"mnist1d": (10, (40,)), "cifar10": (10, (3, 32, 32)), "cifar100": (100, (3, 32, 32))}
+EXAMPLE_DATA = {"mnist1d": (10, (40,)), "cifar10": (10, (3, 32, 32)), "cifar100": (100, (3, 32, 32)),
+                "svhn": (10, (3, 32, 32))}
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
