@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharpness.harness import Store, TrainConfig, plan_sweep, run_sweep, run_sweep_parallel, train
+from sharpness.harness import Store, TrainConfig, lr_factor, plan_sweep, run_sweep, run_sweep_parallel, train
 from sharpness.harness._claims import claim, clear_claim
 from sharpness.harness.sweep import expand_sweep, worker_devices
 
@@ -633,3 +633,34 @@ def test_shipped_example_sweeps_expand_and_build_every_optimizer_and_model(name)
         with torch.device("meta"):  # the shapes only: WRN-28-10 and PyramidNet-110 hold 36M and 28M weights
             model = create_model(model_name, num_classes=classes, input_shape=shape, **options)
             assert model(torch.empty(2, *shape)).shape == (2, classes)
+
+
+def test_universal_sam_example_has_the_papers_per_setting_hyperparameters():
+    """examples/cifar_universal_sam.toml against the universal-SAM paper's Appendix I, transcribed here on its
+    own: lambda per setting (Table 4), Frob-SAM's rho (Table 5), the baselines' radii per data set, CIFAR-100's
+    weight decay, and the multistep schedule (lr 0.1, x0.1 every 50 of 200 epochs)."""
+    from sharpness.harness.sweep import load_sweep_file
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "cifar_universal_sam.toml"
+    configs = expand_sweep(load_sweep_file(path))
+    settings = [(d, v) for v in ("", "-S", "-C") for d in ("cifar10", "cifar100", "svhn")]
+    table4 = {"frobsam": [5e-3, 1e-4, 5e-3, 1e-4, 1e-4, 1e-3, 0.01, 0.01, 1e-3],
+              "tracesam": [1, 0.1, 0.1, 0.01, 0.01, 1, 1, 0.1, 0.01],
+              "detsam": [1, 0.1, 0.1, 0.01, 1, 1, 0.01, 0.1, 0.1]}
+    table5 = [5e-3, 5e-3, 5e-3, 1e-2, 5e-3, 5e-3, 1e-2, 5e-3, 1e-2]
+    radii = {"sam": (0.05, 0.1, 0.05), "asam": (0.5, 1.0, 0.5), "ssamf": (0.1, 0.2, 0.1)}
+    for config in configs:
+        variant = "-S" if config.subset == 0.1 else "-C" if config.label_noise == 0.2 else ""
+        setting = settings.index((config.dataset, variant))
+        options = config.optimizer_options
+        if config.optimizer in table4:
+            assert options["lam"] == table4[config.optimizer][setting]
+            assert options["rho"] == {"frobsam": table5[setting], "tracesam": 0.01, "detsam": 1.0}[config.optimizer]
+        elif config.optimizer in radii:
+            assert options["rho"] == radii[config.optimizer][("cifar10", "cifar100", "svhn").index(config.dataset)]
+        assert config.weight_decay == (1e-3 if config.dataset == "cifar100" else 5e-4)
+        assert (config.subset_strategy == "first") == (variant == "-S")
+        assert (config.lr, config.epochs, config.batch_size, config.model) == (0.1, 200, 128, "resnet18")
+        assert lr_factor(config.schedule, 0.749, config.lr_milestones, config.lr_gamma) == pytest.approx(0.01)
+        assert lr_factor(config.schedule, 0.75, config.lr_milestones, config.lr_gamma) == pytest.approx(0.001)
+    assert len(configs) == 9 * 7 * 4
