@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -621,9 +622,11 @@ def test_shipped_example_sweeps_expand_and_build_every_optimizer_and_model(name)
     stated = re.search(r"list the (\d+) runs", path.read_text())
     assert stated, "the header says how many runs --dry-run lists"
     assert len(configs) == int(stated.group(1))
-    assert len({c.optimizer for c in configs}) >= 4 and len({c.seed for c in configs}) >= 3
+    # every distinct method (name, base optimizer and options) builds, e.g. all of GNR's oracles and fractions
+    methods = {(c.optimizer, c.base, json.dumps(c.optimizer_options, sort_keys=True)): c for c in configs}
+    assert len(methods) >= 3 and len({c.seed for c in configs}) >= 3
     assert len({run_key(c.to_dict()) for c in configs}) == len(configs)
-    for config in {c.optimizer: c for c in configs}.values():
+    for config in methods.values():
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 10))
         opt = build_optimizer(config, model, total_steps=100)
         assert opt.param_groups[0]["lr"] == config.lr
