@@ -59,11 +59,12 @@ def test_python_spelled_literals_are_read_as_json_ones(tmp_path):
 def test_multistep_schedule_from_the_command_line(tmp_path):
     db = tmp_path / "results.sqlite"
     args = ["train", *TINY, "--optimizer", "erm", "--schedule", "multistep", "--db", str(db)]
-    result = runner.invoke(app, [*args, "--lr-milestones", "0.25,0.75", "--lr-gamma", "0.5"])
+    result = runner.invoke(app, [*args, "--lr-milestones", "0.25,0.75", "--lr-gamma", "0.5", "--warmup", "0.1"])
     assert result.exit_code == 0, result.output
     with Store(db) as store:
         (run,) = store.runs()
     assert run.config["lr_milestones"] == [0.25, 0.75] and run.config["lr_gamma"] == 0.5
+    assert run.config["warmup"] == 0.1
     assert run.epochs[-1]["lr"] == pytest.approx(0.1 * 0.5**2)  # both milestones passed by the last step
     for extra, message in ((["--lr-milestones", "0.5,x"], "expected comma-separated fractions"),
                            ([], "Invalid lr_milestones value: ()")):

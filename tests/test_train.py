@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
@@ -57,6 +58,23 @@ def test_multistep_schedule_is_torch_multisteplr_over_the_budget(digits):
     assert result.config.to_dict()["lr_milestones"] == (0.25, 0.5, 0.75)
     # other schedules leave both fields out of their run ids: runs stored before the schedule existed keep them
     assert "lr_milestones" not in _config().to_dict() and "lr_gamma" not in _config().to_dict()
+
+
+def test_warmup_then_the_schedule_over_the_rest(digits):
+    """``warmup = W/T`` is transformers' get_cosine_schedule_with_warmup (written out by hand here: s / W during
+    the warm-up, then (1 + cos(pi (s - W) / (T - W))) / 2), and the harness's first steps follow it."""
+    total, warm = 200, 20
+    for step in range(total):
+        by_hand = step / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+        assert lr_factor("cosine", step / total, warmup=warm / total) == pytest.approx(by_hand, rel=1e-12, abs=1e-15)
+    assert lr_factor("multistep", 0.54, (0.5,), 0.1, warmup=0.1) == 1.0  # milestones fall in the rest: 0.5 of 0.9
+    assert lr_factor("multistep", 0.56, (0.5,), 0.1, warmup=0.1) == pytest.approx(0.1)
+    result = train(_config(epochs=4, warmup=0.5, schedule="constant"), data=digits, log=None)
+    per_epoch = result.summary["steps"] // 4  # the lr recorded at an epoch's end is the one its last step used
+    expected = [0.1 * min(1.0, (e * per_epoch - 1) / (4 * per_epoch) / 0.5) for e in (1, 2, 3, 4)]
+    assert [record["lr"] for record in result.epochs] == pytest.approx(expected, rel=1e-12)
+    assert expected[0] < 0.05 and expected[2] == 0.1
+    assert "warmup" not in _config().to_dict()  # runs without warm-up keep their run ids
 
 
 @pytest.mark.parametrize("overrides, match", [

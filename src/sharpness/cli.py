@@ -114,6 +114,8 @@ def train_command(
     lr_milestones: Annotated[Optional[str], typer.Option(
         help="multistep: fractions of the budget where the lr is multiplied by --lr-gamma, e.g. 0.25,0.5,0.75")] = None,
     lr_gamma: Annotated[float, typer.Option(help="multistep: the lr's factor at each milestone")] = 0.1,
+    warmup: Annotated[float, typer.Option(
+        help="linear lr warm-up from 0 over this fraction of the budget; the schedule runs over the rest")] = 0.0,
     label_smoothing: Annotated[float, typer.Option(help="label smoothing in [0, 1)")] = 0.0,
     max_grad_norm: Annotated[Optional[float], typer.Option(help="clip the final gradient to this L2 norm")] = None,
     bf16: Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast for forward passes")] = False,
@@ -160,7 +162,7 @@ def train_command(
             weight_decay=weight_decay, optimizer_options=_parse_options(opt, "--opt"),
             model_options=_parse_options(model_opt, "--model-opt"), data_options=_parse_options(data_opt, "--data-opt"), batch_size=batch_size, epochs=epochs,
             budget_steps=budget_steps, budget_grad_evals=budget_grad_evals, schedule=schedule,
-            lr_milestones=_parse_milestones(lr_milestones), lr_gamma=lr_gamma,
+            lr_milestones=_parse_milestones(lr_milestones), lr_gamma=lr_gamma, warmup=warmup,
             label_smoothing=label_smoothing, max_grad_norm=max_grad_norm, bf16=bf16, label_noise=label_noise,
             subset=subset, subset_strategy=subset_strategy, validation=validation, seed=seed, measures=tuple(measure or ()),
             measure_every=measure_every, measure_examples=measure_examples, swa_start=swa_start, swa_lr=swa_lr,

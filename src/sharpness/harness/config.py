@@ -46,6 +46,9 @@ class TrainConfig:
     # with decays at epochs 50, 100 and 150: (0.25, 0.5, 0.75)); both are left out of other schedules' run ids
     lr_milestones: tuple[float, ...] = ()
     lr_gamma: float = 0.1
+    # linear warm-up from 0 over this fraction of the budget, then the schedule over the rest (as transformers'
+    # get_cosine_schedule_with_warmup); left out of the run id at 0
+    warmup: float = 0.0
     label_smoothing: float = 0.0
     max_grad_norm: float | None = None
     bf16: bool = False
@@ -89,6 +92,7 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Invalid schedule value: {self.schedule!r} (expected one of {', '.join(SCHEDULES)})")
         self._check_milestones()
+        _check_range("warmup", self.warmup, 0.0, 1.0, high_open=True)
         _check_range("lr", self.lr, 0.0, math.inf, low_open=True)
         _check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
         _check_range("weight_decay", self.weight_decay, 0.0, math.inf)
@@ -183,6 +187,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        if self.warmup == 0.0:  # likewise for no warm-up
+            data.pop("warmup")
         if self.schedule != "multistep":  # other schedules keep the keys (and run ids) they had before it existed
             data.pop("lr_milestones")
             data.pop("lr_gamma")

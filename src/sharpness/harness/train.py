@@ -51,14 +51,20 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False, compare=False)
 
 
-def lr_factor(schedule: str, progress: float, milestones: tuple[float, ...] = (), gamma: float = 0.1) -> float:
+def lr_factor(schedule: str, progress: float, milestones: tuple[float, ...] = (), gamma: float = 0.1,
+              warmup: float = 0.0) -> float:
     """The learning-rate multiplier at ``progress`` in [0, 1] of the budget.
 
     ``constant``: 1; ``step``: 1, then 0.1 from 50% and 0.01 from 75%; ``cosine``: ``(1 + cos(pi p)) / 2``;
     ``multistep``: ``gamma ** (number of milestones <= p)`` (``torch.optim.lr_scheduler.MultiStepLR`` with the
-    milestones as fractions of the budget).
+    milestones as fractions of the budget). With ``warmup = w > 0`` the factor is ``p / w`` below ``w``, and the
+    schedule runs over the rest, at ``(p - w) / (1 - w)``.
     """
     progress = min(max(progress, 0.0), 1.0)
+    if warmup > 0.0:
+        if progress < warmup:
+            return progress / warmup
+        progress = (progress - warmup) / (1.0 - warmup)
     if schedule == "constant":
         return 1.0
     if schedule == "step":
@@ -397,7 +403,7 @@ class _Run:
                 group.setdefault("initial_lr", group["lr"])
                 group["lr"] = (1 - t) * c.swa_lr + t * low
             return
-        factor = lr_factor(c.schedule, self.progress(), c.lr_milestones, c.lr_gamma)
+        factor = lr_factor(c.schedule, self.progress(), c.lr_milestones, c.lr_gamma, c.warmup)
         for group in self.optimizer.param_groups:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
