@@ -490,11 +490,14 @@ def test_cifar10_augments_training_inputs_only(tmp_path, monkeypatch):
     assert set(root_indices(data.train).tolist()).isdisjoint(root_indices(data.validation).tolist())
 
 
-@pytest.mark.parametrize("model, options", [("cifar_resnet", {"depth": 8}),
-                                            ("pyramidnet", {"depth": 8, "alpha": 6})])
+@pytest.mark.parametrize("model, options", [
+    ("cifar_resnet", {"depth": 8}), ("pyramidnet", {"depth": 8, "alpha": 6}),
+    ("resnet", {"depth": 50, "width": 4}), ("resnext", {"depth": 11, "cardinality": 2, "base_width": 4}),
+    ("allcnn", {"width": 8}), ("mobilenetv2", {"width_mult": 0.25}),
+    ("regnetx", {"depths": [1, 1, 1, 1], "widths": [8, 16, 16, 32], "group_width": 8, "stem_width": 8})])
 def test_the_harness_trains_the_cifar_networks_on_cifar_files(tmp_path, monkeypatch, model, options):
     """The label-noise example's path, end to end on tiny files: CIFAR-10 from $SHARPNESS_DATA, 40% of the
-    labels flipped, He et al.'s ResNet or PyramidNet (small depths), AE-SAM with lambda1 = -1, lambda2 = 1."""
+    labels flipped, the papers' CIFAR networks (small sizes), AE-SAM with lambda1 = -1, lambda2 = 1."""
     from sharpness.harness import TrainConfig, train
 
     write_cifar(tmp_path, monkeypatch, per_batch=8)
