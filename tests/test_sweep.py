@@ -124,6 +124,9 @@ def test_variants_and_overrides(tmp_path):
         [[overrides]]                       # matches the default subset strategy, which to_dict leaves out
         match = { dataset = "mnist1d", optimizer = "sam", subset_strategy = "stratified", label_noise = 0.2 }
         "optimizer_options.rho" = 0.2
+        [[overrides]]                       # matches every run: data_options is left out of to_dict when empty
+        match = { data_options = {}, world_size = 1 }
+        momentum = 0.8
         [[overrides]]                       # a budget set here replaces the base's
         match = { "optimizer_options.rho" = 0.05, subset = 0.5 }
         epochs = 3
@@ -136,7 +139,7 @@ def test_variants_and_overrides(tmp_path):
             for method in ("erm", "sam"):
                 for seed in (0, 1):
                     options = {"rho": 0.05}  # ERM's empty table merges into the base's options
-                    fields = {"lr": 0.1, "budget_grad_evals": 100, "epochs": None}
+                    fields = {"lr": 0.1, "budget_grad_evals": 100, "epochs": None, "momentum": 0.8}
                     if dataset == "mnist1d" and method == "sam":
                         options, fields["lr"] = {"rho": 0.2 if "label_noise" in variant else 0.1}, 0.05
                     if "subset" in variant:  # matched before any override applies: rho is 0.05 in all of them

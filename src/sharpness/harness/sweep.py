@@ -327,7 +327,8 @@ def _matches(config: Mapping[str, Any], match: Mapping[str, Any]) -> bool:
         if value is missing:
             if option or name not in _FIELDS:
                 return False
-            value = _FIELDS[name].default  # a field to_dict leaves out at its default (subset_strategy, ...)
+            field = _FIELDS[name]  # a field to_dict leaves out at its default (subset_strategy, data_options, ...)
+            value = field.default_factory() if field.default is dataclasses.MISSING else field.default
         if isinstance(value, tuple):
             value = list(value)
         if value != wanted:
