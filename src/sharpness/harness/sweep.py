@@ -212,7 +212,7 @@ def expand_sweep(spec: Mapping[str, Any], *, where: str = "sweep") -> list[Train
         if len(set(datasets)) != len(datasets):
             raise ValueError(f"Invalid datasets value: {datasets!r} (expected distinct names)")
     for index, (_, fields) in enumerate(overrides):
-        _check_conflicts({}, fields, {}, seeds, datasets, f"{where} overrides[{index}]")
+        _check_conflicts({"override": fields}, seeds, datasets, f"{where} overrides[{index}]")
 
     configs: list[TrainConfig] = []
     seen: dict[str, str] = {}
@@ -226,7 +226,8 @@ def expand_sweep(spec: Mapping[str, Any], *, where: str = "sweep") -> list[Train
                 fields = {k: v for k, v in method.items() if k != "grid"}
                 _check_fields(fields, label)
                 grid = {**global_grid, **_check_grid(method.get("grid", {}), f"{label} grid")}
-                _check_conflicts(base, {**variant, **fields}, grid, seeds, datasets, label)
+                _check_conflicts({"base": base, "variant": variant, "method": fields, "grid": grid}, seeds,
+                                 datasets, label)
                 _check_variant(variant, fields, grid, label)
                 names = list(grid)
                 for point in itertools.product(*(grid[n] for n in names)):
@@ -373,12 +374,13 @@ def _check_grid(grid: Any, where: str) -> dict[str, list[Any]]:
     return dict(grid)
 
 
-def _check_conflicts(base: Mapping[str, Any], method: Mapping[str, Any], grid: Mapping[str, Any],
-                     seeds: Any, datasets: Any, where: str) -> None:
+def _check_conflicts(sections: Mapping[str, Mapping[str, Any]], seeds: Any, datasets: Any, where: str) -> None:
+    """Neither ``seed`` nor ``dataset`` may be set in a section (base, variant, method, grid, override) when the
+    sweep's ``seeds`` / ``datasets`` list sets it."""
     for name, plural, given in (("seed", "seeds", seeds), ("dataset", "datasets", datasets)):
         if given is None:
             continue
-        clash = [section for section, d in (("base", base), ("method", method), ("grid", grid)) if name in d]
+        clash = [section for section, fields in sections.items() if name in fields]
         if clash:
             raise ValueError(f"Conflicting {name} in {where}: set in {', '.join(clash)} and by {plural} = "
                              f"{given!r} (set it in one place only)")

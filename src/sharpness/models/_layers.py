@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validation import check_int_at_least
+
 __all__: list[str] = []
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -51,6 +53,25 @@ def check_dropout(value: object) -> float:
     if not (0.0 <= value < 1.0):
         raise ValueError(f"Invalid dropout value: {value} (expected 0 <= dropout < 1)")
     return value
+
+
+def blocks_per_stage(depth: object, layers_per_block: int, examples: str) -> int:
+    """``n`` of a three-stage CIFAR network of ``depth = 3 * layers_per_block * n + 2`` weighted layers (He et
+    al.'s ResNets 6n + 2, ResNeXt-29 and bottleneck PyramidNets 9n + 2); ``examples`` lists valid depths for
+    the error."""
+    per_block = 3 * layers_per_block
+    depth = check_int_at_least("depth", depth, per_block + 2)
+    if (depth - 2) % per_block:
+        raise ValueError(f"Invalid depth value: {depth} (expected depth = {per_block}n + 2 with n >= 1: {examples})")
+    return (depth - 2) // per_block
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+            groups: int = 1) -> list[nn.Module]:
+    """A convolution without bias ('same' padding for odd kernels) and its BatchNorm, as a list to splice into
+    an ``nn.Sequential`` (MobileNetV2, RegNet)."""
+    return [nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
+                      groups=groups, bias=False), nn.BatchNorm2d(out_channels)]
 
 
 def check_input_shape(model: str, input_shape: tuple[int, ...], ranks: tuple[int, ...], meaning: str) -> None:

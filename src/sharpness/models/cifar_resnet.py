@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._validation import check_choice, check_int_at_least
-from ._layers import check_bool, check_input_shape
+from .._validation import check_choice
+from ._layers import blocks_per_stage, check_bool, check_input_shape
 from .resnet import ResNet
 
 __all__ = ["CifarResNet"]
@@ -44,11 +44,7 @@ class CifarResNet(ResNet):
 
     def __init__(self, num_classes: int, *, depth: int = 32, shortcut: str = "A", in_channels: int = 3,
                  batch_norm: bool = True) -> None:
-        depth = check_int_at_least("depth", depth, 8)
-        if (depth - 2) % 6:
-            raise ValueError(f"Invalid depth value: {depth} (expected depth = 6n + 2 with n >= 1: 8, 20, 32, "
-                             "44, 56, 110...)")
-        per_stage = (depth - 2) // 6
+        per_stage = blocks_per_stage(depth, 2, "8, 20, 32, 44, 56, 110...")
         super().__init__((per_stage,) * 3, num_classes, in_channels=in_channels, width=16,
                          batch_norm=check_bool("batch_norm", batch_norm),
                          shortcut=check_choice("shortcut", shortcut, SHORTCUTS))

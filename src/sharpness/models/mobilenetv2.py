@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .._validation import check_positive
-from ._layers import check_dropout, check_input_shape, init_conv_bn_
+from ._layers import check_dropout, check_input_shape, conv_bn, init_conv_bn_
 
 __all__ = ["InvertedResidual", "MobileNetV2"]
 
@@ -48,8 +48,7 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
              activation: bool = True) -> nn.Sequential:
     """Convolution without bias ('same' padding), BatchNorm, then ReLU6 unless ``activation=False``."""
-    layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                        groups=groups, bias=False), nn.BatchNorm2d(out_channels)]
+    layers = conv_bn(in_channels, out_channels, kernel_size, stride, groups)
     return nn.Sequential(*layers, nn.ReLU6()) if activation else nn.Sequential(*layers)
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .._validation import check_int_at_least, check_non_negative
-from ._layers import ZeroPadShortcut, check_bool, check_input_shape, init_conv_bn_, residual_stages
+from .._validation import check_non_negative
+from ._layers import ZeroPadShortcut, blocks_per_stage, check_bool, check_input_shape, init_conv_bn_, residual_stages
 
 __all__ = ["PyramidNet", "pyramid_widths"]
 
@@ -78,13 +78,9 @@ class PyramidNet(nn.Module):
                  in_channels: int = 3) -> None:
         super().__init__()
         bottleneck = check_bool("bottleneck", bottleneck)
-        layers_per_block = 3 if bottleneck else 2
-        depth = check_int_at_least("depth", depth, 3 * layers_per_block + 2)
-        if (depth - 2) % (3 * layers_per_block):
-            form = "9n + 2 with n >= 1: 11, 20, 164, 272..." if bottleneck else "6n + 2 with n >= 1: 8, 20, 110..."
-            raise ValueError(f"Invalid depth value: {depth} (expected depth = {form})")
+        per_stage = blocks_per_stage(depth, 3 if bottleneck else 2,
+                                     "11, 20, 164, 272..." if bottleneck else "8, 20, 110...")
         alpha = check_non_negative("alpha", alpha)
-        per_stage = (depth - 2) // (3 * layers_per_block)
         widths = pyramid_widths(3 * per_stage, alpha)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
         self.stages, channels = residual_stages(

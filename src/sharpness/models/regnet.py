@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_int_at_least
-from ._layers import check_input_shape, init_conv_bn_
+from ._layers import check_input_shape, conv_bn, init_conv_bn_
 
 __all__ = ["REGNETX", "RegNetX", "XBlock", "regnet_stages"]
 
@@ -75,12 +75,6 @@ def regnet_stages(depth: int, w_0: int, w_a: float, w_m: float, group_width: int
     return depths, widths, groups
 
 
-def _conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-             groups: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-                      groups=groups, bias=False), nn.BatchNorm2d(out_channels)]
-
-
 class XBlock(nn.Module):
     """The X block: 1x1, BN, ReLU, 3x3 grouped (``out_channels // group_width`` groups, ``stride``), BN, ReLU,
     1x1, BN; plus the input, projected by a 1x1 convolution + BN where the shape changes; then ReLU."""
@@ -89,11 +83,11 @@ class XBlock(nn.Module):
         super().__init__()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:  # first, as torchvision registers it
-            self.shortcut = nn.Sequential(*_conv_bn(in_channels, out_channels, 1, stride))
+            self.shortcut = nn.Sequential(*conv_bn(in_channels, out_channels, 1, stride))
         self.residual = nn.Sequential(
-            *_conv_bn(in_channels, out_channels, 1), nn.ReLU(),
-            *_conv_bn(out_channels, out_channels, 3, stride, groups=out_channels // group_width), nn.ReLU(),
-            *_conv_bn(out_channels, out_channels, 1))
+            *conv_bn(in_channels, out_channels, 1), nn.ReLU(),
+            *conv_bn(out_channels, out_channels, 3, stride, groups=out_channels // group_width), nn.ReLU(),
+            *conv_bn(out_channels, out_channels, 1))
         self.relu = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -116,7 +110,7 @@ class RegNetX(nn.Module):
     def __init__(self, num_classes: int, depths: Sequence[int], widths: Sequence[int], group_width: int, *,
                  stem_width: int = 64, in_channels: int = 3) -> None:
         super().__init__()
-        self.stem = nn.Sequential(*_conv_bn(in_channels, stem_width, 3), nn.ReLU())
+        self.stem = nn.Sequential(*conv_bn(in_channels, stem_width, 3), nn.ReLU())
         stages, channels = [], stem_width
         for index, (depth, width) in enumerate(zip(depths, widths, strict=True)):
             group = min(group_width, width)

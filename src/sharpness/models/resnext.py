@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import nn
 
 from .._validation import check_int_at_least
-from ._layers import check_bool, check_input_shape, init_conv_bn_
+from ._layers import blocks_per_stage, check_bool, check_input_shape, init_conv_bn_
 from .resnet import Bottleneck, ResNet
 
 __all__ = ["ResNeXt"]
@@ -45,11 +45,8 @@ class ResNeXt(ResNet):
 
     def __init__(self, num_classes: int, *, depth: int = 29, cardinality: int = 8, base_width: int = 64,
                  in_channels: int = 3, batch_norm: bool = True) -> None:
-        depth = check_int_at_least("depth", depth, 11)
-        if (depth - 2) % 9:
-            raise ValueError(f"Invalid depth value: {depth} (expected depth = 9n + 2 with n >= 1: 11, 20, 29, "
-                             "38...)")
-        super().__init__(((depth - 2) // 9,) * 3, num_classes, block=Bottleneck, in_channels=in_channels,
+        per_stage = blocks_per_stage(depth, 3, "11, 20, 29, 38...")
+        super().__init__((per_stage,) * 3, num_classes, block=Bottleneck, in_channels=in_channels,
                          width=64, groups=check_int_at_least("cardinality", cardinality, 1),
                          base_width=check_int_at_least("base_width", base_width, 1),
                          batch_norm=check_bool("batch_norm", batch_norm))
