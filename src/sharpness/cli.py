@@ -104,6 +104,12 @@ def train_command(
     lr: Annotated[float, typer.Option(help="peak learning rate")] = 0.1,
     momentum: Annotated[float, typer.Option(help="SGD momentum")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="weight decay")] = 5e-4,
+    base_opt: Annotated[Optional[list[str]], typer.Option(
+        help="base optimizer option KEY=VALUE, repeatable (e.g. --base-opt nesterov=true, --base-opt "
+             "betas=[0.9,0.95], --base-opt eps=1e-6)")] = None,
+    decay_biases_and_norms: Annotated[bool, typer.Option(
+        "--decay-biases-and-norms/--no-decay-biases-and-norms",
+        help="whether parameters with at most one dimension (biases, norm scales) get weight decay")] = True,
     batch_size: Annotated[int, typer.Option(help="mini-batch size (examples)")] = 64,
     epochs: Annotated[Optional[int], typer.Option(help="budget in epochs (default 30 when no budget is given)")] = None,
     budget_steps: Annotated[Optional[int], typer.Option(help="budget in optimizer steps")] = None,
@@ -159,7 +165,8 @@ def train_command(
     try:
         config = TrainConfig(
             dataset=dataset, model=model, optimizer=optimizer, base=base, lr=lr, momentum=momentum,
-            weight_decay=weight_decay, optimizer_options=_parse_options(opt, "--opt"),
+            weight_decay=weight_decay, base_options=_parse_options(base_opt, "--base-opt"),
+            decay_biases_and_norms=decay_biases_and_norms, optimizer_options=_parse_options(opt, "--opt"),
             model_options=_parse_options(model_opt, "--model-opt"), data_options=_parse_options(data_opt, "--data-opt"), batch_size=batch_size, epochs=epochs,
             budget_steps=budget_steps, budget_grad_evals=budget_grad_evals, schedule=schedule,
             lr_milestones=_parse_milestones(lr_milestones), lr_gamma=lr_gamma, warmup=warmup,

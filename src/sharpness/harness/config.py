@@ -11,9 +11,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 __all__ = ["BASE_OPTIMIZERS", "SCHEDULES", "TrainConfig"]
 
 BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
+BASE_CLASSES: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
+                                                       "adamw": torch.optim.AdamW}
+#: keywords of the base optimizers that are not ``base_options``: set by config fields, or not a setting of the run
+_NOT_BASE_OPTIONS = frozenset({"params", "lr", "momentum", "weight_decay", "foreach", "fused", "capturable",
+                               "differentiable", "maximize", "decoupled_weight_decay"})
 SCHEDULES = ("constant", "step", "cosine", "multistep")
 
 
@@ -34,6 +41,12 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # the base optimizer's other keywords (torch.optim.SGD: nesterov, dampening; Adam/AdamW: betas, eps, amsgrad),
+    # checked by building it; left out of the run id when empty
+    base_options: dict[str, Any] = field(default_factory=dict)
+    # False: parameters with at most one dimension (biases, normalization scales and shifts) get no weight decay,
+    # the rule of nanoGPT and timm's ViT recipes; left out of the run id at True
+    decay_biases_and_norms: bool = True
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # rho, k, alpha, lambda1, ...
     model_options: dict[str, Any] = field(default_factory=dict)
     data_options: dict[str, Any] = field(default_factory=dict)  # the data set's own options (e.g. block_size)
@@ -72,9 +85,10 @@ class TrainConfig:
     world_size: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bf16, bool):  # a truthy string "no" would turn it on
-            raise TypeError(f"Invalid bf16 type: {type(self.bf16).__name__} (expected bool)")
-        for name in ("optimizer_options", "model_options", "data_options"):
+        for name in ("bf16", "decay_biases_and_norms"):  # a truthy string "no" would turn it on
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Invalid {name} type: {type(getattr(self, name)).__name__} (expected bool)")
+        for name in ("base_options", "optimizer_options", "model_options", "data_options"):
             if not isinstance(getattr(self, name), dict):
                 raise TypeError(f"Invalid {name} type: {type(getattr(self, name)).__name__} (expected a dict of "
                                 "option names to values)")
@@ -96,6 +110,7 @@ class TrainConfig:
         _check_range("lr", self.lr, 0.0, math.inf, low_open=True)
         _check_range("momentum", self.momentum, 0.0, 1.0, high_open=True)
         _check_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        self._check_base_options()
         _check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
         _check_range("label_noise", self.label_noise, 0.0, 1.0)
         _check_range("subset", self.subset, 0.0, 1.0, low_open=True)
@@ -167,6 +182,44 @@ class TrainConfig:
                              "of the budget in (0, 1), e.g. (0.25, 0.5, 0.75))")
         _check_range("lr_gamma", self.lr_gamma, 0.0, 1.0, low_open=True)
 
+    def _check_base_options(self) -> None:
+        """``base_options`` must name keywords of the base optimizer's constructor that the config does not set
+        itself, with values of the default's type (a string ``"no"`` for ``nesterov`` would be true), and the
+        base optimizer must accept them (built on a stand-in parameter: torch's own checks, e.g. Nesterov
+        without momentum)."""
+        base_class = BASE_CLASSES[self.base]
+        allowed = base_option_defaults(self.base)
+        unknown = sorted(set(self.base_options) - set(allowed))
+        if unknown:
+            raise ValueError(f"Unknown base_options key(s) {unknown} for base {self.base!r} (valid keys: "
+                             f"{', '.join(sorted(allowed))}; lr, momentum and weight_decay are config fields)")
+        options = {}
+        for key, value in self.base_options.items():
+            default = allowed[key]
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise TypeError(f"Invalid base_options.{key} type: {type(value).__name__} (expected bool)")
+            elif isinstance(default, tuple):  # Adam's betas; a TOML/JSON list becomes a tuple
+                if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or len(value) != len(
+                        default) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                    raise TypeError(f"Invalid base_options.{key} value: {value!r} (expected {len(default)} numbers, "
+                                    f"e.g. {list(default)})")
+                value = tuple(float(v) for v in value)
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"Invalid base_options.{key} type: {type(value).__name__} (expected a number)")
+            else:
+                value = float(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"Invalid base_options.{key} value: {value} (expected a finite number)")
+            options[key] = value
+        object.__setattr__(self, "base_options", options)
+        probe = [torch.zeros(1, requires_grad=True)]
+        momentum = {"momentum": self.momentum} if self.base == "sgd" else {}
+        try:
+            base_class(probe, lr=self.lr, weight_decay=self.weight_decay, **momentum, **options)
+        except ValueError as error:  # torch's message, e.g. "Invalid beta parameter at index 1: 1.5"
+            raise ValueError(f"Invalid base_options {options} for base {self.base!r}: {error}") from None
+
     _SWA_FIELDS = ("swa_start", "swa_lr", "swa_lr_min", "swa_cycle")
 
     def _check_swa(self) -> None:
@@ -199,6 +252,10 @@ class TrainConfig:
             data.pop("subset_strategy")
         if not self.data_options:  # and for no data-set options
             data.pop("data_options")
+        if not self.base_options:  # and for the base optimizer's defaults
+            data.pop("base_options")
+        if self.decay_biases_and_norms:
+            data.pop("decay_biases_and_norms")
         if self.world_size == 1:  # and for single-process runs
             data.pop("world_size")
         return data
@@ -216,6 +273,14 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"Unknown config keys: {unknown} (expected some of {', '.join(sorted(known))})")
         return cls(**data)
+
+
+@functools.cache
+def base_option_defaults(base: str) -> dict[str, Any]:
+    """The ``base_options`` keys of base optimizer ``base`` and their defaults (torch's signature)."""
+    parameters = inspect.signature(BASE_CLASSES[base]).parameters.values()
+    return {p.name: p.default for p in parameters
+            if p.name not in _NOT_BASE_OPTIONS and p.default is not inspect.Parameter.empty}
 
 
 def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bool = False,
@@ -252,8 +317,6 @@ def _float_parameters(functions: Iterable[Callable[..., Any]]) -> frozenset[str]
 def _option_floats(field_name: str, name: str) -> frozenset[str]:
     """The options of optimizer, model or data set ``name`` (by ``field_name``) that take a float; empty for an
     unknown name, which is reported elsewhere (check_optimizer, the registries)."""
-    import torch
-
     from ..data import get_dataset_info
     from ..models import get_model_info
     from ..registry import get_optimizer_info

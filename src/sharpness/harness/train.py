@@ -28,7 +28,7 @@ from ..data.resident import as_resident, check_shard, resident_batches, shard_bo
 from ..optim.closure import make_closure
 from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import BASE_CLASSES, TrainConfig
 
 __all__ = ["TrainResult", "check_compile_backend", "check_optimizer", "distributed_context", "environment",
            "lr_factor", "optimizer_option_names", "resolve_device", "train"]
@@ -158,12 +158,20 @@ def distributed_context(device: torch.device | None = None) -> tuple[int, int]:
 
 # -------------------------------------------------------------------------------------------- building blocks
 def build_base_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The base optimizer: ``config.base`` with its lr, momentum (SGD), weight decay and ``base_options``.
+
+    With ``decay_biases_and_norms=False`` the parameters with at most one dimension (biases, normalization
+    scales and shifts) form a second param group with weight decay 0 (nanoGPT's and timm's rule).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    if config.base == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    if config.base == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if not config.decay_biases_and_norms:
+        groups = [{"params": [p for p in params if p.ndim >= 2]},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+    momentum = {"momentum": config.momentum} if config.base == "sgd" else {}
+    return BASE_CLASSES[config.base](groups, lr=config.lr, weight_decay=config.weight_decay, **momentum,
+                                     **config.base_options)
 
 
 def planned_steps(config: TrainConfig, steps_per_epoch: int) -> int:
