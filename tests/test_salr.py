@@ -339,6 +339,64 @@ def test_state_dict_lockstep_with_inner_sam_and_per_sample_mode():
         assert opt.sharpness_history == opt2.sharpness_history and opt.grad_evals == opt2.grad_evals
 
 
+# ------------------------------------------------------------------------------------------------ inner options
+def _trajectory(**kwargs):
+    model = mlp(0)
+    x, y = classification_data(5)
+    opt = sharpness.SALR(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), every=2, model=model, **kwargs)
+    for _ in range(4):
+        opt.step(make_closure(opt, model, x, y))
+    return opt, [p.detach().clone() for p in model.parameters()]
+
+
+def test_inner_options_reach_the_inner_optimizer_as_keywords_do():
+    """``inner_options={"rho": 0.1}`` is ``rho=0.1``: the same SAM inside, the same weights bit for bit."""
+    opt_a, weights_a = _trajectory(inner="sam", rho=0.1)
+    opt_b, weights_b = _trajectory(inner="sam", inner_options={"rho": 0.1})
+    assert opt_b.optimizer.param_groups[0]["rho"] == 0.1
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
+    assert opt_a.sharpness_history == opt_b.sharpness_history
+    _, weights_c = _trajectory(inner="sam", rho=0.05)  # (the option does change the run)
+    assert not all(torch.equal(a, c) for a, c in zip(weights_a, weights_c))
+
+
+def test_inner_options_set_an_inner_option_that_shares_salr_s_name():
+    """Entropy-SGD's scope ``gamma`` and SALR's walk step ``gamma``: each optimizer gets its own."""
+    opt, _ = _trajectory(inner="entropysgd", gamma=0.004, inner_options={"gamma": 0.5, "langevin_steps": 2})
+    assert opt.gamma == 0.004
+    assert opt.optimizer.langevin_steps == 2
+    # the scope after 4 steps: gamma_t = gamma_0 gamma_growth^t = 0.5 * 1.001^4 (Chaudhari et al.'s scoping)
+    assert opt.optimizer.scope == pytest.approx(0.5 * 1.001**4, rel=1e-12)
+    default, _ = _trajectory(inner="entropysgd", gamma=0.004)
+    assert default.optimizer.scope == pytest.approx(0.03 * 1.001**4, rel=1e-12)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"inner": "sam", "rho": 0.1, "inner_options": {"rho": 0.2}}, ValueError,
+     r"Invalid inner options: \['rho'\] given both as keywords and in inner_options"),
+    ({"inner": "sam", "inner_options": [("rho", 0.1)]}, TypeError, "Invalid inner_options type: list"),
+    ({"inner_options": {"rho": 0.1}}, TypeError, "inner="),
+])
+def test_bad_inner_options_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sharpness.SALR(_sgd(), **kwargs)
+
+
+def test_a_config_s_inner_options_become_floats_and_keep_their_seed():
+    from sharpness.harness import TrainConfig
+    from sharpness.harness.train import build_optimizer
+
+    config = TrainConfig(optimizer="salr", seed=3, optimizer_options={
+        "inner": "entropysgd", "gamma": 0.002, "inner_options": {"gamma": 1, "langevin_steps": 2, "seed": 7}})
+    assert config.optimizer_options["inner_options"] == {"gamma": 1.0, "langevin_steps": 2, "seed": 7}
+    assert isinstance(config.optimizer_options["inner_options"]["gamma"], float)
+    opt = build_optimizer(config, mlp(0), total_steps=10)
+    assert opt.optimizer.seed == 7 and opt.optimizer.gamma == 1.0  # not the run's seed 3, not SALR's gamma
+    plain = build_optimizer(TrainConfig(optimizer="salr", seed=3, optimizer_options={"inner": "entropysgd"}),
+                            mlp(0), total_steps=10)
+    assert plain.optimizer.seed == 3
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def _sgd(lr=0.1):
     return torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=lr)

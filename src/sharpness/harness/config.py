@@ -159,9 +159,13 @@ class TrainConfig:
             if options and isinstance(owner, str):  # (a dict: checked before)
                 keys = _option_floats(name, owner)
                 inner = options.get("inner") if name == "optimizer_options" else None
-                if isinstance(inner, str):  # SALR's options for its inner optimizer (e.g. SAM's rho)
-                    keys = keys | _option_floats(name, inner)
-                object.__setattr__(self, name, {k: _as_float(v) if k in keys else v for k, v in options.items()})
+                inner_keys = _option_floats(name, inner) if isinstance(inner, str) else frozenset()
+                keys = keys | inner_keys  # SALR's options for its inner optimizer (e.g. SAM's rho)
+                options = {k: _as_float(v) if k in keys else v for k, v in options.items()}
+                if isinstance(options.get("inner_options"), dict):  # and those given as SALR's inner_options
+                    options["inner_options"] = {k: _as_float(v) if k in inner_keys else v
+                                                for k, v in options["inner_options"].items()}
+                object.__setattr__(self, name, options)
 
     def _check_milestones(self) -> None:
         milestones = self.lr_milestones

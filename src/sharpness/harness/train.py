@@ -194,7 +194,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module, total_steps: int):
     options = dict(config.optimizer_options)
     if "total_steps" in info.required:
         options.setdefault("total_steps", total_steps)
-    if _takes_seed(config.optimizer, options):  # the optimizer's own random stream (SS-SAM, ESAM, SmoothOut,
+    if _takes_seed(config.optimizer, options) and "seed" not in (options.get("inner_options") or {}):  # the optimizer's own random stream (SS-SAM, ESAM, SmoothOut,
         options.setdefault("seed", config.seed)  # Trace-SAM, SALR's inner Entropy-SGD, ...) follows the run's seed
     return create(config.optimizer, build_base_optimizer(config, model), model=model,
                   max_grad_norm=config.max_grad_norm, **options)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -134,7 +134,12 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
         min_factor, max_factor: optional bounds ``> 0`` on the factor (``min_factor <= max_factor``);
             ``min_factor = max_factor = 1`` makes SALR its inner optimizer exactly (``neutral_options``).
         inner: a registered optimizer name (``"sam"``, ``"entropysgd"``, ...) to build around ``optimizer``
-            with ``model``, ``max_grad_norm`` and ``**inner_options``; None wraps ``optimizer`` as given.
+            with ``model``, ``max_grad_norm``, ``inner_options`` and ``**kwargs``; None wraps ``optimizer`` as
+            given.
+        inner_options: the inner optimizer's options as a mapping. Needed where an inner option shares a name
+            with SALR's own (Entropy-SGD's scope ``gamma``: ``gamma=0.002, inner_options={"gamma": 0.03}``);
+            other inner options may equally be given as keywords (``inner="sam", rho=0.05``). A name in both is
+            an error.
         model: the model; enables the BatchNorm guard (the walks' passes leave the running statistics as the
             training pass left them).
         max_grad_norm: clip the training gradient (plain inner optimizers) or passed to ``inner``.
@@ -180,7 +185,8 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
                  per_sample_chunk: int | None = None,
                  min_factor: float | None = None, max_factor: float | None = None, inner: str | None = None,
                  model: nn.Module | None = None, max_grad_norm: float | None = None,
-                 check_finite: bool = True, foreach: bool | None = None, **inner_options: Any) -> None:
+                 check_finite: bool = True, foreach: bool | None = None,
+                 inner_options: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Invalid optimizer type: {type(optimizer).__name__} (expected a torch.optim.Optimizer "
                             "instance, e.g. torch.optim.SGD(model.parameters(), lr=0.01))")
@@ -214,6 +220,14 @@ class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
             raise ValueError("Invalid lr value: 0 in every param group (expected lr_0 > 0: SALR scales lr_0, so "
                              "nothing would move)")
 
+        if inner_options is not None and not isinstance(inner_options, Mapping):
+            raise TypeError(f"Invalid inner_options type: {type(inner_options).__name__} (expected a mapping of the "
+                            "inner optimizer's option names to values)")
+        twice = sorted(set(inner_options or {}) & set(kwargs))
+        if twice:
+            raise ValueError(f"Invalid inner options: {twice} given both as keywords and in inner_options (give "
+                             "each once)")
+        inner_options = {**(inner_options or {}), **kwargs}
         if inner is not None:
             from ..registry import create  # the registry imports this module
 
