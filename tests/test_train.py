@@ -281,6 +281,34 @@ def test_validation_accuracy_is_logged_and_summarized_as_the_final_models_accura
     assert "val_acc" not in plain.summary and "val_loss" not in plain.summary
 
 
+def test_measure_rho_and_samples_reach_the_per_epoch_measures(digits):
+    from sharpness import measures
+
+    config = _config(epochs=1, measures=("sam", "trace", "salr"), measure_examples=64, measure_rho=0.2,
+                     measure_samples=7)
+    assert config.to_dict()["measure_rho"] == 0.2 and config.to_dict()["measure_samples"] == 7
+    result = train(config, data=digits, log=None)
+    xs, ys = zip(*(digits.train[i] for i in range(64)))
+    batch = (torch.stack(xs), torch.as_tensor(ys))
+    f = torch.nn.functional.cross_entropy
+    final = result.epochs[-1]
+    assert final["sharpness.sam"] == pytest.approx(measures.sam_sharpness(result.model, f, batch, 0.2).value,
+                                                   rel=1e-6)
+    assert final["sharpness.trace"] == pytest.approx(
+        measures.hessian_trace(result.model, f, batch, samples=7, seed=0).value, rel=1e-6)
+    assert final["sharpness.salr"] == pytest.approx(
+        measures.salr_sharpness_hat(result.model, f, batch, gamma=0.2 / 5).value, rel=1e-6)
+    assert final["sharpness.sam"] != pytest.approx(measures.sam_sharpness(result.model, f, batch, 0.05).value)
+    assert "measure_rho" not in _config(measures=("sam",)).to_dict()  # run ids kept at the defaults
+    assert "measure_samples" not in _config(measures=("sam",)).to_dict()
+    with pytest.raises(ValueError, match="Invalid measure_rho: set without measures"):
+        _config(measure_rho=0.1)
+    with pytest.raises(ValueError, match="Invalid measure_rho value: 0.0"):
+        _config(measures=("sam",), measure_rho=0.0)
+    with pytest.raises(ValueError, match="Invalid measure_samples value: 0"):
+        _config(measures=("trace",), measure_samples=0)
+
+
 def test_per_epoch_measures_are_recorded_and_do_not_change_training(digits):
     plain = train(_config(optimizer="sam", epochs=2), data=digits, log=None)
     config = _config(optimizer="sam", epochs=2, measures=("lambda_max", "sam"), measure_examples=128)

@@ -141,6 +141,10 @@ def train_command(
     measure_every: Annotated[int, typer.Option(help="epochs between measurements")] = 1,
     measure_examples: Annotated[int, typer.Option(
         help="first N training examples the per-epoch measures use")] = TrainConfig.measure_examples,
+    measure_rho: Annotated[float, typer.Option(
+        help="the per-epoch measures' radius (sam, gnr; salr: 5 + 5 steps of rho/5)")] = TrainConfig.measure_rho,
+    measure_samples: Annotated[int, typer.Option(
+        help="probe vectors of the per-epoch trace and frobenius measures")] = TrainConfig.measure_samples,
     swa_start: Annotated[Optional[float], typer.Option(
         help="SWA: start averaging at this fraction of the budget, in (0, 1) (default: no SWA)")] = None,
     swa_lr: Annotated[Optional[float], typer.Option(help="SWA: cyclic lr at the start of each cycle (alpha_1)")] = None,
@@ -172,7 +176,8 @@ def train_command(
             lr_milestones=_parse_milestones(lr_milestones), lr_gamma=lr_gamma, warmup=warmup,
             label_smoothing=label_smoothing, max_grad_norm=max_grad_norm, bf16=bf16, label_noise=label_noise,
             subset=subset, subset_strategy=subset_strategy, validation=validation, seed=seed, measures=tuple(measure or ()),
-            measure_every=measure_every, measure_examples=measure_examples, swa_start=swa_start, swa_lr=swa_lr,
+            measure_every=measure_every, measure_examples=measure_examples, measure_rho=measure_rho,
+            measure_samples=measure_samples, swa_start=swa_start, swa_lr=swa_lr,
             swa_lr_min=swa_lr_min, swa_cycle=swa_cycle, world_size=distributed_context(resolved)[1])
     except (TypeError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -73,6 +73,10 @@ class TrainConfig:
     measures: tuple[str, ...] = ()  # sharpness measures recorded per epoch (see `sharpness list measures`)
     measure_every: int = 1  # epochs between measurements (the last epoch is always measured)
     measure_examples: int = 512  # first N training examples the measures use
+    # the measures' radius (sam, gnr; salr walks 5 + 5 normalized steps of measure_rho / 5) and probe count
+    # (trace, frobenius); left out of the run id at their defaults
+    measure_rho: float = 0.05
+    measure_samples: int = 100
     # SWA (Izmailov et al., 2018): from `swa_start` (fraction of the budget) the lr follows the cyclic schedule
     # swa_lr -> swa_lr_min over `swa_cycle` steps (default one epoch) and the weights are averaged at the end of
     # every cycle; the averaged model (BatchNorm statistics recomputed) is the run's final model.
@@ -128,10 +132,15 @@ class TrainConfig:
         if self.max_grad_norm is not None:
             _check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
         object.__setattr__(self, "measures", tuple(self.measures))
-        for name in ("measure_every", "measure_examples"):
+        _check_range("measure_rho", self.measure_rho, 0.0, math.inf, low_open=True)
+        for name in ("measure_every", "measure_examples", "measure_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name} value: {value!r} (expected an integer >= 1)")
+        unused = [name for name in ("measure_rho", "measure_samples") if getattr(self, name) != _DEFAULTS[name]]
+        if unused and not self.measures:  # a run id of its own for a setting that changes nothing
+            raise ValueError(f"Invalid {'/'.join(unused)}: set without measures (expected measures, e.g. "
+                             "measures = ['sam'])")
         if self.measures:
             from .measure import MEASURE_NAMES
 
@@ -262,6 +271,9 @@ class TrainConfig:
             data.pop("decay_biases_and_norms")
         if self.world_size == 1:  # and for single-process runs
             data.pop("world_size")
+        for name in ("measure_rho", "measure_samples"):  # and for the measures' default settings
+            if data[name] == _DEFAULTS[name]:
+                data.pop(name)
         return data
 
     def dataset_options(self) -> dict[str, Any]:
@@ -299,6 +311,7 @@ def _check_range(name: str, value: Any, low: float, high: float, *, low_open: bo
         raise ValueError(f"Invalid {name} value: {value} (expected {low} {lo} {name} {hi} {high})")
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if str(f.type).startswith("float"))
 
 

@@ -525,7 +525,7 @@ class _Run:
             x, y = next(batches(self.train_set, self.config.measure_examples, None))  # not augmented
             self._measure_batch = (x.to(self.device), y.to(self.device))
         values = measure_model(self.model, self.loss_fn, self._measure_batch, self.config.measures,
-                               seed=self.config.seed)
+                               rho=self.config.measure_rho, samples=self.config.measure_samples, seed=self.config.seed)
         return {f"sharpness.{name}": m["value"] for name, m in values.items()}
 
     # ------------------------------------------------------------------------------------ checkpoints
