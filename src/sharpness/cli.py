@@ -379,13 +379,16 @@ def report_command(
              "has it)")] = None,
     html: Annotated[bool, typer.Option("--html/--markdown", help="write report.html instead of report.md")] = False,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="draw the PNG figures")] = True,
+    select: Annotated[str, typer.Option(
+        help="the epoch each run is reported at: final, best-val (highest validation accuracy; needs runs "
+             "trained with --validation) or best-test (highest test accuracy: optimistic)")] = "final",
 ) -> None:
     """Tables of mean +/- std over seeds, paired comparisons against a baseline, and figures."""
     from .harness.report import build_report
 
     try:
         page = build_report(db, out, baseline=baseline or "erm", fmt="html" if html else "markdown",
-                            figures=figures, require_baseline=baseline is not None)
+                            figures=figures, require_baseline=baseline is not None, select=select)
     except USER_ERRORS as exc:
         _fail(exc)
     typer.echo(f"wrote {page}")

@@ -9,6 +9,12 @@ Statistics: ``std`` is the sample standard deviation (``ddof=1``); with one seed
 that are missing or not finite (a diverged run) are left out of a cell and the cell says on how many runs it
 rests. Paired differences are ``setting − baseline`` in percentage points of test accuracy over the seeds both
 have; when ``group_by`` lumps several runs with one seed into a setting, those runs are averaged first.
+
+Selection (``select``): each run is reported at its final record (``"final"``, the default), or at one epoch's
+record, the same epoch for every cell and paired difference of that run: the epoch with the highest validation
+accuracy (``"best-val"``, runs trained with ``validation > 0``) or the highest test accuracy (``"best-test"``,
+selection on the test set: an optimistic estimate, reported as the GAM code does). Ties go to the earliest epoch;
+a non-finite accuracy is never selected. The curves are the same under every selection.
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ from .._io import atomic_open, write_text_atomically
 from .config import TrainConfig
 from .store import RunRecord, Store
 
-__all__ = ["CONTEXT_KEYS", "REPORT_FORMATS", "RunGroup", "build_report", "group_runs"]
+__all__ = ["CONTEXT_KEYS", "REPORT_FORMATS", "SELECTIONS", "RunGroup", "build_report", "group_runs"]
 
 REPORT_FORMATS = ("markdown", "html")
+# Which record a run is reported at: its final one, or the epoch with the best validation / test accuracy.
+SELECTIONS = ("final", "best-val", "best-test")
+_SELECTION_KEYS = {"best-val": "val_acc", "best-test": "test_acc"}
 # The fields that decide whether two settings may be compared at all: same data, same network, same budget.
 CONTEXT_KEYS = ("dataset", "model", "epochs", "budget_steps", "budget_grad_evals")
 _ENV_KEYS = ("torch", "git_commit", "sharpness", "python", "device", "platform")
@@ -229,6 +238,7 @@ _METRICS: tuple[Metric, ...] = (
     ("Wall time (s)", "wall_time", ".1f", 1.0, 0.0),
 )
 _VALIDATION: Metric = ("Val acc (%)", "val_acc", ".2f", 100.0, 0.0)
+_EPOCH: Metric = ("Epoch", "epoch", ".1f", 1.0, 0.0)  # the selected epoch (best-val / best-test only)
 _SHARPNESS_PREFIX = "sharpness."
 
 
@@ -242,24 +252,51 @@ def _final(run: RunRecord, key: str) -> Any:
     return None
 
 
-def _metrics(groups: Sequence[RunGroup]) -> list[Metric]:
+def _selected_epoch(run: RunRecord, select: str) -> Mapping[str, Any] | None:
+    """The epoch record a best-epoch selection (``"best-val"``/``"best-test"``) reports ``run`` at: the earliest
+    epoch with the highest finite validation / test accuracy; None when no epoch has a finite one."""
+    key = _SELECTION_KEYS[select]
+    best: tuple[float, Mapping[str, Any]] | None = None
+    for record in run.epochs:
+        acc = _finite([record.get(key)])
+        if acc and (best is None or acc[0] > best[0]):  # strictly greater: a tie keeps the earlier epoch
+            best = (acc[0], record)
+    return None if best is None else best[1]
+
+
+def _value(run: RunRecord, key: str, select: str) -> Any:
+    """A run's value of ``key`` as the tables show it: its final value (``"final"``) or its selected epoch's
+    (other selections). Every table cell and paired difference reads values here, so all of a run's numbers
+    come from one record."""
+    if select == "final":
+        return _final(run, key)
+    record = _selected_epoch(run, select)
+    return None if record is None else record.get(key)
+
+
+def _metrics(groups: Sequence[RunGroup], select: str = "final") -> list[Metric]:
     """The table's columns: the fixed ones, validation accuracy when some run has it (``--validation``), and
-    each sharpness measure's final value when some run measured it (``--measure``)."""
+    each sharpness measure's final value when some run measured it (``--measure``). Under a best-epoch selection
+    the selected epoch (mean over runs) comes first and no title says "Final"."""
     runs = [r for g in groups for r in g.runs]
     metrics = list(_METRICS)
-    if any(_finite([r.summary.get("val_acc")]) for r in runs):
+    if any(_finite([_value(r, "val_acc", select)]) for r in runs):
         metrics.insert(2, _VALIDATION)
     measured = {k for r in runs for k in (*r.summary, *(r.epochs[-1] if r.epochs else ()))
                 if k.startswith(_SHARPNESS_PREFIX)}
     metrics += [(f"Final {key.removeprefix(_SHARPNESS_PREFIX)}", key, ".4g", 1.0, 0.0) for key in sorted(measured)]
+    if select != "final":
+        metrics = [_EPOCH] + [("Train loss" if title == "Final train loss" else title.removeprefix("Final "), *rest)
+                              for title, *rest in metrics]
     return metrics
 
 
-def _per_seed_acc(group: RunGroup) -> dict[Any, float]:
-    """Test accuracy (%) per seed; several runs with one seed (pooled by ``group_by``) are averaged."""
+def _per_seed_acc(group: RunGroup, select: str = "final") -> dict[Any, float]:
+    """Test accuracy (%) per seed at the ``select``ed record; several runs with one seed (pooled by
+    ``group_by``) are averaged."""
     values: dict[Any, list[float]] = {}
     for run in group.runs:
-        acc = _finite([run.summary.get("test_acc")])
+        acc = _finite([_value(run, "test_acc", select)])
         if acc:
             values.setdefault(run.config.get("seed"), []).append(100.0 * acc[0])
     return {seed: statistics.fmean(v) for seed, v in values.items()}
@@ -296,20 +333,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "runs"
 
 
-def _results_table(groups: Sequence[RunGroup]) -> Block:
-    metrics = _metrics(groups)
+def _results_table(groups: Sequence[RunGroup], select: str = "final") -> Block:
+    metrics = _metrics(groups, select)
     headers = ["Setting", "n", "Seeds"] + [title for title, *_ in metrics]
     rows = []
     for g in groups:
         n = len(g.runs)
         row = [g.label, str(n), _seed_list(g.seeds)]
         for _, key, spec, scale, offset in metrics:
-            row.append(_cell([_final(r, key) for r in g.runs], n, spec, scale, offset))
+            row.append(_cell([_value(r, key, select) for r in g.runs], n, spec, scale, offset))
         rows.append(row)
     return ("table", headers, rows)
 
 
-def _paired_blocks(groups: Sequence[RunGroup], baseline: str) -> list[Block]:
+def _paired_blocks(groups: Sequence[RunGroup], baseline: str, select: str = "final") -> list[Block]:
     bases = _find_baselines(groups, baseline)
     if not bases:
         labels = ", ".join(g.label for g in groups)
@@ -318,11 +355,11 @@ def _paired_blocks(groups: Sequence[RunGroup], baseline: str) -> list[Block]:
     headers = ["Setting", "Baseline", "Δ acc (pp), mean ± std", "Pairs", "Wins", "Seeds missing"]
     rows = []
     for base in bases:
-        base_acc = _per_seed_acc(base)
+        base_acc = _per_seed_acc(base, select)
         for g in groups:
             if g is base:
                 continue
-            acc = _per_seed_acc(g)
+            acc = _per_seed_acc(g, select)
             common = sorted(set(acc) & set(base_acc), key=_sort_key)
             diffs = [acc[s] - base_acc[s] for s in common]
             if diffs:
@@ -538,10 +575,34 @@ def _render_html(blocks: Sequence[Block], title: str) -> str:
 
 
 
+# ------------------------------------------------------------------------------------------------- selection
+_SELECTION_NOTES = {
+    "best-val": ("Selected per run: the epoch with the highest validation accuracy (ties: the earliest). Every "
+                 "cell and the paired differences come from that epoch's record; Epoch is the mean selected epoch."),
+    "best-test": ("Selected per run: the epoch with the highest test accuracy (selection on the test set: an "
+                  "optimistic estimate, as in the GAM code; ties: the earliest). Every cell and the paired "
+                  "differences come from that epoch's record; Epoch is the mean selected epoch."),
+}
+
+
+def _check_selectable(runs: Sequence[RunRecord], select: str, source: str) -> None:
+    """A best-epoch selection needs every reported run to carry the accuracy it selects on in its epoch records;
+    a run without them would silently drop out of every cell, so it is an error that says what to do."""
+    key = _SELECTION_KEYS[select]
+    lacking = [r for r in runs if not any(key in record for record in r.epochs)]
+    if not lacking:
+        return
+    what = "validation accuracy (val_acc)" if select == "best-val" else "test accuracy (test_acc)"
+    remedy = ("train with validation > 0 (--validation 0.1) or use select='final' or 'best-test'"
+              if select == "best-val" else "use select='final'")
+    raise ValueError(f"Cannot select {select}: {len(lacking)} of the {len(runs)} runs in {source} have no "
+                     f"per-epoch {what} (e.g. run {lacking[0].run_key}); {remedy}")
+
+
 # ------------------------------------------------------------------------------------------------- entry point
 def build_report(store: Store | str | os.PathLike[str], out_dir: str | os.PathLike[str], *, baseline: str = "erm",
                  group_by: Sequence[str] | None = None, fmt: str = "markdown", figures: bool = True,
-                 require_baseline: bool = False) -> Path:
+                 require_baseline: bool = False, select: str = "final") -> Path:
     """Write a comparison report of the runs in ``store`` to ``out_dir``; returns the page's path.
 
     Args:
@@ -554,6 +615,13 @@ def build_report(store: Store | str | os.PathLike[str], out_dir: str | os.PathLi
         figures: draw the training-curve figures (needs matplotlib).
         require_baseline: a ``baseline`` that matches no setting is an error (a misspelled name), not a note
             on the page (the default, for the default ``"erm"`` in a store without ERM runs).
+        select: the record each run is reported at in the tables and paired differences: ``"final"`` (its
+            final record), ``"best-val"`` (the epoch with the highest validation accuracy; every run must have
+            been trained with ``validation > 0``) or ``"best-test"`` (the epoch with the highest test accuracy:
+            selection on the test set, an optimistic estimate, as the GAM code reports). Ties go to the earliest
+            epoch. Under a best-epoch selection the table adds an ``Epoch`` column (mean selected epoch) and a
+            line under it says how the epoch was selected; a measure not taken at the selected epoch
+            (``measure_every > 1``) is left out of its cell. The curves do not change.
 
     Example::
 
@@ -561,6 +629,8 @@ def build_report(store: Store | str | os.PathLike[str], out_dir: str | os.PathLi
     """
     if not isinstance(fmt, str) or fmt not in REPORT_FORMATS:
         raise ValueError(f"Invalid fmt value: {fmt!r} (expected one of {', '.join(REPORT_FORMATS)})")
+    if not isinstance(select, str) or select not in SELECTIONS:
+        raise ValueError(f"Invalid select value: {select!r} (expected one of {', '.join(SELECTIONS)})")
     if not isinstance(baseline, str) or not baseline:
         raise TypeError(f"Invalid baseline type: {baseline!r} (expected a setting label or optimizer name)")
     if isinstance(store, Store):
@@ -581,6 +651,8 @@ def build_report(store: Store | str | os.PathLike[str], out_dir: str | os.PathLi
     if require_baseline and not _find_baselines(groups, baseline):
         raise ValueError(f"Unknown baseline {baseline!r}: no setting label or optimizer name in {source} matches "
                          f"(expected one of {', '.join(_baseline_choices(groups))})")
+    if select != "final":
+        _check_selectable([r for g in groups for r in g.runs], select, source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     contexts: dict[tuple[tuple[str, Any], ...], list[RunGroup]] = {}
@@ -605,8 +677,12 @@ def build_report(store: Store | str | os.PathLike[str], out_dir: str | os.PathLi
         if shared:
             blocks.append(("p", "Shared settings: " + ", ".join(f"{k}={_format_value(v)}"
                                                                  for k, v in sorted(shared.items()))))
-        blocks += [("h", 3, "Final metrics"), _results_table(members)]
-        blocks += [("h", 3, f"Paired against `{baseline}`")] + _paired_blocks(members, baseline)
+        if select == "final":
+            blocks += [("h", 3, "Final metrics"), _results_table(members)]
+        else:
+            blocks += [("h", 3, "Metrics at the selected epoch"), _results_table(members, select),
+                       ("p", _SELECTION_NOTES[select])]
+        blocks += [("h", 3, f"Paired against `{baseline}`")] + _paired_blocks(members, baseline, select)
         if figures:
             prefix = "" if len(contexts) == 1 else _slug(heading) + "_"
             blocks += [("h", 3, "Curves")] + _figure_blocks(members, out, prefix)
