@@ -141,3 +141,25 @@ def test_command_line_sets_and_stores_them(tmp_path):
     assert run.config["decay_biases_and_norms"] is False
     bad = CliRunner().invoke(app, ["train", "--base-opt", "nesterov=true", "--momentum", "0", "-q"])
     assert bad.exit_code == 2 and "Nesterov momentum requires a momentum" in " ".join(bad.output.split())
+
+
+def test_weight_decay_groups_for_a_hand_built_optimizer():
+    """The public helper behind ``decay_biases_and_norms = false``: matrices and kernels decay, the rest not."""
+    import sharpness
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 3, 5, 5))  # materialise the lazy layer
+    model[0].bias.requires_grad_(False)
+    groups = sharpness.weight_decay_groups(model, 0.05)
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert [id(p) for p in groups[0]["params"]] == [id(model[0].weight), id(model[3].weight)]
+    assert [id(p) for p in groups[1]["params"]] == [id(model[1].weight), id(model[1].bias), id(model[3].bias)]
+    assert sharpness.weight_decay_groups(list(model.parameters()), 0.05) == groups  # a list of parameters too
+    opt = sharpness.SAM(torch.optim.AdamW(groups, lr=1e-3), rho=0.05)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert build_base_optimizer(TrainConfig(weight_decay=0.05, decay_biases_and_norms=False),
+                                model).param_groups[1]["params"] == groups[1]["params"]
+    for bad in (-0.1, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match="Invalid weight_decay value"):
+            sharpness.weight_decay_groups(model, bad)

@@ -24,6 +24,7 @@ from .optim import (
     UniversalSAM,
     make_closure,
 )
+from .param_groups import weight_decay_groups
 from .registry import OptimizerInfo, create, get_optimizer_info, list_optimizers, register_optimizer
 
 __version__ = "0.1.0"
@@ -57,4 +58,5 @@ __all__ = [
     "policies",
     "register_optimizer",
     "rules",
+    "weight_decay_groups",
 ]

@@ -26,6 +26,7 @@ from .. import __version__, _foreach
 from ..data._random import make_generator
 from ..data.resident import as_resident, check_shard, resident_batches, shard_bounds
 from ..optim.closure import make_closure
+from ..param_groups import weight_decay_groups
 from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import BASE_CLASSES, TrainConfig
@@ -163,12 +164,10 @@ def build_base_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.O
     With ``decay_biases_and_norms=False`` the parameters with at most one dimension (biases, normalization
     scales and shifts) form a second param group with weight decay 0 (nanoGPT's and timm's rule).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups: list[dict[str, Any]] = [{"params": params}]
-    if not config.decay_biases_and_norms:
-        groups = [{"params": [p for p in params if p.ndim >= 2]},
-                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
+    if config.decay_biases_and_norms:
+        groups: list[Any] = [p for p in model.parameters() if p.requires_grad]
+    else:
+        groups = weight_decay_groups(model, config.weight_decay)
     momentum = {"momentum": config.momentum} if config.base == "sgd" else {}
     return BASE_CLASSES[config.base](groups, lr=config.lr, weight_decay=config.weight_decay, **momentum,
                                      **config.base_options)
