@@ -163,3 +163,30 @@ def test_weight_decay_groups_for_a_hand_built_optimizer():
     for bad in (-0.1, float("nan"), "0.1", True):
         with pytest.raises(ValueError, match="Invalid weight_decay value"):
             sharpness.weight_decay_groups(model, bad)
+
+
+def test_sweep_files_merge_base_options_key_by_key_and_match_them(tmp_path):
+    from sharpness.harness import plan_sweep
+
+    path = tmp_path / "sweep.toml"
+    path.write_text("""
+seeds = [0]
+[base]
+dataset = "digits"
+model = "mlp"
+base = "adam"
+budget_steps = 4
+base_options = { betas = [0.9, 0.95] }
+[[methods]]
+optimizer = "erm"
+"base_options.eps" = 1e-6
+[[methods]]
+optimizer = "sam"
+decay_biases_and_norms = false
+[[overrides]]
+match = { optimizer = "sam", "base_options.betas" = [0.9, 0.95] }
+"base_options.amsgrad" = true
+""")
+    erm, sam = plan_sweep(path).configs
+    assert erm.base_options == {"betas": (0.9, 0.95), "eps": 1e-6}
+    assert sam.base_options == {"betas": (0.9, 0.95), "amsgrad": True} and not sam.decay_biases_and_norms

@@ -25,20 +25,31 @@ A sweep file (paths are relative to the file; every key is optional)::
     [[overrides]]                    # optional: set fields of every run whose config matches `match`
     match = { dataset = "cifar100", optimizer = "sam" }
     optimizer_options = { rho = 0.1 }
+    [[excludes]]                     # optional: leave out every run whose config matches `match`
+    match = { dataset = "cifar100", base = "adam" }
 
 Runs are ``datasets x variants x methods x grid points x seeds``, in that order. A run's fields come from
-base, then its variant, then its method, then its grid point (``optimizer_options``, ``model_options`` and
-``data_options`` merge key by key; other fields are replaced; a budget set at one level replaces the
-budgets of the levels before it). A variant may not set a field (or option) that a method or the grid also
-sets. Then every override whose ``match`` holds for the run as those levels define it (each key a
-TrainConfig field or ``optimizer_options.X`` / ``model_options.X`` / ``data_options.X``, compared with ``==``
-to the config's value, defaults included; an override's own changes are not matched by another) applies
-its fields, in file order, so a later override wins where two set one field; an override that
+base, then its variant, then its method, then its grid point (``optimizer_options``, ``model_options``,
+``data_options`` and ``base_options`` merge key by key; other fields are replaced; a budget set at one level
+replaces the budgets of the levels before it). A variant may not set a field (or option) that a method or the
+grid also sets. Then every override whose ``match`` holds for the run as those levels define it (each key a
+TrainConfig field or ``optimizer_options.X`` / ``model_options.X`` / ``data_options.X`` / ``base_options.X``,
+compared with ``==`` to the config's value, defaults included; an override's own changes are not matched by
+another) applies its fields, in file order, so a later override wins where two set one field; an override that
 matches no run is an error (a typo would otherwise silently change nothing). Overrides encode a paper's
-per-setting hyperparameters (its "rho = 0.1 on CIFAR-100") without one file per setting.
+per-setting hyperparameters (its "rho = 0.1 on CIFAR-100") without one file per setting. A run that an
+exclude's ``match`` (the only key of an ``[[excludes]]`` table; same keys and comparison as an override's)
+holds for is left out; excludes are matched before overrides, against the same view (the run as base,
+variant, method and grid define it), so what an override changes cannot exclude a run or save it from
+exclusion. An exclude that matches no run is an error (as for overrides; one whose runs another exclude
+also leaves out is not), and so is an override that matches only excluded runs (it would change nothing),
+or excludes that leave no run. Excludes encode a paper's tables that cover different networks or methods
+per data set (SALR's CIFAR-100 table has no Adam half) in one file.
 Integers given for float fields (``lr = 1``) become floats, so a run has the same key as from the CLI.
 Every config is built and checked (names against the registries, values by ``TrainConfig``) before
-anything trains. TOML needs Python >= 3.11 (``tomllib``) or the ``tomli`` package; YAML needs ``pyyaml``.
+anything trains; an excluded run is not checked (a combination that is invalid may be excluded: a run that
+does not build is matched against its fields as the levels give them, defaults included). TOML needs
+Python >= 3.11 (``tomllib``) or the ``tomli`` package; YAML needs ``pyyaml``.
 
 Crash safety (``kill -9`` at any moment, then rerun): a run enters the store only through
 ``Store.write_run`` (one transaction, primary key = run key), so it is stored at most once; its checkpoint
@@ -81,9 +92,10 @@ __all__ = ["SweepPlan", "SweepResult", "load_sweep_file", "plan_sweep", "run_swe
 
 Log = Callable[[str], None]
 
-_TOP_KEYS = ("base", "checkpoint_dir", "datasets", "db", "grid", "methods", "overrides", "seeds", "variants")
+_TOP_KEYS = ("base", "checkpoint_dir", "datasets", "db", "excludes", "grid", "methods", "overrides", "seeds",
+             "variants")
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_OPTION_FIELDS = ("optimizer_options", "model_options", "data_options")
+_OPTION_FIELDS = ("optimizer_options", "model_options", "data_options", "base_options")
 _BUDGETS = ("epochs", "budget_steps", "budget_grad_evals")
 
 
@@ -196,6 +208,8 @@ def expand_sweep(spec: Mapping[str, Any], *, where: str = "sweep") -> list[Train
         _check_fields(variant, f"{where} variants[{index}]")
     overrides = [_check_override(table, f"{where} overrides[{index}]")
                  for index, table in enumerate(_tables(spec, "overrides", where, default=[]))]
+    excludes = [_check_exclude(table, f"{where} excludes[{index}]")
+                for index, table in enumerate(_tables(spec, "excludes", where, default=[]))]
     global_grid = _check_grid(spec.get("grid", {}), f"{where} [grid]")
 
     seeds = spec.get("seeds")
@@ -216,7 +230,11 @@ def expand_sweep(spec: Mapping[str, Any], *, where: str = "sweep") -> list[Train
 
     configs: list[TrainConfig] = []
     seen: dict[str, str] = {}
+    override_matches = [match for match, _ in overrides]
     matched = [0] * len(overrides)
+    matched_excluded = [0] * len(overrides)  # runs an override matches that excludes leave out
+    excluded = [0] * len(excludes)
+    runs = 0
     for dataset in datasets if datasets is not None else [None]:
         for v_index, variant in enumerate(variants):
             v_label = f" variants[{v_index}]" if len(variants) > 1 else ""
@@ -238,26 +256,44 @@ def expand_sweep(spec: Mapping[str, Any], *, where: str = "sweep") -> list[Train
                             f", dataset {dataset!r}" if dataset is not None else "")
                         layers = [base, variant, fields, point_dict]
                         axes = {"seed": seed, "dataset": dataset}
-                        config = _build(layers, axes, context)
-                        if overrides:
+                        runs += 1
+                        error: Exception | None = None
+                        try:
+                            config = _build(layers, axes, context)
+                        except (TypeError, ValueError) as exc:
+                            if not excludes:
+                                raise
+                            error, current = exc, _merge(layers, axes)  # an invalid run may still be excluded
+                        else:
                             current = config.to_dict()
-                            chosen = [i for i, (match, _) in enumerate(overrides) if _matches(current, match)]
+                        chosen = _matching(current, override_matches)
+                        left_out = _matching(current, excludes)
+                        if left_out:  # before overrides: excludes and overrides see the same run
+                            for i in left_out:
+                                excluded[i] += 1
                             for i in chosen:
-                                matched[i] += 1
-                            if chosen:
-                                config = _build([*layers, *(overrides[i][1] for i in chosen)], axes,
-                                                context + f", overrides {chosen}")
+                                matched_excluded[i] += 1
+                            continue
+                        if error is not None:
+                            raise error
+                        for i in chosen:
+                            matched[i] += 1
+                        if chosen:
+                            config = _build([*layers, *(overrides[i][1] for i in chosen)], axes,
+                                            context + f", overrides {chosen}")
                         key = run_key(config.to_dict())
                         if key in seen:
                             raise ValueError(f"Duplicate run in {where}: {context} is the same config as "
                                              f"{seen[key]} (run {key}); remove one of them")
                         seen[key] = context
                         configs.append(config)
-    unused = [i for i, count in enumerate(matched) if count == 0]
-    if unused:
-        raise ValueError(f"Override(s) {unused} in {where} match no run: "
-                         + "; ".join(f"match = {dict(overrides[i][0])}" for i in unused)
-                         + " (check the field names and values against the runs that --dry-run lists)")
+    _check_matched("Exclude", excludes, excluded, where)
+    if not configs:
+        raise ValueError(f"Invalid excludes in {where}: they leave out all {runs} runs (expected at least one "
+                         "run to remain)")
+    hidden = [i for i, count in enumerate(matched) if count == 0 and matched_excluded[i]]
+    _check_matched("Override", override_matches, matched, where,
+                   f"; override(s) {hidden} match only runs that [[excludes]] leave out" if hidden else "")
     return configs
 
 
@@ -273,7 +309,26 @@ def _tables(spec: Mapping[str, Any], name: str, where: str, default: list[Any] |
 
 def _check_override(override: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split an override table into its ``match`` (checked keys) and the fields it sets."""
-    match = override.get("match")
+    match = _check_match(override.get("match"), where)
+    fields = {k: v for k, v in override.items() if k != "match"}
+    if not fields:
+        raise ValueError(f"Invalid override in {where}: it sets no field (add the fields to set beside match)")
+    _check_fields(fields, where)
+    return match, fields
+
+
+def _check_exclude(exclude: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """An exclude table's ``match`` (checked keys); an exclude has no other key, so a field set beside the match
+    (meant for an override, or a mistyped match) is an error rather than silently ignored."""
+    other = sorted(k for k in exclude if k != "match")
+    if other:
+        raise ValueError(f"Unknown key(s) {other} in {where} (expected only match = {{ field = value, ... }}; "
+                         "to change the fields of matching runs use [[overrides]])")
+    return _check_match(exclude.get("match"), where)
+
+
+def _check_match(match: Any, where: str) -> dict[str, Any]:
+    """A ``match`` table of an override or exclude: non-empty, each key a TrainConfig field or a dotted option."""
     if not isinstance(match, Mapping) or not match:
         raise ValueError(f"Invalid match in {where}: {match!r} (expected a non-empty table of field = value, "
                          'e.g. match = { dataset = "cifar100" })')
@@ -282,11 +337,17 @@ def _check_override(override: Mapping[str, Any], where: str) -> tuple[dict[str, 
         if option and prefix not in _OPTION_FIELDS or not option and name not in _FIELDS:
             raise ValueError(f"Unknown match key {name!r} in {where} (expected a TrainConfig field or "
                              f"{' / '.join(f'{o}.X' for o in _OPTION_FIELDS)})")
-    fields = {k: v for k, v in override.items() if k != "match"}
-    if not fields:
-        raise ValueError(f"Invalid override in {where}: it sets no field (add the fields to set beside match)")
-    _check_fields(fields, where)
-    return dict(match), fields
+    return dict(match)
+
+
+def _check_matched(kind: str, matches: list[dict[str, Any]], counts: list[int], where: str, hint: str = "") -> None:
+    """An override or exclude that matches no run is an error: a typo in its match would otherwise silently change
+    (or leave out) nothing."""
+    unused = [i for i, count in enumerate(counts) if count == 0]
+    if unused:
+        raise ValueError(f"{kind}(s) {unused} in {where} match no run: "
+                         + "; ".join(f"match = {matches[i]}" for i in unused)
+                         + f" (check the field names and values against the runs that --dry-run lists{hint})")
 
 
 def _check_variant(variant: Mapping[str, Any], method: Mapping[str, Any], grid: Mapping[str, Any],
@@ -320,11 +381,22 @@ def _layer(fields: Mapping[str, Any]) -> dict[str, Any]:
     return layer
 
 
+def _matching(config: Mapping[str, Any], matches: list[dict[str, Any]]) -> list[int]:
+    """The indices of the ``match`` tables (of overrides or excludes) that hold for ``config``."""
+    return [i for i, match in enumerate(matches) if _matches(config, match)]
+
+
 def _matches(config: Mapping[str, Any], match: Mapping[str, Any]) -> bool:
+    """Whether every key of ``match`` equals the config's value (a field or dotted option; an unset field counts
+    as its TrainConfig default, an unset option matches nothing)."""
     missing = object()
     for name, wanted in match.items():
         prefix, _, option = name.partition(".")
-        value = config.get(prefix, {}).get(option, missing) if option else config.get(name, missing)
+        if option:
+            options = config.get(prefix, {})  # not a table only in a run that did not build (see expand_sweep)
+            value = options.get(option, missing) if isinstance(options, Mapping) else missing
+        else:
+            value = config.get(name, missing)
         if value is missing:
             if option or name not in _FIELDS:
                 return False
@@ -387,8 +459,20 @@ def _check_conflicts(sections: Mapping[str, Mapping[str, Any]], seeds: Any, data
 
 
 def _build(layers: list[Mapping[str, Any]], axes: Mapping[str, Any], context: str) -> TrainConfig:
-    """A config from layers of fields applied in order (options merge key by key; a layer that sets a budget
-    replaces the budgets of the layers before it), then the axes (seed, dataset) that are given."""
+    """A config from layers of fields applied in order (see :func:`_merge`), checked."""
+    values = _merge(layers, axes)
+    try:
+        config = TrainConfig(**values)
+        _check_names(config)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{context}: {exc}") from exc
+    return config
+
+
+def _merge(layers: list[Mapping[str, Any]], axes: Mapping[str, Any]) -> dict[str, Any]:
+    """The TrainConfig fields that layers of fields applied in order set (options merge key by key; a layer that
+    sets a budget replaces the budgets of the layers before it), then the axes (seed, dataset) that are given;
+    unchecked, and without the fields no layer sets."""
     values: dict[str, Any] = {name: {} for name in _OPTION_FIELDS}
     budget_set = False
     for layer in map(_layer, layers):
@@ -404,12 +488,7 @@ def _build(layers: list[Mapping[str, Any]], axes: Mapping[str, Any], context: st
     if not budget_set:
         for name in _BUDGETS:  # TrainConfig's default budget (epochs=20)
             values.pop(name, None)
-    try:
-        config = TrainConfig(**values)
-        _check_names(config)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{context}: {exc}") from exc
-    return config
+    return values
 
 
 def _check_names(config: TrainConfig) -> None:
