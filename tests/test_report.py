@@ -251,3 +251,35 @@ def test_a_seed_stored_twice_under_two_ids_is_counted_once(tmp_path):
     # a pooled setting (group_by) keeps every run: several per seed are what pooling means
     (pooled,) = group_runs(runs, group_by=["optimizer"])
     assert len(pooled.runs) == 3
+
+
+def test_several_baseline_settings_pair_each_setting_with_its_nearest(tmp_path):
+    """ERM on SGD and on Adam, and SWA (optimizer erm too): SAM on Adam is compared with ERM on Adam only, SWA
+    with ERM on SGD; the deltas are the by-hand paired means and sample stds over seeds."""
+    acc = {("erm", "sgd"): [0.90, 0.91, 0.92], ("erm", "adam"): [0.80, 0.82, 0.84],
+           ("sam", "sgd"): [0.93, 0.93, 0.95], ("sam", "adam"): [0.81, 0.85, 0.84], ("swa", "sgd"): [0.92, 0.90, 0.93]}
+    path = tmp_path / "results.sqlite"
+    with Store(path) as store:
+        for (method, base), values in acc.items():
+            for seed, value in enumerate(values):
+                fields = {"base": base, **({"lr": 1e-3} if base == "adam" else {})}
+                if method == "swa":
+                    fields.update(swa_start=0.75, swa_lr=0.05, swa_lr_min=0.001)
+                _write(store, "erm" if method == "swa" else method, seed, value, 0.1, **fields)
+    text = build_report(path, tmp_path / "out", figures=False).read_text()
+    rows = _table_rows(text, "Setting | Baseline")
+    pairs = {(row["Setting"].split("(")[0] + ("/swa" if "swa_start=0.75" in row["Setting"] else "")
+              + ("/adam" if "base=adam" in row["Setting"] else "/sgd"),
+              row["Baseline"].split("(")[0] + ("/adam" if "base=adam" in row["Baseline"] else "/sgd")):
+             row["Δ acc (pp), mean ± std"] for row in rows.values()}
+
+    def delta(a, b):
+        return _pm([100 * (x - y) for x, y in zip(acc[a], acc[b])], 2, sign=True)
+
+    assert pairs == {
+        ("sam/sgd", "erm/sgd"): delta(("sam", "sgd"), ("erm", "sgd")),
+        ("sam/adam", "erm/adam"): delta(("sam", "adam"), ("erm", "adam")),
+        ("erm/swa/sgd", "erm/sgd"): delta(("swa", "sgd"), ("erm", "sgd")),
+        ("erm/sgd", "erm/adam"): delta(("erm", "sgd"), ("erm", "adam")),  # once, not also the other way round
+    }
+    assert "3 settings match the baseline `erm` here" in text

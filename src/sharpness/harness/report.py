@@ -311,6 +311,20 @@ def _find_baselines(groups: Sequence[RunGroup], baseline: str) -> list[RunGroup]
     return exact or [g for g in groups if g.settings.get("optimizer") == baseline]
 
 
+def _nearest_baselines(group: RunGroup, bases: Sequence[RunGroup]) -> list[RunGroup]:
+    """The baseline settings ``group`` is paired with: those other than itself whose settings differ from its
+    own in the fewest config fields (all of them at equal distance). With one baseline setting in a context
+    every other setting pairs with it; with several (ERM on SGD and on Adam, ERM and SWA, which is ERM too),
+    each pairs with its own kind."""
+    others = [b for b in bases if b is not group]
+    if not others:
+        return []
+    distance = {id(b): sum(group.settings.get(k, _MISSING) != b.settings.get(k, _MISSING)
+                           for k in group.settings.keys() | b.settings.keys()) for b in others}
+    nearest = min(distance.values())
+    return [b for b in others if distance[id(b)] == nearest]
+
+
 def _seed_list(seeds: Sequence[Any]) -> str:
     return ", ".join(str(s) for s in sorted(seeds, key=_sort_key))
 
@@ -354,11 +368,13 @@ def _paired_blocks(groups: Sequence[RunGroup], baseline: str, select: str = "fin
                       "paired comparisons are skipped. Pass `baseline=` one of these labels or optimizer names."))]
     headers = ["Setting", "Baseline", "Δ acc (pp), mean ± std", "Pairs", "Wins", "Seeds missing"]
     rows = []
-    for base in bases:
-        base_acc = _per_seed_acc(base, select)
-        for g in groups:
-            if g is base:
+    paired: set[frozenset[int]] = set()
+    for g in groups:
+        for base in _nearest_baselines(g, bases):
+            if frozenset((id(g), id(base))) in paired:  # two baselines nearest each other: one row
                 continue
+            paired.add(frozenset((id(g), id(base))))
+            base_acc = _per_seed_acc(base, select)
             acc = _per_seed_acc(g, select)
             common = sorted(set(acc) & set(base_acc), key=_sort_key)
             diffs = [acc[s] - base_acc[s] for s in common]
@@ -377,6 +393,10 @@ def _paired_blocks(groups: Sequence[RunGroup], baseline: str, select: str = "fin
                 missing.append(f"{_seed_list(only_here)} (from {base.label})")
             rows.append([g.label, base.label, delta, str(len(diffs)), wins, "; ".join(missing) or "none"])
     blocks: list[Block] = [("table", headers, rows)]
+    if len(bases) > 1:
+        blocks.append(("p", (f"{len(bases)} settings match the baseline `{baseline}` here: each setting is paired "
+                             "with the one(s) nearest to it (fewest differing config fields), so a method on Adam "
+                             "is compared with Adam, not with SGD.")))
     if not rows:
         blocks = [("p", f"Only the baseline `{baseline}` ran in this context; nothing to compare.")]
     return blocks
