@@ -15,9 +15,9 @@ import torch
 
 __all__ = ["BASE_OPTIMIZERS", "SCHEDULES", "TrainConfig"]
 
-BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
 BASE_CLASSES: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
                                                        "adamw": torch.optim.AdamW}
+BASE_OPTIMIZERS = tuple(BASE_CLASSES)
 #: keywords of the base optimizers that are not ``base_options``: set by config fields, or not a setting of the run
 _NOT_BASE_OPTIONS = frozenset({"params", "lr", "momentum", "weight_decay", "foreach", "fused", "capturable",
                                "differentiable", "maximize", "decoupled_weight_decay"})
@@ -200,7 +200,6 @@ class TrainConfig:
         itself, with values of the default's type (a string ``"no"`` for ``nesterov`` would be true), and the
         base optimizer must accept them (built on a stand-in parameter: torch's own checks, e.g. Nesterov
         without momentum)."""
-        base_class = BASE_CLASSES[self.base]
         allowed = base_option_defaults(self.base)
         unknown = sorted(set(self.base_options) - set(allowed))
         if unknown:
@@ -226,12 +225,17 @@ class TrainConfig:
                 raise ValueError(f"Invalid base_options.{key} value: {value} (expected a finite number)")
             options[key] = value
         object.__setattr__(self, "base_options", options)
-        probe = [torch.zeros(1, requires_grad=True)]
-        momentum = {"momentum": self.momentum} if self.base == "sgd" else {}
         try:
-            base_class(probe, lr=self.lr, weight_decay=self.weight_decay, **momentum, **options)
+            self.base_optimizer([torch.zeros(1, requires_grad=True)])
         except ValueError as error:  # torch's message, e.g. "Invalid beta parameter at index 1: 1.5"
             raise ValueError(f"Invalid base_options {options} for base {self.base!r}: {error}") from None
+
+    def base_optimizer(self, params: Iterable[Any]) -> torch.optim.Optimizer:
+        """The base optimizer over ``params`` (tensors or param groups): ``base`` with ``lr``, ``momentum`` (SGD),
+        ``weight_decay`` and ``base_options``."""
+        momentum = {"momentum": self.momentum} if self.base == "sgd" else {}
+        return BASE_CLASSES[self.base](params, lr=self.lr, weight_decay=self.weight_decay, **momentum,
+                                       **self.base_options)
 
     _SWA_FIELDS = ("swa_start", "swa_lr", "swa_lr_min", "swa_cycle")
 

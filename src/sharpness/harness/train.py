@@ -29,7 +29,7 @@ from ..optim.closure import make_closure
 from ..param_groups import weight_decay_groups
 from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import BASE_CLASSES, TrainConfig
+from .config import TrainConfig
 
 __all__ = ["TrainResult", "check_compile_backend", "check_optimizer", "distributed_context", "environment",
            "lr_factor", "optimizer_option_names", "resolve_device", "train"]
@@ -168,9 +168,7 @@ def build_base_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.O
         groups: list[Any] = [p for p in model.parameters() if p.requires_grad]
     else:
         groups = weight_decay_groups(model, config.weight_decay)
-    momentum = {"momentum": config.momentum} if config.base == "sgd" else {}
-    return BASE_CLASSES[config.base](groups, lr=config.lr, weight_decay=config.weight_decay, **momentum,
-                                     **config.base_options)
+    return config.base_optimizer(groups)
 
 
 def planned_steps(config: TrainConfig, steps_per_epoch: int) -> int:
