@@ -12,11 +12,12 @@ import shutil
 
 import pytest
 import torch
-from helpers import classification_data, make_closure, make_optimizer, mlp, registered_names
+from torch import nn
 from typer.testing import CliRunner
 
 import sharpness
 import sharpness.measures as M
+from helpers import classification_data, make_closure, make_optimizer, mlp, registered_names
 from sharpness._compile import accepts_compiled, is_compiled_double_backward_error, uncompiled
 from sharpness.cli import app
 from sharpness.harness import TrainConfig, train
@@ -206,3 +207,96 @@ def test_cli_trains_with_compile():
                                       "--device", "cpu", "-q"])
     assert result.exit_code == 0, result.output
     assert "gradient evaluations 8" in result.output
+
+
+def _train_step_run(name, how, steps=4):
+    """``steps`` steps of ``name`` on an eager model; ``how``: ``eager``, ``compiled-step`` (``torch.compile(opt.step)``)
+    or ``compiled-function`` (a compiled function that builds the closure and calls ``opt.step``)."""
+    x, y = classification_data(0)
+    model = mlp(0)
+    opt = make_optimizer(name, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), total_steps=8)
+    step = torch.compile(opt.step, backend="eager") if how == "compiled-step" else opt.step
+
+    def train_step():
+        return step(make_closure(opt, model, x, y))
+
+    run = torch.compile(train_step, backend="eager") if how == "compiled-function" else train_step
+    torch.manual_seed(0)
+    losses = [float(run()) for _ in range(steps)]
+    return _weights(model), losses, opt
+
+
+def _counters(opt):
+    return {key: getattr(opt, key) for key in ("grad_evals", "steps", "sam_steps") if hasattr(opt, key)}
+
+
+@pytest.mark.parametrize("how", ["compiled-step", "compiled-function"])
+@pytest.mark.parametrize("name", NAMES)
+def test_a_compiled_optimizer_step_runs_eagerly_on_the_eager_trajectory(name, how):
+    """Dynamo drops attribute writes on ``torch.optim.Optimizer`` subclasses (pytorch/pytorch#171590): a compiled
+    ``SAM.step`` counted 3 gradient evaluations for 6 and left the weights 0.02 off. Every step-like method runs
+    eagerly when compiled code reaches it (GNR's exact HVPs included), so the run is the eager one bit for bit."""
+    eager, eager_losses, reference = _train_step_run(name, "eager")
+    compiled, losses, opt = _train_step_run(name, how)
+    assert not torch.equal(eager, _weights(mlp(0)))  # the steps moved the weights
+    assert torch.equal(compiled, eager)
+    assert losses == eager_losses
+    assert _counters(opt) == _counters(reference) and _counters(opt)["steps"] == 4
+    torch.testing.assert_close(opt.state_dict()["state"], reference.state_dict()["state"], rtol=0, atol=0)
+
+
+def test_the_two_phase_api_in_a_compiled_function_runs_eagerly():
+    def run(compiled):
+        x, y = classification_data(0)
+        model = mlp(0)
+        opt = sharpness.LookSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2, rho=0.05)
+
+        def loss():
+            out = nn.functional.cross_entropy(model(x), y)
+            out.backward()
+            return out
+
+        def train_step():
+            first = loss()
+            if opt.first_step(zero_grad=True):
+                loss()
+            opt.second_step(zero_grad=True)
+            return first
+
+        run_step = torch.compile(train_step, backend="eager") if compiled else train_step
+        losses = [float(run_step()) for _ in range(5)]
+        return _weights(model), losses, _counters(opt)
+
+    eager, compiled = run(False), run(True)
+    assert torch.equal(compiled[0], eager[0])
+    assert compiled[1:] == eager[1:]
+    assert eager[2] == {"grad_evals": 8, "steps": 5, "sam_steps": 3}  # SAM on steps 1, 3, 5 (k=2)
+
+
+def test_a_users_subclass_step_runs_eagerly_under_compile_too():
+    class CountingSAM(sharpness.SAM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.calls = 0
+
+        def step(self, closure=None):
+            self.calls += 1  # an attribute write dynamo would drop
+            return super().step(closure)
+
+    x, y = classification_data(0)
+    model = mlp(0)
+    opt = CountingSAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    step = torch.compile(opt.step, backend="eager")
+    for _ in range(3):
+        step(make_closure(opt, model, x, y))
+    assert (opt.calls, opt.steps, opt.grad_evals) == (3, 3, 6)
+
+
+def test_fullgraph_compile_of_a_step_names_the_method_that_runs_eagerly():
+    x, y = classification_data(0)
+    model = mlp(0)
+    opt = sharpness.SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.05)
+    before = _weights(model)
+    with pytest.raises(Exception, match=r"SharpnessAwareOptimizer\.step.*should not be traced"):
+        torch.compile(opt.step, backend="eager", fullgraph=True)(make_closure(opt, model, x, y))
+    assert torch.equal(_weights(model), before) and opt.steps == 0

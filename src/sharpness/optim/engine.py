@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.optim import optimizer as _torch_optimizer
 
 from .. import _foreach
+from .._compile import EagerUnderCompile
 from .._foreach import dot, global_norm, group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import check_bool, check_dense_grads, check_non_negative, check_wrapper_options
 from ..amp import check_not_unscaled, record_step, unscale_
@@ -94,7 +95,7 @@ def resolve_base_optimizer(
     return check_steps_without_closure(name, base_class(params_or_base, **base_kwargs))
 
 
-class SharpnessAwareOptimizer(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
+class SharpnessAwareOptimizer(EagerUnderCompile, FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     r"""Wraps a base optimizer with a perturbation rule and a policy (see the module docstring).
 
     Args:

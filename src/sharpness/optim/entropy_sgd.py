@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _foreach
+from .._compile import EagerUnderCompile
 from .._foreach import group_by_device_dtype, uses_foreach_option
 from .._validation import (
     check_bool,
@@ -37,7 +38,7 @@ _MEAN = "entropy_mean"  # mu, the running average of the chain
 _NOISE = "entropy_noise"  # the Langevin noise xi ~ N(0, I) of one inner step (only when noise > 0); flat per bucket
 
 
-class EntropySGD(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
+class EntropySGD(EagerUnderCompile, FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     r"""Entropy-SGD (Algorithm 1 of the paper): an outer step along the gradient of the local entropy.
 
     Per step, with the current weights ``x``, the scope ``gamma_t = gamma * gamma_growth**t`` and

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _foreach
+from .._compile import EagerUnderCompile
 from .._foreach import group_by_device_dtype, squared_norm, uses_foreach_option
 from .._validation import (
     check_bool,
@@ -73,7 +74,7 @@ class _RunningMedian:
         return (-self._low[0] + self._high[0]) / 2
 
 
-class SALR(FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
+class SALR(EagerUnderCompile, FiniteLossCheck, SharesBaseParamGroups, torch.optim.Optimizer):
     r"""Sharpness-aware learning rate: scale every group's learning rate by the relative local sharpness.
 
     Every ``every`` steps (the paper's ``c``) the step sharpness ``S_k`` is estimated on the current batch
