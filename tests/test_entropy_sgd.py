@@ -223,3 +223,108 @@ def test_langevin_noise_costs_one_draw_per_step_for_any_number_of_tensors():
     views = [opt.state[p]["entropy_noise"] for p in model.parameters()]
     assert [v.shape for v in views] == [p.shape for p in model.parameters()]
     assert len({v.untyped_storage().data_ptr() for v in views}) == 1
+
+
+# ---------------------------------------------------------------- fresh mini-batches for the Langevin steps
+SHIFTS = torch.tensor([[0.0, 0.0], [0.3, -0.1], [-0.2, 0.4], [0.5, 0.2], [-0.4, -0.3], [0.1, 0.6], [0.2, -0.5]],
+                      dtype=torch.float64)
+
+
+def batch_closure(opt, param, shifts, counter=None):
+    """A closure on a stream of "mini-batches" b with loss quad(w) + shift_b . w, the next one per call."""
+    stream = iter(shifts)
+
+    def closure():
+        shift = next(stream)
+        if counter is not None:
+            counter.append(shift)
+        opt.zero_grad()
+        loss = quad(param) + shift @ param
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_langevin_closure_gives_each_langevin_step_its_own_batch_as_algorithm_1():
+    """The paper's Algorithm 1 samples a mini-batch per Langevin step: step t's gradients are those of batch 0
+    (the training pass, at x) and then of fresh batches 1..L-1, by hand with the noise of the same seed."""
+    x = torch.tensor([1.0, -1.5], dtype=torch.float64)
+    param = nn.Parameter(x.clone())
+    opt = sharpness.EntropySGD(torch.optim.SGD([param], lr=0.5, momentum=0.9), langevin_steps=3, noise=1e-2,
+                               gamma=0.03, gamma_growth=1.5, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    buf = torch.zeros(2, dtype=torch.float64)
+    fresh = SHIFTS[1:]
+    for t in range(3):
+        used = []
+        loss = opt.step(batch_closure(opt, param, SHIFTS[:1]), langevin_closure=batch_closure(opt, param, fresh, used))
+        assert float(loss) == pytest.approx(float(quad(x)), rel=1e-14)
+        assert len(used) == 2  # L - 1 fresh batches
+        gamma = 0.03 * 1.5 ** t
+        xp, mu = x.clone(), x.clone()
+        for shift in [SHIFTS[0], *fresh[:2]]:
+            xp = xp - 0.1 * (quad_grad(xp) + shift + gamma * (xp - x)) + 0.1 ** 0.5 * 1e-2 * torch.randn(
+                2, generator=gen, dtype=x.dtype)
+            mu = 0.75 * mu + 0.25 * xp
+        buf = 0.9 * buf + (x - mu) if t else x - mu
+        x = x - 0.5 * buf
+        torch.testing.assert_close(param.detach(), x, rtol=0, atol=1e-13)
+    assert (opt.grad_evals, opt.steps) == (9, 3)
+
+
+def test_langevin_closure_on_the_steps_own_batch_is_the_default_step_bit_for_bit():
+    runs = []
+    for separate in (False, True):
+        model = mlp(0)
+        x, y = classification_data(0)
+        opt = sharpness.EntropySGD(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), noise=1e-3, seed=4)
+        for _ in range(3):
+            extra = {"langevin_closure": make_closure(opt, model, x, y)} if separate else {}
+            opt.step(make_closure(opt, model, x, y), **extra)
+        runs.append((torch.cat([p.detach().flatten() for p in model.parameters()]), opt.grad_evals))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1] == 15
+
+
+def test_salr_passes_the_langevin_closure_to_entropy_sgd_and_walks_on_the_steps_batch():
+    """SALR(EntropySGD).step(closure, langevin_closure=...): the estimate's walks run the step's closure, the
+    Langevin steps the fresh one; the weights are those of Entropy-SGD alone at SALR's recorded rates."""
+    x = torch.tensor([1.0, -1.5], dtype=torch.float64)
+    param = nn.Parameter(x.clone())
+    inner = sharpness.EntropySGD(torch.optim.SGD([param], lr=0.3), langevin_steps=3, noise=1e-2, seed=5)
+    opt = sharpness.SALR(inner, every=1, n_descent=2, n_ascent=2)
+    ref_param = nn.Parameter(x.clone())
+    reference = sharpness.EntropySGD(torch.optim.SGD([ref_param], lr=0.3), langevin_steps=3, noise=1e-2, seed=5)
+    for t in range(4):
+        main, fresh = [], []
+        opt.step(batch_closure(opt, param, SHIFTS[:1].expand(7, 2), main),
+                 langevin_closure=batch_closure(opt, param, SHIFTS[1 + t:], fresh))
+        assert len(fresh) == 2 and len(main) == 1 + 4  # the training pass and the walks' passes
+        reference.param_groups[0]["lr"] = opt.lr_history[-1]
+        reference.step(batch_closure(reference, ref_param, SHIFTS[:1]),
+                       langevin_closure=batch_closure(reference, ref_param, SHIFTS[1 + t:]))
+        torch.testing.assert_close(param.detach(), ref_param.detach(), rtol=0, atol=0)
+    # per step: the training pass, 4 walk passes (a closure that always back-propagates), 2 fresh Langevin passes
+    assert opt.grad_evals == 4 * (1 + 4 + 2) and inner.grad_evals == 4 * 3
+    assert len(set(opt.factor_history)) > 1  # the rates differed from step to step
+
+
+def test_bad_langevin_closures_are_refused_before_any_pass():
+    param = nn.Parameter(torch.tensor([1.0, -1.5], dtype=torch.float64))
+    opt = sharpness.EntropySGD(torch.optim.SGD([param], lr=0.3))
+    with pytest.raises(TypeError, match="Invalid langevin_closure type: int"):
+        opt.step(closure_for(opt, param), langevin_closure=3)
+    calls = [0]
+    sam = sharpness.SALR(sharpness.SAM(torch.optim.SGD([param], lr=0.3)))
+    with pytest.raises(TypeError, match=r"keyword\(s\) \['langevin_closure'\]: SAM.step\(\) takes no such closure"):
+        sam.step(closure_for(sam, param, calls), langevin_closure=closure_for(sam, param, calls))
+    assert calls == [0] and opt.steps == sam.steps == 0
+
+
+def test_a_non_finite_fresh_batch_stops_the_step_with_the_weights_unchanged():
+    param = nn.Parameter(torch.tensor([1.0, -1.5], dtype=torch.float64))
+    opt = sharpness.EntropySGD(torch.optim.SGD([param], lr=0.3, momentum=0.9), langevin_steps=3)
+    bad = torch.tensor([[0.1, 0.2], [float("nan"), 0.0]], dtype=torch.float64)
+    with pytest.raises(FloatingPointError):
+        opt.step(closure_for(opt, param), langevin_closure=batch_closure(opt, param, bad))
+    assert param.detach().tolist() == [1.0, -1.5] and opt.steps == 0 and not opt.base_optimizer.state

@@ -48,9 +48,14 @@ class FiniteLossCheck:
         (``DTensor`` s; each rank sees its own data's losses), in a process group of more than one rank."""
         return is_distributed() and (self._ddp is not None or has_sharded_params(getattr(self, "param_groups", [])))
 
-    def _watch_losses(self, closure: Callable[[], Any]) -> Callable[[], Any]:
-        """``closure``, recording the loss of each call (detached; floats as tensors) for :meth:`_check_losses`."""
-        self._step_losses = losses = []
+    def _watch_losses(self, closure: Callable[[], Any], *, same_step: bool = False) -> Callable[[], Any]:
+        """``closure``, recording the loss of each call (detached; floats as tensors) for :meth:`_check_losses`.
+
+        A new step starts a new record; ``same_step=True`` watches a further closure of the step already begun
+        (Entropy-SGD's ``langevin_closure``) into the same record."""
+        if not same_step or self._step_losses is None:
+            self._step_losses = []
+        losses = self._step_losses
         if not self.check_finite:
             return closure
 

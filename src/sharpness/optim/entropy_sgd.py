@@ -42,7 +42,8 @@ class EntropySGD(EagerUnderCompile, FiniteLossCheck, SharesBaseParamGroups, torc
     r"""Entropy-SGD (Algorithm 1 of the paper): an outer step along the gradient of the local entropy.
 
     Per step, with the current weights ``x``, the scope ``gamma_t = gamma * gamma_growth**t`` and
-    ``L = langevin_steps`` stochastic-gradient Langevin steps on the same mini-batch:
+    ``L = langevin_steps`` stochastic-gradient Langevin steps (on the step's mini-batch, or on a fresh one each
+    with ``step(closure, langevin_closure)``):
 
     .. math::
         x'_0 = \mu_0 = x, \qquad
@@ -60,8 +61,9 @@ class EntropySGD(EagerUnderCompile, FiniteLossCheck, SharesBaseParamGroups, torc
     makes ``L + 1`` calls and discards the first gradient). ``langevin_steps=0`` is the authors' convention
     for plain SGD: the base step on the gradient at ``x`` (one call), bit for bit the base optimizer.
 
-    Deviations, stated: every Langevin step reuses the step's mini-batch (the harness hands one batch per
-    step; the paper samples a fresh batch per Langevin step); the Langevin steps are plain SGLD (the authors'
+    Deviations, stated: by default every Langevin step reuses the step's mini-batch; the paper samples a fresh
+    one per Langevin step, which ``langevin_closure`` gives (the harness: ``langevin_batches="fresh"``); the
+    Langevin steps are plain SGLD (the authors'
     code adds the outer momentum and weight decay to them); the outer gradient omits ``gamma_t`` by default
     as the authors' code does (with the paper's form the step is ``gamma_t`` times smaller, i.e. the lr must
     be ``1/gamma_t`` larger); the noise is ``sqrt(eta') eps xi`` as in the paper (``sqrt(2 eta') eps xi`` in
@@ -178,12 +180,25 @@ class EntropySGD(EagerUnderCompile, FiniteLossCheck, SharesBaseParamGroups, torc
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     @uses_foreach_option
-    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
-        """One Entropy-SGD step; the closure is called ``max(L, 1)`` times. Returns the loss at ``x``."""
+    def step(self, closure: Closure | None = None,  # type: ignore[override]
+             langevin_closure: Closure | None = None) -> Any:
+        """One Entropy-SGD step. Returns the loss at ``x``.
+
+        Args:
+            closure: clears the gradients, runs forward and backward on the step's mini-batch and returns the
+                loss; called ``max(L, 1)`` times, or once when ``langevin_closure`` is given.
+            langevin_closure: the same on a *fresh* mini-batch per call (the paper's Algorithm 1 samples one per
+                Langevin step): Langevin steps ``2..L`` call it, ``L - 1`` times per step; the first Langevin
+                gradient is the training pass's, at ``x``.
+        """
         if closure is None or not callable(closure):
             raise TypeError("EntropySGD.step() requires a closure that clears the gradients, runs forward and "
                             "backward and returns the loss")
+        if langevin_closure is not None and not callable(langevin_closure):
+            raise TypeError(f"Invalid langevin_closure type: {type(langevin_closure).__name__} (expected a closure "
+                            "like the step's, on a fresh mini-batch per call, or None)")
         closure = self._watch_losses(closure)
+        langevin = closure if langevin_closure is None else self._watch_losses(langevin_closure, same_step=True)
         with torch.enable_grad():
             loss = closure()
         self.grad_evals += 1
@@ -191,7 +206,7 @@ class EntropySGD(EagerUnderCompile, FiniteLossCheck, SharesBaseParamGroups, torc
         check_dense_grads(type(self).__name__, [p.grad for p in params])
         if self.langevin_steps > 0 and params:
             try:
-                self._langevin(closure, params)
+                self._langevin(langevin, params)
             except BaseException:  # a Langevin pass raised: back to x, bit for bit (the anchor holds it)
                 for p, a in group_by_device_dtype(params, self._scratch(params, _ANCHOR)):
                     _foreach.copy_(p, a)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -298,16 +300,33 @@ class SALR(EagerUnderCompile, FiniteLossCheck, SharesBaseParamGroups, torch.opti
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     @uses_foreach_option
-    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
-        """One SALR step; returns the loss at ``w``. The closure runs ``1`` to ``max_grad_evals_per_step`` times."""
+    def step(self, closure: Closure | None = None, **inner_closures: Closure) -> Any:  # type: ignore[override]
+        """One SALR step; returns the loss at ``w``. The closures run ``1`` to ``max_grad_evals_per_step`` times.
+
+        Args:
+            closure: the step's closure (the estimate's walks run it on the step's mini-batch).
+            **inner_closures: further closures the inner optimizer's ``step`` takes by keyword, e.g.
+                Entropy-SGD's ``langevin_closure`` (a fresh mini-batch per Langevin step), in ``closure``'s
+                convention; each call is one of SALR's passes (counted in ``grad_evals``, its loss checked).
+        """
         if closure is None or not callable(closure):
             raise TypeError("SALR.step() requires a closure (clear grads, forward, backward, return the loss; with "
                             "normalization='per_sample' return the per-sample losses without backward: build it "
                             "with sharpness.make_closure(opt, compute_loss))")
+        if inner_closures:  # refused before any pass is spent
+            taken = inspect.signature(self.optimizer.step).parameters
+            unknown = sorted(set(inner_closures) - set(taken))
+            if unknown:
+                raise TypeError(f"Invalid SALR.step() keyword(s) {unknown}: {type(self.optimizer).__name__}.step() "
+                                "takes no such closure")
+            for name, extra in inner_closures.items():
+                if not callable(extra):
+                    raise TypeError(f"Invalid {name} type: {type(extra).__name__} (expected a closure)")
         closure = self._watch_losses(closure)
+        extras = {name: self._watch_losses(extra, same_step=True) for name, extra in inner_closures.items()}
         saved = self._history_marks()
         try:
-            return self._step(closure)
+            return self._step(closure, extras)
         except BaseException:
             self._rewind(saved)  # a failed step records no estimate, factor or rate
             raise
@@ -327,7 +346,7 @@ class SALR(EagerUnderCompile, FiniteLossCheck, SharesBaseParamGroups, torch.opti
         del self.factor_history[factors:]
         del self.lr_history[rates:]
 
-    def _step(self, closure: Closure) -> Any:
+    def _step(self, closure: Closure, inner_closures: dict[str, Closure]) -> Any:
         estimate = self.steps % self.every == 0
         per_sample = self.normalization == "per_sample"
         if per_sample and estimate:
@@ -362,7 +381,8 @@ class SALR(EagerUnderCompile, FiniteLossCheck, SharesBaseParamGroups, torch.opti
             self.lr_history.append(float(self.param_groups[0]["lr"]))
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_grad_norm)
-            self.optimizer.step(inner_closure)
+            self.optimizer.step(inner_closure, **{name: functools.partial(self._pass, extra, backward=True)
+                                                  for name, extra in inner_closures.items()})
         finally:
             for group, lr in zip(self.param_groups, base_lrs):
                 group["lr"] = lr  # the scheduler's own value, bit for bit
