@@ -133,6 +133,9 @@ def train_command(
     seed: Annotated[int, typer.Option(help="seed of initialisation, data order and data transforms")] = 0,
     opt: Annotated[Optional[list[str]], typer.Option(
         help="optimizer option KEY=VALUE, repeatable (e.g. --opt rho=0.1 --opt k=5)")] = None,
+    langevin_batches: Annotated[str, typer.Option(
+        help="Entropy-SGD's Langevin passes 2..L: on the step's mini-batch (same) or a fresh one each (fresh, the "
+             "paper's Algorithm 1)")] = TrainConfig.langevin_batches,
     model_opt: Annotated[Optional[list[str]], typer.Option(help="model option KEY=VALUE, repeatable")] = None,
     data_opt: Annotated[Optional[list[str]], typer.Option(
         help="data-set option KEY=VALUE, repeatable (e.g. --data-opt block_size=64)")] = None,
@@ -171,6 +174,7 @@ def train_command(
             dataset=dataset, model=model, optimizer=optimizer, base=base, lr=lr, momentum=momentum,
             weight_decay=weight_decay, base_options=_parse_options(base_opt, "--base-opt"),
             decay_biases_and_norms=decay_biases_and_norms, optimizer_options=_parse_options(opt, "--opt"),
+            langevin_batches=langevin_batches,
             model_options=_parse_options(model_opt, "--model-opt"), data_options=_parse_options(data_opt, "--data-opt"), batch_size=batch_size, epochs=epochs,
             budget_steps=budget_steps, budget_grad_evals=budget_grad_evals, schedule=schedule,
             lr_milestones=_parse_milestones(lr_milestones), lr_gamma=lr_gamma, warmup=warmup,

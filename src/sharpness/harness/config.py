@@ -22,6 +22,7 @@ BASE_OPTIMIZERS = tuple(BASE_CLASSES)
 _NOT_BASE_OPTIONS = frozenset({"params", "lr", "momentum", "weight_decay", "foreach", "fused", "capturable",
                                "differentiable", "maximize", "decoupled_weight_decay"})
 SCHEDULES = ("constant", "step", "cosine", "multistep")
+LANGEVIN_BATCHES = ("same", "fresh")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class TrainConfig:
     # the rule of nanoGPT and timm's ViT recipes; left out of the run id at True
     decay_biases_and_norms: bool = True
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # rho, k, alpha, lambda1, ...
+    # Entropy-SGD's Langevin passes 2..L (also as SALR's inner optimizer): on the step's mini-batch ("same") or on
+    # a fresh one each ("fresh", the paper's Algorithm 1); left out of the run id at "same"
+    langevin_batches: str = "same"
     model_options: dict[str, Any] = field(default_factory=dict)
     data_options: dict[str, Any] = field(default_factory=dict)  # the data set's own options (e.g. block_size)
     batch_size: int = 64
@@ -107,6 +111,9 @@ class TrainConfig:
                 raise ValueError(f"Invalid {name} value: {value!r} (expected an integer >= 1)")
         if self.base not in BASE_OPTIMIZERS:
             raise ValueError(f"Invalid base value: {self.base!r} (expected one of {', '.join(BASE_OPTIMIZERS)})")
+        if self.langevin_batches not in LANGEVIN_BATCHES:
+            raise ValueError(f"Invalid langevin_batches value: {self.langevin_batches!r} (expected one of "
+                             f"{', '.join(LANGEVIN_BATCHES)})")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Invalid schedule value: {self.schedule!r} (expected one of {', '.join(SCHEDULES)})")
         self._check_milestones()
@@ -273,6 +280,8 @@ class TrainConfig:
             data.pop("base_options")
         if self.decay_biases_and_norms:
             data.pop("decay_biases_and_norms")
+        if self.langevin_batches == "same":
+            data.pop("langevin_batches")
         if self.world_size == 1:  # and for single-process runs
             data.pop("world_size")
         for name in ("measure_rho", "measure_samples"):  # and for the measures' default settings

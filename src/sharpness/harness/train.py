@@ -26,6 +26,8 @@ from .. import __version__, _foreach
 from ..data._random import make_generator
 from ..data.resident import as_resident, check_shard, resident_batches, shard_bounds
 from ..optim.closure import make_closure
+from ..optim.entropy_sgd import EntropySGD
+from ..optim.salr import SALR
 from ..param_groups import weight_decay_groups
 from ..registry import create, get_optimizer_info
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -247,6 +249,13 @@ def check_optimizer(config: TrainConfig) -> None:
                          f"{', '.join(names or [])})")
     probe = nn.Linear(1, 1)
     optimizer = build_optimizer(config, probe, total_steps=1)
+    if config.langevin_batches == "fresh":
+        entropy = optimizer.optimizer if isinstance(optimizer, SALR) else optimizer
+        if not isinstance(entropy, EntropySGD) or entropy.langevin_steps < 2:
+            raise ValueError(
+                f"Invalid langevin_batches value: 'fresh' for optimizer {config.optimizer!r} (expected Entropy-SGD, "
+                "alone or as SALR's inner optimizer, with langevin_steps >= 2: only its Langevin passes after the "
+                "first take a fresh mini-batch)")
     per_step = optimizer.max_grad_evals_per_step
     if config.budget_grad_evals is not None and config.budget_grad_evals < per_step:
         raise ValueError(f"Invalid budget_grad_evals value: {config.budget_grad_evals} (one {config.optimizer} step "
@@ -412,10 +421,9 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
-    def step(self, x: Tensor, y: Tensor) -> Tensor:
-        """One optimizer step; returns its mean training loss as a 0-d tensor on the device (not read here: a
-        host read per step would stall a GPU's queue; the optimizers' ``check_finite`` stops a non-finite pass)."""
-        model, opt, bf16 = self.network, self.optimizer, self.config.bf16
+    def batch_loss(self, x: Tensor, y: Tensor) -> Callable[[str], Tensor]:
+        """``compute_loss(reduction)`` of the network on the batch ``(x, y)`` (moved to the device)."""
+        model, bf16 = self.network, self.config.bf16
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
         def compute_loss(reduction: str) -> Tensor:
@@ -427,13 +435,32 @@ class _Run:
             return nn.functional.cross_entropy(out, y, label_smoothing=self.config.label_smoothing,
                                                reduction=reduction)
 
+        return compute_loss
+
+    def fresh_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The mini-batches of this step's Langevin passes (``langevin_batches="fresh"``): the training set in an
+        order, and with augmentation, drawn from a generator fixed by the run's seed and the step's index, so a
+        resumed run draws the same ones and the training order is untouched; each rank takes its part."""
+        generator = make_generator(self.config.seed, f"langevin/{self.optimizer.steps}")
+        while True:  # L - 1 batches per step; more than an epoch's worth starts another permutation
+            yield from batches(self.train_set, self.config.batch_size, generator, augment=generator, shard=self.shard)
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One optimizer step; returns its mean training loss as a 0-d tensor on the device (not read here: a
+        host read per step would stall a GPU's queue; the optimizers' ``check_finite`` stops a non-finite pass)."""
+        opt = self.optimizer
+        compute_loss = self.batch_loss(x, y)
         self.set_lr()
         if getattr(opt, "mask_due", False):  # SSAM-F fisher="vmap": refresh the mask from this batch first
-            opt.update_mask(self.model, self.loss_fn, x, y)
+            opt.update_mask(self.model, self.loss_fn, x.to(self.device), y.to(self.device))
+        extra = {}
+        if self.config.langevin_batches == "fresh":  # Entropy-SGD's Langevin passes, a new mini-batch each
+            stream = self.fresh_batches()
+            extra["langevin_closure"] = lambda: make_closure(opt, self.batch_loss(*next(stream)))()
         # The closure follows the optimizer's convention (create_graph for exact HVPs, per-sample losses for
         # data selection); a per-sample loss vector is reported as its mean.
         try:
-            loss = opt.step(make_closure(opt, compute_loss)).detach()
+            loss = opt.step(make_closure(opt, compute_loss), **extra).detach()
         except FloatingPointError as error:  # a non-finite pass (the optimizers' check_finite), weights unchanged
             raise FloatingPointError(f"Training diverged at step {opt.steps}: {error}") from error
         return loss.mean() if loss.ndim else loss
