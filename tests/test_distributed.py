@@ -186,12 +186,17 @@ def image_splits():
                          input_shape=(3, 8, 8), classes=tuple("abcd"), task="classification", settings={})
 
 
-def harness_images_run(world_size: int):
+#: Entropy-SGD with a fresh mini-batch per Langevin pass: every rank draws the same stream and takes its part
+HARNESS_FRESH = {**HARNESS_IMAGES, "optimizer": "entropysgd", "optimizer_options": {"langevin_steps": 3},
+                 "langevin_batches": "fresh", "lr": 0.5}
+
+
+def harness_images_run(world_size: int, config: dict | None = None):
     from sharpness.harness import TrainConfig
     from sharpness.harness import train as harness_train
 
-    run = harness_train(TrainConfig(**HARNESS_IMAGES, world_size=world_size), data=image_splits(), log=None,
-                        device="cpu")
+    run = harness_train(TrainConfig(**(config or HARNESS_IMAGES), world_size=world_size), data=image_splits(),
+                        log=None, device="cpu")
     return {"params": flat_params(run.model), "test_loss": [r["test_loss"] for r in run.epochs],
             "steps": run.summary["steps"]}
 
@@ -366,6 +371,7 @@ def _scenarios(rank: int, result: dict, out_dir: str):
     yield "harness-images"
     os.environ["WORLD_SIZE"] = str(WORLD)  # what torchrun sets; the harness reads the world from it
     result[("harness-images", "sam")] = harness_images_run(WORLD)
+    result[("harness-images", "entropysgd-fresh")] = harness_images_run(WORLD, HARNESS_FRESH)
     # (i) find_unused_parameters=True, each rank reaching another head and none the third one.
     for name in [None, *UNUSED_HEAD_OPTIONS]:
         yield f"unused-heads/{name}"
@@ -529,6 +535,17 @@ def test_harness_on_augmented_images_under_ddp_equals_one_process_on_the_global_
         self, count, torch.Generator().manual_seed(9)))
     other_draws = harness_images_run(1)["params"]
     assert not torch.allclose(other_draws, single["params"], rtol=1e-3, atol=1e-4)
+
+
+def test_fresh_langevin_batches_under_ddp_equal_one_process_on_the_global_batches(ddp_results):
+    """``langevin_batches = "fresh"``: each rank takes its half of the same fresh global batches, and DDP
+    all-reduces every Langevin pass, so two ranks give the single-process run (to the all-reduce's rounding)."""
+    r0, r1 = (res[("harness-images", "entropysgd-fresh")] for res in ddp_results)
+    assert torch.equal(r0["params"], r1["params"]) and r0["steps"] == 10
+    single = harness_images_run(1, HARNESS_FRESH)
+    torch.testing.assert_close(r0["params"], single["params"], rtol=1e-5, atol=1e-6)
+    same = harness_images_run(1, {**HARNESS_FRESH, "langevin_batches": "same"})
+    assert not torch.allclose(same["params"], single["params"], rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(UNUSED_HEAD_OPTIONS))
