@@ -119,3 +119,15 @@ def test_the_default_is_left_out_of_the_run_id():
                                                if k != "langevin_batches"})
     assert _config().to_dict()["langevin_batches"] == "fresh"
     assert TrainConfig.from_dict(_config().to_dict()) == _config()
+
+
+def test_fresh_batches_are_whole_batches_and_a_long_chain_draws_new_permutations(digits, monkeypatch):
+    """With L - 1 = 4 fresh batches of 512 from a training set of two whole batches and a short one, every fresh
+    batch is whole, and the two permutations a step draws are different ones."""
+    seen = _spy(monkeypatch)
+    train(_config(optimizer_options={"langevin_steps": 5}, batch_size=512, epochs=None, budget_steps=2),
+          data=digits, log=None)
+    assert len(digits.train) // 512 == 2 and len(digits.train) % 512 > 0
+    fresh = [x for i, (_, x, _) in enumerate(seen) if i % 5]
+    assert len(fresh) == 8 and all(x.shape[0] == 512 for x in fresh)
+    assert not torch.equal(fresh[0], fresh[2]) and not torch.equal(fresh[1], fresh[3])

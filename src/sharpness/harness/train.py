@@ -8,6 +8,7 @@ bit-identically (model, optimizer, RNG, data order, records, config).
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import os
 import platform
@@ -442,8 +443,10 @@ class _Run:
         order, and with augmentation, drawn from a generator fixed by the run's seed and the step's index, so a
         resumed run draws the same ones and the training order is untouched; each rank takes its part."""
         generator = make_generator(self.config.seed, f"langevin/{self.optimizer.steps}")
-        while True:  # L - 1 batches per step; more than an epoch's worth starts another permutation
-            yield from batches(self.train_set, self.config.batch_size, generator, augment=generator, shard=self.shard)
+        whole = max(1, len(self.train_set) // self.config.batch_size)  # a permutation's short last batch is skipped
+        while True:  # L - 1 batches per step; more than a permutation's worth draws another permutation
+            yield from itertools.islice(batches(self.train_set, self.config.batch_size, generator, augment=generator,
+                                                shard=self.shard), whole)
 
     def step(self, x: Tensor, y: Tensor) -> Tensor:
         """One optimizer step; returns its mean training loss as a 0-d tensor on the device (not read here: a
