@@ -423,7 +423,7 @@ class _Run:
             group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
     def batch_loss(self, x: Tensor, y: Tensor) -> Callable[[str], Tensor]:
-        """``compute_loss(reduction)`` of the network on the batch ``(x, y)`` (moved to the device)."""
+        """``compute_loss(reduction)`` of the network on the batch ``(x, y)`` (moved to the device if not there)."""
         model, bf16 = self.network, self.config.bf16
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -452,10 +452,11 @@ class _Run:
         """One optimizer step; returns its mean training loss as a 0-d tensor on the device (not read here: a
         host read per step would stall a GPU's queue; the optimizers' ``check_finite`` stops a non-finite pass)."""
         opt = self.optimizer
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         compute_loss = self.batch_loss(x, y)
         self.set_lr()
         if getattr(opt, "mask_due", False):  # SSAM-F fisher="vmap": refresh the mask from this batch first
-            opt.update_mask(self.model, self.loss_fn, x.to(self.device), y.to(self.device))
+            opt.update_mask(self.model, self.loss_fn, x, y)
         extra = {}
         if self.config.langevin_batches == "fresh":  # Entropy-SGD's Langevin passes, a new mini-batch each
             stream = self.fresh_batches()

@@ -63,11 +63,10 @@ class EntropySGD(EagerUnderCompile, FiniteLossCheck, SharesBaseParamGroups, torc
 
     Deviations, stated: by default every Langevin step reuses the step's mini-batch; the paper samples a fresh
     one per Langevin step, which ``langevin_closure`` gives (the harness: ``langevin_batches="fresh"``); the
-    Langevin steps are plain SGLD (the authors'
-    code adds the outer momentum and weight decay to them); the outer gradient omits ``gamma_t`` by default
-    as the authors' code does (with the paper's form the step is ``gamma_t`` times smaller, i.e. the lr must
-    be ``1/gamma_t`` larger); the noise is ``sqrt(eta') eps xi`` as in the paper (``sqrt(2 eta') eps xi`` in
-    the code). The SALR paper's settings are the defaults: ``L = 5``, ``eta' = 0.1``, ``eps = 1e-4``,
+    Langevin steps are plain SGLD (the authors' code adds the outer momentum and weight decay to them); the
+    outer gradient omits ``gamma_t`` by default as the authors' code does (with the paper's form the step is
+    ``gamma_t`` times smaller, i.e. the lr must be ``1/gamma_t`` larger); the noise is ``sqrt(eta') eps xi`` as
+    in the paper (``sqrt(2 eta') eps xi`` in the code). The SALR paper's settings are the defaults: ``L = 5``, ``eta' = 0.1``, ``eps = 1e-4``,
     ``gamma = 0.03`` growing by ``1.001`` per update; ``alpha = 0.25`` is the code's ``1 - beta1``.
 
     Args:
