@@ -53,7 +53,7 @@ class FiniteLossCheck:
 
         A new step starts a new record; ``same_step=True`` watches a further closure of the step already begun
         (Entropy-SGD's ``langevin_closure``) into the same record."""
-        if not same_step or self._step_losses is None:
+        if not same_step:
             self._step_losses = []
         losses = self._step_losses
         if not self.check_finite:
